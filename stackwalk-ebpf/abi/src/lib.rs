@@ -1,0 +1,307 @@
+//! The binary interface between unwound's BPF stack walker (`stackwalk-ebpf`) and the
+//! userspace programs that load it and read its output.
+//!
+//! One definition, used by both sides: the BPF program is built from this crate with
+//! `no_std`, the agent with the `user` feature (which implements [`aya::Pod`]).
+//!
+//! # What the walker produces
+//!
+//! For every `cpu-clock` sample of a task that passes the filter, the walker writes one
+//! variable-length record to the ring buffer named [`SAMPLES_MAP`]: a [`SampleHeader`]
+//! followed by `kernel_len` kernel return addresses (innermost first) and then
+//! `user_len` user addresses (innermost first; the first is the interrupted pc, the others
+//! are return addresses). [`SampleRecord::parse`] reads one.
+//!
+//! ```
+//! use unwound_stackwalk_abi::{SampleHeader, SampleRecord};
+//!
+//! let header = SampleHeader { pid: 42, tid: 43, cpu: 1, flags: 0, kernel_len: 1, user_len: 2,
+//!     comm: *b"spin\0\0\0\0\0\0\0\0\0\0\0\0", ..SampleHeader::default() };
+//! let mut bytes = header.as_bytes().to_vec();
+//! for frame in [0xffff_ffff_8100_0000u64, 0x401000, 0x401234] {
+//!     bytes.extend_from_slice(&frame.to_ne_bytes());
+//! }
+//! let record = SampleRecord::parse(&bytes).unwrap();
+//! assert_eq!(record.header.pid, 42);
+//! assert_eq!(record.kernel, [0xffff_ffff_8100_0000]);
+//! assert_eq!(record.user, [0x401000, 0x401234]);
+//! assert_eq!(record.comm(), "spin");
+//! ```
+#![no_std]
+
+/// Most user frames one sample can hold (issue: ≥ 128; peers keep 127 to 200).
+pub const MAX_USER_FRAMES: usize = 256;
+/// Most kernel frames one sample can hold: the kernel's own default for
+/// `kernel.perf_event_max_stack`.
+pub const MAX_KERNEL_FRAMES: usize = 127;
+/// Capacity of the frame area of one record.
+pub const MAX_FRAMES: usize = MAX_USER_FRAMES + MAX_KERNEL_FRAMES;
+
+/// Name of the ring buffer map that carries [`SampleHeader`] records.
+pub const SAMPLES_MAP: &str = "SAMPLES";
+/// Name of the per-CPU array of `u64` event counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Name of the single-entry array holding the [`WalkerConfig`].
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Name of the hash map of process ids (`u32` → `u8`) to sample when filtering.
+pub const PIDS_MAP: &str = "PIDS";
+/// Name of the perf-event program that takes samples.
+pub const SAMPLE_PROGRAM: &str = "on_cpu_sample";
+/// Capacity of [`PIDS_MAP`].
+pub const MAX_PIDS: u32 = 4096;
+
+/// `SampleHeader::flags`: the user stack had more frames than the walker's limit; the
+/// outermost ones are missing.
+pub const FLAG_USER_TRUNCATED: u32 = 1 << 0;
+/// `SampleHeader::flags`: the task had no user registers (a kernel thread).
+pub const FLAG_NO_USER: u32 = 1 << 1;
+/// `SampleHeader::flags`: the sample interrupted the task in kernel mode.
+pub const FLAG_IN_KERNEL: u32 = 1 << 2;
+/// `SampleHeader::flags`: the kernel stack could not be taken.
+pub const FLAG_KERNEL_STACK_FAILED: u32 = 1 << 3;
+/// `SampleHeader::flags`: the frame-pointer walk stopped at a frame it could not read or
+/// that did not move up the stack, before reaching the end of the stack.
+pub const FLAG_USER_WALK_FAILED: u32 = 1 << 4;
+
+/// Fixed-size head of every sample record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleHeader {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// CPU the sample was taken on.
+    pub cpu: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Kernel time of the sample, `bpf_ktime_get_ns`.
+    pub time_ns: u64,
+    /// Number of kernel frames that follow the header.
+    pub kernel_len: u16,
+    /// Number of user frames that follow the kernel frames.
+    pub user_len: u16,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The thread's command name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Size of [`SampleHeader`] in bytes.
+pub const HEADER_SIZE: usize = core::mem::size_of::<SampleHeader>();
+
+impl SampleHeader {
+    /// The header's bytes in native order, as the walker writes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C), only integer fields and no padding (checked by the assertion
+        // below), so every byte is initialised.
+        unsafe { core::slice::from_raw_parts(self as *const Self as *const u8, HEADER_SIZE) }
+    }
+}
+
+const _: () = assert!(HEADER_SIZE == 48);
+
+/// The per-CPU scratch buffer a record is assembled in before it is copied to the ring
+/// buffer (the 512-byte BPF stack cannot hold it).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SampleBuffer {
+    /// The record's header.
+    pub header: SampleHeader,
+    /// Kernel frames, then user frames.
+    pub frames: [u64; MAX_FRAMES],
+    /// Frame-pointer walk state: the frame pointer of the next frame.
+    pub walk_fp: u64,
+    /// Frame-pointer walk state: index in `frames` of the next user frame.
+    pub walk_index: u32,
+    /// Frame-pointer walk state: user frames still allowed.
+    pub walk_budget: u32,
+}
+
+/// Walker configuration, written by userspace into [`CONFIG_MAP`] before attaching.
+///
+/// Kept in a map rather than in `.rodata` globals: a constant loop bound makes the
+/// verifier track exact values and explodes verification.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkerConfig {
+    /// Non-zero: sample only the processes in [`PIDS_MAP`].
+    pub filter_pids: u32,
+    /// Most user frames to walk, at most [`MAX_USER_FRAMES`].
+    pub max_user_frames: u32,
+}
+
+/// Indices of the per-CPU event counters in [`COUNTERS_MAP`].
+///
+/// Every sample that fires increments `Samples`; every sample that does not reach
+/// userspace increments exactly one `Dropped*` counter or `Idle`/`Filtered`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counter {
+    /// The program ran.
+    Samples = 0,
+    /// The CPU was idle (pid 0): not a drop, nothing to profile.
+    Idle,
+    /// The task is not one of the selected processes.
+    Filtered,
+    /// Record written to the ring buffer.
+    Emitted,
+    /// Dropped: the ring buffer was full (userspace too slow).
+    DroppedRingFull,
+    /// Dropped: the per-CPU scratch buffer or configuration could not be read.
+    DroppedNoScratch,
+    /// Kept, but the user stack was cut at the frame limit.
+    UserTruncated,
+    /// Kept, but the frame-pointer walk stopped early (unreadable or non-ascending frame).
+    UserWalkFailed,
+    /// Kept, but the kernel stack could not be taken.
+    KernelStackFailed,
+    /// Kept, a kernel thread: kernel stack only.
+    KernelThread,
+}
+
+/// Number of [`Counter`] slots.
+pub const COUNTER_SLOTS: u32 = 10;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_SLOTS as usize] = [
+        Counter::Samples,
+        Counter::Idle,
+        Counter::Filtered,
+        Counter::Emitted,
+        Counter::DroppedRingFull,
+        Counter::DroppedNoScratch,
+        Counter::UserTruncated,
+        Counter::UserWalkFailed,
+        Counter::KernelStackFailed,
+        Counter::KernelThread,
+    ];
+
+    /// A short stable name, for summaries and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Samples => "samples",
+            Counter::Idle => "idle",
+            Counter::Filtered => "filtered",
+            Counter::Emitted => "emitted",
+            Counter::DroppedRingFull => "dropped_ring_full",
+            Counter::DroppedNoScratch => "dropped_no_scratch",
+            Counter::UserTruncated => "user_truncated",
+            Counter::UserWalkFailed => "user_walk_failed",
+            Counter::KernelStackFailed => "kernel_stack_failed",
+            Counter::KernelThread => "kernel_thread",
+        }
+    }
+
+    /// True for the counters that mean a sample was lost.
+    pub const fn is_drop(self) -> bool {
+        matches!(self, Counter::DroppedRingFull | Counter::DroppedNoScratch)
+    }
+}
+
+/// Why a byte slice is not a sample record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// Shorter than a header.
+    Short,
+    /// The header promises more frames than the slice holds or than a record may have.
+    BadLength,
+}
+
+/// One sample record read back from the ring buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleRecord<'a> {
+    /// The header.
+    pub header: SampleHeader,
+    /// Kernel frames, innermost first (raw native-endian `u64`s).
+    pub kernel: Frames<'a>,
+    /// User frames, innermost first.
+    pub user: Frames<'a>,
+}
+
+/// A run of native-endian `u64` frame addresses inside a record.
+#[derive(Clone, Copy, Debug)]
+pub struct Frames<'a>(&'a [u8]);
+
+impl<'a> Frames<'a> {
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.0.len() / 8
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The addresses, innermost first.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
+        self.0
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+    }
+}
+
+impl<const N: usize> PartialEq<[u64; N]> for Frames<'_> {
+    fn eq(&self, other: &[u64; N]) -> bool {
+        self.len() == N && self.iter().zip(other.iter()).all(|(a, b)| a == *b)
+    }
+}
+
+impl<'a> SampleRecord<'a> {
+    /// Reads a record, checking every length against the slice and the format's limits.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, RecordError> {
+        if bytes.len() < HEADER_SIZE {
+            return Err(RecordError::Short);
+        }
+        // SAFETY: length checked; SampleHeader is plain integers, any bit pattern is valid.
+        let header: SampleHeader =
+            unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const SampleHeader) };
+        let k = header.kernel_len as usize;
+        let u = header.user_len as usize;
+        if k > MAX_KERNEL_FRAMES || u > MAX_USER_FRAMES || bytes.len() < HEADER_SIZE + (k + u) * 8 {
+            return Err(RecordError::BadLength);
+        }
+        let kernel = &bytes[HEADER_SIZE..HEADER_SIZE + k * 8];
+        let user = &bytes[HEADER_SIZE + k * 8..HEADER_SIZE + (k + u) * 8];
+        Ok(SampleRecord { header, kernel: Frames(kernel), user: Frames(user) })
+    }
+
+    /// The command name up to its first NUL (lossy for non-UTF-8 bytes: `?`).
+    pub fn comm(&self) -> &str {
+        let end = self.header.comm.iter().position(|&b| b == 0).unwrap_or(16);
+        core::str::from_utf8(&self.header.comm[..end]).unwrap_or("?")
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for WalkerConfig {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_lengths_beyond_the_slice() {
+        let h = SampleHeader { user_len: 3, ..Default::default() };
+        let mut b = [0u8; HEADER_SIZE + 16];
+        b[..HEADER_SIZE].copy_from_slice(h.as_bytes());
+        assert_eq!(SampleRecord::parse(&b).unwrap_err(), RecordError::BadLength);
+        assert_eq!(SampleRecord::parse(&b[..10]).unwrap_err(), RecordError::Short);
+    }
+
+    #[test]
+    fn rejects_lengths_beyond_the_format() {
+        let h = SampleHeader { kernel_len: MAX_KERNEL_FRAMES as u16 + 1, ..Default::default() };
+        let mut b = [0u8; HEADER_SIZE + 8 * 200];
+        b[..HEADER_SIZE].copy_from_slice(h.as_bytes());
+        assert_eq!(SampleRecord::parse(&b).unwrap_err(), RecordError::BadLength);
+    }
+
+    #[test]
+    fn counter_indices_match_all() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}
