@@ -1,0 +1,76 @@
+//! `unwound`: the reference agent. A thin binary over the workspace's crates.
+
+mod output;
+mod profile;
+mod record;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "unwound", version, about = "eBPF CPU profiler for native code")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Profile the machine (or chosen processes) on CPU and write a profile.
+    Record(RecordArgs),
+}
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// gzipped pprof protobuf (`go tool pprof`).
+    Pprof,
+    /// Folded stacks, one line per stack (`flamegraph.pl`, inferno, speedscope).
+    Folded,
+    /// SVG flame graph.
+    Svg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RecordArgs {
+    /// Profile only this process (repeatable). Default: every process.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// How long to record, in seconds (fractions allowed). Ctrl-C stops early and still
+    /// writes the profile.
+    #[arg(short, long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub duration: f64,
+    /// Samples per second on each CPU.
+    #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
+    pub frequency: u64,
+    /// Where to write the profile.
+    #[arg(short, long, value_name = "PATH")]
+    pub output: PathBuf,
+    /// Output format; by default taken from the output's extension
+    /// (`.pb.gz`/`.pprof` → pprof, `.folded`/`.txt` → folded, `.svg` → svg).
+    #[arg(short, long)]
+    pub format: Option<Format>,
+    /// Most user frames to walk per sample (1 to 256).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_frames: u32,
+    /// Print the summary as one JSON object on stdout as well.
+    #[arg(long)]
+    pub json_summary: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Record(args) => record::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Aggregation of raw samples and their symbolization.
+//!
+//! Samples are counted by (process, thread name, raw kernel stack, raw user stack) while
+//! recording. The first time a process is seen its mappings are snapshotted and the symbols
+//! of every executable file it maps are read through `/proc/PID/map_files` — at that moment
+//! the process is alive, so a binary deleted or replaced on disk, or one inside a container,
+//! is still the one that ran. When a new stack holds an address outside the snapshot (a
+//! library loaded later), the snapshot is refreshed, at most once a second per process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use unwound_stackwalk_abi::SampleRecord;
+use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps};
+
+/// Key of an aggregated stack.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub pid: u32,
+    pub comm: String,
+    /// Kernel frames, innermost first.
+    pub kernel: Box<[u64]>,
+    /// User frames, innermost first; the first is the sampled pc.
+    pub user: Box<[u64]>,
+}
+
+/// One symbolized frame.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Function name, or a placeholder such as `libfoo.so+0x1234` or `[unknown]`.
+    pub name: String,
+    /// The object it is in (`[kernel.kallsyms]` for the kernel).
+    pub module: String,
+    /// The address looked up: a file virtual address for user frames, the kernel address
+    /// for kernel frames; 0 when nothing is known.
+    pub address: u64,
+    pub kernel: bool,
+}
+
+/// A symbolized stack, root first.
+#[derive(Clone, Debug)]
+pub struct Stack {
+    pub pid: u32,
+    pub comm: String,
+    /// Root first: user frames outermost to innermost, then kernel frames likewise.
+    pub frames: Vec<Frame>,
+    pub count: u64,
+}
+
+struct ProcessInfo {
+    maps: ProcessMaps,
+    refreshed: Instant,
+    /// Symbols per mapping start.
+    symbols: HashMap<u64, Option<Arc<ElfSymbols>>>,
+}
+
+/// Identity of a mapped file: (device, inode), or the path for pseudo files.
+type FileKey = (String, u64, PathBuf);
+
+/// Counts raw samples and keeps what is needed to symbolize them later.
+#[derive(Default)]
+pub struct Collector {
+    stacks: HashMap<StackKey, u64>,
+    processes: HashMap<u32, ProcessInfo>,
+    files: HashMap<FileKey, Option<Arc<ElfSymbols>>>,
+    pub samples: u64,
+    pub malformed: u64,
+    pub symbol_errors: u64,
+}
+
+/// Root frame of a stack whose walk reached a return address outside executable memory.
+pub const INVALID_FRAME: &str = "[unwind: invalid frame]";
+
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Collector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one record read from the ring buffer.
+    pub fn add(&mut self, bytes: &[u8]) {
+        let Ok(record) = SampleRecord::parse(bytes) else {
+            self.malformed += 1;
+            return;
+        };
+        self.samples += 1;
+        let key = StackKey {
+            pid: record.header.pid,
+            comm: record.comm().replace(';', ":"),
+            kernel: record.kernel.iter().collect(),
+            user: record.user.iter().collect(),
+        };
+        if let Some(count) = self.stacks.get_mut(&key) {
+            *count += 1;
+            return;
+        }
+        if !key.user.is_empty() {
+            self.track(key.pid, &key.user);
+        }
+        self.stacks.insert(key, 1);
+    }
+
+    fn track(&mut self, pid: u32, user: &[u64]) {
+        let now = Instant::now();
+        let needs_snapshot = match self.processes.get(&pid) {
+            None => true,
+            Some(p) => {
+                user.iter().any(|&a| p.maps.find(a).is_none())
+                    && now.duration_since(p.refreshed) >= REFRESH_INTERVAL
+            }
+        };
+        if !needs_snapshot {
+            return;
+        }
+        let Ok(maps) = ProcessMaps::read(pid) else {
+            // Exited already: keep what we had, or nothing.
+            self.processes.entry(pid).or_insert_with(|| ProcessInfo {
+                maps: ProcessMaps::default(),
+                refreshed: now,
+                symbols: HashMap::new(),
+            });
+            return;
+        };
+        let mut symbols = self.processes.remove(&pid).map(|p| p.symbols).unwrap_or_default();
+        for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
+            if symbols.contains_key(&m.start) {
+                continue;
+            }
+            let s = self.file_symbols(pid, m);
+            symbols.insert(m.start, s);
+        }
+        self.processes.insert(pid, ProcessInfo { maps, refreshed: now, symbols });
+    }
+
+    fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<ElfSymbols>> {
+        let path = m.path.clone()?;
+        let key = (m.device.clone(), m.inode, if m.inode == 0 { path.clone() } else { PathBuf::new() });
+        if let Some(s) = self.files.get(&key) {
+            return s.clone();
+        }
+        let loaded = if m.is_pseudo() {
+            if path.as_os_str() == "[vdso]" {
+                read_process_memory(pid, m.start, m.end - m.start)
+                    .and_then(|bytes| ElfSymbols::from_bytes("[vdso]", &bytes).ok())
+            } else {
+                None
+            }
+        } else {
+            let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
+            let via_root = Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
+            match ElfSymbols::open(&via_map_files).or_else(|_| ElfSymbols::open(&via_root)) {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    self.symbol_errors += 1;
+                    None
+                }
+            }
+        };
+        let loaded = loaded.map(Arc::new);
+        self.files.insert(key, loaded.clone());
+        loaded
+    }
+
+    /// Symbolizes every stack. `kernel` may be empty when kernel symbols are unavailable.
+    pub fn symbolize(&self, kernel: &KernelSymbols) -> Vec<Stack> {
+        let mut out: HashMap<(u32, String, Vec<Frame>), u64> = HashMap::new();
+        for (key, &count) in &self.stacks {
+            let process = self.processes.get(&key.pid);
+            let mut frames = Vec::with_capacity(key.user.len() + key.kernel.len() + 1);
+            // A return address outside executable memory means the walk went astray
+            // (a frame without a frame pointer); it and everything above it are dropped
+            // and the stack is marked, rather than shown as made-up callers.
+            let valid = match process {
+                Some(p) if !p.maps.is_empty() => key
+                    .user
+                    .iter()
+                    .position(|&a| !p.maps.find(a).is_some_and(|m| m.executable))
+                    .unwrap_or(key.user.len()),
+                _ => key.user.len(),
+            };
+            if valid < key.user.len() {
+                frames.push(Frame { name: INVALID_FRAME.into(), module: "[unknown]".into(), address: 0, kernel: false });
+            }
+            for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
+                // Return addresses point after the call; look up the call itself.
+                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                frames.push(user_frame(process, lookup));
+            }
+            for (i, &addr) in key.kernel.iter().enumerate().rev() {
+                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                frames.push(kernel_frame(kernel, lookup));
+            }
+            *out.entry((key.pid, key.comm.clone(), frames)).or_default() += count;
+        }
+        let mut stacks: Vec<Stack> = out
+            .into_iter()
+            .map(|((pid, comm, frames), count)| Stack { pid, comm, frames, count })
+            .collect();
+        stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.pid.cmp(&b.pid)).then_with(|| a.frames.len().cmp(&b.frames.len())));
+        stacks
+    }
+}
+
+fn user_frame(process: Option<&ProcessInfo>, addr: u64) -> Frame {
+    let unknown = Frame { name: "[unknown]".into(), module: "[unknown]".into(), address: 0, kernel: false };
+    let Some(p) = process else { return unknown };
+    let Some(m) = p.maps.find(addr) else { return unknown };
+    let module = m.short_name();
+    let offset = m.file_offset(addr);
+    let symbols = p.symbols.get(&m.start).and_then(|s| s.as_ref());
+    let vaddr = symbols.and_then(|s| s.file_offset_to_vaddr(offset));
+    match (symbols, vaddr) {
+        (Some(s), Some(v)) => match s.lookup(v) {
+            Some(sym) => Frame { name: sym.name.to_string(), module, address: v, kernel: false },
+            None => Frame { name: format!("{module}+{offset:#x}"), module, address: v, kernel: false },
+        },
+        _ => Frame { name: format!("{module}+{offset:#x}"), module, address: offset, kernel: false },
+    }
+}
+
+fn kernel_frame(kernel: &KernelSymbols, addr: u64) -> Frame {
+    match kernel.lookup(addr) {
+        Some(s) => Frame {
+            name: s.name.to_string(),
+            module: s.module.map_or_else(|| "[kernel.kallsyms]".to_string(), |m| format!("[{m}]")),
+            address: addr,
+            kernel: true,
+        },
+        None => Frame { name: "[unknown]".into(), module: "[kernel.kallsyms]".into(), address: addr, kernel: true },
+    }
+}
+
+/// Reads `len` bytes (at most 1 MiB) of another process's memory.
+fn read_process_memory(pid: u32, addr: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    if len > 1 << 20 {
+        return None;
+    }
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, addr).ok()?;
+    Some(buf)
+}

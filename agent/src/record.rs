@@ -1,0 +1,405 @@
+//! `unwound record`: load the walker, sample, aggregate, symbolize, write.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::PerfEvent;
+use aya::util::online_cpus;
+use aya::{Ebpf, EbpfLoader};
+use unwound_stackwalk_abi::{
+    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP,
+    SAMPLES_MAP, SAMPLE_PROGRAM,
+};
+use unwound_symbolize::KernelSymbols;
+
+use crate::output::{self, ProfileMeta};
+use crate::profile::Collector;
+use crate::{Format, RecordArgs};
+
+/// The walker, built from `stackwalk-ebpf/` by `scripts/build-bpf.sh`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/stackwalk.bpf.o");
+
+const POLL_INTERVAL_MS: i32 = 100;
+
+pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
+    let format = resolve_format(&args.output, args.format)?;
+    check_args(args)?;
+    check_privileges()?;
+    let started = Instant::now();
+    let cpu_before = cpu_time();
+
+    let mut session = Session::start(args)?;
+    let cpus = session.cpus;
+    eprintln!(
+        "unwound: sampling {} at {} Hz on {cpus} CPUs for {:.1} s (Ctrl-C stops early)",
+        describe_targets(&args.pids),
+        args.frequency,
+        args.duration
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handler")?;
+    }
+    let mut collector = Collector::new();
+    let deadline = started + Duration::from_secs_f64(args.duration);
+    let mut ended_early = None;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        session.drain(&mut collector, POLL_INTERVAL_MS)?;
+        if !args.pids.is_empty() && args.pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            ended_early = Some("every selected process exited");
+            break;
+        }
+    }
+    if stop.load(Ordering::Relaxed) {
+        ended_early = Some("interrupted");
+    }
+    let recorded = started.elapsed();
+    session.detach();
+    session.drain(&mut collector, 0)?;
+    let counters = session.counters()?;
+
+    let kernel = KernelSymbols::load().unwrap_or_else(|e| {
+        eprintln!("warning: kernel frames stay unsymbolized: {e}");
+        KernelSymbols::default()
+    });
+    let stacks = collector.symbolize(&kernel);
+    let meta = ProfileMeta {
+        frequency: args.frequency,
+        duration_ns: recorded.as_nanos() as u64,
+        start_unix_ns: SystemTime::now()
+            .checked_sub(recorded)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as i64),
+    };
+    write_atomically(&args.output, |out| match format {
+        Format::Folded => output::write_folded(out, &stacks),
+        Format::Svg => output::write_svg(out, &stacks, &meta),
+        Format::Pprof => output::write_pprof(out, &stacks, &meta),
+    })?;
+
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    let summary = Summary {
+        counters,
+        received: collector.samples,
+        malformed: collector.malformed,
+        stacks: stacks.len(),
+        seconds: recorded.as_secs_f64(),
+        cpus,
+        agent_cpu: cpu,
+        verified_instructions: session.verified_instructions,
+        symbol_errors: collector.symbol_errors,
+    };
+    summary.print(&args.output, ended_early);
+    if args.json_summary {
+        println!("{}", summary.json());
+    }
+    Ok(())
+}
+
+fn describe_targets(pids: &[u32]) -> String {
+    match pids {
+        [] => "every process".to_string(),
+        [p] => format!("pid {p}"),
+        ps => format!("{} processes", ps.len()),
+    }
+}
+
+fn resolve_format(output: &Path, format: Option<Format>) -> anyhow::Result<Format> {
+    if let Some(f) = format {
+        return Ok(f);
+    }
+    let name = output.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if name.ends_with(".pb.gz") || name.ends_with(".pprof") || name.ends_with(".pb") {
+        Ok(Format::Pprof)
+    } else if name.ends_with(".folded") || name.ends_with(".txt") || name.ends_with(".collapsed") {
+        Ok(Format::Folded)
+    } else if name.ends_with(".svg") {
+        Ok(Format::Svg)
+    } else {
+        bail!(
+            "cannot tell the output format from '{}': name it .pb.gz, .folded or .svg, or pass --format pprof|folded|svg",
+            output.display()
+        )
+    }
+}
+
+fn check_args(args: &RecordArgs) -> anyhow::Result<()> {
+    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 365.0 * 86400.0) {
+        bail!("--duration must be a positive number of seconds, got {}", args.duration);
+    }
+    let max_rate = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100_000);
+    if args.frequency == 0 || args.frequency > max_rate {
+        bail!(
+            "--frequency must be between 1 and {max_rate} Hz (kernel.perf_event_max_sample_rate), got {}",
+            args.frequency
+        );
+    }
+    if args.max_frames == 0 || args.max_frames as usize > MAX_USER_FRAMES {
+        bail!("--max-frames must be between 1 and {MAX_USER_FRAMES}, got {}", args.max_frames);
+    }
+    if args.pids.len() > MAX_PIDS as usize {
+        bail!("at most {MAX_PIDS} --pid options are supported, got {}", args.pids.len());
+    }
+    for pid in &args.pids {
+        if *pid == 0 || !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("no process with pid {pid} (check `ps -p {pid}`)");
+        }
+    }
+    let dir = output_dir(&args.output);
+    if !dir.is_dir() {
+        bail!("cannot write {}: directory {} does not exist", args.output.display(), dir.display());
+    }
+    if args.output.is_dir() {
+        bail!("cannot write {}: it is a directory", args.output.display());
+    }
+    Ok(())
+}
+
+fn output_dir(output: &Path) -> PathBuf {
+    match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Loading BPF and opening perf events needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN).
+fn check_privileges() -> anyhow::Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "unwound needs root (or CAP_BPF and CAP_PERFMON) to load its BPF program and open perf events; run it with sudo"
+    )
+}
+
+struct Session {
+    ebpf: Ebpf,
+    ring: RingBuf<aya::maps::MapData>,
+    links: Vec<aya::programs::perf_event::PerfEventLinkId>,
+    cpus: usize,
+    verified_instructions: Option<u32>,
+}
+
+impl Session {
+    fn start(args: &RecordArgs) -> anyhow::Result<Self> {
+        raise_memlock_limit();
+        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).map_err(|e| {
+            anyhow!("the kernel refused unwound's BPF maps: {e} (a kernel ≥ 5.17 with BTF is needed)")
+        })?;
+        {
+            let mut config: Array<_, WalkerConfig> =
+                Array::try_from(ebpf.map_mut(CONFIG_MAP).context("BPF object has no CONFIG map")?)?;
+            let value = WalkerConfig { filter_pids: u32::from(!args.pids.is_empty()), max_user_frames: args.max_frames };
+            config.set(0, value, 0).context("cannot configure the walker")?;
+        }
+        {
+            let mut pids: BpfHashMap<_, u32, u8> =
+                BpfHashMap::try_from(ebpf.map_mut(PIDS_MAP).context("BPF object has no PIDS map")?)?;
+            for pid in &args.pids {
+                pids.insert(pid, 1, 0).context("cannot add the pid filter")?;
+            }
+        }
+        let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).context("BPF object has no SAMPLES map")?)?;
+        let program: &mut PerfEvent = ebpf
+            .program_mut(SAMPLE_PROGRAM)
+            .context("BPF object has no sampling program")?
+            .try_into()?;
+        program.load().map_err(|e| {
+            anyhow!("the kernel's verifier rejected the sampling program: {e:#} (a kernel ≥ 5.17 with BTF is needed)")
+        })?;
+        let verified_instructions = program.info().ok().and_then(|i| i.verified_instruction_count());
+        let cpus = online_cpus().map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))?;
+        let mut links = Vec::with_capacity(cpus.len());
+        for cpu in &cpus {
+            let link = program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+                    SamplePolicy::Frequency(args.frequency),
+                    true,
+                )
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot open a cpu-clock perf event on CPU {cpu}: {e:#} (check kernel.perf_event_paranoid and that perf events are enabled)"
+                    )
+                })?;
+            links.push(link);
+        }
+        Ok(Session { ebpf, ring, links, cpus: cpus.len(), verified_instructions })
+    }
+
+    /// Waits up to `timeout_ms` for samples, then reads all there are.
+    fn drain(&mut self, collector: &mut Collector, timeout_ms: i32) -> anyhow::Result<()> {
+        if timeout_ms > 0 {
+            let mut fds = libc::pollfd { fd: self.ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut fds, 1, timeout_ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e).context("cannot wait for samples");
+                }
+            }
+        }
+        while let Some(item) = self.ring.next() {
+            collector.add(&item);
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if let Ok(program) = self.ebpf.program_mut(SAMPLE_PROGRAM).context("").and_then(|p| {
+            <&mut PerfEvent>::try_from(p).map_err(anyhow::Error::from)
+        }) {
+            for link in self.links.drain(..) {
+                let _ = program.detach(link);
+            }
+        }
+    }
+
+    fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(COUNTERS_MAP).context("BPF object has no COUNTERS map")?)?;
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let per_cpu = map.get(&(c as u32), 0).with_context(|| format!("cannot read counter {}", c.name()))?;
+                Ok((c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn raise_memlock_limit() {
+    // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer; failure is harmless on newer kernels.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Writes to a temporary file beside `path` and renames it into place, so a failure never
+/// leaves a half-written profile.
+fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let dir = output_dir(path);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.unwound-{}.tmp", std::process::id()));
+    let result = (|| {
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut out = BufWriter::new(file);
+        write(&mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+struct Summary {
+    counters: Vec<(Counter, u64)>,
+    received: u64,
+    malformed: u64,
+    stacks: usize,
+    seconds: f64,
+    cpus: usize,
+    agent_cpu: Duration,
+    verified_instructions: Option<u32>,
+    symbol_errors: u64,
+}
+
+impl Summary {
+    fn get(&self, c: Counter) -> u64 {
+        self.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
+    }
+
+    fn print(&self, output: &Path, ended_early: Option<&str>) {
+        let fired = self.get(Counter::Samples);
+        let mut dropped: Vec<String> = self
+            .counters
+            .iter()
+            .filter(|(c, v)| c.is_drop() && *v > 0)
+            .map(|(c, v)| format!("{}={v}", c.name()))
+            .collect();
+        if self.malformed > 0 {
+            dropped.push(format!("malformed_record={}", self.malformed));
+        }
+        let dropped = if dropped.is_empty() { "none".to_string() } else { dropped.join(" ") };
+        if let Some(why) = ended_early {
+            eprintln!("unwound: stopped after {:.1} s: {why}", self.seconds);
+        }
+        eprintln!(
+            "unwound: wrote {} — {} samples in {} stacks; dropped: {dropped}",
+            output.display(),
+            self.received,
+            self.stacks
+        );
+        eprintln!(
+            "unwound: {fired} perf samples fired ({:.1}/s per CPU; idle {}, other processes {}); user walks truncated {}, stopped early {}; kernel-only {}",
+            fired as f64 / self.seconds.max(1e-9) / self.cpus.max(1) as f64,
+            self.get(Counter::Idle),
+            self.get(Counter::Filtered),
+            self.get(Counter::UserTruncated),
+            self.get(Counter::UserWalkFailed),
+            self.get(Counter::KernelThread),
+        );
+        eprintln!(
+            "unwound: agent CPU {:.3} s ({:.2}% of one CPU); BPF program verified in {} instructions{}",
+            self.agent_cpu.as_secs_f64(),
+            100.0 * self.agent_cpu.as_secs_f64() / self.seconds.max(1e-9),
+            self.verified_instructions.map_or("?".to_string(), |n| n.to_string()),
+            if self.symbol_errors > 0 { format!("; {} files unreadable for symbols", self.symbol_errors) } else { String::new() },
+        );
+    }
+
+    fn json(&self) -> String {
+        let mut fields: Vec<String> = self
+            .counters
+            .iter()
+            .map(|(c, v)| format!("\"{}\":{v}", c.name()))
+            .collect();
+        fields.push(format!("\"received\":{}", self.received));
+        fields.push(format!("\"malformed_record\":{}", self.malformed));
+        fields.push(format!("\"stacks\":{}", self.stacks));
+        fields.push(format!("\"seconds\":{:.3}", self.seconds));
+        fields.push(format!("\"cpus\":{}", self.cpus));
+        fields.push(format!("\"agent_cpu_seconds\":{:.4}", self.agent_cpu.as_secs_f64()));
+        fields.push(format!(
+            "\"verified_instructions\":{}",
+            self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
+        ));
+        fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
+        format!("{{{}}}", fields.join(","))
+    }
+}

@@ -1,0 +1,170 @@
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+use crate::{demangle, Error, MAX_ELF_SIZE, MAX_SYMBOLS};
+
+/// A function symbol found for an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol<'a> {
+    /// Demangled name.
+    pub name: &'a str,
+    /// The symbol's start, a file virtual address.
+    pub address: u64,
+    /// How far into the symbol the looked-up address is.
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    address: u64,
+    size: u64,
+    name: Box<str>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LoadSegment {
+    file_offset: u64,
+    file_size: u64,
+    vaddr: u64,
+}
+
+/// The function symbols and load segments of one ELF file.
+///
+/// Symbols come from `.symtab` and `.dynsym`. Where several names share an address (aliases
+/// such as `__libc_malloc`/`malloc`), the choice is deterministic: a global symbol over a
+/// weak one over a local one, then the name without leading underscores, then the shorter,
+/// then the lexically first.
+#[derive(Clone, Debug)]
+pub struct ElfSymbols {
+    path: PathBuf,
+    entries: Vec<Entry>,
+    segments: Vec<LoadSegment>,
+    build_id: Option<Vec<u8>>,
+}
+
+impl ElfSymbols {
+    /// Reads the symbols of the ELF file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let size = file.metadata().map_err(io)?.len();
+        if size > MAX_ELF_SIZE {
+            return Err(Error::TooLarge { path: path.to_path_buf(), size });
+        }
+        // SAFETY: the map is read-only and private; a file truncated under us would fault
+        // (SIGBUS), the same risk every mmap-based ELF reader takes.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, &map)
+    }
+
+    /// Reads the symbols of an ELF image held in memory (a vDSO copied from a process).
+    /// `name` is used in errors.
+    pub fn from_bytes(name: impl AsRef<Path>, data: &[u8]) -> Result<Self, Error> {
+        Self::parse(name.as_ref(), data)
+    }
+
+    fn parse(path: &Path, data: &[u8]) -> Result<Self, Error> {
+        let elf_err = |e: object::Error| Error::Elf { path: path.to_path_buf(), reason: e.to_string() };
+        let file = object::File::parse(data).map_err(elf_err)?;
+        if file.format() != object::BinaryFormat::Elf {
+            return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
+        }
+        let mut raw: Vec<(u64, u64, u8, String)> = Vec::new();
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+                continue;
+            }
+            let Ok(name) = sym.name() else { continue };
+            if name.is_empty() {
+                continue;
+            }
+            let rank = if sym.is_global() && !sym.is_weak() {
+                0
+            } else if sym.is_weak() {
+                1
+            } else {
+                2
+            };
+            raw.push((sym.address(), sym.size(), rank, name.to_string()));
+            if raw.len() > MAX_SYMBOLS {
+                return Err(Error::Elf {
+                    path: path.to_path_buf(),
+                    reason: format!("more than {MAX_SYMBOLS} function symbols"),
+                });
+            }
+        }
+        raw.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.2.cmp(&b.2))
+                .then(a.3.starts_with('_').cmp(&b.3.starts_with('_')))
+                .then(a.3.len().cmp(&b.3.len()))
+                .then(a.3.cmp(&b.3))
+                .then(b.1.cmp(&a.1))
+        });
+        let mut entries: Vec<Entry> = Vec::with_capacity(raw.len());
+        for (address, size, _, name) in raw {
+            if let Some(last) = entries.last_mut() {
+                if last.address == address {
+                    last.size = last.size.max(size);
+                    continue;
+                }
+            }
+            entries.push(Entry { address, size, name: demangle(&name).into_boxed_str() });
+        }
+        let segments = file
+            .segments()
+            .filter_map(|s| {
+                let (file_offset, file_size) = s.file_range();
+                (file_size > 0).then_some(LoadSegment { file_offset, file_size, vaddr: s.address() })
+            })
+            .collect();
+        let build_id = file.build_id().ok().flatten().map(|b| b.to_vec());
+        Ok(ElfSymbols { path: path.to_path_buf(), entries, segments, build_id })
+    }
+
+    /// Where the symbols were read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The GNU build-id note, if the file has one.
+    pub fn build_id(&self) -> Option<&[u8]> {
+        self.build_id.as_deref()
+    }
+
+    /// Number of distinct function addresses.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the file has no function symbols (fully stripped).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Turns an offset in the file (as `/proc/PID/maps` gives it) into the file's own
+    /// virtual address, through the load segment that holds it.
+    pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size)
+            .map(|s| s.vaddr.wrapping_add(offset - s.file_offset))
+    }
+
+    /// The function that contains `vaddr`. A symbol with a size covers exactly that range;
+    /// one without a size (hand-written assembly) covers up to the next symbol.
+    pub fn lookup(&self, vaddr: u64) -> Option<Symbol<'_>> {
+        let i = self.entries.partition_point(|e| e.address <= vaddr).checked_sub(1)?;
+        let e = &self.entries[i];
+        let offset = vaddr - e.address;
+        let covered = if e.size > 0 {
+            offset < e.size
+        } else {
+            self.entries.get(i + 1).is_none_or(|n| vaddr < n.address)
+        };
+        covered.then_some(Symbol { name: &e.name, address: e.address, offset })
+    }
+}

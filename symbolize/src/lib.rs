@@ -1,0 +1,98 @@
+//! Turns addresses into function names for a profiler.
+//!
+//! Three sources, each its own type:
+//! - [`ElfSymbols`]: the function symbols of one ELF file (`.symtab` and `.dynsym`), and the
+//!   file's load segments, so an address inside a running process can be mapped back to the
+//!   file's own virtual addresses.
+//! - [`ProcessMaps`]: a process's memory mappings from `/proc/PID/maps`, which turn an
+//!   absolute address into (file, file offset).
+//! - [`KernelSymbols`]: the running kernel's symbols from `/proc/kallsyms`, modules included.
+//!
+//! DWARF lines and inlined frames, separate debuginfo and the on-disk cache are the next
+//! steps of this crate (see the project's issues).
+//!
+//! ```no_run
+//! use unwound_symbolize::{ElfSymbols, ProcessMaps};
+//!
+//! # fn main() -> Result<(), unwound_symbolize::Error> {
+//! let maps = ProcessMaps::read(std::process::id())?;
+//! let addr = main as usize as u64;
+//! let mapping = maps.find(addr).expect("main is mapped");
+//! let elf = ElfSymbols::open(mapping.path.as_ref().unwrap())?;
+//! let vaddr = elf.file_offset_to_vaddr(mapping.file_offset(addr)).unwrap();
+//! let symbol = elf.lookup(vaddr).unwrap();
+//! assert!(symbol.name.ends_with("main"));
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod elf;
+mod kernel;
+mod maps;
+
+pub use elf::{ElfSymbols, Symbol};
+pub use kernel::{KernelSymbol, KernelSymbols};
+pub use maps::{Mapping, ProcessMaps};
+
+use std::path::PathBuf;
+
+/// Largest ELF file this crate will map (4 GiB): anything larger is refused, not parsed.
+pub const MAX_ELF_SIZE: u64 = 4 << 30;
+/// Most symbols kept from one file.
+pub const MAX_SYMBOLS: usize = 16 << 20;
+
+/// What went wrong while reading a symbol source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file or `/proc` entry could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// What was being read.
+        path: PathBuf,
+        /// The system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not an ELF file this crate understands.
+    #[error("{path} is not a usable ELF file: {reason}")]
+    Elf {
+        /// The file.
+        path: PathBuf,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// The file is larger than [`MAX_ELF_SIZE`].
+    #[error("{path} is {size} bytes, more than the {MAX_ELF_SIZE}-byte limit")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// `/proc/kallsyms` shows only zero addresses (kernel.kptr_restrict, or not root).
+    #[error("kernel symbol addresses are hidden: run as root or set kernel.kptr_restrict=0")]
+    KernelAddressesHidden,
+}
+
+/// Demangles a Rust (legacy or v0) or C++ (Itanium) symbol name; other names are returned
+/// as they are. Rust hashes are left out.
+///
+/// ```
+/// assert_eq!(unwound_symbolize::demangle("_ZN3foo3barE"), "foo::bar");
+/// assert_eq!(unwound_symbolize::demangle("_ZN5fixt7chain_aEm"), "fixt::chain_a(unsigned long)");
+/// assert_eq!(unwound_symbolize::demangle("main"), "main");
+/// ```
+pub fn demangle(name: &str) -> String {
+    if let Ok(d) = rustc_demangle::try_demangle(name) {
+        return format!("{d:#}");
+    }
+    if name.starts_with("_Z") {
+        if let Ok(sym) = cpp_demangle::Symbol::new(name) {
+            if let Ok(s) = sym.demangle(&cpp_demangle::DemangleOptions::default()) {
+                return s;
+            }
+        }
+    }
+    name.to_string()
+}
