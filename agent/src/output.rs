@@ -54,11 +54,8 @@ pub fn write_svg(out: &mut dyn Write, stacks: &[Stack], meta: &ProfileMeta) -> a
     let total: u64 = stacks.iter().map(|s| s.count).sum();
     let mut options = inferno::flamegraph::Options::default();
     options.title = "unwound CPU profile".to_string();
-    options.subtitle = Some(format!(
-        "{total} samples at {} Hz over {:.1} s",
-        meta.frequency,
-        meta.duration_ns as f64 / 1e9
-    ));
+    options.subtitle =
+        Some(format!("{total} samples at {} Hz over {:.1} s", meta.frequency, meta.duration_ns as f64 / 1e9));
     options.count_name = "samples".to_string();
     if lines.is_empty() {
         // inferno refuses an empty profile; a user still gets a valid (empty) SVG.

@@ -150,7 +150,8 @@ impl Collector {
             }
         } else {
             let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
-            let via_root = Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
+            let via_root =
+                Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
             match ElfSymbols::open(&via_map_files).or_else(|_| ElfSymbols::open(&via_root)) {
                 Ok(s) => Some(s),
                 Err(_) => {
@@ -182,7 +183,12 @@ impl Collector {
                 _ => key.user.len(),
             };
             if valid < key.user.len() {
-                frames.push(Frame { name: INVALID_FRAME.into(), module: "[unknown]".into(), address: 0, kernel: false });
+                frames.push(Frame {
+                    name: INVALID_FRAME.into(),
+                    module: "[unknown]".into(),
+                    address: 0,
+                    kernel: false,
+                });
             }
             for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
                 // Return addresses point after the call; look up the call itself.
@@ -195,11 +201,14 @@ impl Collector {
             }
             *out.entry((key.pid, key.comm.clone(), frames)).or_default() += count;
         }
-        let mut stacks: Vec<Stack> = out
-            .into_iter()
-            .map(|((pid, comm, frames), count)| Stack { pid, comm, frames, count })
-            .collect();
-        stacks.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.pid.cmp(&b.pid)).then_with(|| a.frames.len().cmp(&b.frames.len())));
+        let mut stacks: Vec<Stack> =
+            out.into_iter().map(|((pid, comm, frames), count)| Stack { pid, comm, frames, count }).collect();
+        stacks.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| a.pid.cmp(&b.pid))
+                .then_with(|| a.frames.len().cmp(&b.frames.len()))
+        });
         stacks
     }
 }
@@ -229,7 +238,12 @@ fn kernel_frame(kernel: &KernelSymbols, addr: u64) -> Frame {
             address: addr,
             kernel: true,
         },
-        None => Frame { name: "[unknown]".into(), module: "[kernel.kallsyms]".into(), address: addr, kernel: true },
+        None => Frame {
+            name: "[unknown]".into(),
+            module: "[kernel.kallsyms]".into(),
+            address: addr,
+            kernel: true,
+        },
     }
 }
 

@@ -15,8 +15,8 @@ use aya::programs::PerfEvent;
 use aya::util::online_cpus;
 use aya::{Ebpf, EbpfLoader};
 use unwound_stackwalk_abi::{
-    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP,
-    SAMPLES_MAP, SAMPLE_PROGRAM,
+    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP,
+    SAMPLE_PROGRAM,
 };
 use unwound_symbolize::KernelSymbols;
 
@@ -53,7 +53,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let mut ended_early = None;
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         session.drain(&mut collector, POLL_INTERVAL_MS)?;
-        if !args.pids.is_empty() && args.pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+        if !args.pids.is_empty() && args.pids.iter().all(|&p| !process_alive(p)) {
             ended_early = Some("every selected process exited");
             break;
         }
@@ -102,6 +102,14 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         println!("{}", summary.json());
     }
     Ok(())
+}
+
+/// False once the process is gone or a zombie (exited, not yet reaped by its parent).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the parenthesised command name, which may itself hold ')'.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
 }
 
 fn describe_targets(pids: &[u32]) -> String {
@@ -210,7 +218,10 @@ impl Session {
         {
             let mut config: Array<_, WalkerConfig> =
                 Array::try_from(ebpf.map_mut(CONFIG_MAP).context("BPF object has no CONFIG map")?)?;
-            let value = WalkerConfig { filter_pids: u32::from(!args.pids.is_empty()), max_user_frames: args.max_frames };
+            let value = WalkerConfig {
+                filter_pids: u32::from(!args.pids.is_empty()),
+                max_user_frames: args.max_frames,
+            };
             config.set(0, value, 0).context("cannot configure the walker")?;
         }
         {
@@ -221,10 +232,8 @@ impl Session {
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).context("BPF object has no SAMPLES map")?)?;
-        let program: &mut PerfEvent = ebpf
-            .program_mut(SAMPLE_PROGRAM)
-            .context("BPF object has no sampling program")?
-            .try_into()?;
+        let program: &mut PerfEvent =
+            ebpf.program_mut(SAMPLE_PROGRAM).context("BPF object has no sampling program")?.try_into()?;
         program.load().map_err(|e| {
             anyhow!("the kernel's verifier rejected the sampling program: {e:#} (a kernel ≥ 5.17 with BTF is needed)")
         })?;
@@ -269,9 +278,12 @@ impl Session {
     }
 
     fn detach(&mut self) {
-        if let Ok(program) = self.ebpf.program_mut(SAMPLE_PROGRAM).context("").and_then(|p| {
-            <&mut PerfEvent>::try_from(p).map_err(anyhow::Error::from)
-        }) {
+        if let Ok(program) = self
+            .ebpf
+            .program_mut(SAMPLE_PROGRAM)
+            .context("")
+            .and_then(|p| <&mut PerfEvent>::try_from(p).map_err(anyhow::Error::from))
+        {
             for link in self.links.drain(..) {
                 let _ = program.detach(link);
             }
@@ -284,7 +296,8 @@ impl Session {
         Counter::ALL
             .iter()
             .map(|&c| {
-                let per_cpu = map.get(&(c as u32), 0).with_context(|| format!("cannot read counter {}", c.name()))?;
+                let per_cpu =
+                    map.get(&(c as u32), 0).with_context(|| format!("cannot read counter {}", c.name()))?;
                 Ok((c, per_cpu.iter().sum()))
             })
             .collect()
@@ -309,7 +322,10 @@ fn cpu_time() -> Duration {
 
 /// Writes to a temporary file beside `path` and renames it into place, so a failure never
 /// leaves a half-written profile.
-fn write_atomically(path: &Path, write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let dir = output_dir(path);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.unwound-{}.tmp", std::process::id()));
@@ -379,16 +395,17 @@ impl Summary {
             self.agent_cpu.as_secs_f64(),
             100.0 * self.agent_cpu.as_secs_f64() / self.seconds.max(1e-9),
             self.verified_instructions.map_or("?".to_string(), |n| n.to_string()),
-            if self.symbol_errors > 0 { format!("; {} files unreadable for symbols", self.symbol_errors) } else { String::new() },
+            if self.symbol_errors > 0 {
+                format!("; {} files unreadable for symbols", self.symbol_errors)
+            } else {
+                String::new()
+            },
         );
     }
 
     fn json(&self) -> String {
-        let mut fields: Vec<String> = self
-            .counters
-            .iter()
-            .map(|(c, v)| format!("\"{}\":{v}", c.name()))
-            .collect();
+        let mut fields: Vec<String> =
+            self.counters.iter().map(|(c, v)| format!("\"{}\":{v}", c.name())).collect();
         fields.push(format!("\"received\":{}", self.received));
         fields.push(format!("\"malformed_record\":{}", self.malformed));
         fields.push(format!("\"stacks\":{}", self.stacks));

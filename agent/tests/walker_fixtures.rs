@@ -87,22 +87,29 @@ fn frame_pointer_fixtures_have_their_full_chain() {
         let want = f.kernel_frame.as_deref().unwrap();
         for v in &f.variants {
             let name = f.binary(v);
-            let (total, with_kernel) = stacks.iter().filter(|s| s.process == name).fold((0, 0), |(t, k), s| {
-                (t + s.count, k + if s.kernel.iter().any(|k| k.contains(want)) { s.count } else { 0 })
-            });
+            let (total, with_kernel) =
+                stacks.iter().filter(|s| s.process == name).fold((0, 0), |(t, k), s| {
+                    (t + s.count, k + if s.kernel.iter().any(|k| k.contains(want)) { s.count } else { 0 })
+                });
             eprintln!("{name}: {with_kernel}/{total} samples with a kernel frame *{want}*");
             if with_kernel * 2 < total {
-                failures.push(format!("{name}: kernel frame *{want}* on {with_kernel}/{total} samples, want ≥ 50%"));
+                failures.push(format!(
+                    "{name}: kernel frame *{want}* on {with_kernel}/{total} samples, want ≥ 50%"
+                ));
             }
             // Samples taken in the kernel still carry the user chain (user registers come
             // from the task's saved frame).
             let user_ok: u64 = stacks
                 .iter()
-                .filter(|s| s.process == name && !s.kernel.is_empty() && matches_leaf(&s.user, &patterns[&name]))
+                .filter(|s| {
+                    s.process == name && !s.kernel.is_empty() && matches_leaf(&s.user, &patterns[&name])
+                })
                 .map(|s| s.count)
                 .sum();
             if f.fp_complete && v != "nofp" && user_ok * 10 < with_kernel * 9 {
-                failures.push(format!("{name}: in-kernel samples with the full user chain {user_ok}/{with_kernel}"));
+                failures.push(format!(
+                    "{name}: in-kernel samples with the full user chain {user_ok}/{with_kernel}"
+                ));
             }
         }
     }

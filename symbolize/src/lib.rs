@@ -16,12 +16,13 @@
 //!
 //! # fn main() -> Result<(), unwound_symbolize::Error> {
 //! let maps = ProcessMaps::read(std::process::id())?;
-//! let addr = main as usize as u64;
+//! # #[inline(never)] fn some_function() {}
+//! let addr = some_function as fn() as usize as u64;
 //! let mapping = maps.find(addr).expect("main is mapped");
 //! let elf = ElfSymbols::open(mapping.path.as_ref().unwrap())?;
 //! let vaddr = elf.file_offset_to_vaddr(mapping.file_offset(addr)).unwrap();
 //! let symbol = elf.lookup(vaddr).unwrap();
-//! assert!(symbol.name.ends_with("main"));
+//! assert!(symbol.name.ends_with("some_function"));
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
@@ -76,11 +77,15 @@ pub enum Error {
 }
 
 /// Demangles a Rust (legacy or v0) or C++ (Itanium) symbol name; other names are returned
-/// as they are. Rust hashes are left out.
+/// as they are. Rust hashes are left out. C++ names come out exactly as binutils' `nm -C` and
+/// `addr2line -C` print them: they are demangled by libiberty's demangler, which the C++
+/// runtime exports as `__cxa_demangle` (pure-Rust demanglers differ on `std::` abbreviations
+/// and thunks).
 ///
 /// ```
 /// assert_eq!(unwound_symbolize::demangle("_ZN3foo3barE"), "foo::bar");
-/// assert_eq!(unwound_symbolize::demangle("_ZN5fixt7chain_aEm"), "fixt::chain_a(unsigned long)");
+/// assert_eq!(unwound_symbolize::demangle("_ZN4fixt7chain_aEm"), "fixt::chain_a(unsigned long)");
+/// assert_eq!(unwound_symbolize::demangle("_ZNSi6ignoreEv"), "std::istream::ignore()");
 /// assert_eq!(unwound_symbolize::demangle("main"), "main");
 /// ```
 pub fn demangle(name: &str) -> String {
@@ -88,11 +93,46 @@ pub fn demangle(name: &str) -> String {
         return format!("{d:#}");
     }
     if name.starts_with("_Z") {
+        if let Some(s) = cxa_demangle(name) {
+            return s;
+        }
         if let Ok(sym) = cpp_demangle::Symbol::new(name) {
-            if let Ok(s) = sym.demangle(&cpp_demangle::DemangleOptions::default()) {
+            if let Ok(s) = sym.demangle() {
                 return s;
             }
         }
     }
     name.to_string()
+}
+
+/// Longest name handed to the C++ runtime's demangler; longer ones go to `cpp_demangle`.
+const MAX_CXA_NAME: usize = 16 * 1024;
+
+fn cxa_demangle(name: &str) -> Option<String> {
+    use std::ffi::{c_char, c_int, CStr, CString};
+    extern "C" {
+        fn __cxa_demangle(
+            mangled: *const c_char,
+            output: *mut c_char,
+            length: *mut usize,
+            status: *mut c_int,
+        ) -> *mut c_char;
+        fn free(p: *mut std::ffi::c_void);
+    }
+    if name.len() > MAX_CXA_NAME {
+        return None;
+    }
+    let c = CString::new(name).ok()?;
+    let mut status: c_int = 0;
+    // SAFETY: NUL-terminated input; a null output buffer asks the runtime to allocate one,
+    // which we free with the C allocator it came from.
+    unsafe {
+        let out = __cxa_demangle(c.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), &mut status);
+        if out.is_null() {
+            return None;
+        }
+        let s = (status == 0).then(|| CStr::from_ptr(out).to_string_lossy().into_owned());
+        free(out.cast());
+        s
+    }
 }

@@ -108,7 +108,7 @@ impl ProcessMaps {
 }
 
 fn parse_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.splitn(6, |c: char| c == ' ').filter(|f| !f.is_empty());
+    let mut fields = line.splitn(6, ' ').filter(|f| !f.is_empty());
     let range = fields.next()?;
     let perms = fields.next()?;
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
@@ -121,5 +121,13 @@ fn parse_line(line: &str) -> Option<Mapping> {
     if end <= start {
         return None;
     }
-    Some(Mapping { start, end, executable: perms.as_bytes().get(2) == Some(&b'x'), offset, device, inode, path })
+    Some(Mapping {
+        start,
+        end,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        offset,
+        device,
+        inode,
+        path,
+    })
 }

@@ -205,7 +205,10 @@ pub fn matches_leaf(frames: &[String], pattern: &[String]) -> bool {
 }
 
 /// Per process: (samples, samples whose user stack matches).
-pub fn shares(stacks: &[FoldedStack], pattern: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, (u64, u64)> {
+pub fn shares(
+    stacks: &[FoldedStack],
+    pattern: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<String, (u64, u64)> {
     let mut out: BTreeMap<String, (u64, u64)> = pattern.keys().map(|k| (k.clone(), (0, 0))).collect();
     for s in stacks {
         if let Some(p) = pattern.get(&s.process) {

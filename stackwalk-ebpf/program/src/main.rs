@@ -21,9 +21,8 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_task_btf, bpf_get_smp_processor_id,
-        bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_task_pt_regs,
+        bpf_get_current_comm, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{map, perf_event},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -31,9 +30,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    Counter, SampleBuffer, WalkerConfig, COUNTER_SLOTS, FLAG_IN_KERNEL,
-    FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
-    HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_PIDS, MAX_USER_FRAMES,
+    Counter, SampleBuffer, WalkerConfig, COUNTER_SLOTS, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED,
+    FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES,
+    MAX_PIDS, MAX_USER_FRAMES,
 };
 
 /// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent

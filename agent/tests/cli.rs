@@ -1,0 +1,189 @@
+//! The agent as a user meets it: output formats read by real tools, and one clear line for
+//! every mistake.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn one_error_line(run: &AgentRun) -> String {
+    assert!(!run.status.success(), "expected failure, got success: {}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {:?}", run.stderr);
+    assert!(lines[0].starts_with("error: "), "{:?}", lines[0]);
+    lines[0].to_string()
+}
+
+#[test]
+fn unknown_pid_is_one_clear_line_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.folded");
+    let run =
+        unwound(&["record", "--pid", "999999999", "--duration", "1", "--output", out.to_str().unwrap()]);
+    let line = one_error_line(&run);
+    assert!(line.contains("no process with pid 999999999"), "{line}");
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "something was written");
+}
+
+#[test]
+fn bad_values_are_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = |n: &str| tmp.path().join(n).display().to_string();
+    for (args, want) in [
+        (vec!["--duration", "0", "--output", &out("a.folded")], "--duration must be a positive"),
+        (vec!["--frequency", "0", "--output", &out("a.folded")], "--frequency must be between 1 and"),
+        (vec!["--frequency", "100000000", "--output", &out("a.folded")], "--frequency must be between 1 and"),
+        (
+            vec!["--max-frames", "9999", "--output", &out("a.folded")],
+            "--max-frames must be between 1 and 256",
+        ),
+        (vec!["--output", &out("profile.unknown")], "cannot tell the output format"),
+        (vec!["--output", "/nonexistent-dir/x.folded"], "directory /nonexistent-dir does not exist"),
+    ] {
+        let mut full = vec!["record"];
+        full.extend(args.iter().copied());
+        let line = one_error_line(&unwound(&full));
+        assert!(line.contains(want), "{full:?}: {line}");
+    }
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
+}
+
+#[test]
+fn bad_flag_is_rejected_with_usage() {
+    let run = unwound(&["record", "--no-such-flag", "--output", "/tmp/x.folded"]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(run.stderr.contains("unexpected argument '--no-such-flag'"), "{}", run.stderr);
+}
+
+#[test]
+fn without_privileges_it_says_how_to_fix() {
+    if unsafe { libc::geteuid() } != 0 {
+        // Already unprivileged: the agent itself must refuse.
+        let run = unwound(&["record", "--duration", "1", "--output", "/tmp/unwound-noroot.folded"]);
+        assert!(one_error_line(&run).contains("needs root"));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = tmp.path().join("x.folded");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_unwound"))
+        .args(["record", "--duration", "1", "--output"])
+        .arg(&out)
+        .output()
+        .expect("setpriv (util-linux)");
+    let run = AgentRun {
+        status: o.status,
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    };
+    let line = one_error_line(&run);
+    assert!(line.contains("needs root (or CAP_BPF and CAP_PERFMON)") && line.contains("sudo"), "{line}");
+    assert!(!out.exists());
+}
+
+fn record_fixture(binary: &str, output: &Path, extra: &[&str]) -> AgentRun {
+    let dir = build_fixtures();
+    let f = start(&dir, binary, &[]);
+    settle(100);
+    let pid = f.pid().to_string();
+    let mut args = vec!["record", "--pid", &pid, "--duration", "2", "--frequency", "199", "--output"];
+    let out = output.display().to_string();
+    args.push(&out);
+    args.extend_from_slice(extra);
+    let run = unwound(&args);
+    assert!(run.status.success(), "{}", run.stderr);
+    run
+}
+
+#[test]
+fn pprof_output_is_read_by_go_tool_pprof() {
+    if !bpf_available("pprof_output_is_read_by_go_tool_pprof") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("profile.pb.gz");
+    record_fixture("chain_fp", &out, &[]);
+    let o = Command::new("go")
+        .args(["tool", "pprof", "-top", "-symbolize=none"])
+        .arg(&out)
+        .env("HOME", tmp.path())
+        .output()
+        .expect("go tool pprof (Debian golang-go)");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "pprof failed: {}", String::from_utf8_lossy(&o.stderr));
+    // The leaf has nearly all the flat time; the chain is there in cumulative time.
+    let leaf =
+        text.lines().find(|l| l.trim_end().ends_with(" c_chain_c")).unwrap_or_else(|| panic!("{text}"));
+    let flat_pct: f64 = leaf.split_whitespace().nth(1).unwrap().trim_end_matches('%').parse().unwrap();
+    assert!(flat_pct >= 90.0, "c_chain_c flat {flat_pct}%:\n{text}");
+    for f in ["main", "c_chain_a", "c_chain_b"] {
+        assert!(text.lines().any(|l| l.trim_end().ends_with(&format!(" {f}"))), "{f} missing:\n{text}");
+    }
+    assert!(text.contains("Type: cpu"), "{text}");
+}
+
+#[test]
+fn svg_output_is_a_flame_graph() {
+    if !bpf_available("svg_output_is_a_flame_graph") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("profile.svg");
+    record_fixture("chain_fp", &out, &[]);
+    let svg = std::fs::read_to_string(&out).unwrap();
+    // Well-formed XML, by Python's parser.
+    let ok = Command::new("python3")
+        .args(["-c", "import sys, xml.dom.minidom; xml.dom.minidom.parse(sys.argv[1])"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "SVG is not well-formed XML");
+    for f in ["chain_fp", "main", "c_chain_a", "c_chain_b", "c_chain_c"] {
+        assert!(svg.contains(&format!("<title>{f} (")), "{f} has no box in the flame graph");
+    }
+}
+
+#[test]
+fn a_process_that_exits_mid_recording_keeps_its_samples() {
+    if !bpf_available("a_process_that_exits_mid_recording_keeps_its_samples") {
+        return;
+    }
+    let dir = build_fixtures();
+    let mut f = start(&dir, "chain_fp", &[]);
+    let pid = f.pid();
+    let killer = std::thread::spawn(move || {
+        settle(1000);
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let (stacks, run) = record_folded(&[pid], 10.0, 199, tmp.path());
+    killer.join().unwrap();
+    let _ = f.child.wait();
+    assert!(run.stderr.contains("every selected process exited"), "{}", run.stderr);
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    let good: u64 = stacks.iter().filter(|s| matches_leaf(&s.user, &chain)).map(|s| s.count).sum();
+    assert!(good >= 100, "only {good} symbolized samples before exit: {stacks:?}");
+}
+
+#[test]
+fn a_deleted_binary_is_still_symbolized() {
+    if !bpf_available("a_deleted_binary_is_still_symbolized") {
+        return;
+    }
+    let dir = build_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("chain_deleted");
+    std::fs::copy(dir.join("chain_fp"), &copy).unwrap();
+    let running = start(tmp.path(), "chain_deleted", &[]);
+    settle(100);
+    std::fs::remove_file(&copy).unwrap();
+    let (stacks, _) = record_folded(&[running.pid()], 2.0, 199, tmp.path());
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    let total: u64 = stacks.iter().map(|s| s.count).sum();
+    let good: u64 = stacks.iter().filter(|s| matches_leaf(&s.user, &chain)).map(|s| s.count).sum();
+    assert!(total > 0 && good * 10 >= total * 9, "{good}/{total}: {stacks:?}");
+}
