@@ -55,6 +55,10 @@ pub struct RecordArgs {
     /// Most user frames to walk per sample (1 to 256).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_frames: u32,
+    /// Measure the BPF program's own run time (kernel BPF statistics) and report the
+    /// mean cost per sample. Adds a clock read or two per sample while on.
+    #[arg(long)]
+    pub bpf_stats: bool,
     /// Print the summary as one JSON object on stdout as well.
     #[arg(long)]
     pub json_summary: bool,

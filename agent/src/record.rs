@@ -36,6 +36,14 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let cpu_before = cpu_time();
 
+    let stats_guard = if args.bpf_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("cannot enable kernel BPF statistics")?,
+        )
+    } else {
+        None
+    };
     let mut session = Session::start(args)?;
     let cpus = session.cpus;
     eprintln!(
@@ -65,6 +73,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     session.detach();
     session.drain(&mut collector, 0)?;
     let counters = session.counters()?;
+    let bpf_run = session.run_stats();
+    drop(stats_guard);
 
     let kernel = KernelSymbols::load().unwrap_or_else(|e| {
         eprintln!("warning: kernel frames stay unsymbolized: {e}");
@@ -96,6 +106,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         agent_cpu: cpu,
         verified_instructions: session.verified_instructions,
         symbol_errors: collector.symbol_errors,
+        bpf_run,
     };
     summary.print(&args.output, ended_early);
     if args.json_summary {
@@ -290,6 +301,18 @@ impl Session {
         }
     }
 
+    /// (runs, total ns) from the program's fdinfo, when kernel BPF statistics are on.
+    fn run_stats(&self) -> Option<(u64, u64)> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let program: &PerfEvent = self.ebpf.program(SAMPLE_PROGRAM)?.try_into().ok()?;
+        let fd = program.fd().ok()?.as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let field = |name: &str| {
+            info.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Some((field("run_cnt:")?, field("run_time_ns:")?))
+    }
+
     fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map(COUNTERS_MAP).context("BPF object has no COUNTERS map")?)?;
@@ -353,6 +376,7 @@ struct Summary {
     agent_cpu: Duration,
     verified_instructions: Option<u32>,
     symbol_errors: u64,
+    bpf_run: Option<(u64, u64)>,
 }
 
 impl Summary {
@@ -382,7 +406,7 @@ impl Summary {
             self.stacks
         );
         eprintln!(
-            "unwound: {fired} perf samples fired ({:.1}/s per CPU; idle {}, other processes {}); user walks truncated {}, stopped early {}; kernel-only {}",
+            "unwound: {fired} perf samples fired ({:.1}/s per CPU; idle {}, other processes {}); user walks truncated {}, ended at a bad frame pointer {}; kernel threads {}",
             fired as f64 / self.seconds.max(1e-9) / self.cpus.max(1) as f64,
             self.get(Counter::Idle),
             self.get(Counter::Filtered),
@@ -417,6 +441,9 @@ impl Summary {
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
         ));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
+        if let Some((runs, ns)) = self.bpf_run {
+            fields.push(format!("\"bpf_runs\":{runs},\"bpf_run_time_ns\":{ns}"));
+        }
         format!("{{{}}}", fields.join(","))
     }
 }
