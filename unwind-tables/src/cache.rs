@@ -1,0 +1,104 @@
+//! On-disk cache of compiled tables, keyed by build-id (or a content hash when the file
+//! has none), zstd-compressed and versioned. A cache file that is corrupt, truncated or
+//! of another version is rebuilt, never trusted.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::layout::FORMAT_VERSION;
+use crate::{Error, UnwindTable};
+
+const CACHE_MAGIC: &[u8; 8] = b"UWTCACHE";
+
+/// A directory of cached tables.
+#[derive(Clone, Debug)]
+pub struct TableCache {
+    dir: PathBuf,
+}
+
+/// Whether [`TableCache::get_or_compile`] found the table or compiled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Read from the cache.
+    Hit,
+    /// Compiled and stored (no cache file, or an unusable one).
+    Compiled,
+}
+
+impl TableCache {
+    /// A cache in `dir` (created on first store).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        TableCache { dir: dir.into() }
+    }
+
+    /// The cache key of an ELF file: its GNU build-id in hex, or `sha-` and a 64-bit FNV-1a
+    /// hash of its bytes when it has none.
+    pub fn key(data: &[u8]) -> String {
+        use object::Object;
+        if let Ok(f) = object::File::parse(data) {
+            if let Ok(Some(id)) = f.build_id() {
+                return id.iter().map(|b| format!("{b:02x}")).collect();
+            }
+        }
+        let mut h: u64 = 0xcbf29ce484222325;
+        for &b in data {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        format!("fnv-{h:016x}-{}", data.len())
+    }
+
+    fn path_for(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{key}.v{FORMAT_VERSION}.uwt.zst"))
+    }
+
+    /// The table of the ELF file at `path`, from the cache when a valid entry exists.
+    pub fn get_or_compile(&self, path: &Path) -> Result<(UnwindTable, CacheOutcome), Error> {
+        let data = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+        let key = Self::key(&data);
+        let file = self.path_for(&key);
+        if let Some(t) = self.read(&file) {
+            return Ok((t, CacheOutcome::Hit));
+        }
+        let table = crate::compile_elf(&data)?;
+        // A failed store costs only the next compile.
+        let _ = self.write(&file, &table);
+        Ok((table, CacheOutcome::Compiled))
+    }
+
+    fn read(&self, file: &Path) -> Option<UnwindTable> {
+        let compressed = std::fs::read(file).ok()?;
+        // 1 GiB cap on what a cache file may expand to.
+        let raw = zstd::bulk::decompress(&compressed, 1 << 30).ok()?;
+        let body = raw.strip_prefix(&CACHE_MAGIC[..])?;
+        let (sum, table) = body.split_at_checked(8)?;
+        if u64::from_le_bytes(sum.try_into().ok()?) != checksum(table) {
+            return None;
+        }
+        UnwindTable::from_bytes(table).ok()
+    }
+
+    fn write(&self, file: &Path, table: &UnwindTable) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = table.to_bytes();
+        let mut raw = Vec::with_capacity(bytes.len() + 16);
+        raw.extend_from_slice(CACHE_MAGIC);
+        raw.extend_from_slice(&checksum(&bytes).to_le_bytes());
+        raw.extend_from_slice(&bytes);
+        let compressed = zstd::bulk::compress(&raw, 3)?;
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&compressed)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    }
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for chunk in b.chunks(8) {
+        let mut v = [0u8; 8];
+        v[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(v)).wrapping_mul(0x100000001b3);
+    }
+    h
+}

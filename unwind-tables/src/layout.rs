@@ -1,0 +1,482 @@
+//! The table's binary layout, its lookup and the single-frame step rule. `no_std`: the BPF
+//! walker, the userspace reference walker and the tests share this one definition.
+//!
+//! # Layout
+//!
+//! A table covers the file virtual addresses `[base, base + pages × 4096)` of one ELF file.
+//! All integers are little-endian.
+//!
+//! ```text
+//! header    32 bytes   TableHeader
+//! pages     8 × n      PageEntry per 4 KiB page of address space
+//! entries   4 × m      packed u32 entries; a page's entries never straddle a chunk of
+//!                      CHUNK_ENTRIES, so an in-kernel lookup searches inside one map value
+//! rules     16 × r     UnwindRule dictionary
+//! ```
+//!
+//! An entry (u32) is:
+//!
+//! ```text
+//! bits  0..12  offset of the entry's first row in its page
+//! bits 12..22  rule index (dictionary)
+//! bits 22..25  run steps n (0..=5): n more rows follow, each after one push (+8) or pop
+//!              (−8) of 1 or 2 bytes; only for CFA = rsp + offset rules
+//! bit  25      run direction: 0 = CFA offset +8 per step (pushes), 1 = −8 (pops)
+//! bits 26..31  run step sizes: bit i set = step i+1 is 2 bytes after the previous row,
+//!              clear = 1 byte
+//! bit  31      restore: one byte after the run's last row (a `ret`), the rule in effect
+//!              before this entry holds again (DW_CFA_restore_state after an epilogue);
+//!              only set when the previous entry of the page has no restore bit
+//! ```
+//!
+//! Lookup of pc: page = (pc − base) / 4096; binary search the page's entries for the last
+//! one starting at or before pc; none → the page's `start_rule`. Within a run the CFA
+//! offset is the rule's plus ±8 per step already passed; past a restore entry's `ret`, the
+//! rule is the one the previous entry ended in (or `start_rule`).
+
+/// Bytes of address space per page of the table.
+pub const PAGE_SIZE: u64 = 4096;
+/// log2 of [`PAGE_SIZE`].
+pub const PAGE_SHIFT: u32 = 12;
+/// Entries per chunk: one BPF map value of 16 KiB.
+pub const CHUNK_ENTRIES: u32 = 4096;
+/// Most rules one table may have (10-bit index).
+pub const MAX_RULES: usize = 1 << 10;
+/// Most run steps one entry can encode.
+pub const MAX_RUN_STEPS: u32 = 5;
+/// `TableHeader::magic`.
+pub const MAGIC: [u8; 4] = *b"UWT1";
+/// `TableHeader::version`: bumped on any change to the layout or its meaning.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// How the canonical frame address (the caller's rsp) is found.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CfaKind {
+    /// No unwind information covers this address: a pc here never takes a neighbour's rule.
+    Gap = 0,
+    /// CFA = rsp + `cfa_offset`.
+    Rsp = 1,
+    /// CFA = rbp + `cfa_offset`.
+    Rbp = 2,
+    /// GCC's PLT rule: CFA = rsp + 8, + 8 more when (rip & 15) ≥ `cfa_offset` (10 or 11).
+    Plt = 3,
+    /// CFA = *(rsp + `cfa_offset`) + `aux`.
+    DerefRsp = 4,
+    /// CFA = *(rbp + `cfa_offset`) + `aux` (stack realignment prologues).
+    DerefRbp = 5,
+    /// A sigreturn frame: rsp points at the `ucontext` the kernel saved; rip, rsp and rbp are
+    /// read back from it.
+    Signal = 6,
+    /// The return address is undefined: the outermost frame (`_start`, thread start).
+    EndOfStack = 7,
+    /// The DWARF rule here is not expressible; `reason` says why.
+    Unsupported = 8,
+}
+
+impl CfaKind {
+    /// From the byte stored in a rule.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => CfaKind::Gap,
+            1 => CfaKind::Rsp,
+            2 => CfaKind::Rbp,
+            3 => CfaKind::Plt,
+            4 => CfaKind::DerefRsp,
+            5 => CfaKind::DerefRbp,
+            6 => CfaKind::Signal,
+            7 => CfaKind::EndOfStack,
+            8 => CfaKind::Unsupported,
+            _ => return None,
+        })
+    }
+}
+
+/// How the caller's rbp is found.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RbpKind {
+    /// rbp still holds the caller's value.
+    Unchanged = 0,
+    /// The caller's rbp is saved at CFA + 8 × `rbp_slot`.
+    AtCfa = 1,
+    /// The caller's rbp is not recoverable.
+    Undefined = 2,
+}
+
+/// Why a rule is [`CfaKind::Unsupported`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unsupported {
+    /// CFA based on a register other than rsp or rbp (e.g. r10 in realignment code).
+    CfaRegister = 1,
+    /// A CFA expression that matches no known pattern.
+    CfaExpression = 2,
+    /// The return address is not saved at CFA − 8.
+    ReturnAddress = 3,
+    /// rbp is restored by a rule other than offset/same/undefined.
+    RbpRule = 4,
+    /// An offset outside the 32-bit range.
+    OffsetRange = 5,
+    /// The CFI could not be evaluated (malformed instructions).
+    Malformed = 6,
+    /// More distinct rules than the 10-bit dictionary index can name.
+    DictionaryFull = 7,
+}
+
+impl Unsupported {
+    /// Every reason.
+    pub const ALL: [Unsupported; 7] = [
+        Unsupported::CfaRegister,
+        Unsupported::CfaExpression,
+        Unsupported::ReturnAddress,
+        Unsupported::RbpRule,
+        Unsupported::OffsetRange,
+        Unsupported::Malformed,
+        Unsupported::DictionaryFull,
+    ];
+    /// Stable short name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Unsupported::CfaRegister => "cfa_register",
+            Unsupported::CfaExpression => "cfa_expression",
+            Unsupported::ReturnAddress => "return_address",
+            Unsupported::RbpRule => "rbp_rule",
+            Unsupported::OffsetRange => "offset_range",
+            Unsupported::Malformed => "malformed",
+            Unsupported::DictionaryFull => "dictionary_full",
+        }
+    }
+    /// From the byte stored in a rule.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Unsupported::CfaRegister,
+            2 => Unsupported::CfaExpression,
+            3 => Unsupported::ReturnAddress,
+            4 => Unsupported::RbpRule,
+            5 => Unsupported::OffsetRange,
+            6 => Unsupported::Malformed,
+            7 => Unsupported::DictionaryFull,
+            _ => return None,
+        })
+    }
+}
+
+/// One unwind rule: how to find the caller's rsp (CFA), rip (at CFA − 8) and rbp. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct UnwindRule {
+    /// A [`CfaKind`].
+    pub cfa: u8,
+    /// A [`RbpKind`].
+    pub rbp: u8,
+    /// With [`RbpKind::AtCfa`]: the caller's rbp is at CFA + 8 × `rbp_slot`.
+    pub rbp_slot: i8,
+    /// An [`Unsupported`] reason when `cfa` is `Unsupported`; the addend `k` of
+    /// `*(reg + off) + k` for the deref kinds; else 0.
+    pub aux: i8,
+    /// See [`CfaKind`].
+    pub cfa_offset: i32,
+}
+
+const _: () = assert!(core::mem::size_of::<UnwindRule>() == 8);
+
+impl UnwindRule {
+    /// CFA = reg + offset with the given rbp rule (`rbp_slot` in units of 8 bytes).
+    pub const fn new(cfa: CfaKind, cfa_offset: i32, rbp: RbpKind, rbp_slot: i8) -> Self {
+        UnwindRule { cfa: cfa as u8, rbp: rbp as u8, rbp_slot, aux: 0, cfa_offset }
+    }
+    /// The rule for an address no FDE covers.
+    pub const GAP: UnwindRule = UnwindRule::new(CfaKind::Gap, 0, RbpKind::Undefined, 0);
+    /// An unsupported rule with its reason.
+    pub const fn unsupported(reason: Unsupported) -> Self {
+        UnwindRule { cfa: CfaKind::Unsupported as u8, rbp: RbpKind::Undefined as u8, rbp_slot: 0, aux: reason as i8, cfa_offset: 0 }
+    }
+    /// The CFA kind, `None` for a corrupt byte.
+    pub const fn cfa_kind(&self) -> Option<CfaKind> {
+        CfaKind::from_u8(self.cfa)
+    }
+    /// The unsupported reason, for an unsupported rule.
+    pub const fn reason(&self) -> Option<Unsupported> {
+        if self.cfa == CfaKind::Unsupported as u8 {
+            Unsupported::from_u8(self.aux as u8)
+        } else {
+            None
+        }
+    }
+    /// Byte offset from the CFA of the saved rbp.
+    pub const fn rbp_offset(&self) -> i64 {
+        self.rbp_slot as i64 * 8
+    }
+    /// The rule `steps` run steps later in direction `pops`.
+    pub const fn advanced(mut self, steps: u32, pops: bool) -> Self {
+        let delta = 8 * steps as i32;
+        self.cfa_offset = if pops { self.cfa_offset.wrapping_sub(delta) } else { self.cfa_offset.wrapping_add(delta) };
+        self
+    }
+}
+
+/// A decoded table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Offset of the first row in its page (0..4096).
+    pub page_offset: u16,
+    /// Index into the rule dictionary.
+    pub rule: u16,
+    /// Extra rows that follow (0..=6).
+    pub steps: u8,
+    /// Direction of the run: true = pops (CFA offset −8 per step).
+    pub pops: bool,
+    /// Bit i set: step i+1 comes 2 bytes after the previous row, else 1 byte.
+    pub sizes: u8,
+    /// One byte after the last row, the rule before this entry holds again.
+    pub restore: bool,
+}
+
+impl Entry {
+    /// Packs into the u32 layout.
+    pub const fn encode(&self) -> u32 {
+        (self.page_offset as u32 & 0xfff)
+            | ((self.rule as u32 & 0x3ff) << 12)
+            | ((self.steps as u32 & 0x7) << 22)
+            | ((self.pops as u32) << 25)
+            | ((self.sizes as u32 & 0x1f) << 26)
+            | ((self.restore as u32) << 31)
+    }
+    /// Unpacks from the u32 layout.
+    pub const fn decode(v: u32) -> Self {
+        Entry {
+            page_offset: (v & 0xfff) as u16,
+            rule: ((v >> 12) & 0x3ff) as u16,
+            steps: ((v >> 22) & 0x7) as u8,
+            pops: (v >> 25) & 1 == 1,
+            sizes: ((v >> 26) & 0x1f) as u8,
+            restore: (v >> 31) == 1,
+        }
+    }
+    /// How many run steps have taken effect at `page_offset` (≥ the entry's own offset).
+    pub const fn steps_at(&self, page_offset: u16) -> u32 {
+        let mut at = self.page_offset as u32;
+        let mut i = 0;
+        let steps = if self.steps as u32 > MAX_RUN_STEPS { MAX_RUN_STEPS } else { self.steps as u32 };
+        while i < steps {
+            at += if self.sizes >> i & 1 == 1 { 2 } else { 1 };
+            if at > page_offset as u32 {
+                return i;
+            }
+            i += 1;
+        }
+        steps
+    }
+    /// True when `page_offset` lies past the restore point of a restore entry.
+    pub const fn restored_at(&self, page_offset: u16) -> bool {
+        self.restore && page_offset as u32 > self.page_offset as u32 + self.run_length()
+    }
+
+    /// The rule this entry ends in (before any restore).
+    pub const fn final_rule(&self, base: UnwindRule) -> UnwindRule {
+        if self.steps == 0 {
+            base
+        } else {
+            base.advanced(self.steps as u32, self.pops)
+        }
+    }
+
+    /// Bytes from the entry's first row to its last row.
+    pub const fn run_length(&self) -> u32 {
+        let mut len = 0;
+        let mut i = 0;
+        while i < self.steps as u32 {
+            len += if self.sizes >> i & 1 == 1 { 2 } else { 1 };
+            i += 1;
+        }
+        len
+    }
+}
+
+/// Per-page index record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PageEntry {
+    /// Position of the page's first entry in the entry array.
+    pub first: u32,
+    /// Number of entries in this page.
+    pub count: u16,
+    /// Rule in effect at the page's first byte when no entry starts there.
+    pub start_rule: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PageEntry>() == 8);
+
+/// Fixed-size head of a serialized table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TableHeader {
+    /// [`MAGIC`].
+    pub magic: [u8; 4],
+    /// [`FORMAT_VERSION`].
+    pub version: u16,
+    /// Reserved, 0.
+    pub flags: u16,
+    /// File virtual address of page 0 (page aligned).
+    pub base: u64,
+    /// Number of pages.
+    pub pages: u32,
+    /// Number of entries, padding included.
+    pub entries: u32,
+    /// Number of rules.
+    pub rules: u32,
+    /// Reserved, 0.
+    pub reserved: u32,
+}
+
+/// Size of [`TableHeader`].
+pub const HEADER_SIZE: usize = core::mem::size_of::<TableHeader>();
+const _: () = assert!(HEADER_SIZE == 32);
+
+/// A borrowed view of the table's arrays, for lookups.
+#[derive(Clone, Copy, Debug)]
+pub struct TableView<'a> {
+    /// File virtual address of page 0.
+    pub base: u64,
+    /// Page index.
+    pub pages: &'a [PageEntry],
+    /// Packed entries.
+    pub entries: &'a [u32],
+    /// Rule dictionary.
+    pub rules: &'a [UnwindRule],
+}
+
+impl TableView<'_> {
+    /// The rule for file virtual address `pc`; `None` outside the table (or for an index
+    /// that points outside the arrays, which a well-formed table never has).
+    pub fn lookup(&self, pc: u64) -> Option<UnwindRule> {
+        let rel = pc.checked_sub(self.base)?;
+        let page = self.pages.get((rel >> PAGE_SHIFT) as usize)?;
+        let offset = (rel & (PAGE_SIZE - 1)) as u16;
+        let start = page.first as usize;
+        let entries = self.entries.get(start..start + page.count as usize)?;
+        let n = entries.partition_point(|&e| Entry::decode(e).page_offset <= offset);
+        if n == 0 {
+            return self.rules.get(page.start_rule as usize).copied();
+        }
+        let e = Entry::decode(entries[n - 1]);
+        if e.restored_at(offset) {
+            return if n >= 2 {
+                let prev = Entry::decode(entries[n - 2]);
+                Some(prev.final_rule(*self.rules.get(prev.rule as usize)?))
+            } else {
+                self.rules.get(page.start_rule as usize).copied()
+            };
+        }
+        let rule = *self.rules.get(e.rule as usize)?;
+        let steps = e.steps_at(offset);
+        Some(if steps == 0 { rule } else { rule.advanced(steps, e.pops) })
+    }
+}
+
+/// The registers a frame step needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Registers {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Frame pointer (or whatever rbp holds).
+    pub rbp: u64,
+}
+
+/// Reads the unwound process's memory.
+pub trait Memory {
+    /// The 8 bytes at `addr`, or `None` when unreadable.
+    fn read_u64(&mut self, addr: u64) -> Option<u64>;
+}
+
+/// What one step found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The caller's registers. `rip` is a return address unless `exact` (after a signal frame
+    /// the interrupted pc is exact, and the next lookup must not subtract 1).
+    Caller {
+        /// The caller's registers.
+        regs: Registers,
+        /// rip is the interrupted instruction rather than a return address.
+        exact: bool,
+    },
+    /// The outermost frame: nothing to unwind to.
+    End,
+    /// The walk cannot continue.
+    Failed(StepError),
+}
+
+/// Why a step failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepError {
+    /// No unwind information covers the pc.
+    NoRule,
+    /// The rule is unsupported.
+    Unsupported,
+    /// A read of the stack failed.
+    Memory,
+    /// The CFA did not move up the stack (a loop) or is not 8-aligned.
+    BadCfa,
+    /// The return address is 0 (the end of a frame-pointer-less stack by convention).
+    ZeroReturn,
+}
+
+/// Offsets in the kernel's x86-64 signal frame (`ucontext` at rsp when the handler returns
+/// into the sigreturn trampoline): `uc_mcontext` starts at 40; rbp, rsp, rip are gregs 10, 15, 16.
+pub const SIGFRAME_RBP: u64 = 40 + 10 * 8;
+/// See [`SIGFRAME_RBP`].
+pub const SIGFRAME_RSP: u64 = 40 + 15 * 8;
+/// See [`SIGFRAME_RBP`].
+pub const SIGFRAME_RIP: u64 = 40 + 16 * 8;
+
+/// Applies one rule to the registers of a frame: the shared step rule.
+pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step {
+    let Some(kind) = rule.cfa_kind() else { return Step::Failed(StepError::Unsupported) };
+    let cfa = match kind {
+        CfaKind::Gap => return Step::Failed(StepError::NoRule),
+        CfaKind::Unsupported => return Step::Failed(StepError::Unsupported),
+        CfaKind::EndOfStack => return Step::End,
+        CfaKind::Signal => {
+            let (Some(rip), Some(rsp), Some(rbp)) = (
+                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RIP)),
+                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RSP)),
+                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RBP)),
+            ) else {
+                return Step::Failed(StepError::Memory);
+            };
+            return Step::Caller { regs: Registers { rip, rsp, rbp }, exact: true };
+        }
+        CfaKind::Rsp => regs.rsp.wrapping_add(rule.cfa_offset as i64 as u64),
+        CfaKind::Rbp => regs.rbp.wrapping_add(rule.cfa_offset as i64 as u64),
+        CfaKind::Plt => {
+            let extra = if (regs.rip & 15) >= rule.cfa_offset as u64 { 8 } else { 0 };
+            regs.rsp.wrapping_add(8 + extra)
+        }
+        CfaKind::DerefRsp | CfaKind::DerefRbp => {
+            let reg = if kind == CfaKind::DerefRsp { regs.rsp } else { regs.rbp };
+            let Some(v) = mem.read_u64(reg.wrapping_add(rule.cfa_offset as i64 as u64)) else {
+                return Step::Failed(StepError::Memory);
+            };
+            v.wrapping_add(rule.aux as i64 as u64)
+        }
+    };
+    if cfa & 7 != 0 || cfa <= regs.rsp {
+        return Step::Failed(StepError::BadCfa);
+    }
+    let Some(rip) = mem.read_u64(cfa - 8) else { return Step::Failed(StepError::Memory) };
+    if rip == 0 {
+        return Step::End;
+    }
+    let rbp = match rule.rbp {
+        x if x == RbpKind::AtCfa as u8 => match mem.read_u64(cfa.wrapping_add(rule.rbp_offset() as u64)) {
+            Some(v) => v,
+            None => return Step::Failed(StepError::Memory),
+        },
+        x if x == RbpKind::Unchanged as u8 => regs.rbp,
+        _ => 0,
+    };
+    Step::Caller { regs: Registers { rip, rsp: cfa, rbp }, exact: false }
+}

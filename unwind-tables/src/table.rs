@@ -1,0 +1,238 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::layout::*;
+use crate::Error;
+
+/// Counts that describe a compiled table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// DWARF rows read (one per address range of every FDE's evaluated table).
+    pub dwarf_rows: u64,
+    /// Entries, padding excluded.
+    pub entries: u64,
+    /// Zero entries that keep every page inside one chunk.
+    pub padding_entries: u64,
+    /// Rows whose rule could not be expressed, by reason.
+    pub unsupported: BTreeMap<&'static str, u64>,
+    /// Rows whose rbp rule was unexpressible (rbp then reads as undefined).
+    pub rbp_undefined: u64,
+}
+
+/// A compiled unwind table for one ELF file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnwindTable {
+    base: u64,
+    pages: Vec<PageEntry>,
+    entries: Vec<u32>,
+    rules: Vec<UnwindRule>,
+    stats: Stats,
+}
+
+impl UnwindTable {
+    /// Compiles the CFI of the ELF file at `path`.
+    pub fn compile_file(path: &Path) -> Result<Self, Error> {
+        crate::compile_file(path)
+    }
+
+    pub(crate) fn empty(stats: Stats) -> Self {
+        UnwindTable { base: 0, pages: Vec::new(), entries: Vec::new(), rules: vec![UnwindRule::GAP], stats }
+    }
+
+    pub(crate) fn from_parts(
+        base: u64,
+        pages: Vec<PageEntry>,
+        entries: Vec<u32>,
+        rules: Vec<UnwindRule>,
+        stats: Stats,
+    ) -> Self {
+        UnwindTable { base, pages, entries, rules, stats }
+    }
+
+    /// Statistics of the compilation.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A view for lookups.
+    pub fn view(&self) -> TableView<'_> {
+        TableView { base: self.base, pages: &self.pages, entries: &self.entries, rules: &self.rules }
+    }
+
+    /// The rule at file virtual address `pc`; `None` outside the covered range.
+    pub fn lookup(&self, pc: u64) -> Option<UnwindRule> {
+        self.view().lookup(pc)
+    }
+
+    /// File virtual address of the first page.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    /// The page index.
+    pub fn pages(&self) -> &[PageEntry] {
+        &self.pages
+    }
+    /// The packed entries, padding included.
+    pub fn entries(&self) -> &[u32] {
+        &self.entries
+    }
+    /// The rule dictionary.
+    pub fn rules(&self) -> &[UnwindRule] {
+        &self.rules
+    }
+
+    /// Bytes of the serialized table, everything included.
+    pub fn byte_size(&self) -> usize {
+        HEADER_SIZE + self.pages.len() * 8 + self.entries.len() * 4 + self.rules.len() * 8
+    }
+
+    /// Every entry as (start, end, rule) with file virtual addresses, runs expanded into
+    /// their rows, in address order. `end` is the next entry's start (or the page end).
+    pub fn rows(&self) -> Vec<(u64, u64, UnwindRule)> {
+        let mut out: Vec<(u64, u64, UnwindRule)> = Vec::new();
+        let mut push = |out: &mut Vec<(u64, u64, UnwindRule)>, at: u64, rule: UnwindRule| {
+            if let Some(last) = out.last_mut() {
+                last.1 = at;
+            }
+            out.push((at, at, rule));
+        };
+        for (pi, p) in self.pages.iter().enumerate() {
+            let page_base = self.base + ((pi as u64) << PAGE_SHIFT);
+            let start = p.first as usize;
+            let page = &self.entries[start..start + p.count as usize];
+            for (i, &raw) in page.iter().enumerate() {
+                let e = Entry::decode(raw);
+                let rule = self.rules[e.rule as usize];
+                let mut at = page_base + u64::from(e.page_offset);
+                for step in 0..=u32::from(e.steps) {
+                    push(&mut out, at, if step == 0 { rule } else { rule.advanced(step, e.pops) });
+                    if step < u32::from(e.steps) {
+                        at += if e.sizes >> step & 1 == 1 { 2 } else { 1 };
+                    }
+                }
+                if e.restore {
+                    let before = if i == 0 {
+                        self.rules[p.start_rule as usize]
+                    } else {
+                        let prev = Entry::decode(page[i - 1]);
+                        prev.final_rule(self.rules[prev.rule as usize])
+                    };
+                    push(&mut out, at + 1, before);
+                }
+            }
+        }
+        if let Some(last) = out.last_mut() {
+            last.1 = last.0;
+        }
+        out
+    }
+
+    /// Serializes: header, pages, entries, rules (the layout in [`crate::layout`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.byte_size());
+        let h = TableHeader {
+            magic: MAGIC,
+            version: FORMAT_VERSION,
+            flags: 0,
+            base: self.base,
+            pages: self.pages.len() as u32,
+            entries: self.entries.len() as u32,
+            rules: self.rules.len() as u32,
+            reserved: 0,
+        };
+        out.extend_from_slice(&h.magic);
+        out.extend_from_slice(&h.version.to_le_bytes());
+        out.extend_from_slice(&h.flags.to_le_bytes());
+        out.extend_from_slice(&h.base.to_le_bytes());
+        out.extend_from_slice(&h.pages.to_le_bytes());
+        out.extend_from_slice(&h.entries.to_le_bytes());
+        out.extend_from_slice(&h.rules.to_le_bytes());
+        out.extend_from_slice(&h.reserved.to_le_bytes());
+        for p in &self.pages {
+            out.extend_from_slice(&p.first.to_le_bytes());
+            out.extend_from_slice(&p.count.to_le_bytes());
+            out.extend_from_slice(&p.start_rule.to_le_bytes());
+        }
+        for e in &self.entries {
+            out.extend_from_slice(&e.to_le_bytes());
+        }
+        for r in &self.rules {
+            out.extend_from_slice(&[r.cfa, r.rbp, r.rbp_slot as u8, r.aux as u8]);
+            out.extend_from_slice(&r.cfa_offset.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads a serialized table, checking every count and index against the bytes.
+    /// Statistics other than the entry count are not stored and read back as zero.
+    pub fn from_bytes(b: &[u8]) -> Result<Self, Error> {
+        let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+        let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+        let i32_at = |o: usize| u32_at(o).map(|v| v as i32);
+        if b.get(0..4) != Some(&MAGIC[..]) {
+            return Err(Error::Format("bad magic"));
+        }
+        if u16_at(4) != Some(FORMAT_VERSION) {
+            return Err(Error::Format("other format version"));
+        }
+        let base = b.get(8..16).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or(Error::Format("short"))?;
+        let (np, ne, nr) = (
+            u32_at(16).ok_or(Error::Format("short"))? as usize,
+            u32_at(20).ok_or(Error::Format("short"))? as usize,
+            u32_at(24).ok_or(Error::Format("short"))? as usize,
+        );
+        let need = HEADER_SIZE as u64 + np as u64 * 8 + ne as u64 * 4 + nr as u64 * 8;
+        if need != b.len() as u64 {
+            return Err(Error::Format("length does not match the header"));
+        }
+        if nr == 0 || nr > MAX_RULES {
+            return Err(Error::Format("rule count"));
+        }
+        let mut o = HEADER_SIZE;
+        let mut pages = Vec::with_capacity(np);
+        for _ in 0..np {
+            let p = PageEntry { first: u32_at(o).unwrap(), count: u16_at(o + 4).unwrap(), start_rule: u16_at(o + 6).unwrap() };
+            if p.first as usize + p.count as usize > ne
+                || p.start_rule as usize >= nr
+                || (p.count > 0 && (p.first % CHUNK_ENTRIES) + u32::from(p.count) > CHUNK_ENTRIES)
+            {
+                return Err(Error::Format("page index out of range"));
+            }
+            pages.push(p);
+            o += 8;
+        }
+        let mut entries = Vec::with_capacity(ne);
+        for _ in 0..ne {
+            entries.push(u32_at(o).unwrap());
+            o += 4;
+        }
+        let mut rules = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            let r = UnwindRule {
+                cfa: b[o],
+                rbp: b[o + 1],
+                rbp_slot: b[o + 2] as i8,
+                aux: b[o + 3] as i8,
+                cfa_offset: i32_at(o + 4).unwrap(),
+            };
+            if r.cfa_kind().is_none() || r.rbp > RbpKind::Undefined as u8 {
+                return Err(Error::Format("unknown rule kind"));
+            }
+            rules.push(r);
+            o += 8;
+        }
+        for p in &pages {
+            for &e in &entries[p.first as usize..p.first as usize + p.count as usize] {
+                let d = Entry::decode(e);
+                if d.rule as usize >= nr || u32::from(d.steps) > MAX_RUN_STEPS {
+                    return Err(Error::Format("entry out of range"));
+                }
+            }
+        }
+        let stats = Stats {
+            entries: pages.iter().map(|p| u64::from(p.count)).sum(),
+            ..Stats::default()
+        };
+        Ok(UnwindTable { base, pages, entries, rules, stats })
+    }
+}
