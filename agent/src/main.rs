@@ -3,6 +3,7 @@
 mod output;
 mod profile;
 mod record;
+mod tables;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Profile the machine (or chosen processes) on CPU and write a profile.
     Record(RecordArgs),
+    /// Compile an ELF file's unwind tables and summarize or dump them.
+    Tables(tables::TablesArgs),
 }
 
 /// Output formats.
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Record(args) => record::run(&args),
+        Command::Tables(args) => tables::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

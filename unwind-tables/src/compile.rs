@@ -3,10 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, LittleEndian,
-    RegisterRule, UnwindContext, UnwindSection,
-};
+use gimli::{BaseAddresses, DebugFrame, EhFrame, EndianSlice, LittleEndian, UnwindSection};
 use object::{Object, ObjectSection, SectionFlags};
 use rayon::prelude::*;
 
@@ -47,6 +44,22 @@ impl Code<'_> {
         let (base, data) = self.ranges.iter().find(|(b, d)| start >= *b && end <= b + d.len() as u64)?;
         data.get((start - base) as usize..(end - base) as usize)
     }
+    /// True when `[at, next)` holds one instruction that leaves the function (`ret`,
+    /// `rep ret`, `jmp`) and then only padding: no pc in `(at, next)` can be sampled.
+    fn single_exit(&self, at: u64, next: u64) -> bool {
+        if next == at + 1 {
+            return true;
+        }
+        let Some(b) = self.bytes(at, next.min(at + 5)) else { return false };
+        let len = match b {
+            [0xc3, ..] => 1,
+            [0xf3, 0xc3, ..] | [0xeb, ..] => 2,
+            [0xe9, ..] if b.len() >= 5 => 5,
+            _ => return false,
+        };
+        at + len <= next && self.is_padding(at + len, next)
+    }
+
     /// True when every byte is part of a NOP or trap padding sequence.
     fn is_padding(&self, start: u64, end: u64) -> bool {
         if end <= start {
@@ -56,7 +69,9 @@ impl Code<'_> {
             return false;
         }
         match self.bytes(start, end) {
-            Some(b) => b.iter().all(|x| matches!(x, 0x90 | 0xcc | 0x66 | 0x2e | 0x0f | 0x1f | 0x00 | 0x40 | 0x44 | 0x80 | 0x84)),
+            Some(b) => b.iter().all(|x| {
+                matches!(x, 0x90 | 0xcc | 0x66 | 0x2e | 0x0f | 0x1f | 0x00 | 0x40 | 0x44 | 0x80 | 0x84)
+            }),
             None => end - start < 16,
         }
     }
@@ -116,14 +131,13 @@ pub fn compile_with(
             let eh_data = eh.data().map_err(|e| Error::Elf(e.to_string()))?;
             let mut bases = BaseAddresses::default().set_eh_frame(eh.address()).set_text(text).set_got(got);
             let section = EhFrame::new(eh_data, LittleEndian);
-            let hdr = cfi_file.section_by_name(".eh_frame_hdr");
-            if let Some(h) = &hdr {
+            if let Some(h) = cfi_file.section_by_name(".eh_frame_hdr") {
                 bases = bases.set_eh_frame_hdr(h.address());
             }
-            let fdes = match hdr.and_then(|h| h.data().ok()).and_then(|d| fdes_from_hdr(d, &bases)) {
-                Some(f) => f,
-                None => fdes_by_scan(&section, &bases)?,
-            };
+            // The FDE list comes from the records themselves, not from `.eh_frame_hdr`'s
+            // search table: linkers list only one FDE per start address there (lld keeps an
+            // empty one and drops the real one when several share an address).
+            let fdes = fdes_by_scan(&section, &bases, eh_data, true)?;
             build(&section, &bases, fdes, &code)
         }
         CfiSource::DebugFrame => {
@@ -132,59 +146,80 @@ pub fn compile_with(
             let mut section = DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
             let bases = BaseAddresses::default().set_text(text);
-            let fdes = fdes_by_scan(&section, &bases)?;
+            let fdes = fdes_by_scan(&section, &bases, &data, false)?;
             build(&section, &bases, fdes, &code)
         }
     }
 }
 
-/// The sorted FDE list from `.eh_frame_hdr`'s binary search table, with each FDE's length
-/// read from its header. `None` when the header is absent or unusable.
-fn fdes_from_hdr(data: &[u8], bases: &BaseAddresses) -> Option<Vec<Fde>> {
-    let hdr = EhFrameHdr::new(data, LittleEndian).parse(bases, 8).ok()?;
-    let table = hdr.table()?;
-    let mut it = table.iter(bases);
-    let mut out = Vec::new();
-    while let Ok(Some((start, fde))) = it.next() {
-        let offset = table.pointer_to_offset(fde).ok()?.0 as u64;
-        out.push(Fde { start: start.pointer(), offset });
-        if out.len() > MAX_FDES {
-            return None;
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-fn fdes_by_scan<'a, S: UnwindSection<R<'a>>>(section: &S, bases: &BaseAddresses) -> Result<Vec<Fde>, Error>
+/// Every FDE with a non-empty range, sorted by start address. Record boundaries are found
+/// by walking the length fields (cheap, serial); the FDE headers are then parsed in
+/// parallel.
+fn fdes_by_scan<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    data: &'a [u8],
+    eh_frame: bool,
+) -> Result<Vec<Fde>, Error>
 where
-    S::Offset: gimli::UnwindOffset<usize> + std::hash::Hash + Eq,
+    S: UnwindSection<R<'a>> + Sync,
+    S::Offset: gimli::UnwindOffset<usize> + std::hash::Hash + Eq + Send,
 {
-    let mut out = Vec::new();
-    let mut entries = section.entries(bases);
-    let mut cies = HashMap::new();
-    loop {
-        match entries.next() {
-            Ok(None) => break,
-            Ok(Some(CieOrFde::Cie(_))) => {}
-            Ok(Some(CieOrFde::Fde(partial))) => {
-                let Ok(fde) = partial.parse(|s, b, o| cached_cie(&mut cies, s, b, o)) else { continue };
-                if fde.len() == 0 {
-                    continue;
-                }
-                out.push(Fde { start: fde.initial_address(), offset: fde_offset(&fde) });
-                if out.len() > MAX_FDES {
-                    return Err(Error::Limit("FDEs"));
-                }
+    let mut offsets: Vec<usize> = Vec::new();
+    let mut pos = 0usize;
+    while pos + 8 <= data.len() {
+        let len32 = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap());
+        if len32 == 0 {
+            if eh_frame {
+                break; // terminator
             }
-            Err(e) => return Err(Error::Dwarf(e.to_string())),
+            pos += 4;
+            continue;
         }
+        let (len, header) = if len32 == 0xffff_ffff {
+            let Some(l) = data.get(pos + 4..pos + 12) else { break };
+            (u64::from_le_bytes(l.try_into().unwrap()), 12usize)
+        } else {
+            (u64::from(len32), 4usize)
+        };
+        let id_size = if header == 12 { 8 } else { 4 };
+        let Some(id) = data.get(pos + header..pos + header + id_size) else { break };
+        let is_cie = if eh_frame { id.iter().all(|&b| b == 0) } else { id.iter().all(|&b| b == 0xff) };
+        if !is_cie {
+            offsets.push(pos);
+            if offsets.len() > MAX_FDES {
+                return Err(Error::Limit("FDEs"));
+            }
+        }
+        let Some(next) = (pos as u64).checked_add(header as u64).and_then(|p| p.checked_add(len)) else {
+            break;
+        };
+        if next > data.len() as u64 {
+            return Err(Error::Dwarf(format!("record at {pos:#x} runs past the section end")));
+        }
+        pos = next as usize;
     }
-    out.sort_by_key(|f| f.start);
+    let per = offsets.len().div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let mut out: Vec<Fde> = offsets
+        .par_chunks(per)
+        .flat_map_iter(|chunk| {
+            let mut cies = HashMap::new();
+            chunk
+                .iter()
+                .filter_map(|&off| {
+                    let fde = section
+                        .fde_from_offset(bases, S::Offset::from(off), |s, b, o| {
+                            cached_cie(&mut cies, s, b, o)
+                        })
+                        .ok()?;
+                    (fde.len() > 0 && fde.initial_address() != 0)
+                        .then(|| Fde { start: fde.initial_address(), offset: off as u64 })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.par_sort_unstable_by_key(|f| (f.start, f.offset));
     Ok(out)
-}
-
-fn fde_offset<T: gimli::Reader<Offset = usize>>(fde: &gimli::FrameDescriptionEntry<T>) -> u64 {
-    fde.offset() as u64
 }
 
 fn cached_cie<'a, S: UnwindSection<R<'a>>>(
@@ -313,12 +348,20 @@ impl<'c> Builder<'c> {
             return false;
         }
         let dist = start - o.last_row;
-        if o.steps > 0 && o.pops && dist == 1 && o.may_restore && *rule == o.before {
+        if o.steps > 0
+            && o.pops
+            && o.may_restore
+            && *rule == o.before
+            && self.code.single_exit(o.last_row, start)
+        {
             o.restore = true;
             self.state = *rule;
             return true;
         }
-        if o.base.cfa != CfaKind::Rsp as u8 || rule.cfa != CfaKind::Rsp as u8 || u32::from(o.steps) >= MAX_RUN_STEPS {
+        if o.base.cfa != CfaKind::Rsp as u8
+            || rule.cfa != CfaKind::Rsp as u8
+            || u32::from(o.steps) >= MAX_RUN_STEPS
+        {
             return false;
         }
         if dist != 1 && dist != 2 {
@@ -374,7 +417,9 @@ impl<'c> Builder<'c> {
             }
         }
         self.last_end = Some(end);
-        if rule == self.state && self.open.as_ref().is_some_and(|o| o.start >> PAGE_SHIFT == start >> PAGE_SHIFT) {
+        if rule == self.state
+            && self.open.as_ref().is_some_and(|o| o.start >> PAGE_SHIFT == start >> PAGE_SHIFT)
+        {
             return;
         }
         if self.try_extend(start, &rule) {
@@ -392,8 +437,147 @@ impl<'c> Builder<'c> {
     }
 }
 
-fn convert_row<'a, S: UnwindSection<R<'a>>>(
-    row: &gimli::UnwindTableRow<usize>,
+/// A register's rule while evaluating CFI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reg {
+    Same,
+    Undefined,
+    AtCfa(i64),
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cfa {
+    RegOffset(u16, i64),
+    Expression(usize, usize),
+}
+
+/// The part of the CFI state the tables need: CFA, rbp, return address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    cfa: Cfa,
+    /// Last register and offset set by a def_cfa* instruction: binutils' readelf and the
+    /// GCC unwinder keep them across a CFA expression, and hand-written assembly (libgcrypt)
+    /// relies on `def_cfa_register` after `def_cfa_expression`; the spec calls that invalid.
+    last_reg: u16,
+    last_off: i64,
+    rbp: Reg,
+    ra: Reg,
+}
+
+const RSP: u16 = 7;
+const RBP: u16 = 6;
+const RA: u16 = 16;
+const MAX_STATE_STACK: usize = 64;
+
+impl State {
+    fn reg_mut(&mut self, r: u16) -> Option<&mut Reg> {
+        match r {
+            RBP => Some(&mut self.rbp),
+            RA => Some(&mut self.ra),
+            _ => None,
+        }
+    }
+}
+
+/// Evaluates one instruction; `initial` is the CIE's state (for DW_CFA_restore).
+fn apply<'a>(
+    ins: &gimli::CallFrameInstruction<usize>,
+    st: &mut State,
+    initial: &State,
+    stack: &mut Vec<State>,
+    cie: &gimli::CommonInformationEntry<R<'a>>,
+) -> Result<(), ()> {
+    use gimli::CallFrameInstruction as I;
+    let daf = cie.data_alignment_factor();
+    match *ins {
+        I::DefCfa { register, offset } => {
+            let off = i64::try_from(offset).map_err(|_| ())?;
+            st.cfa = Cfa::RegOffset(register.0, off);
+            st.last_reg = register.0;
+            st.last_off = off;
+        }
+        I::DefCfaSf { register, factored_offset } => {
+            let off = factored_offset.checked_mul(daf).ok_or(())?;
+            st.cfa = Cfa::RegOffset(register.0, off);
+            st.last_reg = register.0;
+            st.last_off = off;
+        }
+        I::DefCfaRegister { register } => {
+            st.cfa = Cfa::RegOffset(register.0, st.last_off);
+            st.last_reg = register.0;
+        }
+        I::DefCfaOffset { offset } => {
+            let off = i64::try_from(offset).map_err(|_| ())?;
+            st.cfa = Cfa::RegOffset(st.last_reg, off);
+            st.last_off = off;
+        }
+        I::DefCfaOffsetSf { factored_offset } => {
+            let off = factored_offset.checked_mul(daf).ok_or(())?;
+            st.cfa = Cfa::RegOffset(st.last_reg, off);
+            st.last_off = off;
+        }
+        I::DefCfaExpression { expression } => st.cfa = Cfa::Expression(expression.offset, expression.length),
+        I::Undefined { register } => {
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = Reg::Undefined;
+            }
+        }
+        I::SameValue { register } => {
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = Reg::Same;
+            }
+        }
+        I::Offset { register, factored_offset } => {
+            let off = i64::try_from(factored_offset).ok().and_then(|f| f.checked_mul(daf)).ok_or(())?;
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = Reg::AtCfa(off);
+            }
+        }
+        I::OffsetExtendedSf { register, factored_offset } => {
+            let off = factored_offset.checked_mul(daf).ok_or(())?;
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = Reg::AtCfa(off);
+            }
+        }
+        I::ValOffset { register, .. }
+        | I::ValOffsetSf { register, .. }
+        | I::Expression { register, .. }
+        | I::ValExpression { register, .. }
+        | I::Register { dest_register: register, .. } => {
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = Reg::Other;
+            }
+        }
+        I::Restore { register } => {
+            let init = match register.0 {
+                RBP => initial.rbp,
+                RA => initial.ra,
+                _ => return Ok(()),
+            };
+            if let Some(r) = st.reg_mut(register.0) {
+                *r = init;
+            }
+        }
+        I::RememberState => {
+            if stack.len() >= MAX_STATE_STACK {
+                return Err(());
+            }
+            stack.push(*st);
+        }
+        I::RestoreState => {
+            // The CFA is not part of the remembered state in DWARF 2 unwinders and is in
+            // later ones; GCC emits the same CFA either way. Follow the spec (DWARF 5):
+            // the whole row is restored.
+            *st = stack.pop().ok_or(())?;
+        }
+        I::ArgsSize { .. } | I::NegateRaState | I::Nop | I::SetLoc { .. } | I::AdvanceLoc { .. } => {}
+    }
+    Ok(())
+}
+
+fn convert_state<'a, S: UnwindSection<R<'a>>>(
+    st: &State,
     section: &S,
     signal: bool,
     out: &mut GroupOut,
@@ -405,42 +589,125 @@ fn convert_row<'a, S: UnwindSection<R<'a>>>(
     if signal {
         return UnwindRule::new(CfaKind::Signal, 0, RbpKind::Undefined, 0);
     }
-    match row.register(gimli::X86_64::RA) {
-        Some(RegisterRule::Undefined) => return UnwindRule::new(CfaKind::EndOfStack, 0, RbpKind::Undefined, 0),
-        Some(RegisterRule::Offset(-8)) => {}
+    match st.ra {
+        Reg::Undefined => return UnwindRule::new(CfaKind::EndOfStack, 0, RbpKind::Undefined, 0),
+        Reg::AtCfa(-8) => {}
         _ => return unsupported(out, Unsupported::ReturnAddress),
     }
-    let mut rule = match row.cfa() {
-        CfaRule::RegisterAndOffset { register, offset } => {
-            let kind = match *register {
-                gimli::X86_64::RSP => CfaKind::Rsp,
-                gimli::X86_64::RBP => CfaKind::Rbp,
+    let mut rule = match st.cfa {
+        Cfa::RegOffset(reg, offset) => {
+            let kind = match reg {
+                RSP => CfaKind::Rsp,
+                RBP => CfaKind::Rbp,
                 _ => return unsupported(out, Unsupported::CfaRegister),
             };
-            let Ok(off) = i32::try_from(*offset) else { return unsupported(out, Unsupported::OffsetRange) };
+            let Ok(off) = i32::try_from(offset) else { return unsupported(out, Unsupported::OffsetRange) };
             UnwindRule::new(kind, off, RbpKind::Unchanged, 0)
         }
-        CfaRule::Expression(e) => match e.get(section).ok().and_then(|x| cfa_expression(x.0.slice())) {
-            Some(r) => r,
-            None => return unsupported(out, Unsupported::CfaExpression),
-        },
+        Cfa::Expression(offset, length) => {
+            let bytes = section.section().slice().get(offset..offset.saturating_add(length));
+            match bytes.and_then(cfa_expression) {
+                Some(r) => r,
+                None => return unsupported(out, Unsupported::CfaExpression),
+            }
+        }
     };
-    match row.register(gimli::X86_64::RBP) {
-        None | Some(RegisterRule::SameValue) => {}
-        Some(RegisterRule::Offset(o)) => match i8::try_from(o / 8) {
+    match st.rbp {
+        Reg::Same => {}
+        Reg::AtCfa(o) => match i8::try_from(o / 8) {
             Ok(slot) if o % 8 == 0 => {
                 rule.rbp = RbpKind::AtCfa as u8;
                 rule.rbp_slot = slot;
             }
             _ => return unsupported(out, Unsupported::OffsetRange),
         },
-        Some(RegisterRule::Undefined) => rule.rbp = RbpKind::Undefined as u8,
-        Some(_) => {
+        Reg::Undefined => rule.rbp = RbpKind::Undefined as u8,
+        Reg::Other => {
             out.rbp_undefined += 1;
             rule.rbp = RbpKind::Undefined as u8;
         }
     }
     rule
+}
+
+/// Runs an FDE's CFI program (after its CIE's), feeding rows to the builder.
+fn evaluate_fde<'a, S: UnwindSection<R<'a>>>(
+    fde: &gimli::FrameDescriptionEntry<R<'a>>,
+    section: &S,
+    bases: &BaseAddresses,
+    cie_states: &mut HashMap<usize, State>,
+    stack: &mut Vec<State>,
+    b: &mut Builder<'_>,
+) -> Result<(), ()>
+where
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    let cie = fde.cie();
+    let initial = match cie_states.get(&cie.offset()) {
+        Some(s) => *s,
+        None => {
+            let mut st = State {
+                cfa: Cfa::RegOffset(RSP, 8),
+                last_reg: RSP,
+                last_off: 8,
+                rbp: Reg::Same,
+                ra: Reg::Same,
+            };
+            let init = st;
+            stack.clear();
+            let mut it = cie.instructions(section, bases);
+            while let Some(ins) = it.next().map_err(|_| ())? {
+                apply(&ins, &mut st, &init, stack, cie)?;
+            }
+            cie_states.insert(cie.offset(), st);
+            st
+        }
+    };
+    let signal = fde.is_signal_trampoline();
+    let caf = cie.code_alignment_factor();
+    let end = fde.end_address();
+    let mut loc = fde.initial_address();
+    let mut st = initial;
+    stack.clear();
+    let mut it = fde.instructions(section, bases);
+    let emit = |from: u64, to: u64, st: &State, b: &mut Builder<'_>| {
+        if to > from {
+            let rule = convert_state(st, section, signal, &mut b.out);
+            b.row(from, to.min(end), rule);
+        }
+    };
+    loop {
+        let ins = match it.next() {
+            Ok(Some(i)) => i,
+            Ok(None) => break,
+            Err(_) => {
+                emit(loc, end, &st, b);
+                return Err(());
+            }
+        };
+        let next = match ins {
+            gimli::CallFrameInstruction::AdvanceLoc { delta } => {
+                Some(loc.saturating_add(u64::from(delta).saturating_mul(caf)))
+            }
+            gimli::CallFrameInstruction::SetLoc { address } => Some(address),
+            _ => None,
+        };
+        if let Some(next) = next {
+            if next < loc || next > end {
+                emit(loc, end, &st, b);
+                return Err(());
+            }
+            emit(loc, next, &st, b);
+            loc = next;
+            continue;
+        }
+        if apply(&ins, &mut st, &initial, stack, cie).is_err() {
+            emit(loc, end, &st, b);
+            return Err(());
+        }
+    }
+    emit(loc, end, &st, b);
+    Ok(())
 }
 
 fn sleb(bytes: &[u8], pos: &mut usize) -> Option<i64> {
@@ -521,7 +788,12 @@ fn cfa_expression(e: &[u8]) -> Option<UnwindRule> {
     Some(r)
 }
 
-fn build<'a, S>(section: &S, bases: &BaseAddresses, fdes: Vec<Fde>, code: &Code<'_>) -> Result<UnwindTable, Error>
+fn build<'a, S>(
+    section: &S,
+    bases: &BaseAddresses,
+    fdes: Vec<Fde>,
+    code: &Code<'_>,
+) -> Result<UnwindTable, Error>
 where
     S: UnwindSection<R<'a>> + Sync,
     S::Offset: gimli::UnwindOffset<usize> + std::hash::Hash + Eq + Send,
@@ -533,31 +805,19 @@ where
         .par_chunks(per)
         .map(|chunk| {
             let mut b = Builder::new(code);
-            let mut ctx = UnwindContext::new();
             let mut cies = HashMap::new();
+            let mut cie_states = HashMap::new();
+            let mut stack = Vec::new();
             for f in chunk {
                 let offset = S::Offset::from(f.offset as usize);
-                let Ok(fde) = section.fde_from_offset(bases, offset, |s, b, o| cached_cie(&mut cies, s, b, o)) else {
+                let Ok(fde) =
+                    section.fde_from_offset(bases, offset, |s, b, o| cached_cie(&mut cies, s, b, o))
+                else {
                     b.out.unsupported[Unsupported::Malformed as usize] += 1;
                     continue;
                 };
-                let signal = fde.is_signal_trampoline();
-                let Ok(mut rows) = fde.rows(section, bases, &mut ctx) else {
+                if evaluate_fde(&fde, section, bases, &mut cie_states, &mut stack, &mut b).is_err() {
                     b.out.unsupported[Unsupported::Malformed as usize] += 1;
-                    continue;
-                };
-                loop {
-                    match rows.next_row() {
-                        Ok(Some(row)) => {
-                            let rule = convert_row(row, section, signal, &mut b.out);
-                            b.row(row.start_address(), row.end_address(), rule);
-                        }
-                        Ok(None) => break,
-                        Err(_) => {
-                            b.out.unsupported[Unsupported::Malformed as usize] += 1;
-                            break;
-                        }
-                    }
                 }
             }
             b.finish()
@@ -616,7 +876,7 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
             }
             let p = &mut pages[page as usize];
             let rule = dict.rules[e.rule as usize];
-            let after = if e.steps == 0 { rule } else { rule.advanced(u32::from(e.steps), e.pops) };
+            let after = if e.restore { state } else { e.final_rule(rule) };
             // Two entries at one offset (a group's closing gap, then the next group's first
             // row): the later one holds.
             if p.count > 0 && entries.last().is_some_and(|l| Entry::decode(*l).page_offset == e.page_offset) {

@@ -190,7 +190,13 @@ impl UnwindRule {
     pub const GAP: UnwindRule = UnwindRule::new(CfaKind::Gap, 0, RbpKind::Undefined, 0);
     /// An unsupported rule with its reason.
     pub const fn unsupported(reason: Unsupported) -> Self {
-        UnwindRule { cfa: CfaKind::Unsupported as u8, rbp: RbpKind::Undefined as u8, rbp_slot: 0, aux: reason as i8, cfa_offset: 0 }
+        UnwindRule {
+            cfa: CfaKind::Unsupported as u8,
+            rbp: RbpKind::Undefined as u8,
+            rbp_slot: 0,
+            aux: reason as i8,
+            cfa_offset: 0,
+        }
     }
     /// The CFA kind, `None` for a corrupt byte.
     pub const fn cfa_kind(&self) -> Option<CfaKind> {
@@ -211,7 +217,8 @@ impl UnwindRule {
     /// The rule `steps` run steps later in direction `pops`.
     pub const fn advanced(mut self, steps: u32, pops: bool) -> Self {
         let delta = 8 * steps as i32;
-        self.cfa_offset = if pops { self.cfa_offset.wrapping_sub(delta) } else { self.cfa_offset.wrapping_add(delta) };
+        self.cfa_offset =
+            if pops { self.cfa_offset.wrapping_sub(delta) } else { self.cfa_offset.wrapping_add(delta) };
         self
     }
 }

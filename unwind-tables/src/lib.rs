@@ -23,9 +23,9 @@
 pub mod layout;
 
 #[cfg(feature = "std")]
-mod compile;
-#[cfg(feature = "std")]
 pub mod cache;
+#[cfg(feature = "std")]
+mod compile;
 #[cfg(feature = "std")]
 mod table;
 #[cfg(feature = "std")]

@@ -90,7 +90,7 @@ impl UnwindTable {
     /// their rows, in address order. `end` is the next entry's start (or the page end).
     pub fn rows(&self) -> Vec<(u64, u64, UnwindRule)> {
         let mut out: Vec<(u64, u64, UnwindRule)> = Vec::new();
-        let mut push = |out: &mut Vec<(u64, u64, UnwindRule)>, at: u64, rule: UnwindRule| {
+        let push = |out: &mut Vec<(u64, u64, UnwindRule)>, at: u64, rule: UnwindRule| {
             if let Some(last) = out.last_mut() {
                 last.1 = at;
             }
@@ -175,7 +175,8 @@ impl UnwindTable {
         if u16_at(4) != Some(FORMAT_VERSION) {
             return Err(Error::Format("other format version"));
         }
-        let base = b.get(8..16).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or(Error::Format("short"))?;
+        let base =
+            b.get(8..16).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or(Error::Format("short"))?;
         let (np, ne, nr) = (
             u32_at(16).ok_or(Error::Format("short"))? as usize,
             u32_at(20).ok_or(Error::Format("short"))? as usize,
@@ -191,7 +192,11 @@ impl UnwindTable {
         let mut o = HEADER_SIZE;
         let mut pages = Vec::with_capacity(np);
         for _ in 0..np {
-            let p = PageEntry { first: u32_at(o).unwrap(), count: u16_at(o + 4).unwrap(), start_rule: u16_at(o + 6).unwrap() };
+            let p = PageEntry {
+                first: u32_at(o).unwrap(),
+                count: u16_at(o + 4).unwrap(),
+                start_rule: u16_at(o + 6).unwrap(),
+            };
             if p.first as usize + p.count as usize > ne
                 || p.start_rule as usize >= nr
                 || (p.count > 0 && (p.first % CHUNK_ENTRIES) + u32::from(p.count) > CHUNK_ENTRIES)
@@ -229,10 +234,7 @@ impl UnwindTable {
                 }
             }
         }
-        let stats = Stats {
-            entries: pages.iter().map(|p| u64::from(p.count)).sum(),
-            ..Stats::default()
-        };
+        let stats = Stats { entries: pages.iter().map(|p| u64::from(p.count)).sum(), ..Stats::default() };
         Ok(UnwindTable { base, pages, entries, rules, stats })
     }
 }
