@@ -827,6 +827,25 @@ where
     stitch(outs)
 }
 
+/// Builds a table from rows `(start, end, rule)` sorted by start (for JIT code or tests).
+/// Gaps between rows shorter than 16 bytes are taken as padding; longer ones get a gap
+/// entry.
+pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, Error> {
+    let code = Code { ranges: Vec::new() };
+    let mut b = Builder::new(&code);
+    let mut last = 0;
+    for &(start, end, rule) in rows {
+        if start < last || end < start {
+            return Err(Error::Format("rows not sorted"));
+        }
+        last = start;
+        if end > start {
+            b.row(start, end, rule);
+        }
+    }
+    stitch(vec![b.finish()])
+}
+
 /// Joins the groups' entries into one table: global rule dictionary, page index with
 /// start rules, chunk padding.
 fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {

@@ -32,7 +32,7 @@ mod table;
 pub mod walk;
 
 #[cfg(feature = "std")]
-pub use compile::{compile_elf, compile_file, compile_with, CfiSource, MAX_FILE_SIZE};
+pub use compile::{compile_elf, compile_file, compile_with, table_from_rows, CfiSource, MAX_FILE_SIZE};
 #[cfg(feature = "std")]
 pub use table::{Stats, UnwindTable};
 

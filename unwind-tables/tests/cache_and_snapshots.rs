@@ -1,0 +1,101 @@
+//! The on-disk cache, and snapshots of the fixtures' tables.
+
+use std::path::Path;
+use std::process::Command;
+
+use unwound_symbolize::ElfSymbols;
+use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
+use unwound_unwind_tables::layout::{CfaKind, RbpKind, UnwindRule};
+use unwound_unwind_tables::UnwindTable;
+
+const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+
+#[test]
+fn cache_hits_and_rebuilds_what_it_cannot_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = TableCache::new(dir.path());
+    let (first, o1) = cache.get_or_compile(Path::new(LIBC)).unwrap();
+    assert_eq!(o1, CacheOutcome::Compiled);
+    let (second, o2) = cache.get_or_compile(Path::new(LIBC)).unwrap();
+    assert_eq!(o2, CacheOutcome::Hit);
+    assert_eq!(first.entries(), second.entries());
+    assert_eq!(first.pages(), second.pages());
+    assert_eq!(first.rules(), second.rules());
+
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1);
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.contains(".v1."), "versioned name: {name}");
+    let key = TableCache::key(&std::fs::read(LIBC).unwrap());
+    assert!(name.starts_with(&key) && key.len() == 40, "keyed by build-id: {name}");
+    let good = std::fs::read(&files[0]).unwrap();
+
+    // Truncated, bit-flipped, or garbage: never trusted, rebuilt.
+    for bad in [good[..good.len() / 2].to_vec(), flip(&good, good.len() / 2), b"garbage".to_vec()] {
+        std::fs::write(&files[0], &bad).unwrap();
+        let (t, o) = cache.get_or_compile(Path::new(LIBC)).unwrap();
+        assert_eq!(o, CacheOutcome::Compiled);
+        assert_eq!(t.entries(), first.entries());
+        assert_eq!(cache.get_or_compile(Path::new(LIBC)).unwrap().1, CacheOutcome::Hit, "rewritten");
+    }
+}
+
+fn flip(b: &[u8], at: usize) -> Vec<u8> {
+    let mut v = b.to_vec();
+    v[at] ^= 0x40;
+    v
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let st = Command::new("make").args(["-s", "-C"]).arg(root.join("fixtures")).status().unwrap();
+    assert!(st.success());
+    root.join("target/fixtures").join(name)
+}
+
+fn text(r: &UnwindRule) -> String {
+    let cfa = match r.cfa_kind().unwrap() {
+        CfaKind::Rsp => format!("rsp+{}", r.cfa_offset),
+        CfaKind::Rbp => format!("rbp+{}", r.cfa_offset),
+        k => format!("{k:?}"),
+    };
+    let rbp = match r.rbp {
+        x if x == RbpKind::AtCfa as u8 => format!("c{:+}", r.rbp_offset()),
+        x if x == RbpKind::Unchanged as u8 => "u".into(),
+        _ => "undef".into(),
+    };
+    format!("{cfa} {rbp}")
+}
+
+/// The rows of the fixture's own functions, as offsets from each function's start.
+fn dump(binary: &str, functions: &[&str]) -> String {
+    let path = fixture(binary);
+    let table = UnwindTable::compile_file(&path).unwrap();
+    let syms = ElfSymbols::open(&path).unwrap();
+    let mut out = String::new();
+    for (start, end, rule) in table.rows() {
+        if start == end {
+            continue;
+        }
+        let Some(s) = syms.lookup(start) else { continue };
+        if functions.contains(&s.name) {
+            out.push_str(&format!("{}+{:#x}..+{:#x} {}\n", s.name, s.offset, s.offset + (end - start), text(&rule)));
+        }
+    }
+    out
+}
+
+#[test]
+fn snapshot_of_chain_without_frame_pointers() {
+    insta::assert_snapshot!(dump("chain_nofp", &["main", "c_chain_a", "c_chain_b", "c_chain_c"]));
+}
+
+#[test]
+fn snapshot_of_chain_with_frame_pointers() {
+    insta::assert_snapshot!(dump("chain_fp", &["main", "c_chain_a", "c_chain_b", "c_chain_c"]));
+}
+
+#[test]
+fn snapshot_of_recursion_without_frame_pointers() {
+    insta::assert_snapshot!(dump("recurse_nofp", &["main", "c_recurse", "c_recurse_leaf"]));
+}

@@ -1,0 +1,94 @@
+//! Invariants: entry encoding round-trips, lookup equals a naive search over the rows the
+//! table was built from, serialization round-trips, and no bytes make the parsers panic.
+
+use proptest::prelude::*;
+use unwound_unwind_tables::layout::{CfaKind, Entry, RbpKind, UnwindRule, MAX_RUN_STEPS};
+use unwound_unwind_tables::{compile_elf, table_from_rows, UnwindTable};
+
+proptest! {
+    #[test]
+    fn entry_encoding_round_trips(off in 0u16..4096, rule in 0u16..1024, steps in 0u8..=MAX_RUN_STEPS as u8,
+                                  pops: bool, sizes in 0u8..32, restore: bool) {
+        let e = Entry { page_offset: off, rule, steps, pops, sizes, restore };
+        prop_assert_eq!(Entry::decode(e.encode()), e);
+    }
+
+    #[test]
+    fn lookup_equals_naive_search(
+        spec in prop::collection::vec((1u64..40, 0u8..6, prop::bool::ANY, 0u64..3), 1..400),
+        base in 0x1000u64..0x40_0000,
+    ) {
+        // Rows: lengths 1..40, CFA rsp+8·k (steps of ±8 are common, so runs form), an
+        // occasional rbp-based rule, gaps of 0 or ≥ 64 bytes.
+        let mut rows: Vec<(u64, u64, UnwindRule)> = Vec::new();
+        let mut at = base;
+        for (len, k, rbp_based, gap) in spec {
+            if gap == 2 { at += 64 + len * 3; }
+            let rule = if rbp_based {
+                UnwindRule::new(CfaKind::Rbp, 16, RbpKind::AtCfa, -2)
+            } else {
+                UnwindRule::new(CfaKind::Rsp, 8 * (i32::from(k) + 1), RbpKind::Unchanged, 0)
+            };
+            rows.push((at, at + len, rule));
+            at += len;
+        }
+        let table = table_from_rows(&rows).unwrap();
+        for &(start, end, rule) in &rows {
+            for pc in [start, (start + end) / 2, end - 1] {
+                prop_assert_eq!(table.lookup(pc), Some(rule), "pc {:#x}", pc);
+            }
+        }
+        // Past every row's end where no row follows within 64 bytes: a gap, never a neighbour's rule.
+        for w in rows.windows(2) {
+            if w[1].0 >= w[0].1 + 64 {
+                prop_assert_eq!(table.lookup(w[0].1).and_then(|r| r.cfa_kind()), Some(CfaKind::Gap));
+            }
+        }
+        let back = UnwindTable::from_bytes(&table.to_bytes()).unwrap();
+        prop_assert_eq!(back.pages(), table.pages());
+        prop_assert_eq!(back.entries(), table.entries());
+        prop_assert_eq!(back.rules(), table.rules());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = UnwindTable::from_bytes(&data);
+        let _ = compile_elf(&data);
+    }
+}
+
+#[test]
+fn corrupt_serialized_tables_are_rejected() {
+    let t = unwound_unwind_tables::UnwindTable::compile_file("/usr/lib/x86_64-linux-gnu/libc.so.6".as_ref()).unwrap();
+    let bytes = t.to_bytes();
+    assert!(UnwindTable::from_bytes(&bytes).is_ok());
+    assert!(UnwindTable::from_bytes(&bytes[..bytes.len() - 1]).is_err(), "truncated");
+    let mut v = bytes.clone();
+    v[4] = 99; // version
+    assert!(UnwindTable::from_bytes(&v).is_err(), "other version");
+    let mut v = bytes.clone();
+    v[32] = 0xff; // first page's first entry index
+    v[33] = 0xff;
+    v[34] = 0xff;
+    v[35] = 0x7f;
+    assert!(UnwindTable::from_bytes(&v).is_err(), "page index out of range");
+}
+
+#[test]
+fn truncated_and_mutated_elf_files_give_errors_not_panics() {
+    let libc = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    for cut in [0, 4, 64, 1000, libc.len() / 3, libc.len() / 2, libc.len() - 1] {
+        let _ = compile_elf(&libc[..cut]);
+    }
+    // Flip bytes all over .eh_frame's neighbourhood: whatever happens, no panic.
+    let mut rng = 0x1234_5678_u64;
+    for _ in 0..200 {
+        let mut m = libc.clone();
+        for _ in 0..16 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let i = (rng >> 33) as usize % m.len();
+            m[i] ^= (rng >> 8) as u8 | 1;
+        }
+        let _ = compile_elf(&m);
+    }
+}
