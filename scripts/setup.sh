@@ -4,7 +4,7 @@
 #   apt: LLVM 22 (bpf-linker's backend, llvm-dwarfdump/llvm-symbolizer oracles), binutils
 #        (readelf, addr2line, nm), linux-perf, golang-go (go tool pprof), make, gcc, g++
 #   rustup: nightly with rust-src (the BPF program is built with -Z build-std=core)
-#   cargo: bpf-linker 0.13.0 built against LLVM 22
+#   cargo: bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -32,5 +32,9 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
     echo "setup: building bpf-linker 0.13.0 for LLVM 22"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --locked --version 0.13.0 \
         --no-default-features --features llvm-22
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --version 0.13.2
 fi
 echo "setup: ready"

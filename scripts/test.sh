@@ -12,3 +12,4 @@ make -s -C fixtures -j"$(nproc)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings
 cargo test --workspace --release
+scripts/fuzz-smoke.sh 15

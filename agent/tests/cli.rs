@@ -187,3 +187,55 @@ fn a_deleted_binary_is_still_symbolized() {
     let good: u64 = stacks.iter().filter(|s| matches_leaf(&s.user, &chain)).map(|s| s.count).sum();
     assert!(total > 0 && good * 10 >= total * 9, "{good}/{total}: {stacks:?}");
 }
+
+#[test]
+fn tables_command_summarizes_dumps_and_reports_json() {
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let json = unwound(&["tables", libc, "--json"]);
+    assert!(json.status.success(), "{}", json.stderr);
+    let line = json.stdout.trim();
+    for key in ["\"dwarf_rows\":", "\"entries\":", "\"bytes\":", "\"unsupported\":{"] {
+        assert!(line.contains(key), "{key} missing: {line}");
+    }
+    let rows: u64 = line.split("\"dwarf_rows\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    // readelf prints a row where an advance changes something; DWARF rows (gimli's count,
+    // one per advance) are at least that many and, in compiled code, not many more.
+    let readelf = Command::new("readelf").args(["--debug-dump=frames-interp", libc]).output().unwrap();
+    let readelf_rows = String::from_utf8_lossy(&readelf.stdout)
+        .lines()
+        .filter(|l| l.len() > 16 && l.as_bytes()[16] == b' ' && u64::from_str_radix(&l[..16], 16).is_ok())
+        .count() as u64;
+    assert!(
+        rows >= readelf_rows * 95 / 100 && rows <= readelf_rows * 115 / 100,
+        "rows {rows} vs readelf's {readelf_rows}"
+    );
+
+    let dump = unwound(&["tables", libc, "--dump"]);
+    assert!(dump.status.success());
+    let mut n = 0;
+    let mut prev_end = 0u64;
+    for l in dump.stdout.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!(f.len(), 4, "{l}");
+        let (s, e) = (u64::from_str_radix(f[0], 16).unwrap(), u64::from_str_radix(f[1], 16).unwrap());
+        assert!(s < e && s >= prev_end, "{l}");
+        prev_end = e;
+        let cfa_ok = f[2].starts_with("rsp+")
+            || f[2].starts_with("rbp+")
+            || f[2].starts_with("plt(")
+            || f[2].starts_with("deref(")
+            || f[2].starts_with("unsupported:")
+            || ["gap", "end", "signal"].contains(&f[2]);
+        assert!(cfa_ok, "{l}");
+        assert!(f[3] == "u" || f[3] == "undef" || f[3].starts_with("c-"), "{l}");
+        n += 1;
+    }
+    assert!(n > 10_000);
+
+    let summary = unwound(&["tables", libc]);
+    assert!(summary.stdout.contains("bytes") && summary.stdout.contains("per DWARF row"));
+
+    let bad = unwound(&["tables", "/etc/passwd"]);
+    let line = one_error_line(&bad);
+    assert!(line.contains("cannot compile unwind tables of /etc/passwd"), "{line}");
+}

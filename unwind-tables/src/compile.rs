@@ -1,6 +1,6 @@
 //! DWARF CFI → table.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::path::Path;
 
 use gimli::{BaseAddresses, DebugFrame, EhFrame, EndianSlice, LittleEndian, UnwindSection};
@@ -31,7 +31,12 @@ pub enum CfiSource {
 #[derive(Clone, Copy, Debug)]
 struct Fde {
     start: u64,
-    offset: u64,
+    len: u32,
+    /// Offset of the FDE's CIE in the section.
+    cie: u32,
+    /// The FDE's instructions: section offsets [ins_start, ins_end).
+    ins_start: u32,
+    ins_end: u32,
 }
 
 /// Executable bytes by virtual address, to tell alignment padding from code without CFI.
@@ -137,8 +142,9 @@ pub fn compile_with(
             // The FDE list comes from the records themselves, not from `.eh_frame_hdr`'s
             // search table: linkers list only one FDE per start address there (lld keeps an
             // empty one and drops the real one when several share an address).
-            let fdes = fdes_by_scan(&section, &bases, eh_data, true)?;
-            build(&section, &bases, fdes, &code)
+            let mut cies = HashMap::default();
+            let (fdes, skipped) = fdes_by_scan(&section, &bases, eh_data, eh.address(), true, &mut cies)?;
+            build(eh_data, &cies, fdes, skipped, &code)
         }
         CfiSource::DebugFrame => {
             let df = cfi_file.section_by_name(".debug_frame").ok_or(Error::NoCfi)?;
@@ -146,26 +152,121 @@ pub fn compile_with(
             let mut section = DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
             let bases = BaseAddresses::default().set_text(text);
-            let fdes = fdes_by_scan(&section, &bases, &data, false)?;
-            build(&section, &bases, fdes, &code)
+            let mut cies = HashMap::default();
+            let (fdes, skipped) = fdes_by_scan(&section, &bases, &data, df.address(), false, &mut cies)?;
+            build(&data, &cies, fdes, skipped, &code)
         }
     }
 }
 
-/// Every FDE with a non-empty range, sorted by start address. Record boundaries are found
-/// by walking the length fields (cheap, serial); the FDE headers are then parsed in
-/// parallel.
+/// What an FDE needs from its CIE, parsed once per CIE.
+#[derive(Clone, Copy)]
+struct CieInfo {
+    /// `DW_EH_PE_*` encoding of the FDE's address fields (`.debug_frame`: absolute u64).
+    encoding: u8,
+    /// The FDE has augmentation data (a 'z' augmentation).
+    augmented: bool,
+    code_align: u64,
+    data_align: i64,
+    signal: bool,
+    initial: State,
+}
+
+fn cie_info<'a, S: UnwindSection<R<'a>>>(
+    section: &S,
+    bases: &BaseAddresses,
+    offset: usize,
+    eh_frame: bool,
+) -> Option<CieInfo>
+where
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    let cie = section.cie_from_offset(bases, S::Offset::from(offset)).ok()?;
+    if cie.address_size() != 8 {
+        return None;
+    }
+    let encoding = match cie.fde_address_encoding() {
+        Some(e) => e.0,
+        None if eh_frame => 0, // absptr
+        None => 0,
+    };
+    let mut st =
+        State { cfa: Cfa::RegOffset(RSP, 8), last_reg: RSP, last_off: 8, rbp: Reg::Same, ra: Reg::Same };
+    let init = st;
+    let mut stack = Vec::new();
+    let mut it = cie.instructions(section, bases);
+    while let Some(ins) = it.next().ok()? {
+        apply(&ins, &mut st, &init, &mut stack, cie.code_alignment_factor(), cie.data_alignment_factor())
+            .ok()?;
+    }
+    Some(CieInfo {
+        encoding,
+        augmented: cie.augmentation().is_some(),
+        code_align: cie.code_alignment_factor(),
+        data_align: cie.data_alignment_factor(),
+        signal: cie.is_signal_trampoline(),
+        initial: st,
+    })
+}
+
+/// Reads a `DW_EH_PE_*` encoded pointer at `pos`; `field_addr` is its address (for pcrel).
+fn read_encoded(
+    data: &[u8],
+    pos: &mut usize,
+    encoding: u8,
+    field_addr: u64,
+    bases: &BaseAddresses,
+    absolute: bool,
+) -> Option<u64> {
+    if encoding == 0xff || encoding & 0x80 != 0 {
+        return None; // omitted or indirect: not in FDE address fields of sane files
+    }
+    let get = |pos: &mut usize, n: usize| -> Option<&[u8]> {
+        let b = data.get(*pos..*pos + n)?;
+        *pos += n;
+        Some(b)
+    };
+    let raw: u64 = match encoding & 0x0f {
+        0x00 => u64::from_le_bytes(get(pos, 8)?.try_into().ok()?),
+        0x01 => uleb(data, pos)?,
+        0x02 => u64::from(u16::from_le_bytes(get(pos, 2)?.try_into().ok()?)),
+        0x03 => u64::from(u32::from_le_bytes(get(pos, 4)?.try_into().ok()?)),
+        0x04 => u64::from_le_bytes(get(pos, 8)?.try_into().ok()?),
+        0x09 => sleb(data, pos)? as u64,
+        0x0a => i16::from_le_bytes(get(pos, 2)?.try_into().ok()?) as i64 as u64,
+        0x0b => i32::from_le_bytes(get(pos, 4)?.try_into().ok()?) as i64 as u64,
+        0x0c => u64::from_le_bytes(get(pos, 8)?.try_into().ok()?),
+        _ => return None,
+    };
+    if !absolute {
+        return Some(raw);
+    }
+    let base = match encoding & 0x70 {
+        0x00 => 0,
+        0x10 => field_addr,
+        0x20 => bases.eh_frame.text?,
+        0x30 => bases.eh_frame.data?,
+        _ => return None,
+    };
+    Some(base.wrapping_add(raw))
+}
+
+/// Every FDE with a non-empty range, sorted by start address, found by walking the
+/// records' length fields; CIEs are parsed once each.
 fn fdes_by_scan<'a, S>(
     section: &S,
     bases: &BaseAddresses,
     data: &'a [u8],
+    section_addr: u64,
     eh_frame: bool,
-) -> Result<Vec<Fde>, Error>
+    cies: &mut HashMap<u32, Option<CieInfo>>,
+) -> Result<(Vec<Fde>, u64), Error>
 where
-    S: UnwindSection<R<'a>> + Sync,
-    S::Offset: gimli::UnwindOffset<usize> + std::hash::Hash + Eq + Send,
+    S: UnwindSection<R<'a>>,
+    S::Offset: gimli::UnwindOffset<usize>,
 {
-    let mut offsets: Vec<usize> = Vec::new();
+    let mut out = Vec::new();
+    let mut skipped = 0u64;
     let mut pos = 0usize;
     while pos + 8 <= data.len() {
         let len32 = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap());
@@ -176,74 +277,62 @@ where
             pos += 4;
             continue;
         }
-        let (len, header) = if len32 == 0xffff_ffff {
-            let Some(l) = data.get(pos + 4..pos + 12) else { break };
-            (u64::from_le_bytes(l.try_into().unwrap()), 12usize)
-        } else {
-            (u64::from(len32), 4usize)
+        if len32 == 0xffff_ffff {
+            return Err(Error::Dwarf("64-bit DWARF CFI records are not supported".into()));
+        }
+        let body = pos + 4;
+        let next = body.checked_add(len32 as usize).filter(|&n| n <= data.len());
+        let Some(next) = next else {
+            return Err(Error::Dwarf(format!("record at {pos:#x} runs past the section end")));
         };
-        let id_size = if header == 12 { 8 } else { 4 };
-        let Some(id) = data.get(pos + header..pos + header + id_size) else { break };
-        let is_cie = if eh_frame { id.iter().all(|&b| b == 0) } else { id.iter().all(|&b| b == 0xff) };
+        let id = u32::from_le_bytes(data[body..body + 4].try_into().unwrap());
+        let is_cie = if eh_frame { id == 0 } else { id == 0xffff_ffff };
         if !is_cie {
-            offsets.push(pos);
-            if offsets.len() > MAX_FDES {
-                return Err(Error::Limit("FDEs"));
+            let cie_off = if eh_frame { (body as u32).wrapping_sub(id) } else { id };
+            let info =
+                *cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize, eh_frame));
+            let parsed = info.and_then(|c| {
+                let mut p = body + 4;
+                let field = section_addr + p as u64;
+                let start = read_encoded(data, &mut p, c.encoding, field, bases, true)?;
+                let range = read_encoded(data, &mut p, c.encoding, 0, bases, false)?;
+                if c.augmented {
+                    let n = uleb(data, &mut p)?;
+                    p = p.checked_add(usize::try_from(n).ok()?)?;
+                }
+                start.checked_add(range)?;
+                (p <= next).then_some(Fde {
+                    start,
+                    len: u32::try_from(range).ok()?,
+                    cie: cie_off,
+                    ins_start: p as u32,
+                    ins_end: next as u32,
+                })
+            });
+            match parsed {
+                Some(f) if f.len > 0 && f.start != 0 => {
+                    out.push(f);
+                    if out.len() > MAX_FDES {
+                        return Err(Error::Limit("FDEs"));
+                    }
+                }
+                Some(_) => {}
+                None => skipped += 1,
             }
         }
-        let Some(next) = (pos as u64).checked_add(header as u64).and_then(|p| p.checked_add(len)) else {
-            break;
-        };
-        if next > data.len() as u64 {
-            return Err(Error::Dwarf(format!("record at {pos:#x} runs past the section end")));
-        }
-        pos = next as usize;
+        pos = next;
     }
-    let per = offsets.len().div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-    let mut out: Vec<Fde> = offsets
-        .par_chunks(per)
-        .flat_map_iter(|chunk| {
-            let mut cies = HashMap::new();
-            chunk
-                .iter()
-                .filter_map(|&off| {
-                    let fde = section
-                        .fde_from_offset(bases, S::Offset::from(off), |s, b, o| {
-                            cached_cie(&mut cies, s, b, o)
-                        })
-                        .ok()?;
-                    (fde.len() > 0 && fde.initial_address() != 0)
-                        .then(|| Fde { start: fde.initial_address(), offset: off as u64 })
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    out.par_sort_unstable_by_key(|f| (f.start, f.offset));
-    Ok(out)
-}
-
-fn cached_cie<'a, S: UnwindSection<R<'a>>>(
-    cache: &mut HashMap<S::Offset, gimli::CommonInformationEntry<R<'a>>>,
-    section: &S,
-    bases: &BaseAddresses,
-    offset: S::Offset,
-) -> gimli::Result<gimli::CommonInformationEntry<R<'a>>>
-where
-    S::Offset: std::hash::Hash + Eq,
-{
-    if let Some(c) = cache.get(&offset) {
-        return Ok(c.clone());
-    }
-    let c = section.cie_from_offset(bases, offset)?;
-    cache.insert(offset, c.clone());
-    Ok(c)
+    out.par_sort_unstable_by_key(|f| (f.start, f.ins_start));
+    Ok((out, skipped))
 }
 
 /// Output of one group of FDEs (contiguous in address order).
 #[derive(Default)]
 struct GroupOut {
     /// (address of the row run's first byte, entry with a group-local rule index).
-    entries: Vec<(u64, u32)>,
+    entries: Vec<u32>,
+    /// Runs of `entries` by page: (absolute page number, count).
+    page_runs: Vec<(u64, u32)>,
     dict: Vec<UnwindRule>,
     rows: u64,
     unsupported: [u64; 8],
@@ -274,6 +363,7 @@ struct Builder<'c> {
     last_end: Option<u64>,
     /// Page and restore bit of the last closed entry.
     last_closed: Option<(u64, bool)>,
+    last_rule: Option<(UnwindRule, u16)>,
 }
 
 impl<'c> Builder<'c> {
@@ -281,19 +371,27 @@ impl<'c> Builder<'c> {
         Builder {
             code,
             out: GroupOut::default(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             open: None,
             state: UnwindRule::GAP,
             last_end: None,
             last_closed: None,
+            last_rule: None,
         }
     }
 
     fn rule_id(&mut self, rule: UnwindRule) -> u16 {
+        if let Some((r, i)) = self.last_rule {
+            if r == rule {
+                return i;
+            }
+        }
         if let Some(&i) = self.index.get(&rule) {
+            self.last_rule = Some((rule, i));
             return i;
         }
         let i = self.out.dict.len() as u16;
+        self.last_rule = Some((rule, i));
         self.out.dict.push(rule);
         self.index.insert(rule, i);
         i
@@ -310,7 +408,12 @@ impl<'c> Builder<'c> {
                 sizes: o.sizes,
                 restore: o.restore,
             };
-            self.out.entries.push((o.start, e.encode()));
+            self.out.entries.push(e.encode());
+            let page = o.start >> PAGE_SHIFT;
+            match self.out.page_runs.last_mut() {
+                Some((p, n)) if *p == page => *n += 1,
+                _ => self.out.page_runs.push((page, 1)),
+            }
             self.last_closed = Some((o.start >> PAGE_SHIFT, o.restore));
         }
     }
@@ -481,15 +584,15 @@ impl State {
 }
 
 /// Evaluates one instruction; `initial` is the CIE's state (for DW_CFA_restore).
-fn apply<'a>(
+fn apply(
     ins: &gimli::CallFrameInstruction<usize>,
     st: &mut State,
     initial: &State,
     stack: &mut Vec<State>,
-    cie: &gimli::CommonInformationEntry<R<'a>>,
+    _caf: u64,
+    daf: i64,
 ) -> Result<(), ()> {
     use gimli::CallFrameInstruction as I;
-    let daf = cie.data_alignment_factor();
     match *ins {
         I::DefCfa { register, offset } => {
             let off = i64::try_from(offset).map_err(|_| ())?;
@@ -576,12 +679,7 @@ fn apply<'a>(
     Ok(())
 }
 
-fn convert_state<'a, S: UnwindSection<R<'a>>>(
-    st: &State,
-    section: &S,
-    signal: bool,
-    out: &mut GroupOut,
-) -> UnwindRule {
+fn convert_state(st: &State, section: &[u8], signal: bool, out: &mut GroupOut) -> UnwindRule {
     let unsupported = |out: &mut GroupOut, r: Unsupported| {
         out.unsupported[r as usize] += 1;
         UnwindRule::unsupported(r)
@@ -605,7 +703,7 @@ fn convert_state<'a, S: UnwindSection<R<'a>>>(
             UnwindRule::new(kind, off, RbpKind::Unchanged, 0)
         }
         Cfa::Expression(offset, length) => {
-            let bytes = section.section().slice().get(offset..offset.saturating_add(length));
+            let bytes = section.get(offset..offset.saturating_add(length));
             match bytes.and_then(cfa_expression) {
                 Some(r) => r,
                 None => return unsupported(out, Unsupported::CfaExpression),
@@ -630,78 +728,119 @@ fn convert_state<'a, S: UnwindSection<R<'a>>>(
     rule
 }
 
-/// Runs an FDE's CFI program (after its CIE's), feeding rows to the builder.
-fn evaluate_fde<'a, S: UnwindSection<R<'a>>>(
-    fde: &gimli::FrameDescriptionEntry<R<'a>>,
-    section: &S,
-    bases: &BaseAddresses,
-    cie_states: &mut HashMap<usize, State>,
+/// Decodes one CFA instruction at `pos` of `data` (raw bytes, faster than a general
+/// reader); `None` at malformed or unknown opcodes.
+fn decode(data: &[u8], pos: &mut usize, caf: u64, loc: u64) -> Option<gimli::CallFrameInstruction<usize>> {
+    use gimli::{CallFrameInstruction as I, Register, UnwindExpression};
+    let op = *data.get(*pos)?;
+    *pos += 1;
+    let reg = |pos: &mut usize| -> Option<Register> { u16::try_from(uleb(data, pos)?).ok().map(Register) };
+    let block = |pos: &mut usize| -> Option<UnwindExpression<usize>> {
+        let len = usize::try_from(uleb(data, pos)?).ok()?;
+        let offset = *pos;
+        *pos = pos.checked_add(len).filter(|&e| e <= data.len())?;
+        Some(UnwindExpression { offset, length: len })
+    };
+    let advance = |delta: u64| Some(I::SetLoc { address: loc.checked_add(delta.checked_mul(caf)?)? });
+    Some(match op >> 6 {
+        1 => return advance(u64::from(op & 0x3f)),
+        2 => I::Offset { register: Register(u16::from(op & 0x3f)), factored_offset: uleb(data, pos)? },
+        3 => I::Restore { register: Register(u16::from(op & 0x3f)) },
+        _ => match op {
+            0x00 => I::Nop,
+            0x02 => {
+                let d = *data.get(*pos)?;
+                *pos += 1;
+                return advance(u64::from(d));
+            }
+            0x03 => {
+                let d = u16::from_le_bytes(data.get(*pos..*pos + 2)?.try_into().ok()?);
+                *pos += 2;
+                return advance(u64::from(d));
+            }
+            0x04 => {
+                let d = u32::from_le_bytes(data.get(*pos..*pos + 4)?.try_into().ok()?);
+                *pos += 4;
+                return advance(u64::from(d));
+            }
+            0x05 => I::Offset { register: reg(pos)?, factored_offset: uleb(data, pos)? },
+            0x06 => I::Restore { register: reg(pos)? },
+            0x07 => I::Undefined { register: reg(pos)? },
+            0x08 => I::SameValue { register: reg(pos)? },
+            0x09 => I::Register { dest_register: reg(pos)?, src_register: reg(pos)? },
+            0x0a => I::RememberState,
+            0x0b => I::RestoreState,
+            0x0c => I::DefCfa { register: reg(pos)?, offset: uleb(data, pos)? },
+            0x0d => I::DefCfaRegister { register: reg(pos)? },
+            0x0e => I::DefCfaOffset { offset: uleb(data, pos)? },
+            0x0f => I::DefCfaExpression { expression: block(pos)? },
+            0x10 => I::Expression { register: reg(pos)?, expression: block(pos)? },
+            0x11 => I::OffsetExtendedSf { register: reg(pos)?, factored_offset: sleb(data, pos)? },
+            0x12 => I::DefCfaSf { register: reg(pos)?, factored_offset: sleb(data, pos)? },
+            0x13 => I::DefCfaOffsetSf { factored_offset: sleb(data, pos)? },
+            0x14 => I::ValOffset { register: reg(pos)?, factored_offset: uleb(data, pos)? },
+            0x15 => I::ValOffsetSf { register: reg(pos)?, factored_offset: sleb(data, pos)? },
+            0x16 => I::ValExpression { register: reg(pos)?, expression: block(pos)? },
+            0x2e => I::ArgsSize { size: uleb(data, pos)? },
+            0x2f => {
+                let register = reg(pos)?;
+                let off = i64::try_from(uleb(data, pos)?).ok()?;
+                I::OffsetExtendedSf { register, factored_offset: -off }
+            }
+            _ => return None,
+        },
+    })
+}
+
+/// Runs an FDE's CFI program from its CIE's initial state, feeding rows to the builder.
+fn evaluate_fde(
+    fde: &Fde,
+    cie: &CieInfo,
+    data: &[u8],
     stack: &mut Vec<State>,
     b: &mut Builder<'_>,
-) -> Result<(), ()>
-where
-    S::Offset: gimli::UnwindOffset<usize>,
-{
-    let cie = fde.cie();
-    let initial = match cie_states.get(&cie.offset()) {
-        Some(s) => *s,
-        None => {
-            let mut st = State {
-                cfa: Cfa::RegOffset(RSP, 8),
-                last_reg: RSP,
-                last_off: 8,
-                rbp: Reg::Same,
-                ra: Reg::Same,
-            };
-            let init = st;
-            stack.clear();
-            let mut it = cie.instructions(section, bases);
-            while let Some(ins) = it.next().map_err(|_| ())? {
-                apply(&ins, &mut st, &init, stack, cie)?;
-            }
-            cie_states.insert(cie.offset(), st);
-            st
-        }
-    };
-    let signal = fde.is_signal_trampoline();
-    let caf = cie.code_alignment_factor();
-    let end = fde.end_address();
-    let mut loc = fde.initial_address();
+) -> Result<(), ()> {
+    let end = fde.start + u64::from(fde.len);
+    let mut loc = fde.start;
+    let initial = cie.initial;
     let mut st = initial;
     stack.clear();
-    let mut it = fde.instructions(section, bases);
+    let ins = data.get(fde.ins_start as usize..fde.ins_end as usize).ok_or(())?;
+    let signal = cie.signal;
     let emit = |from: u64, to: u64, st: &State, b: &mut Builder<'_>| {
         if to > from {
-            let rule = convert_state(st, section, signal, &mut b.out);
+            let rule = convert_state(st, data, signal, &mut b.out);
             b.row(from, to.min(end), rule);
         }
     };
-    loop {
-        let ins = match it.next() {
-            Ok(Some(i)) => i,
-            Ok(None) => break,
-            Err(_) => {
+    let mut pos = 0usize;
+    while pos < ins.len() {
+        let Some(i) = decode(ins, &mut pos, cie.code_align, loc) else {
+            emit(loc, end, &st, b);
+            return Err(());
+        };
+        // Expressions are located relative to the instruction slice; make them section offsets.
+        let i = match i {
+            gimli::CallFrameInstruction::DefCfaExpression { expression } => {
+                gimli::CallFrameInstruction::DefCfaExpression {
+                    expression: gimli::UnwindExpression {
+                        offset: expression.offset + fde.ins_start as usize,
+                        length: expression.length,
+                    },
+                }
+            }
+            other => other,
+        };
+        if let gimli::CallFrameInstruction::SetLoc { address } = i {
+            if address < loc || address > end {
                 emit(loc, end, &st, b);
                 return Err(());
             }
-        };
-        let next = match ins {
-            gimli::CallFrameInstruction::AdvanceLoc { delta } => {
-                Some(loc.saturating_add(u64::from(delta).saturating_mul(caf)))
-            }
-            gimli::CallFrameInstruction::SetLoc { address } => Some(address),
-            _ => None,
-        };
-        if let Some(next) = next {
-            if next < loc || next > end {
-                emit(loc, end, &st, b);
-                return Err(());
-            }
-            emit(loc, next, &st, b);
-            loc = next;
+            emit(loc, address, &st, b);
+            loc = address;
             continue;
         }
-        if apply(&ins, &mut st, &initial, stack, cie).is_err() {
+        if apply(&i, &mut st, &initial, stack, cie.code_align, cie.data_align).is_err() {
             emit(loc, end, &st, b);
             return Err(());
         }
@@ -788,42 +927,36 @@ fn cfa_expression(e: &[u8]) -> Option<UnwindRule> {
     Some(r)
 }
 
-fn build<'a, S>(
-    section: &S,
-    bases: &BaseAddresses,
+fn build(
+    data: &[u8],
+    cies: &HashMap<u32, Option<CieInfo>>,
     fdes: Vec<Fde>,
+    skipped: u64,
     code: &Code<'_>,
-) -> Result<UnwindTable, Error>
-where
-    S: UnwindSection<R<'a>> + Sync,
-    S::Offset: gimli::UnwindOffset<usize> + std::hash::Hash + Eq + Send,
-{
+) -> Result<UnwindTable, Error> {
     let threads = rayon::current_num_threads().max(1);
     let groups = (threads * 8).min(fdes.len().max(1));
     let per = fdes.len().div_ceil(groups.max(1)).max(1);
-    let outs: Vec<GroupOut> = fdes
+    let mut outs: Vec<GroupOut> = fdes
         .par_chunks(per)
         .map(|chunk| {
             let mut b = Builder::new(code);
-            let mut cies = HashMap::new();
-            let mut cie_states = HashMap::new();
             let mut stack = Vec::new();
             for f in chunk {
-                let offset = S::Offset::from(f.offset as usize);
-                let Ok(fde) =
-                    section.fde_from_offset(bases, offset, |s, b, o| cached_cie(&mut cies, s, b, o))
-                else {
-                    b.out.unsupported[Unsupported::Malformed as usize] += 1;
-                    continue;
-                };
-                if evaluate_fde(&fde, section, bases, &mut cie_states, &mut stack, &mut b).is_err() {
+                let Some(Some(cie)) = cies.get(&f.cie) else { continue };
+                if evaluate_fde(f, cie, data, &mut stack, &mut b).is_err() {
                     b.out.unsupported[Unsupported::Malformed as usize] += 1;
                 }
             }
-            b.finish()
+            let mut out = b.finish();
+            out.entries.shrink_to_fit();
+            out
         })
         .collect();
-    let _ = fdes;
+    drop(fdes);
+    if let Some(first) = outs.first_mut() {
+        first.unsupported[Unsupported::Malformed as usize] += skipped;
+    }
     stitch(outs)
 }
 
@@ -852,9 +985,9 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
     let mut stats = Stats::default();
     let (mut lo, mut hi) = (u64::MAX, 0u64);
     for o in &outs {
-        if let (Some(f), Some(l)) = (o.entries.first(), o.entries.last()) {
-            lo = lo.min(f.0);
-            hi = hi.max(l.0);
+        if let (Some(f), Some(l)) = (o.page_runs.first(), o.page_runs.last()) {
+            lo = lo.min(f.0 << PAGE_SHIFT);
+            hi = hi.max(l.0 << PAGE_SHIFT);
         }
         stats.dwarf_rows += o.rows;
         for (i, n) in o.unsupported.iter().enumerate() {
@@ -883,8 +1016,9 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
     let mut next_page: u64 = 0;
     for o in outs {
         let map: Vec<u16> = o.dict.iter().map(|r| dict.id(*r)).collect();
-        for (addr, raw) in o.entries {
-            let page = (addr - base) >> PAGE_SHIFT;
+        let pages_of = o.page_runs.iter().flat_map(|&(p, n)| std::iter::repeat_n(p, n as usize));
+        for (abs_page, raw) in pages_of.zip(o.entries) {
+            let page = abs_page - (base >> PAGE_SHIFT);
             let mut e = Entry::decode(raw);
             e.rule = map[e.rule as usize];
             while next_page <= page {

@@ -79,7 +79,13 @@ fn dump(binary: &str, functions: &[&str]) -> String {
         }
         let Some(s) = syms.lookup(start) else { continue };
         if functions.contains(&s.name) {
-            out.push_str(&format!("{}+{:#x}..+{:#x} {}\n", s.name, s.offset, s.offset + (end - start), text(&rule)));
+            out.push_str(&format!(
+                "{}+{:#x}..+{:#x} {}\n",
+                s.name,
+                s.offset,
+                s.offset + (end - start),
+                text(&rule)
+            ));
         }
     }
     out

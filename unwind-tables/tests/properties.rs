@@ -59,7 +59,8 @@ proptest! {
 
 #[test]
 fn corrupt_serialized_tables_are_rejected() {
-    let t = unwound_unwind_tables::UnwindTable::compile_file("/usr/lib/x86_64-linux-gnu/libc.so.6".as_ref()).unwrap();
+    let t = unwound_unwind_tables::UnwindTable::compile_file("/usr/lib/x86_64-linux-gnu/libc.so.6".as_ref())
+        .unwrap();
     let bytes = t.to_bytes();
     assert!(UnwindTable::from_bytes(&bytes).is_ok());
     assert!(UnwindTable::from_bytes(&bytes[..bytes.len() - 1]).is_err(), "truncated");

@@ -52,7 +52,9 @@ fn expand(p: &[String]) -> Vec<String> {
 fn matches_leaf(frames: &[String], pattern: &[String]) -> bool {
     match pattern.split_last() {
         None => true,
-        Some((p, rest)) if p == "..." => (1..=frames.len()).any(|k| matches_leaf(&frames[..frames.len() - k], rest)),
+        Some((p, rest)) if p == "..." => {
+            (1..=frames.len()).any(|k| matches_leaf(&frames[..frames.len() - k], rest))
+        }
         Some((p, rest)) => matches!(frames.split_last(), Some((f, fr)) if f == p && matches_leaf(fr, rest)),
     }
 }
@@ -94,7 +96,9 @@ impl Process {
             } else {
                 std::fs::read(format!("/proc/{pid}/map_files/{}", m.map_files_name())).unwrap()
             };
-            let (Ok(table), Ok(symbols)) = (compile_elf(&bytes), ElfSymbols::from_bytes("x", &bytes)) else { continue };
+            let (Ok(table), Ok(symbols)) = (compile_elf(&bytes), ElfSymbols::from_bytes("x", &bytes)) else {
+                continue;
+            };
             objects.insert(m.start, Object { table, symbols });
         }
         Process { pid, maps, objects }
@@ -119,7 +123,9 @@ impl Process {
     }
 
     fn name(&self, pc: u64) -> String {
-        self.resolve(pc).and_then(|(o, v)| o.symbols.lookup(v).map(|s| s.name.to_string())).unwrap_or_else(|| format!("{pc:#x}"))
+        self.resolve(pc)
+            .and_then(|(o, v)| o.symbols.lookup(v).map(|s| s.name.to_string()))
+            .unwrap_or_else(|| format!("{pc:#x}"))
     }
 }
 
@@ -127,7 +133,12 @@ impl Process {
 fn interrupt(pid: u32) -> Registers {
     unsafe {
         let p = pid as libc::pid_t;
-        assert_eq!(libc::ptrace(libc::PTRACE_SEIZE, p, 0, 0), 0, "PTRACE_SEIZE: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_SEIZE, p, 0, 0),
+            0,
+            "PTRACE_SEIZE: {}",
+            std::io::Error::last_os_error()
+        );
         assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, p, 0, 0), 0);
         let mut status = 0;
         assert_eq!(libc::waitpid(p, &mut status, libc::__WALL), p);
@@ -146,14 +157,14 @@ fn every_fixture_unwinds_completely_with_tables() {
     let status = Command::new("make").args(["-s", "-C"]).arg(root().join("fixtures")).status().unwrap();
     assert!(status.success());
     let dir = root().join("target/fixtures");
-    let manifest: Manifest = toml::from_str(&std::fs::read_to_string(root().join("fixtures/manifest.toml")).unwrap()).unwrap();
+    let manifest: Manifest =
+        toml::from_str(&std::fs::read_to_string(root().join("fixtures/manifest.toml")).unwrap()).unwrap();
     let mut failures = Vec::new();
     eprintln!("{:<16} {:>6} {:>9}  example", "fixture", "stops", "complete");
     for f in &manifest.fixture {
         for v in &f.variants {
             let bin = format!("{}_{}", f.name, v);
-            let mut child =
-                Command::new(dir.join(&bin)).args(&f.args).stdout(Stdio::null()).spawn().unwrap();
+            let mut child = Command::new(dir.join(&bin)).args(&f.args).stdout(Stdio::null()).spawn().unwrap();
             let pid = child.id();
             std::thread::sleep(Duration::from_millis(100 + f.settle_ms));
             let process = Process::load(pid);
@@ -178,14 +189,20 @@ fn every_fixture_unwinds_completely_with_tables() {
                     example = format!("{end:?}: {}", names.join(";"));
                 }
                 if i == 0 && example.is_empty() {
-                    example = format!("{end:?}: …{}", names.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(";"));
+                    example = format!(
+                        "{end:?}: …{}",
+                        names.iter().rev().take(5).rev().cloned().collect::<Vec<_>>().join(";")
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
             let _ = child.wait();
             let _ = process.pid;
-            eprintln!("{bin:<16} {stops:>6} {complete:>9}  {}", example.chars().take(160).collect::<String>());
+            eprintln!(
+                "{bin:<16} {stops:>6} {complete:>9}  {}",
+                example.chars().take(160).collect::<String>()
+            );
             if complete != stops {
                 failures.push(format!("{bin}: {complete}/{stops} complete; {example}"));
             }

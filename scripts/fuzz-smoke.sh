@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every fuzz target briefly (default 20 s each). Needs cargo-fuzz and nightly
+# (scripts/setup.sh installs both). A crash fails the script.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+seconds="${1:-20}"
+for target in $(cargo +nightly fuzz list); do
+    echo "fuzz: $target for ${seconds}s"
+    cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 | tail -1
+done
