@@ -17,15 +17,16 @@ cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 sysroot="$(rustc +nightly --print sysroot)"
 
 rm -rf "$build/src"
-mkdir -p "$build/src"
-tar -C "$root/stackwalk-ebpf" --exclude=target -cf - abi program | tar -C "$build/src" -xf -
+mkdir -p "$build/src/stackwalk-ebpf"
+tar -C "$root" --exclude=target -cf - stackwalk-ebpf/abi stackwalk-ebpf/program unwind-tables \
+    | tar -C "$build/src" -xf -
 
 export CARGO_TARGET_DIR="$build/target"
 export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf \
  --remap-path-prefix=$build/src=/unwound \
  --remap-path-prefix=$cargo_home/registry/src=/cargo \
  --remap-path-prefix=$sysroot=/rust"
-(cd "$build/src/program" && cargo +nightly build --quiet --locked --release \
+(cd "$build/src/stackwalk-ebpf/program" && cargo +nightly build --quiet --locked --release \
     --target bpfel-unknown-none -Z build-std=core)
 built="$CARGO_TARGET_DIR/bpfel-unknown-none/release/stackwalk"
 if [[ "${1:-}" == "--check" ]]; then

@@ -4,6 +4,7 @@ mod output;
 mod profile;
 mod record;
 mod tables;
+mod unwinding;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,9 +56,16 @@ pub struct RecordArgs {
     /// (`.pb.gz`/`.pprof` → pprof, `.folded`/`.txt` → folded, `.svg` → svg).
     #[arg(short, long)]
     pub format: Option<Format>,
-    /// Most user frames to walk per sample (1 to 256).
-    #[arg(long, default_value_t = 256, value_name = "N")]
+    /// Most user frames to walk per sample (1 to 512).
+    #[arg(long, default_value_t = 512, value_name = "N")]
     pub max_frames: u32,
+    /// Walk with frame pointers only: no unwind tables are compiled or loaded.
+    #[arg(long)]
+    pub no_tables: bool,
+    /// Room, in MiB, kept in the walker's table maps for tables of processes and libraries
+    /// that appear while recording.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub table_headroom: u64,
     /// Measure the BPF program's own run time (kernel BPF statistics) and report the
     /// mean cost per sample. Adds a clock read or two per sample while on.
     #[arg(long)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use unwound_stackwalk_abi::SampleRecord;
+use unwound_stackwalk_abi::{walk_end_name, SampleRecord, WALK_COMPLETE, WALK_FRAME_POINTERS};
 use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps};
 
 /// Key of an aggregated stack.
@@ -24,6 +24,8 @@ pub struct StackKey {
     pub kernel: Box<[u64]>,
     /// User frames, innermost first; the first is the sampled pc.
     pub user: Box<[u64]>,
+    /// How the user walk ended (`WALK_*`).
+    pub walk_end: u32,
 }
 
 /// One symbolized frame.
@@ -92,6 +94,7 @@ impl Collector {
             comm: record.comm().replace(';', ":"),
             kernel: record.kernel.iter().collect(),
             user: record.user.iter().collect(),
+            walk_end: record.header.walk_end,
         };
         if let Some(count) = self.stacks.get_mut(&key) {
             *count += 1;
@@ -174,8 +177,17 @@ impl Collector {
             // A return address outside executable memory means the walk went astray
             // (a frame without a frame pointer); it and everything above it are dropped
             // and the stack is marked, rather than shown as made-up callers.
+            let table_walk = key.walk_end != WALK_FRAME_POINTERS;
+            if table_walk && key.walk_end != WALK_COMPLETE && !key.user.is_empty() {
+                frames.push(Frame {
+                    name: format!("[unwind: {}]", walk_end_name(key.walk_end)),
+                    module: "[unknown]".into(),
+                    address: 0,
+                    kernel: false,
+                });
+            }
             let valid = match process {
-                Some(p) if !p.maps.is_empty() => key
+                Some(p) if !p.maps.is_empty() && !table_walk => key
                     .user
                     .iter()
                     .position(|&a| !p.maps.find(a).is_some_and(|m| m.executable))

@@ -22,6 +22,7 @@ use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
 use crate::profile::Collector;
+use crate::unwinding::{TableLoader, TablePlan, TableStats};
 use crate::{Format, RecordArgs};
 
 /// The walker, built from `stackwalk-ebpf/` by `scripts/build-bpf.sh`.
@@ -59,8 +60,13 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let mut collector = Collector::new();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let mut ended_early = None;
+    let mut last_refresh = Instant::now();
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         session.drain(&mut collector, POLL_INTERVAL_MS)?;
+        if last_refresh.elapsed() >= Duration::from_secs(1) {
+            session.refresh_processes(args);
+            last_refresh = Instant::now();
+        }
         if !args.pids.is_empty() && args.pids.iter().all(|&p| !process_alive(p)) {
             ended_early = Some("every selected process exited");
             break;
@@ -107,6 +113,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         verified_instructions: session.verified_instructions,
         symbol_errors: collector.symbol_errors,
         bpf_run,
+        tables: session.tables.as_ref().map(|t| t.stats.clone()),
     };
     summary.print(&args.output, ended_early);
     if args.json_summary {
@@ -212,8 +219,29 @@ fn check_privileges() -> anyhow::Result<()> {
     )
 }
 
+/// Every process to walk with tables: the selected ones, or all with a user address space.
+fn table_targets(args: &RecordArgs) -> Vec<u32> {
+    if !args.pids.is_empty() {
+        return args.pids.clone();
+    }
+    let me = std::process::id();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    pids.retain(|&p| p != me && std::fs::metadata(format!("/proc/{p}/exe")).is_ok());
+    pids.sort_unstable();
+    pids
+}
+
 struct Session {
     ebpf: Ebpf,
+    tables: Option<TableLoader>,
+    /// Processes with tables, and the text of their maps when last read.
+    known: std::collections::HashMap<u32, String>,
+    /// When each process was last re-read on demand.
+    recent: std::collections::HashMap<u32, Instant>,
+    /// The --pid selection (empty: every process).
+    selected: Vec<u32>,
     ring: RingBuf<aya::maps::MapData>,
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     cpus: usize,
@@ -223,9 +251,35 @@ struct Session {
 impl Session {
     fn start(args: &RecordArgs) -> anyhow::Result<Self> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).map_err(|e| {
+        let plan = if args.no_tables {
+            None
+        } else {
+            let targets = table_targets(args);
+            let t = Instant::now();
+            eprintln!("unwound: compiling unwind tables for {} processes…", targets.len());
+            let plan = TablePlan::new(&targets);
+            eprintln!("unwound: unwind tables ready in {:.2} s", t.elapsed().as_secs_f64());
+            Some(plan)
+        };
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &plan {
+            p.size_loader(&mut loader, args.table_headroom);
+        }
+        let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| {
             anyhow!("the kernel refused unwound's BPF maps: {e} (a kernel ≥ 5.17 with BTF is needed)")
         })?;
+        let mut known = std::collections::HashMap::new();
+        let tables = match plan {
+            Some(p) => {
+                for pid in table_targets(args) {
+                    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+                        known.insert(pid, text);
+                    }
+                }
+                Some(TableLoader::new(&mut ebpf, p)?)
+            }
+            None => None,
+        };
         {
             let mut config: Array<_, WalkerConfig> =
                 Array::try_from(ebpf.map_mut(CONFIG_MAP).context("BPF object has no CONFIG map")?)?;
@@ -266,7 +320,61 @@ impl Session {
                 })?;
             links.push(link);
         }
-        Ok(Session { ebpf, ring, links, cpus: cpus.len(), verified_instructions })
+        Ok(Session {
+            ebpf,
+            tables,
+            known,
+            recent: std::collections::HashMap::new(),
+            selected: args.pids.clone(),
+            ring,
+            links,
+            cpus: cpus.len(),
+            verified_instructions,
+        })
+    }
+
+    /// A sample came from a process without tables, or from a pc outside its known
+    /// mappings (a library loaded since): re-read its maps now, at most every 200 ms.
+    fn refresh_one(&mut self, pid: u32) {
+        let Some(tables) = self.tables.as_mut() else { return };
+        if !self.selected.is_empty() && !self.selected.contains(&pid) {
+            return;
+        }
+        let now = Instant::now();
+        if self.recent.get(&pid).is_some_and(|t| now.duration_since(*t) < Duration::from_millis(200)) {
+            return;
+        }
+        self.recent.insert(pid, now);
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        if self.known.get(&pid) == Some(&text) {
+            return;
+        }
+        let maps = unwound_symbolize::ProcessMaps::parse(&text);
+        if tables.add_process(pid, &maps).is_ok() {
+            self.known.insert(pid, text);
+        }
+    }
+
+    /// Follows new processes, exits and new mappings (dlopen): re-reads maps once a second.
+    fn refresh_processes(&mut self, args: &RecordArgs) {
+        let Some(tables) = self.tables.as_mut() else { return };
+        let targets = table_targets(args);
+        let alive: std::collections::HashSet<u32> = targets.iter().copied().collect();
+        let gone: Vec<u32> = self.known.keys().copied().filter(|p| !alive.contains(p)).collect();
+        for pid in gone {
+            tables.remove_process(pid);
+            self.known.remove(&pid);
+        }
+        for pid in targets {
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+            if self.known.get(&pid) == Some(&text) {
+                continue;
+            }
+            let maps = unwound_symbolize::ProcessMaps::parse(&text);
+            if tables.add_process(pid, &maps).is_ok() {
+                self.known.insert(pid, text);
+            }
+        }
     }
 
     /// Waits up to `timeout_ms` for samples, then reads all there are.
@@ -282,8 +390,23 @@ impl Session {
                 }
             }
         }
+        let mut stale: Vec<u32> = Vec::new();
         while let Some(item) = self.ring.next() {
             collector.add(&item);
+            if self.tables.is_some() {
+                if let Ok(r) = unwound_stackwalk_abi::SampleRecord::parse(&item) {
+                    let pid = r.header.pid;
+                    let unknown = !self.known.contains_key(&pid) && !r.user.is_empty();
+                    if (unknown || r.header.walk_end == unwound_stackwalk_abi::WALK_UNKNOWN_MAPPING)
+                        && !stale.contains(&pid)
+                    {
+                        stale.push(pid);
+                    }
+                }
+            }
+        }
+        for pid in stale {
+            self.refresh_one(pid);
         }
         Ok(())
     }
@@ -377,6 +500,7 @@ struct Summary {
     verified_instructions: Option<u32>,
     symbol_errors: u64,
     bpf_run: Option<(u64, u64)>,
+    tables: Option<TableStats>,
 }
 
 impl Summary {
@@ -441,6 +565,12 @@ impl Summary {
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
         ));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
+        if let Some(t) = &self.tables {
+            fields.push(format!(
+                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{}",
+                t.tables, t.processes, t.bytes, t.map_bytes, t.compile_failures, t.full
+            ));
+        }
         if let Some((runs, ns)) = self.bpf_run {
             fields.push(format!("\"bpf_runs\":{runs},\"bpf_run_time_ns\":{ns}"));
         }

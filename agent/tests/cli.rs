@@ -37,7 +37,7 @@ fn bad_values_are_one_clear_line() {
         (vec!["--frequency", "100000000", "--output", &out("a.folded")], "--frequency must be between 1 and"),
         (
             vec!["--max-frames", "9999", "--output", &out("a.folded")],
-            "--max-frames must be between 1 and 256",
+            "--max-frames must be between 1 and 512",
         ),
         (vec!["--output", &out("profile.unknown")], "cannot tell the output format"),
         (vec!["--output", "/nonexistent-dir/x.folded"], "directory /nonexistent-dir does not exist"),

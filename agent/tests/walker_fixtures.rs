@@ -47,6 +47,7 @@ fn frame_pointer_fixtures_have_their_full_chain() {
     if !bpf_available("frame_pointer_fixtures_have_their_full_chain") {
         return;
     }
+    let _guard = exclusive();
     let dir = build_fixtures();
     let manifest = manifest();
     let mut running = Vec::new();
@@ -62,7 +63,7 @@ fn frame_pointer_fixtures_have_their_full_chain() {
     settle(settle_ms.max(100));
     let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
     let tmp = tempfile::tempdir().unwrap();
-    let (stacks, run) = record_folded(&pids, 5.0, 499, tmp.path());
+    let (stacks, run) = record_folded_with(&pids, 5.0, 499, tmp.path(), &["--no-tables"]);
     eprintln!("{}", run.stderr);
     let shares = shares(&stacks, &patterns);
 
@@ -114,4 +115,96 @@ fn frame_pointer_fixtures_have_their_full_chain() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Samples whose user stack ends, innermost, in the fixture's expected chain.
+fn print_and_check_shares(
+    manifest: &Manifest,
+    stacks: &[FoldedStack],
+    names: &BTreeMap<String, Vec<String>>,
+    min_share: f64,
+    walker: &str,
+) -> Vec<String> {
+    let shares = shares(stacks, names);
+    let mut failures = Vec::new();
+    eprintln!("{:<16} {:>8} {:>8} {:>8}  walker", "fixture", "samples", "complete", "share");
+    for f in &manifest.fixture {
+        for v in &f.variants {
+            let name = f.binary(v);
+            let Some(&(total, matched)) = shares.get(&name) else { continue };
+            let share = if total == 0 { 0.0 } else { matched as f64 / total as f64 };
+            eprintln!("{name:<16} {total:>8} {matched:>8} {:>7.1}%  {walker}", share * 100.0);
+            if total < 100 {
+                failures.push(format!("{name}: only {total} samples"));
+            } else if share < min_share {
+                failures.push(format!(
+                    "{name}: full chain on {:.1}% of samples, want ≥ {:.0}%",
+                    share * 100.0,
+                    min_share * 100.0
+                ));
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn table_walker_gives_every_fixture_its_full_chain() {
+    if !bpf_available("table_walker_gives_every_fixture_its_full_chain") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    let manifest = manifest();
+    let mut running = Vec::new();
+    let mut patterns = BTreeMap::new();
+    for f in &manifest.fixture {
+        for v in &f.variants {
+            running.push(start(&dir, &f.binary(v), &f.args));
+            patterns.insert(f.binary(v), expand(&f.stack));
+        }
+    }
+    // The signal fixture's timer fires after 10 ms; dlopen loads its library 1.5 s in,
+    // while the agent is already recording.
+    settle(200);
+    let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let (stacks, run) = record_folded(&pids, 6.0, 499, tmp.path());
+    eprintln!("{}", run.stderr);
+    let failures = print_and_check_shares(&manifest, &stacks, &patterns, 0.95, "tables");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_process_started_after_the_agent_gets_tables() {
+    if !bpf_available("a_process_started_after_the_agent_gets_tables") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    // A unique process name, so the whole-machine profile can be searched for it.
+    std::fs::copy(dir.join("chain_nofp"), tmp.path().join("late_chain")).unwrap();
+    let out = tmp.path().join("all.folded");
+    let agent = std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
+        .args(["record", "--duration", "5", "--frequency", "499", "--output"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle(1500);
+    let late = start(tmp.path(), "late_chain", &[]);
+    let output = agent.wait_with_output().unwrap();
+    drop(late);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let stacks = parse_folded(&std::fs::read_to_string(&out).unwrap());
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    let (total, good) = stacks
+        .iter()
+        .filter(|s| s.process == "late_chain")
+        .fold((0, 0), |(t, g), s| (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 }));
+    eprintln!("late_chain: {good}/{total} samples with the full chain\n{stderr}");
+    assert!(total >= 100, "only {total} samples of the late process");
+    assert!(good * 100 >= total * 95, "{good}/{total}");
 }

@@ -899,9 +899,9 @@ fn cfa_expression(e: &[u8]) -> Option<UnwindRule> {
         return Some(UnwindRule::new(CfaKind::Plt, i32::from(*lit - 0x30), RbpKind::Unchanged, 0));
     }
     // *(reg + off) [+ k]
-    let kind = match e.first()? {
-        &BREG_RSP => CfaKind::DerefRsp,
-        &BREG_RBP => CfaKind::DerefRbp,
+    let kind = match *e.first()? {
+        BREG_RSP => CfaKind::DerefRsp,
+        BREG_RBP => CfaKind::DerefRbp,
         _ => return None,
     };
     let mut pos = 1;

@@ -121,10 +121,29 @@ pub fn unwound(args: &[&str]) -> AgentRun {
     }
 }
 
+/// Serializes the tests of one binary that profile many processes, so they do not share
+/// the 2 CPUs (and their samples) with each other.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Records the given processes for `seconds` at `hz` into a folded file and returns it.
 pub fn record_folded(pids: &[u32], seconds: f64, hz: u32, dir: &Path) -> (Vec<FoldedStack>, AgentRun) {
+    record_folded_with(pids, seconds, hz, dir, &[])
+}
+
+/// [`record_folded`] with extra agent flags.
+pub fn record_folded_with(
+    pids: &[u32],
+    seconds: f64,
+    hz: u32,
+    dir: &Path,
+    extra: &[&str],
+) -> (Vec<FoldedStack>, AgentRun) {
     let out = dir.join("profile.folded");
     let mut args: Vec<String> = vec!["record".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
     for p in pids {
         args.push("--pid".into());
         args.push(p.to_string());

@@ -29,8 +29,8 @@
 //! ```
 #![no_std]
 
-/// Most user frames one sample can hold (issue: ≥ 128; peers keep 127 to 200).
-pub const MAX_USER_FRAMES: usize = 256;
+/// Most user frames one sample can hold (peers keep 127 to 200).
+pub const MAX_USER_FRAMES: usize = 512;
 /// Most kernel frames one sample can hold: the kernel's own default for
 /// `kernel.perf_event_max_stack`.
 pub const MAX_KERNEL_FRAMES: usize = 127;
@@ -81,10 +81,109 @@ pub struct SampleHeader {
     pub kernel_len: u16,
     /// Number of user frames that follow the kernel frames.
     pub user_len: u16,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// How the user walk ended, a `WALK_*` code.
+    pub walk_end: u32,
     /// The thread's command name, NUL-padded.
     pub comm: [u8; 16],
+}
+
+/// `SampleHeader::walk_end`: a frame-pointer walk (the process has no unwind tables loaded);
+/// its completeness is not known.
+pub const WALK_FRAME_POINTERS: u32 = 0;
+/// The table walk reached the outermost frame: the stack is complete.
+pub const WALK_COMPLETE: u32 = 1;
+/// More frames than the limit; the outermost ones are missing.
+pub const WALK_TRUNCATED: u32 = 2;
+/// A pc had no unwind information and the frame-pointer fallback could not continue.
+pub const WALK_NO_TABLE: u32 = 3;
+/// The unwind rule at a pc is not supported.
+pub const WALK_UNSUPPORTED: u32 = 4;
+/// Reading the stack failed.
+pub const WALK_MEMORY: u32 = 5;
+/// A step did not move up the stack.
+pub const WALK_BAD_CFA: u32 = 6;
+/// A pc outside every known mapping of the process (a library loaded since the last scan).
+pub const WALK_UNKNOWN_MAPPING: u32 = 7;
+
+/// A short name for a `WALK_*` code, as the agent shows it (`[unwind: no table]`).
+pub const fn walk_end_name(code: u32) -> &'static str {
+    match code {
+        WALK_FRAME_POINTERS => "frame pointers",
+        WALK_COMPLETE => "complete",
+        WALK_TRUNCATED => "truncated",
+        WALK_NO_TABLE => "no table",
+        WALK_UNSUPPORTED => "unsupported rule",
+        WALK_MEMORY => "stack unreadable",
+        WALK_BAD_CFA => "bad frame",
+        WALK_UNKNOWN_MAPPING => "unknown mapping",
+        _ => "?",
+    }
+}
+
+/// Name of the hash map pid → [`ProcMappings`] of processes walked with tables.
+pub const PROCS_MAP: &str = "PROCS";
+/// Name of the array of [`TableInfo`], by table id.
+pub const TABLES_MAP: &str = "TABLES";
+/// Name of the array of page index records (`unwound_unwind_tables::layout::PageEntry`).
+pub const PAGES_MAP: &str = "PAGES";
+/// Name of the array of entry chunks (`[u32; CHUNK_ENTRIES]`).
+pub const CHUNKS_MAP: &str = "CHUNKS";
+/// Name of the array of rules (`unwound_unwind_tables::layout::UnwindRule`).
+pub const RULES_MAP: &str = "RULES";
+/// Most executable mappings tracked per process.
+pub const MAX_MAPPINGS: usize = 256;
+/// Most processes walked with tables at once.
+pub const MAX_PROCS: u32 = 8192;
+/// Most distinct tables loaded at once.
+pub const MAX_TABLES: u32 = 8192;
+/// `MappingEntry::table` when the mapping has no table (frame-pointer fallback).
+pub const NO_TABLE: u32 = u32::MAX;
+/// Entries per chunk value (one 16 KiB BPF map value).
+pub const CHUNK_ENTRIES: usize = 4096;
+
+/// One executable mapping of a process. A pc in `[start, end)` has file virtual address
+/// `pc - bias` in the table `table`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MappingEntry {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// pc − bias = file virtual address.
+    pub bias: u64,
+    /// Table id, or [`NO_TABLE`].
+    pub table: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// A process's executable mappings, sorted by start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcMappings {
+    /// Mappings in use.
+    pub count: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// The mappings, sorted by `start`.
+    pub mappings: [MappingEntry; MAX_MAPPINGS],
+}
+
+/// Where one table lives in the shared arrays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableInfo {
+    /// File virtual address of the table's page 0.
+    pub base: u64,
+    /// Number of pages.
+    pub pages: u32,
+    /// Index of page 0 in the pages array.
+    pub page_start: u32,
+    /// Index of the first chunk in the chunks array (page `first` counts from there).
+    pub chunk_start: u32,
+    /// Index of rule 0 in the rules array.
+    pub rule_start: u32,
 }
 
 /// Size of [`SampleHeader`] in bytes.
@@ -116,6 +215,14 @@ pub struct SampleBuffer {
     pub walk_index: u32,
     /// Frame-pointer walk state: user frames still allowed.
     pub walk_budget: u32,
+    /// Table walk state: the frame's rip.
+    pub walk_rip: u64,
+    /// Table walk state: the frame's rsp.
+    pub walk_rsp: u64,
+    /// Table walk state: non-zero when rip is exact (not a return address).
+    pub walk_exact: u32,
+    /// Reserved.
+    pub walk_reserved: u32,
 }
 
 /// Walker configuration, written by userspace into [`CONFIG_MAP`] before attaching.
@@ -158,10 +265,28 @@ pub enum Counter {
     KernelStackFailed,
     /// Kept, a kernel thread: kernel stack only.
     KernelThread,
+    /// User walks done with unwind tables.
+    TableWalks,
+    /// Table walks that reached the outermost frame.
+    TableWalkComplete,
+    /// Table walks ended at a pc without unwind information (and no frame pointer).
+    TableWalkNoTable,
+    /// Table walks ended at an unsupported rule.
+    TableWalkUnsupported,
+    /// Table walks ended at an unreadable stack.
+    TableWalkMemory,
+    /// Table walks ended at a frame that did not move up the stack.
+    TableWalkBadCfa,
+    /// Table walks ended at a pc outside every known mapping.
+    TableWalkUnknownMapping,
+    /// Frames unwound by a table rule.
+    TableFrames,
+    /// Frames unwound by the frame-pointer fallback inside a table walk.
+    FallbackFrames,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 10;
+pub const COUNTER_SLOTS: u32 = 19;
 
 impl Counter {
     /// Every counter, in index order.
@@ -176,6 +301,15 @@ impl Counter {
         Counter::UserWalkFailed,
         Counter::KernelStackFailed,
         Counter::KernelThread,
+        Counter::TableWalks,
+        Counter::TableWalkComplete,
+        Counter::TableWalkNoTable,
+        Counter::TableWalkUnsupported,
+        Counter::TableWalkMemory,
+        Counter::TableWalkBadCfa,
+        Counter::TableWalkUnknownMapping,
+        Counter::TableFrames,
+        Counter::FallbackFrames,
     ];
 
     /// A short stable name, for summaries and JSON.
@@ -191,6 +325,15 @@ impl Counter {
             Counter::UserWalkFailed => "user_walk_failed",
             Counter::KernelStackFailed => "kernel_stack_failed",
             Counter::KernelThread => "kernel_thread",
+            Counter::TableWalks => "table_walks",
+            Counter::TableWalkComplete => "table_walk_complete",
+            Counter::TableWalkNoTable => "table_walk_no_table",
+            Counter::TableWalkUnsupported => "table_walk_unsupported",
+            Counter::TableWalkMemory => "table_walk_memory",
+            Counter::TableWalkBadCfa => "table_walk_bad_cfa",
+            Counter::TableWalkUnknownMapping => "table_walk_unknown_mapping",
+            Counter::TableFrames => "table_frames",
+            Counter::FallbackFrames => "fallback_frames",
         }
     }
 
@@ -274,6 +417,12 @@ impl<'a> SampleRecord<'a> {
 #[cfg(feature = "user")]
 // SAFETY: repr(C) plain integers without padding.
 unsafe impl aya::Pod for WalkerConfig {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for ProcMappings {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for TableInfo {}
 
 #[cfg(test)]
 mod tests {

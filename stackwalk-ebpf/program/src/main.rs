@@ -30,9 +30,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    Counter, SampleBuffer, WalkerConfig, COUNTER_SLOTS, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED,
-    FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES,
-    MAX_PIDS, MAX_USER_FRAMES,
+    Counter, ProcMappings, SampleBuffer, TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS,
+    FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
+    HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
+    MAX_USER_FRAMES, NO_TABLE, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE,
+    WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+};
+use unwound_unwind_tables::layout::{
+    step, CfaKind, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent
@@ -51,6 +56,23 @@ static PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_PIDS, 0);
 
 #[map]
 static SCRATCH: PerCpuArray<SampleBuffer> = PerCpuArray::with_max_entries(1, 0);
+
+/// pid → executable mappings, for processes walked with unwind tables. Not preallocated.
+#[map]
+static PROCS: HashMap<u32, ProcMappings> = HashMap::with_max_entries(MAX_PROCS, BPF_F_NO_PREALLOC);
+
+#[map]
+static TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
+
+/// The shared table arrays; the agent sizes them before loading (these are placeholders).
+#[map]
+static PAGES: Array<PageEntry> = Array::with_max_entries(1, 0);
+#[map]
+static CHUNKS: Array<[u32; CHUNK_ENTRIES]> = Array::with_max_entries(1, 0);
+#[map]
+static RULES: Array<UnwindRule> = Array::with_max_entries(1, 0);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 const RECORD_CAPACITY: usize = HEADER_SIZE + MAX_FRAMES * 8;
 
@@ -135,6 +157,167 @@ unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_voi
     0
 }
 
+/// Reads the sampled process's memory for the shared step rule.
+struct UserMemory;
+
+impl Memory for UserMemory {
+    #[inline(always)]
+    fn read_u64(&mut self, addr: u64) -> Option<u64> {
+        unsafe { bpf_probe_read_user(addr as *const u64).ok() }
+    }
+}
+
+#[inline(always)]
+fn rule_at(rule_start: u32, index: u16) -> Option<UnwindRule> {
+    RULES.get(rule_start.wrapping_add(u32::from(index))).copied()
+}
+
+/// The unwind rule for file virtual address `vaddr` in table `table`: a page index lookup,
+/// one chunk lookup with a binary search inside it, and a rule lookup.
+#[inline(always)]
+fn lookup_rule(table: u32, vaddr: u64) -> Option<UnwindRule> {
+    let t = TABLES.get(table)?;
+    let rel = vaddr.checked_sub(t.base)?;
+    let page = rel >> PAGE_SHIFT;
+    if page >= u64::from(t.pages) {
+        return None;
+    }
+    let pe = PAGES.get(t.page_start.wrapping_add(page as u32))?;
+    let offset = (rel & (PAGE_SIZE - 1)) as u16;
+    let global = (t.chunk_start as u64) * CHUNK_ENTRIES as u64 + u64::from(pe.first);
+    let chunk = CHUNKS.get((global / CHUNK_ENTRIES as u64) as u32)?;
+    let start = (global % CHUNK_ENTRIES as u64) as u32;
+    let count = u32::from(pe.count);
+    if count == 0 {
+        return rule_at(t.rule_start, pe.start_rule);
+    }
+    // Last entry with page_offset <= offset among chunk[start .. start + count]: a
+    // fixed-length, branch-free binary search, so the verifier walks one path.
+    let (mut base, mut n) = (0u32, count);
+    for _ in 0..13 {
+        let half = n / 2;
+        let raw = *chunk.get(((start + base + half) as usize) & (CHUNK_ENTRIES - 1))?;
+        let le = ((i64::from(offset) - i64::from(raw & 0xfff)) >> 63) + 1;
+        base += (i64::from(half) * le) as u32;
+        n -= half;
+    }
+    let idx = ((start + base) as usize) & (CHUNK_ENTRIES - 1);
+    if Entry::decode(*chunk.get(idx)?).page_offset > offset {
+        return rule_at(t.rule_start, pe.start_rule);
+    }
+    let lo = base + 1;
+    let e = Entry::decode(*chunk.get(idx)?);
+    if e.restored_at(offset) {
+        if lo >= 2 {
+            let prev = Entry::decode(*chunk.get((idx.wrapping_sub(1)) & (CHUNK_ENTRIES - 1))?);
+            return Some(prev.final_rule(rule_at(t.rule_start, prev.rule)?));
+        }
+        return rule_at(t.rule_start, pe.start_rule);
+    }
+    let rule = rule_at(t.rule_start, e.rule)?;
+    let steps = e.steps_at(offset);
+    Some(if steps == 0 { rule } else { rule.advanced(steps, e.pops) })
+}
+
+/// One table (or frame-pointer fallback) step, called by `bpf_loop`. Returns 1 to stop.
+unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let buf = &mut *buf;
+    let Some(procs) = PROCS.get_ptr(buf.header.pid) else {
+        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+        return 1;
+    };
+    let procs = &*procs;
+    let pc = if buf.walk_exact != 0 { buf.walk_rip } else { buf.walk_rip.wrapping_sub(1) };
+    // The mapping that holds pc: branch-free binary search over the sorted starts.
+    let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
+    if mapped == 0 {
+        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+        return 1;
+    }
+    let (mut base, mut n) = (0u32, mapped);
+    for _ in 0..9 {
+        let half = n / 2;
+        let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else { return 1 };
+        let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
+        base += (i64::from(half) * le) as u32;
+        n -= half;
+    }
+    let mapping =
+        procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
+    let Some(mapping) = mapping else {
+        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+        return 1;
+    };
+    let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
+    let rule = if mapping.table == NO_TABLE {
+        None
+    } else {
+        lookup_rule(mapping.table, pc.wrapping_sub(mapping.bias))
+    };
+    let result = match rule {
+        Some(r) if r.cfa != CfaKind::Gap as u8 => {
+            count(Counter::TableFrames);
+            step(&r, &regs, &mut UserMemory)
+        }
+        // No unwind information for this pc (JIT code, stripped CFI): a frame-pointer step.
+        _ => {
+            count(Counter::FallbackFrames);
+            let fp = regs.rbp;
+            match bpf_probe_read_user(fp as *const [u64; 2]) {
+                Ok([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
+                    if ret == 0 {
+                        Step::End
+                    } else {
+                        Step::Caller {
+                            regs: Registers { rip: ret, rsp: fp + 16, rbp: next_fp },
+                            exact: false,
+                        }
+                    }
+                }
+                _ => Step::Failed(StepError::NoRule),
+            }
+        }
+    };
+    let (next, exact) = match result {
+        Step::Caller { regs, exact } => (regs, exact),
+        Step::End => {
+            buf.header.walk_end = WALK_COMPLETE;
+            return 1;
+        }
+        Step::Failed(e) => {
+            buf.header.walk_end = match e {
+                StepError::NoRule => WALK_NO_TABLE,
+                StepError::Unsupported => WALK_UNSUPPORTED,
+                StepError::Memory => WALK_MEMORY,
+                StepError::BadCfa => WALK_BAD_CFA,
+                StepError::ZeroReturn => WALK_COMPLETE,
+            };
+            return 1;
+        }
+    };
+    if buf.walk_budget == 0 {
+        buf.header.walk_end = WALK_TRUNCATED;
+        buf.header.flags |= FLAG_USER_TRUNCATED;
+        return 1;
+    }
+    let index = buf.walk_index as usize;
+    if index >= MAX_FRAMES {
+        buf.header.walk_end = WALK_TRUNCATED;
+        buf.header.flags |= FLAG_USER_TRUNCATED;
+        return 1;
+    }
+    buf.frames[index] = next.rip;
+    buf.walk_index += 1;
+    buf.walk_budget -= 1;
+    buf.header.user_len += 1;
+    buf.walk_rip = next.rip;
+    buf.walk_rsp = next.rsp;
+    buf.walk_fp = next.rbp;
+    buf.walk_exact = u32::from(exact);
+    0
+}
+
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     unsafe { sample(&ctx) };
@@ -170,7 +353,7 @@ unsafe fn sample(ctx: &PerfEventContext) {
     buf.header.flags = 0;
     buf.header.kernel_len = 0;
     buf.header.user_len = 0;
-    buf.header.reserved = 0;
+    buf.header.walk_end = WALK_FRAME_POINTERS;
     buf.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 
     let copied = bpf_get_stack(
@@ -200,16 +383,34 @@ unsafe fn sample(ctx: &PerfEventContext) {
             buf.header.flags |= FLAG_NO_USER;
             count(Counter::KernelThread);
         }
-        Some((ip, _sp, bp)) => {
+        Some((ip, sp, bp)) => {
             if kernel_len < MAX_FRAMES {
                 buf.frames[kernel_len] = ip;
                 buf.header.user_len = 1;
             }
             let budget = if max_user as usize > MAX_USER_FRAMES { MAX_USER_FRAMES as u32 } else { max_user };
             buf.walk_fp = bp;
+            buf.walk_rip = ip;
+            buf.walk_rsp = sp;
+            buf.walk_exact = 1;
             buf.walk_index = kernel_len as u32 + 1;
             buf.walk_budget = budget.saturating_sub(1);
-            bpf_loop(budget + 1, frame_pointer_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            if PROCS.get_ptr(pid).is_some() {
+                count(Counter::TableWalks);
+                bpf_loop(budget + 1, table_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+                match buf.header.walk_end {
+                    WALK_COMPLETE => count(Counter::TableWalkComplete),
+                    WALK_TRUNCATED => count(Counter::UserTruncated),
+                    WALK_NO_TABLE => count(Counter::TableWalkNoTable),
+                    WALK_UNSUPPORTED => count(Counter::TableWalkUnsupported),
+                    WALK_MEMORY => count(Counter::TableWalkMemory),
+                    WALK_BAD_CFA => count(Counter::TableWalkBadCfa),
+                    WALK_UNKNOWN_MAPPING => count(Counter::TableWalkUnknownMapping),
+                    _ => {}
+                }
+            } else {
+                bpf_loop(budget + 1, frame_pointer_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            }
             if buf.header.flags & FLAG_USER_TRUNCATED != 0 {
                 count(Counter::UserTruncated);
             }
