@@ -208,3 +208,138 @@ fn a_process_started_after_the_agent_gets_tables() {
     assert!(total >= 100, "only {total} samples of the late process");
     assert!(good * 100 >= total * 95, "{good}/{total}");
 }
+
+/// Each sample's (pid, frames root first) from `perf script --no-inline -F pid,ip,sym`.
+fn perf_stacks(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut cur: Option<(String, Vec<String>)> = None;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if let Some((comm, mut frames)) = cur.take() {
+                frames.reverse();
+                out.push((comm, frames));
+            }
+            continue;
+        }
+        // Sample lines start with a space and the pid; frame lines with a tab.
+        if !line.starts_with('\t') {
+            cur = Some((line.trim().to_string(), Vec::new()));
+            continue;
+        }
+        if let Some((_, frames)) = cur.as_mut() {
+            let mut f = line.split_whitespace();
+            let _addr = f.next();
+            let sym = f.collect::<Vec<_>>().join(" ");
+            frames.push(sym);
+        }
+    }
+    out
+}
+
+/// Function names as both tools can agree on them: C++ parameters dropped.
+fn normalize(name: &str) -> String {
+    let n = name.split('@').next().unwrap_or(name);
+    match n.find('(') {
+        Some(i) if i > 0 => n[..i].to_string(),
+        _ => n.to_string(),
+    }
+}
+
+/// Per stack of the fixture's own functions (root first, joined by `;`): its share.
+fn own_stack_shares(stacks: &[Vec<String>], own: &[String]) -> BTreeMap<String, f64> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for s in stacks {
+        let key: Vec<String> = s.iter().map(|f| normalize(f)).filter(|f| own.contains(f)).collect();
+        *counts.entry(key.join(";")).or_default() += 1;
+    }
+    let total = stacks.len().max(1) as f64;
+    counts.into_iter().map(|(k, v)| (k, v as f64 / total)).collect()
+}
+
+#[test]
+fn stacks_agree_with_perf_dwarf_unwinding() {
+    if !bpf_available("stacks_agree_with_perf_dwarf_unwinding") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    let manifest = manifest();
+    let chosen = ["chain", "cpp_chain", "rs_chain", "qsort", "signal", "plt"];
+    let mut running = Vec::new();
+    for f in manifest.fixture.iter().filter(|f| chosen.contains(&f.name.as_str())) {
+        running.push((f, start(&dir, &f.binary("nofp"), &f.args)));
+    }
+    settle(200);
+    let tmp = tempfile::tempdir().unwrap();
+    let perf_data = tmp.path().join("perf.data");
+    // The same workload, at the same time, sampled by both.
+    let perf = std::process::Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "199", "--call-graph", "dwarf", "-a", "-o"])
+        .arg(&perf_data)
+        .args(["--", "sleep", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (linux-perf)");
+    let pids: Vec<u32> = running.iter().map(|(_, r)| r.pid()).collect();
+    let (ours, _) = record_folded(&pids, 5.0, 199, tmp.path());
+    let status = perf.wait_with_output().unwrap().status;
+    assert!(status.success(), "perf record failed");
+    let script = std::process::Command::new("perf")
+        .args(["script", "--no-inline", "-F", "pid,ip,sym", "-i"])
+        .arg(&perf_data)
+        .output()
+        .unwrap();
+    let theirs = perf_stacks(&String::from_utf8_lossy(&script.stdout));
+
+    let mut failures = Vec::new();
+    eprintln!("{:<16} {:>7} {:>9} {:>7} {:>9}  top stack (ours / perf)", "fixture", "ours n", "complete", "perf n", "complete");
+    for (f, proc_) in &running {
+        let name = f.binary("nofp");
+        let pid = proc_.pid();
+        let pattern: Vec<String> = expand(&f.stack).iter().map(|s| normalize(s)).collect();
+        let own: Vec<String> = pattern.iter().filter(|p| *p != "...").cloned().collect();
+        let mut ours_stacks = Vec::new();
+        for s in ours.iter().filter(|s| s.process == name) {
+            for _ in 0..s.count {
+                ours_stacks.push(s.user.clone());
+            }
+        }
+        let perf_stacks: Vec<Vec<String>> =
+            theirs.iter().filter(|(p, _)| *p == pid.to_string()).map(|(_, s)| s.clone()).collect();
+        let complete = |stacks: &[Vec<String>]| {
+            let n = stacks
+                .iter()
+                .filter(|s| matches_leaf(&s.iter().map(|x| normalize(x)).collect::<Vec<_>>(), &pattern))
+                .count();
+            n as f64 / stacks.len().max(1) as f64
+        };
+        let (ours_c, perf_c) = (complete(&ours_stacks), complete(&perf_stacks));
+        let (a, b) = (own_stack_shares(&ours_stacks, &own), own_stack_shares(&perf_stacks, &own));
+        let top = a.iter().max_by(|x, y| x.1.total_cmp(y.1)).map(|(k, _)| k.clone()).unwrap_or_default();
+        let (ta, tb) = (a.get(&top).copied().unwrap_or(0.0), b.get(&top).copied().unwrap_or(0.0));
+        eprintln!(
+            "{name:<16} {:>7} {:>8.1}% {:>7} {:>8.1}%  {:.1}% / {:.1}%",
+            ours_stacks.len(),
+            ours_c * 100.0,
+            perf_stacks.len(),
+            perf_c * 100.0,
+            ta * 100.0,
+            tb * 100.0
+        );
+        if perf_stacks.len() < 50 || ours_stacks.len() < 50 {
+            failures.push(format!("{name}: too few samples (ours {}, perf {})", ours_stacks.len(), perf_stacks.len()));
+            continue;
+        }
+        if ours_c + 0.005 < perf_c {
+            failures.push(format!("{name}: complete {:.1}% below perf's {:.1}%", ours_c * 100.0, perf_c * 100.0));
+        }
+        for key in a.keys().chain(b.keys()) {
+            let (x, y) = (a.get(key).copied().unwrap_or(0.0), b.get(key).copied().unwrap_or(0.0));
+            if (x.max(y) >= 0.05) && (x - y).abs() > 0.05 {
+                failures.push(format!("{name}: stack {key:?} ours {:.1}% perf {:.1}%", x * 100.0, y * 100.0));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
