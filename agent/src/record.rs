@@ -355,25 +355,17 @@ impl Session {
         }
     }
 
-    /// Follows new processes, exits and new mappings (dlopen): re-reads maps once a second.
-    fn refresh_processes(&mut self, args: &RecordArgs) {
+    /// Forgets processes that exited (once a second). New processes and new mappings
+    /// (dlopen) are picked up as their first samples arrive (`refresh_one`), so nothing
+    /// here re-reads every process's maps.
+    fn refresh_processes(&mut self, _args: &RecordArgs) {
         let Some(tables) = self.tables.as_mut() else { return };
-        let targets = table_targets(args);
-        let alive: std::collections::HashSet<u32> = targets.iter().copied().collect();
-        let gone: Vec<u32> = self.known.keys().copied().filter(|p| !alive.contains(p)).collect();
+        let gone: Vec<u32> =
+            self.known.keys().copied().filter(|p| !Path::new(&format!("/proc/{p}")).exists()).collect();
         for pid in gone {
             tables.remove_process(pid);
             self.known.remove(&pid);
-        }
-        for pid in targets {
-            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
-            if self.known.get(&pid) == Some(&text) {
-                continue;
-            }
-            let maps = unwound_symbolize::ProcessMaps::parse(&text);
-            if tables.add_process(pid, &maps).is_ok() {
-                self.known.insert(pid, text);
-            }
+            self.recent.remove(&pid);
         }
     }
 
@@ -455,6 +447,14 @@ fn raise_memlock_limit() {
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer; failure is harmless on newer kernels.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+/// Peak resident set size of this process, KiB.
+fn max_rss_kib() -> u64 {
+    // SAFETY: getrusage fills the struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    u.ru_maxrss as u64
 }
 
 /// User + system CPU time of this process.
@@ -539,9 +539,10 @@ impl Summary {
             self.get(Counter::KernelThread),
         );
         eprintln!(
-            "unwound: agent CPU {:.3} s ({:.2}% of one CPU); BPF program verified in {} instructions{}",
+            "unwound: agent CPU {:.3} s ({:.2}% of one CPU), peak RSS {} MiB; BPF program verified in {} instructions{}",
             self.agent_cpu.as_secs_f64(),
             100.0 * self.agent_cpu.as_secs_f64() / self.seconds.max(1e-9),
+            max_rss_kib() / 1024,
             self.verified_instructions.map_or("?".to_string(), |n| n.to_string()),
             if self.symbol_errors > 0 {
                 format!("; {} files unreadable for symbols", self.symbol_errors)
@@ -560,6 +561,7 @@ impl Summary {
         fields.push(format!("\"seconds\":{:.3}", self.seconds));
         fields.push(format!("\"cpus\":{}", self.cpus));
         fields.push(format!("\"agent_cpu_seconds\":{:.4}", self.agent_cpu.as_secs_f64()));
+        fields.push(format!("\"agent_max_rss_kib\":{}", max_rss_kib()));
         fields.push(format!(
             "\"verified_instructions\":{}",
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())

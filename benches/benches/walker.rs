@@ -1,0 +1,208 @@
+//! The kernel walker on this machine, side by side in one run (root needed):
+//!
+//! 1. BPF cost per sample and per frame by stack depth, frame-pointer walk vs table walk,
+//!    from kernel BPF statistics (`run_time_ns / run_cnt`).
+//! 2. Overhead: a CPU-bound workload on every CPU with no profiler, with `unwound record`
+//!    and with `perf record --call-graph dwarf`, at 99 Hz and 999 Hz.
+//! 3. Agent peak RSS and BPF map memory with the tables of libc, libstdc++ and libLLVM-22.
+//!
+//! `cargo build --release && make -C fixtures && cargo bench -p unwound-benches --bench walker`
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn agent() -> PathBuf {
+    let p = root().join("target/release/unwound");
+    assert!(p.exists(), "build the agent first: cargo build --release");
+    p
+}
+
+fn fixture(name: &str) -> PathBuf {
+    let p = root().join("target/fixtures").join(name);
+    assert!(p.exists(), "build the fixtures first: make -C fixtures");
+    p
+}
+
+/// One field of the agent's JSON summary.
+fn field(json: &str, key: &str) -> f64 {
+    let pat = format!("\"{key}\":");
+    json.split(&pat).nth(1).and_then(|r| r.split([',', '}']).next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn record(args: &[&str]) -> String {
+    let out = Command::new(agent())
+        .arg("record")
+        .args(args)
+        .args(["--json-summary", "--output", "/tmp/unwound-bench.folded"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bpf_cost() {
+    println!("\n1. BPF cost per sample (999 Hz, 4 s, one process, kernel BPF statistics)");
+    println!("{:>7} {:>9} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
+    let mut base: std::collections::HashMap<&str, f64> = Default::default();
+    for depth in [16u32, 64, 256] {
+        for (walker, bin, flags) in [("fp", "recurse_fp", vec!["--no-tables"]), ("tables", "recurse_nofp", vec![])] {
+            // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
+            let arg = (depth - 5).to_string();
+            let p = Killed(Command::new(fixture(bin)).arg(&arg).spawn().unwrap());
+            std::thread::sleep(Duration::from_millis(200));
+            let pid = p.0.id().to_string();
+            let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
+            a.extend(flags.iter());
+            let j = record(&a);
+            let (runs, ns, emitted) = (field(&j, "bpf_runs"), field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
+            let _ = runs;
+            let per_sample = ns / emitted;
+            let per_frame = if depth == 16 {
+                base.insert(walker, per_sample);
+                f64::NAN
+            } else {
+                (per_sample - base[walker]) / f64::from(depth - 16)
+            };
+            println!("{depth:>7} {walker:>9} {emitted:>10} {per_sample:>12.0} {per_frame:>12.1}");
+        }
+    }
+    println!("  * extra cost per frame over the 16-frame walk");
+}
+
+fn throughput_run(seconds: f64) -> (Vec<Killed>, f64) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let kids = (0..cpus)
+        .map(|_| Killed(Command::new(fixture("throughput_nofp")).arg(seconds.to_string()).stdout(Stdio::piped()).spawn().unwrap()))
+        .collect();
+    (kids, seconds)
+}
+
+fn finish(kids: Vec<Killed>) -> f64 {
+    let mut total = 0.0;
+    for mut k in kids {
+        let out = std::mem::replace(&mut k.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+        total += String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap_or(0.0);
+    }
+    total
+}
+
+/// CPU seconds of a finished child (user + system), from wait4.
+fn child_cpu(mut c: Child) -> f64 {
+    let pid = c.id() as libc::pid_t;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let _ = c.try_wait();
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
+fn overhead() {
+    let secs = 8.0;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    println!("\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s");
+    println!("{:<22} {:>14} {:>10} {:>14} {:>14}", "profiler", "iterations", "slowdown", "profiler CPU", "+ lost CPU");
+    let (kids, _) = throughput_run(secs);
+    let base = finish(kids);
+    println!("{:<22} {base:>14.0} {:>10} {:>14} {:>14}", "none", "-", "-", "-");
+    for hz in [99u32, 999] {
+        // unwound, every CPU, tables for every process; the workload starts once the agent
+        // is sampling (start-up and the final symbolization are outside the window).
+        let hz_s = hz.to_string();
+        let agent = Command::new(agent())
+            .args(["record", "--duration", &(secs + 3.0).to_string(), "--frequency", &hz_s, "--bpf-stats", "--json-summary", "--output", "/tmp/unwound-bench.pb.gz"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let (kids, _) = throughput_run(secs);
+        let n = finish(kids);
+        let out = agent.wait_with_output().unwrap();
+        let j = String::from_utf8_lossy(&out.stdout).to_string();
+        // The agent's CPU and BPF time over its whole run, scaled to the workload window.
+        let window = secs / field(&j, "seconds");
+        let cpu = (field(&j, "agent_cpu_seconds") + field(&j, "bpf_run_time_ns") / 1e9) * window;
+        let slow = 1.0 - n / base;
+        println!(
+            "{:<22} {n:>14.0} {:>9.2}% {cpu:>13.3}s {:>13.3}s",
+            format!("unwound {hz} Hz"),
+            slow * 100.0,
+            field(&j, "agent_cpu_seconds") * window + slow.max(0.0) * cpus * secs
+        );
+        // perf with DWARF stack copies, every CPU, the same window.
+        let perf = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", &hz_s, "--call-graph", "dwarf", "-a", "-o", "/tmp/unwound-bench-perf.data", "--", "sleep", &(secs + 2.0).to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let (kids, _) = throughput_run(secs);
+        let n = finish(kids);
+        let perf_cpu = child_cpu(perf) * secs / (secs + 2.0);
+        let slow = 1.0 - n / base;
+        println!(
+            "{:<22} {n:>14.0} {:>9.2}% {perf_cpu:>13.3}s {:>13.3}s",
+            format!("perf dwarf {hz} Hz"),
+            slow * 100.0,
+            perf_cpu + slow.max(0.0) * cpus * secs
+        );
+    }
+    let (kids, _) = throughput_run(secs);
+    let again = finish(kids);
+    println!("{:<22} {again:>14.0} {:>9.2}% {:>14} {:>14}", "none (again)", (1.0 - again / base) * 100.0, "-", "-");
+    println!("  profiler CPU: unwound = agent + BPF run time; perf = the perf process.");
+    println!("  + lost CPU: the profiler process plus the workload's lost throughput in CPU seconds.");
+}
+
+fn memory() {
+    println!("\n3. Agent memory with the tables of libc, libstdc++ and libLLVM-22 (a process mapping them)");
+    let p = Killed(
+        Command::new("python3")
+            .args(["-c", "import ctypes, time; ctypes.CDLL('libLLVM.so.22.1'); time.sleep(60)"])
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = p.0.id().to_string();
+    println!("{:<14} {:>10} {:>12} {:>14} {:>14}", "headroom", "tables", "table KiB", "BPF map KiB", "agent RSS KiB");
+    for headroom in ["0", "64"] {
+        let j = record(&["--pid", &pid, "--duration", "2", "--table-headroom", headroom]);
+        println!(
+            "{:<14} {:>10} {:>12.0} {:>14.0} {:>14}",
+            format!("{headroom} MiB"),
+            field(&j, "tables"),
+            field(&j, "table_bytes") / 1024.0,
+            field(&j, "table_map_bytes") / 1024.0,
+            field(&j, "agent_max_rss_kib")
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("walker: bench");
+        return;
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the walker benchmarks load BPF programs: run as root");
+        return;
+    }
+    bpf_cost();
+    overhead();
+    memory();
+}
