@@ -293,7 +293,10 @@ fn stacks_agree_with_perf_dwarf_unwinding() {
     let theirs = perf_stacks(&String::from_utf8_lossy(&script.stdout));
 
     let mut failures = Vec::new();
-    eprintln!("{:<16} {:>7} {:>9} {:>7} {:>9}  top stack (ours / perf)", "fixture", "ours n", "complete", "perf n", "complete");
+    eprintln!(
+        "{:<16} {:>7} {:>9} {:>7} {:>9}  top stack (ours / perf)",
+        "fixture", "ours n", "complete", "perf n", "complete"
+    );
     for (f, proc_) in &running {
         let name = f.binary("nofp");
         let pid = proc_.pid();
@@ -328,11 +331,19 @@ fn stacks_agree_with_perf_dwarf_unwinding() {
             tb * 100.0
         );
         if perf_stacks.len() < 50 || ours_stacks.len() < 50 {
-            failures.push(format!("{name}: too few samples (ours {}, perf {})", ours_stacks.len(), perf_stacks.len()));
+            failures.push(format!(
+                "{name}: too few samples (ours {}, perf {})",
+                ours_stacks.len(),
+                perf_stacks.len()
+            ));
             continue;
         }
         if ours_c + 0.005 < perf_c {
-            failures.push(format!("{name}: complete {:.1}% below perf's {:.1}%", ours_c * 100.0, perf_c * 100.0));
+            failures.push(format!(
+                "{name}: complete {:.1}% below perf's {:.1}%",
+                ours_c * 100.0,
+                perf_c * 100.0
+            ));
         }
         for key in a.keys().chain(b.keys()) {
             let (x, y) = (a.get(key).copied().unwrap_or(0.0), b.get(key).copied().unwrap_or(0.0));

@@ -31,7 +31,11 @@ fn fixture(name: &str) -> PathBuf {
 /// One field of the agent's JSON summary.
 fn field(json: &str, key: &str) -> f64 {
     let pat = format!("\"{key}\":");
-    json.split(&pat).nth(1).and_then(|r| r.split([',', '}']).next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    json.split(&pat)
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn record(args: &[&str]) -> String {
@@ -58,7 +62,9 @@ fn bpf_cost() {
     println!("{:>7} {:>9} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
     let mut base: std::collections::HashMap<&str, f64> = Default::default();
     for depth in [16u32, 64, 256] {
-        for (walker, bin, flags) in [("fp", "recurse_fp", vec!["--no-tables"]), ("tables", "recurse_nofp", vec![])] {
+        for (walker, bin, flags) in
+            [("fp", "recurse_fp", vec!["--no-tables"]), ("tables", "recurse_nofp", vec![])]
+        {
             // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
             let arg = (depth - 5).to_string();
             let p = Killed(Command::new(fixture(bin)).arg(&arg).spawn().unwrap());
@@ -67,7 +73,8 @@ fn bpf_cost() {
             let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
             a.extend(flags.iter());
             let j = record(&a);
-            let (runs, ns, emitted) = (field(&j, "bpf_runs"), field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
+            let (runs, ns, emitted) =
+                (field(&j, "bpf_runs"), field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
             let _ = runs;
             let per_sample = ns / emitted;
             let per_frame = if depth == 16 {
@@ -85,7 +92,15 @@ fn bpf_cost() {
 fn throughput_run(seconds: f64) -> (Vec<Killed>, f64) {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let kids = (0..cpus)
-        .map(|_| Killed(Command::new(fixture("throughput_nofp")).arg(seconds.to_string()).stdout(Stdio::piped()).spawn().unwrap()))
+        .map(|_| {
+            Killed(
+                Command::new(fixture("throughput_nofp"))
+                    .arg(seconds.to_string())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
         .collect();
     (kids, seconds)
 }
@@ -93,7 +108,8 @@ fn throughput_run(seconds: f64) -> (Vec<Killed>, f64) {
 fn finish(kids: Vec<Killed>) -> f64 {
     let mut total = 0.0;
     for mut k in kids {
-        let out = std::mem::replace(&mut k.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+        let out =
+            std::mem::replace(&mut k.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
         total += String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().unwrap_or(0.0);
     }
     total
@@ -114,7 +130,10 @@ fn overhead() {
     let secs = 8.0;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     println!("\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s");
-    println!("{:<22} {:>14} {:>10} {:>14} {:>14}", "profiler", "iterations", "slowdown", "profiler CPU", "+ lost CPU");
+    println!(
+        "{:<22} {:>14} {:>10} {:>14} {:>14}",
+        "profiler", "iterations", "slowdown", "profiler CPU", "+ lost CPU"
+    );
     let (kids, _) = throughput_run(secs);
     let base = finish(kids);
     println!("{:<22} {base:>14.0} {:>10} {:>14} {:>14}", "none", "-", "-", "-");
@@ -123,7 +142,17 @@ fn overhead() {
         // is sampling (start-up and the final symbolization are outside the window).
         let hz_s = hz.to_string();
         let agent = Command::new(agent())
-            .args(["record", "--duration", &(secs + 3.0).to_string(), "--frequency", &hz_s, "--bpf-stats", "--json-summary", "--output", "/tmp/unwound-bench.pb.gz"])
+            .args([
+                "record",
+                "--duration",
+                &(secs + 3.0).to_string(),
+                "--frequency",
+                &hz_s,
+                "--bpf-stats",
+                "--json-summary",
+                "--output",
+                "/tmp/unwound-bench.pb.gz",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -145,7 +174,22 @@ fn overhead() {
         );
         // perf with DWARF stack copies, every CPU, the same window.
         let perf = Command::new("perf")
-            .args(["record", "-q", "-e", "cpu-clock", "-F", &hz_s, "--call-graph", "dwarf", "-a", "-o", "/tmp/unwound-bench-perf.data", "--", "sleep", &(secs + 2.0).to_string()])
+            .args([
+                "record",
+                "-q",
+                "-e",
+                "cpu-clock",
+                "-F",
+                &hz_s,
+                "--call-graph",
+                "dwarf",
+                "-a",
+                "-o",
+                "/tmp/unwound-bench-perf.data",
+                "--",
+                "sleep",
+                &(secs + 2.0).to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -164,7 +208,13 @@ fn overhead() {
     }
     let (kids, _) = throughput_run(secs);
     let again = finish(kids);
-    println!("{:<22} {again:>14.0} {:>9.2}% {:>14} {:>14}", "none (again)", (1.0 - again / base) * 100.0, "-", "-");
+    println!(
+        "{:<22} {again:>14.0} {:>9.2}% {:>14} {:>14}",
+        "none (again)",
+        (1.0 - again / base) * 100.0,
+        "-",
+        "-"
+    );
     println!("  profiler CPU: unwound = agent + BPF run time; perf = the perf process.");
     println!("  + lost CPU: the profiler process plus the workload's lost throughput in CPU seconds.");
 }
@@ -179,7 +229,10 @@ fn memory() {
     );
     std::thread::sleep(Duration::from_millis(800));
     let pid = p.0.id().to_string();
-    println!("{:<14} {:>10} {:>12} {:>14} {:>14}", "headroom", "tables", "table KiB", "BPF map KiB", "agent RSS KiB");
+    println!(
+        "{:<14} {:>10} {:>12} {:>14} {:>14}",
+        "headroom", "tables", "table KiB", "BPF map KiB", "agent RSS KiB"
+    );
     for headroom in ["0", "64"] {
         let j = record(&["--pid", &pid, "--duration", "2", "--table-headroom", headroom]);
         println!(
