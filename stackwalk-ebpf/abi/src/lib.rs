@@ -221,8 +221,13 @@ pub struct SampleBuffer {
     pub walk_rsp: u64,
     /// Table walk state: non-zero when rip is exact (not a return address).
     pub walk_exact: u32,
-    /// Reserved.
-    pub walk_reserved: u32,
+    /// Table walk cache: id of `cached_table` (`NO_TABLE` when empty).
+    pub cached_table_id: u32,
+    /// Table walk cache: the mapping of the previous frame (consecutive frames are often in
+    /// one object), so its lookup is skipped.
+    pub cached_mapping: MappingEntry,
+    /// Table walk cache: the table of `cached_mapping`.
+    pub cached_table: TableInfo,
 }
 
 /// Walker configuration, written by userspace into [`CONFIG_MAP`] before attaching.

@@ -30,7 +30,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    Counter, ProcMappings, SampleBuffer, TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS,
+    Counter, MappingEntry, ProcMappings, SampleBuffer, TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS,
     FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
     HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
     MAX_USER_FRAMES, NO_TABLE, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE,
@@ -172,11 +172,10 @@ fn rule_at(rule_start: u32, index: u16) -> Option<UnwindRule> {
     RULES.get(rule_start.wrapping_add(u32::from(index))).copied()
 }
 
-/// The unwind rule for file virtual address `vaddr` in table `table`: a page index lookup,
+/// The unwind rule for file virtual address `vaddr` in table `t`: a page index lookup,
 /// one chunk lookup with a binary search inside it, and a rule lookup.
 #[inline(always)]
-fn lookup_rule(table: u32, vaddr: u64) -> Option<UnwindRule> {
-    let t = TABLES.get(table)?;
+fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     let rel = vaddr.checked_sub(t.base)?;
     let page = rel >> PAGE_SHIFT;
     if page >= u64::from(t.pages) {
@@ -223,37 +222,49 @@ fn lookup_rule(table: u32, vaddr: u64) -> Option<UnwindRule> {
 unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
     let buf = &mut *buf;
-    let Some(procs) = PROCS.get_ptr(buf.header.pid) else {
-        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-        return 1;
-    };
-    let procs = &*procs;
     let pc = if buf.walk_exact != 0 { buf.walk_rip } else { buf.walk_rip.wrapping_sub(1) };
-    // The mapping that holds pc: branch-free binary search over the sorted starts.
-    let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
-    if mapped == 0 {
-        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-        return 1;
+    if !(buf.cached_mapping.start <= pc && pc < buf.cached_mapping.end) {
+        let Some(procs) = PROCS.get_ptr(buf.header.pid) else {
+            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+            return 1;
+        };
+        let procs = &*procs;
+        // The mapping that holds pc: branch-free binary search over the sorted starts.
+        let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
+        if mapped == 0 {
+            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+            return 1;
+        }
+        let (mut base, mut n) = (0u32, mapped);
+        for _ in 0..9 {
+            let half = n / 2;
+            let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else { return 1 };
+            let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
+            base += (i64::from(half) * le) as u32;
+            n -= half;
+        }
+        let found = procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
+        let Some(m) = found else {
+            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+            return 1;
+        };
+        buf.cached_mapping = *m;
     }
-    let (mut base, mut n) = (0u32, mapped);
-    for _ in 0..9 {
-        let half = n / 2;
-        let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else { return 1 };
-        let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
-        base += (i64::from(half) * le) as u32;
-        n -= half;
+    let mapping = buf.cached_mapping;
+    if mapping.table != NO_TABLE && mapping.table != buf.cached_table_id {
+        match TABLES.get(mapping.table) {
+            Some(t) => {
+                buf.cached_table = *t;
+                buf.cached_table_id = mapping.table;
+            }
+            None => buf.cached_table_id = NO_TABLE,
+        }
     }
-    let mapping =
-        procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
-    let Some(mapping) = mapping else {
-        buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-        return 1;
-    };
     let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
-    let rule = if mapping.table == NO_TABLE {
+    let rule = if mapping.table == NO_TABLE || mapping.table != buf.cached_table_id {
         None
     } else {
-        lookup_rule(mapping.table, pc.wrapping_sub(mapping.bias))
+        lookup_rule(&buf.cached_table, pc.wrapping_sub(mapping.bias))
     };
     let result = match rule {
         Some(r) if r.cfa != CfaKind::Gap as u8 => {
@@ -393,6 +404,8 @@ unsafe fn sample(ctx: &PerfEventContext) {
             buf.walk_rip = ip;
             buf.walk_rsp = sp;
             buf.walk_exact = 1;
+            buf.cached_mapping = MappingEntry::default();
+            buf.cached_table_id = NO_TABLE;
             buf.walk_index = kernel_len as u32 + 1;
             buf.walk_budget = budget.saturating_sub(1);
             if PROCS.get_ptr(pid).is_some() {
