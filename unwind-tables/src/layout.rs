@@ -397,6 +397,11 @@ pub struct Registers {
 pub trait Memory {
     /// The 8 bytes at `addr`, or `None` when unreadable.
     fn read_u64(&mut self, addr: u64) -> Option<u64>;
+    /// The 16 bytes at `addr` as two words; override when one read is cheaper than two
+    /// (the BPF walker: one helper call).
+    fn read_u64_pair(&mut self, addr: u64) -> Option<[u64; 2]> {
+        Some([self.read_u64(addr)?, self.read_u64(addr.wrapping_add(8))?])
+    }
 }
 
 /// What one step found.
@@ -472,6 +477,14 @@ pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step 
     };
     if cfa & 7 != 0 || cfa <= regs.rsp {
         return Step::Failed(StepError::BadCfa);
+    }
+    // The common frame saves rbp right below the return address: one 16-byte read.
+    if rule.rbp == RbpKind::AtCfa as u8 && rule.rbp_slot == -2 {
+        let Some([rbp, rip]) = mem.read_u64_pair(cfa - 16) else { return Step::Failed(StepError::Memory) };
+        if rip == 0 {
+            return Step::End;
+        }
+        return Step::Caller { regs: Registers { rip, rsp: cfa, rbp }, exact: false };
     }
     let Some(rip) = mem.read_u64(cfa - 8) else { return Step::Failed(StepError::Memory) };
     if rip == 0 {

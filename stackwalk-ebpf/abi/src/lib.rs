@@ -221,6 +221,10 @@ pub struct SampleBuffer {
     pub walk_rsp: u64,
     /// Table walk state: non-zero when rip is exact (not a return address).
     pub walk_exact: u32,
+    /// Frames of this walk unwound by a table rule.
+    pub table_frames: u32,
+    /// Frames of this walk unwound by the frame-pointer fallback.
+    pub fallback_frames: u32,
     /// Table walk cache: id of `cached_table` (`NO_TABLE` when empty).
     pub cached_table_id: u32,
     /// Table walk cache: the mapping of the previous frame (consecutive frames are often in

@@ -85,6 +85,14 @@ fn count(counter: Counter) {
 }
 
 #[inline(always)]
+fn add(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; perf-event programs do not nest on one CPU.
+        unsafe { *slot += n };
+    }
+}
+
+#[inline(always)]
 fn is_user_mode(regs: &pt_regs) -> bool {
     regs.cs & 3 == 3
 }
@@ -165,6 +173,10 @@ impl Memory for UserMemory {
     fn read_u64(&mut self, addr: u64) -> Option<u64> {
         unsafe { bpf_probe_read_user(addr as *const u64).ok() }
     }
+    #[inline(always)]
+    fn read_u64_pair(&mut self, addr: u64) -> Option<[u64; 2]> {
+        unsafe { bpf_probe_read_user(addr as *const [u64; 2]).ok() }
+    }
 }
 
 #[inline(always)]
@@ -243,7 +255,8 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
             base += (i64::from(half) * le) as u32;
             n -= half;
         }
-        let found = procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
+        let found =
+            procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
         let Some(m) = found else {
             buf.header.walk_end = WALK_UNKNOWN_MAPPING;
             return 1;
@@ -268,12 +281,12 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
     };
     let result = match rule {
         Some(r) if r.cfa != CfaKind::Gap as u8 => {
-            count(Counter::TableFrames);
+            buf.table_frames += 1;
             step(&r, &regs, &mut UserMemory)
         }
         // No unwind information for this pc (JIT code, stripped CFI): a frame-pointer step.
         _ => {
-            count(Counter::FallbackFrames);
+            buf.fallback_frames += 1;
             let fp = regs.rbp;
             match bpf_probe_read_user(fp as *const [u64; 2]) {
                 Ok([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
@@ -406,11 +419,15 @@ unsafe fn sample(ctx: &PerfEventContext) {
             buf.walk_exact = 1;
             buf.cached_mapping = MappingEntry::default();
             buf.cached_table_id = NO_TABLE;
+            buf.table_frames = 0;
+            buf.fallback_frames = 0;
             buf.walk_index = kernel_len as u32 + 1;
             buf.walk_budget = budget.saturating_sub(1);
             if PROCS.get_ptr(pid).is_some() {
                 count(Counter::TableWalks);
                 bpf_loop(budget + 1, table_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+                add(Counter::TableFrames, u64::from(buf.table_frames));
+                add(Counter::FallbackFrames, u64::from(buf.fallback_frames));
                 match buf.header.walk_end {
                     WALK_COMPLETE => count(Counter::TableWalkComplete),
                     WALK_TRUNCATED => count(Counter::UserTruncated),
