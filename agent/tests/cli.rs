@@ -152,11 +152,13 @@ fn a_process_that_exits_mid_recording_keeps_its_samples() {
     if !bpf_available("a_process_that_exits_mid_recording_keeps_its_samples") {
         return;
     }
+    let _guard = exclusive();
     let dir = build_fixtures();
     let mut f = start(&dir, "chain_fp", &[]);
     let pid = f.pid();
     let killer = std::thread::spawn(move || {
-        settle(1000);
+        // Long enough for the agent to start (tables, BPF load) and take ~200 samples.
+        settle(2500);
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     });
     let tmp = tempfile::tempdir().unwrap();
