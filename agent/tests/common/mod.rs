@@ -97,13 +97,19 @@ impl Drop for Running {
 }
 
 pub fn start(dir: &Path, binary: &str, args: &[String]) -> Running {
-    let child = Command::new(dir.join(binary))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start fixture {binary}: {e}"));
-    Running { child, name: binary.to_string() }
+    let mut tries = 0;
+    loop {
+        match Command::new(dir.join(binary)).args(args).stdin(Stdio::null()).stdout(Stdio::null()).spawn() {
+            Ok(child) => return Running { child, name: binary.to_string() },
+            // A just-copied binary is briefly "busy" while another test thread's fork still
+            // holds its write descriptor (until that child execs).
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("start fixture {binary}: {e}"),
+        }
+    }
 }
 
 pub struct AgentRun {
