@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use unwound_stackwalk_abi::{walk_end_name, SampleRecord, WALK_COMPLETE, WALK_FRAME_POINTERS};
+use unwound_stackwalk_abi::{walk_end_name, SampleHeader, SampleRecord, WALK_COMPLETE, WALK_FRAME_POINTERS};
 use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps};
 
 /// Key of an aggregated stack.
@@ -82,11 +82,12 @@ impl Collector {
         Self::default()
     }
 
-    /// Adds one record read from the ring buffer.
-    pub fn add(&mut self, bytes: &[u8]) {
+    /// Adds one record read from the ring buffer; returns its header (`None` when the
+    /// record is malformed, which is counted).
+    pub fn add(&mut self, bytes: &[u8]) -> Option<SampleHeader> {
         let Ok(record) = SampleRecord::parse(bytes) else {
             self.malformed += 1;
-            return;
+            return None;
         };
         self.samples += 1;
         let key = StackKey {
@@ -98,12 +99,13 @@ impl Collector {
         };
         if let Some(count) = self.stacks.get_mut(&key) {
             *count += 1;
-            return;
+            return Some(record.header);
         }
         if !key.user.is_empty() {
             self.track(key.pid, &key.user);
         }
         self.stacks.insert(key, 1);
+        Some(record.header)
     }
 
     fn track(&mut self, pid: u32, user: &[u64]) {

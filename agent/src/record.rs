@@ -64,7 +64,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         session.drain(&mut collector, POLL_INTERVAL_MS)?;
         if last_refresh.elapsed() >= Duration::from_secs(1) {
-            session.refresh_processes(args);
+            session.prune_exited();
             last_refresh = Instant::now();
         }
         if !args.pids.is_empty() && args.pids.iter().all(|&p| !process_alive(p)) {
@@ -271,11 +271,7 @@ impl Session {
         let mut known = std::collections::HashMap::new();
         let tables = match plan {
             Some(p) => {
-                for pid in table_targets(args) {
-                    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-                        known.insert(pid, text);
-                    }
-                }
+                known = p.maps_texts();
                 Some(TableLoader::new(&mut ebpf, p)?)
             }
             None => None,
@@ -358,7 +354,7 @@ impl Session {
     /// Forgets processes that exited (once a second). New processes and new mappings
     /// (dlopen) are picked up as their first samples arrive (`refresh_one`), so nothing
     /// here re-reads every process's maps.
-    fn refresh_processes(&mut self, _args: &RecordArgs) {
+    fn prune_exited(&mut self) {
         let Some(tables) = self.tables.as_mut() else { return };
         let gone: Vec<u32> =
             self.known.keys().copied().filter(|p| !Path::new(&format!("/proc/{p}")).exists()).collect();
@@ -384,16 +380,14 @@ impl Session {
         }
         let mut stale: Vec<u32> = Vec::new();
         while let Some(item) = self.ring.next() {
-            collector.add(&item);
+            let Some(header) = collector.add(&item) else { continue };
             if self.tables.is_some() {
-                if let Ok(r) = unwound_stackwalk_abi::SampleRecord::parse(&item) {
-                    let pid = r.header.pid;
-                    let unknown = !self.known.contains_key(&pid) && !r.user.is_empty();
-                    if (unknown || r.header.walk_end == unwound_stackwalk_abi::WALK_UNKNOWN_MAPPING)
-                        && !stale.contains(&pid)
-                    {
-                        stale.push(pid);
-                    }
+                let pid = header.pid;
+                let unknown = !self.known.contains_key(&pid) && header.user_len > 0;
+                if (unknown || header.walk_end == unwound_stackwalk_abi::WALK_UNKNOWN_MAPPING)
+                    && !stale.contains(&pid)
+                {
+                    stale.push(pid);
                 }
             }
         }

@@ -57,7 +57,9 @@ pub struct TableStats {
 /// Tables compiled before the walker is loaded, to size its arrays.
 pub struct TablePlan {
     files: HashMap<FileKey, Option<Arc<Compiled>>>,
-    procs: Vec<(u32, ProcessMaps)>,
+    /// Each process's maps, parsed and as read (the agent compares the text to notice
+    /// changes).
+    procs: Vec<(u32, ProcessMaps, String)>,
     pub stats: TableStats,
 }
 
@@ -101,31 +103,35 @@ fn compile_mapping(pid: u32, m: &Mapping) -> Option<Compiled> {
     Some(Compiled { table, segments })
 }
 
+/// Compiles a mapping's table; a file that should have one and does not is counted.
+fn compile_counted(pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
+    let c = compile_mapping(pid, m).map(Arc::new);
+    if c.is_none() && !m.is_pseudo() {
+        stats.compile_failures += 1;
+    }
+    c
+}
+
 impl TablePlan {
     /// Compiles the tables of every executable mapping of `pids`.
     pub fn new(pids: &[u32]) -> Self {
         let mut plan = TablePlan { files: HashMap::new(), procs: Vec::new(), stats: TableStats::default() };
         for &pid in pids {
-            if let Ok(maps) = ProcessMaps::read(pid) {
-                plan.compile_all(pid, &maps);
-                plan.procs.push((pid, maps));
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+            let maps = ProcessMaps::parse(&text);
+            for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
+                if let std::collections::hash_map::Entry::Vacant(v) = plan.files.entry(file_key(m)) {
+                    v.insert(compile_counted(pid, m, &mut plan.stats));
+                }
             }
+            plan.procs.push((pid, maps, text));
         }
         plan
     }
 
-    fn compile_all(&mut self, pid: u32, maps: &ProcessMaps) {
-        for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
-            let key = file_key(m);
-            if self.files.contains_key(&key) {
-                continue;
-            }
-            let c = compile_mapping(pid, m).map(Arc::new);
-            if c.is_none() && !m.is_pseudo() {
-                self.stats.compile_failures += 1;
-            }
-            self.files.insert(key, c);
-        }
+    /// The maps text of every planned process, by pid.
+    pub fn maps_texts(&self) -> HashMap<u32, String> {
+        self.procs.iter().map(|(pid, _, text)| (*pid, text.clone())).collect()
     }
 
     /// Sizes the walker's table arrays: what the plan needs, plus room for tables compiled
@@ -192,7 +198,7 @@ impl TableLoader {
             + u64::from(cap.1) * CHUNK_ENTRIES as u64 * 4
             + u64::from(cap.2) * 8
             + u64::from(MAX_TABLES) * 24;
-        for (pid, maps) in plan.procs {
+        for (pid, maps, _) in plan.procs {
             loader.add_process(pid, &maps)?;
         }
         Ok(loader)
@@ -206,10 +212,7 @@ impl TableLoader {
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = compile_mapping(pid, m).map(Arc::new);
-                    if c.is_none() && !m.is_pseudo() {
-                        self.stats.compile_failures += 1;
-                    }
+                    let c = compile_counted(pid, m, &mut self.stats);
                     self.compiled.insert(key.clone(), c.clone());
                     c
                 }

@@ -48,19 +48,9 @@ fn frame_pointer_fixtures_have_their_full_chain() {
         return;
     }
     let _guard = exclusive();
-    let dir = build_fixtures();
     let manifest = manifest();
-    let mut running = Vec::new();
-    let mut patterns = BTreeMap::new();
-    let mut settle_ms = 0;
-    for f in &manifest.fixture {
-        for v in &f.variants {
-            running.push(start(&dir, &f.binary(v), &f.args));
-            patterns.insert(f.binary(v), expand(&f.stack));
-            settle_ms = settle_ms.max(f.settle_ms);
-        }
-    }
-    settle(settle_ms.max(100));
+    let (running, patterns) = start_every_fixture(&manifest);
+    settle(manifest.fixture.iter().map(|f| f.settle_ms).max().unwrap_or(0).max(100));
     let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
     let tmp = tempfile::tempdir().unwrap();
     let (stacks, run) = record_folded_with(&pids, 5.0, 499, tmp.path(), &["--no-tables"]);
@@ -103,6 +93,20 @@ fn frame_pointer_fixtures_have_their_full_chain() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Starts every variant of every fixture; returns them with their expected chains by name.
+fn start_every_fixture(manifest: &Manifest) -> (Vec<Running>, BTreeMap<String, Vec<String>>) {
+    let dir = build_fixtures();
+    let mut running = Vec::new();
+    let mut patterns = BTreeMap::new();
+    for f in &manifest.fixture {
+        for v in &f.variants {
+            running.push(start(&dir, &f.binary(v), &f.args));
+            patterns.insert(f.binary(v), expand(&f.stack));
+        }
+    }
+    (running, patterns)
+}
+
 /// Samples whose user stack ends, innermost, in the fixture's expected chain.
 fn print_and_check_shares(
     manifest: &Manifest,
@@ -140,16 +144,8 @@ fn table_walker_gives_every_fixture_its_full_chain() {
         return;
     }
     let _guard = exclusive();
-    let dir = build_fixtures();
     let manifest = manifest();
-    let mut running = Vec::new();
-    let mut patterns = BTreeMap::new();
-    for f in &manifest.fixture {
-        for v in &f.variants {
-            running.push(start(&dir, &f.binary(v), &f.args));
-            patterns.insert(f.binary(v), expand(&f.stack));
-        }
-    }
+    let (running, patterns) = start_every_fixture(&manifest);
     // The signal fixture's timer fires after 10 ms; dlopen loads its library 1.5 s in,
     // while the agent is already recording.
     settle(200);

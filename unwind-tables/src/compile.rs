@@ -172,12 +172,7 @@ struct CieInfo {
     initial: State,
 }
 
-fn cie_info<'a, S: UnwindSection<R<'a>>>(
-    section: &S,
-    bases: &BaseAddresses,
-    offset: usize,
-    eh_frame: bool,
-) -> Option<CieInfo>
+fn cie_info<'a, S: UnwindSection<R<'a>>>(section: &S, bases: &BaseAddresses, offset: usize) -> Option<CieInfo>
 where
     S::Offset: gimli::UnwindOffset<usize>,
 {
@@ -185,11 +180,8 @@ where
     if cie.address_size() != 8 {
         return None;
     }
-    let encoding = match cie.fde_address_encoding() {
-        Some(e) => e.0,
-        None if eh_frame => 0, // absptr
-        None => 0,
-    };
+    // No encoding given: absolute pointers (`.debug_frame`, or `.eh_frame` without 'R').
+    let encoding = cie.fde_address_encoding().map_or(0, |e| e.0);
     let mut st =
         State { cfa: Cfa::RegOffset(RSP, 8), last_reg: RSP, last_off: 8, rbp: Reg::Same, ra: Reg::Same };
     let init = st;
@@ -289,8 +281,7 @@ where
         let is_cie = if eh_frame { id == 0 } else { id == 0xffff_ffff };
         if !is_cie {
             let cie_off = if eh_frame { (body as u32).wrapping_sub(id) } else { id };
-            let info =
-                *cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize, eh_frame));
+            let info = *cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize));
             let parsed = info.and_then(|c| {
                 let mut p = body + 4;
                 let field = section_addr + p as u64;

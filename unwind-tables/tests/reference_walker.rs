@@ -76,7 +76,6 @@ struct Object {
 }
 
 struct Process {
-    pid: u32,
     maps: ProcessMaps,
     objects: HashMap<u64, Object>,
 }
@@ -101,7 +100,7 @@ impl Process {
             };
             objects.insert(m.start, Object { table, symbols });
         }
-        Process { pid, maps, objects }
+        Process { maps, objects }
     }
 
     /// (object, file virtual address) of an absolute address.
@@ -198,7 +197,6 @@ fn every_fixture_unwinds_completely_with_tables() {
             }
             let _ = child.kill();
             let _ = child.wait();
-            let _ = process.pid;
             eprintln!(
                 "{bin:<16} {stops:>6} {complete:>9}  {}",
                 example.chars().take(160).collect::<String>()
