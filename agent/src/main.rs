@@ -3,6 +3,7 @@
 mod output;
 mod profile;
 mod record;
+mod symbolize;
 mod tables;
 mod unwinding;
 
@@ -24,6 +25,9 @@ enum Command {
     Record(RecordArgs),
     /// Compile an ELF file's unwind tables and summarize or dump them.
     Tables(tables::TablesArgs),
+    /// Turn addresses of an ELF file or a process into functions, source lines and inlined
+    /// frames (DWARF, separate debuginfo, debuginfod; indexes cached zstd-compressed).
+    Symbolize(symbolize::SymbolizeArgs),
 }
 
 /// Output formats.
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Record(args) => record::run(&args),
         Command::Tables(args) => tables::run(&args),
+        Command::Symbolize(args) => symbolize::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

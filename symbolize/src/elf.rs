@@ -1,7 +1,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::{demangle, Error, MAX_ELF_SIZE, MAX_SYMBOLS};
 
@@ -14,6 +15,9 @@ pub struct Symbol<'a> {
     pub address: u64,
     /// How far into the symbol the looked-up address is.
     pub offset: u64,
+    /// The source file the symbol table attributes it to (the `STT_FILE` symbol before it,
+    /// as binutils reads it), if any.
+    pub file: Option<&'a str>,
 }
 
 #[derive(Clone, Debug)]
@@ -21,6 +25,7 @@ struct Entry {
     address: u64,
     size: u64,
     name: Box<str>,
+    file: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +52,16 @@ pub struct ElfSymbols {
 impl ElfSymbols {
     /// Reads the symbols of the ELF file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let path = path.as_ref();
+        Self::open_with(path.as_ref(), false)
+    }
+
+    /// Like [`ElfSymbols::open`], but where several names share an address the one binutils
+    /// (`addr2line`) reports wins: the largest symbol, then the first in the symbol table.
+    pub fn open_like_binutils(path: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::open_with(path.as_ref(), true)
+    }
+
+    fn open_with(path: &Path, binutils: bool) -> Result<Self, Error> {
         let io = |source| Error::Io { path: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
@@ -57,26 +71,50 @@ impl ElfSymbols {
         // SAFETY: the map is read-only and private; a file truncated under us would fault
         // (SIGBUS), the same risk every mmap-based ELF reader takes.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, &map)
+        Self::parse(path, &map, binutils)
     }
 
     /// Reads the symbols of an ELF image held in memory (a vDSO copied from a process).
     /// `name` is used in errors.
     pub fn from_bytes(name: impl AsRef<Path>, data: &[u8]) -> Result<Self, Error> {
-        Self::parse(name.as_ref(), data)
+        Self::parse(name.as_ref(), data, false)
     }
 
-    fn parse(path: &Path, data: &[u8]) -> Result<Self, Error> {
+    fn parse(path: &Path, data: &[u8], binutils: bool) -> Result<Self, Error> {
         let elf_err = |e: object::Error| Error::Elf { path: path.to_path_buf(), reason: e.to_string() };
         let file = object::File::parse(data).map_err(elf_err)?;
         if file.format() != object::BinaryFormat::Elf {
             return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
         }
-        let mut raw: Vec<(u64, u64, u8, String)> = Vec::new();
-        for sym in file.symbols().chain(file.dynamic_symbols()) {
+        let mut raw: Vec<(u64, u64, u8, String, Option<Arc<str>>)> = Vec::new();
+        // binutils' reading of STT_FILE symbols: a function takes the last file symbol
+        // before it, unless it is global and that file symbol came after other symbols.
+        #[derive(PartialEq)]
+        enum FileState {
+            Nothing,
+            Symbol,
+            FileAfterSymbol,
+        }
+        let mut state = FileState::Nothing;
+        let mut current_file: Option<Arc<str>> = None;
+        for (n, sym) in file.symbols().map(|s| (0, s)).chain(file.dynamic_symbols().map(|s| (1, s))) {
+            if n == 0 && sym.kind() == SymbolKind::File {
+                if state == FileState::Symbol {
+                    state = FileState::FileAfterSymbol;
+                }
+                current_file = sym.name().ok().filter(|s| !s.is_empty()).map(Arc::from);
+                continue;
+            }
+            if n == 0 && state == FileState::Nothing {
+                state = FileState::Symbol;
+            }
             if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
                 continue;
             }
+            let src = match n {
+                0 if sym.is_local() || state != FileState::FileAfterSymbol => current_file.clone(),
+                _ => None,
+            };
             let Ok(name) = sym.name() else { continue };
             if name.is_empty() {
                 continue;
@@ -88,7 +126,16 @@ impl ElfSymbols {
             } else {
                 2
             };
-            raw.push((sym.address(), sym.size(), rank, name.to_string()));
+            // A symbol without a size ends where its section ends at the latest.
+            let size = match (sym.size(), sym.section_index()) {
+                (0, Some(i)) => file
+                    .section_by_index(i)
+                    .ok()
+                    .map(|s| (s.address() + s.size()).saturating_sub(sym.address()))
+                    .unwrap_or(0),
+                (n, _) => n,
+            };
+            raw.push((sym.address(), size, rank, name.to_string(), src));
             if raw.len() > MAX_SYMBOLS {
                 return Err(Error::Elf {
                     path: path.to_path_buf(),
@@ -96,23 +143,49 @@ impl ElfSymbols {
                 });
             }
         }
-        raw.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(a.2.cmp(&b.2))
-                .then(a.3.starts_with('_').cmp(&b.3.starts_with('_')))
-                .then(a.3.len().cmp(&b.3.len()))
-                .then(a.3.cmp(&b.3))
-                .then(b.1.cmp(&a.1))
-        });
+        if binutils {
+            // The choice `addr2line` makes among names of one address (found by comparing
+            // with it on glibc's debug symbols): a local name over a global one over a weak
+            // one; among equals the later in the table. The stable sort keeps table order.
+            raw.sort_by_key(|r| r.0);
+            let class = |rank: u8| match rank {
+                2 => 0, // local
+                0 => 1, // global
+                _ => 2, // weak
+            };
+            let mut chosen: Vec<(u64, u64, u8, String, Option<Arc<str>>)> = Vec::with_capacity(raw.len());
+            for r in raw.drain(..) {
+                match chosen.last_mut() {
+                    Some(c) if c.0 == r.0 => {
+                        let size = c.1.max(r.1);
+                        if class(r.2) <= class(c.2) {
+                            *c = r;
+                        }
+                        c.1 = size;
+                    }
+                    _ => chosen.push(r),
+                }
+            }
+            raw = chosen;
+        } else {
+            raw.sort_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then(a.2.cmp(&b.2))
+                    .then(a.3.starts_with('_').cmp(&b.3.starts_with('_')))
+                    .then(a.3.len().cmp(&b.3.len()))
+                    .then(a.3.cmp(&b.3))
+                    .then(b.1.cmp(&a.1))
+            });
+        }
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.len());
-        for (address, size, _, name) in raw {
+        for (address, size, _, name, file) in raw {
             if let Some(last) = entries.last_mut() {
                 if last.address == address {
                     last.size = last.size.max(size);
                     continue;
                 }
             }
-            entries.push(Entry { address, size, name: demangle(&name).into_boxed_str() });
+            entries.push(Entry { address, size, name: demangle(&name).into_boxed_str(), file });
         }
         let segments = file
             .segments()
@@ -165,6 +238,6 @@ impl ElfSymbols {
         } else {
             self.entries.get(i + 1).is_none_or(|n| vaddr < n.address)
         };
-        covered.then_some(Symbol { name: &e.name, address: e.address, offset })
+        covered.then_some(Symbol { name: &e.name, address: e.address, offset, file: e.file.as_deref() })
     }
 }

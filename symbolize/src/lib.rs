@@ -27,13 +27,22 @@
 //! ```
 #![warn(missing_docs)]
 
+mod cache;
+mod debuginfo;
+mod dwarf;
 mod elf;
+mod index;
 mod kernel;
 mod maps;
+mod symbolizer;
 
+pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError};
 pub use elf::{ElfSymbols, Symbol};
 pub use kernel::{KernelSymbol, KernelSymbols};
 pub use maps::{Mapping, ProcessMaps};
+pub use symbolizer::{
+    default_cache_dir, Frame, Miss, Options, Resolution, Stats, Symbolized, Symbolizer, MAX_DWARF_SECTION,
+};
 
 use std::path::PathBuf;
 

@@ -1,0 +1,550 @@
+//! Reads DWARF line tables and inlined-function trees into flat, sorted rows.
+//!
+//! Each compilation unit is read on its own (in parallel); names are resolved through
+//! `DW_AT_specification` / `DW_AT_abstract_origin` chains, also into other units and into a
+//! supplementary (dwz) file, and demangled once per DIE.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gimli::{AttributeValue, DebugInfoOffset, EndianSlice, LittleEndian};
+use object::{Object, ObjectSection, SectionFlags};
+use rayon::prelude::*;
+
+use crate::demangle;
+
+type R<'a> = EndianSlice<'a, LittleEndian>;
+
+/// Marks a line row that ends a sequence (no line information from here on).
+pub(crate) const END: u32 = u32::MAX;
+/// Most rows (lines plus function ranges) read from one file.
+pub(crate) const MAX_ROWS: usize = 256 << 20;
+/// Longest reference chain followed for a name.
+const MAX_NAME_HOPS: usize = 16;
+/// Deepest inline nesting kept.
+pub(crate) const MAX_INLINE_DEPTH: usize = 64;
+
+/// One row of a line table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LineRow {
+    pub addr: u64,
+    /// String index of the file path, or [`END`].
+    pub file: u32,
+    pub line: u32,
+    pub discriminator: u32,
+}
+
+/// One address range of a function (depth 0) or of an inlined call (depth ≥ 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FuncRow {
+    pub lo: u64,
+    pub hi: u64,
+    pub depth: u32,
+    /// String index of the (demangled) name.
+    pub name: u32,
+    /// Where the inlined call was made (depth ≥ 1): string index of the file, or [`END`].
+    /// For a function (depth 0): its compilation unit's name.
+    pub call_file: u32,
+    pub call_line: u32,
+    /// The name is a (demangled) linkage name, not a plain `DW_AT_name`.
+    pub linkage: bool,
+    /// The first range of its DIE (the others follow it directly until sorted).
+    pub first: bool,
+    /// For a function without a linkage name: the symbol that starts at this (first) range,
+    /// which binutils reports instead of the DWARF name when no inlined frame is involved.
+    pub sym_name: u32,
+}
+
+/// Everything read from one file's DWARF, addresses sorted.
+#[derive(Debug, Default)]
+pub(crate) struct RawDebugInfo {
+    pub strings: Vec<Arc<str>>,
+    interner: Option<HashMap<Arc<str>, u32>>,
+    pub lines: Vec<LineRow>,
+    pub funcs: Vec<FuncRow>,
+}
+
+impl RawDebugInfo {
+    /// Names functions that have no linkage name (C) the way binutils does: by the symbol
+    /// that starts where the function starts, when there is one.
+    pub fn name_like_binutils(&mut self, symbols: &crate::ElfSymbols) {
+        let mut map = self.interner.take().unwrap_or_default();
+        // binutils compares the symbol found for an address with the DIE's first range.
+        for f in self.funcs.iter_mut().filter(|f| f.first && f.depth == 0 && !f.linkage) {
+            if let Some(sym) = symbols.lookup(f.lo).filter(|s| s.offset == 0) {
+                if self.strings.get(f.name as usize).is_none_or(|n| **n != *sym.name) {
+                    let next = self.strings.len() as u32;
+                    let id = *map.entry(Arc::from(sym.name)).or_insert(next);
+                    if id == next {
+                        self.strings.push(Arc::from(sym.name));
+                    }
+                    f.sym_name = id;
+                }
+            }
+        }
+        self.interner = Some(map);
+    }
+
+    /// Sorts function ranges by depth, then start, longest first.
+    pub fn sort(&mut self) {
+        self.funcs.sort_by_key(|f| (f.depth, f.lo, std::cmp::Reverse(f.hi)));
+    }
+}
+
+/// What went wrong reading DWARF.
+#[derive(Debug)]
+pub(crate) struct DwarfError(pub String);
+
+impl From<gimli::Error> for DwarfError {
+    fn from(e: gimli::Error) -> Self {
+        DwarfError(e.to_string())
+    }
+}
+
+/// Uncompressed DWARF sections of one file, kept alive while the DWARF is read.
+pub(crate) struct Sections<'d> {
+    data: HashMap<gimli::SectionId, Cow<'d, [u8]>>,
+}
+
+impl<'d> Sections<'d> {
+    /// Reads (and decompresses, zlib or zstd) every DWARF section of `file`.
+    pub fn load(file: &object::File<'d>, max_section: u64) -> Result<Self, DwarfError> {
+        let mut data = HashMap::new();
+        for id in [
+            gimli::SectionId::DebugAbbrev,
+            gimli::SectionId::DebugAddr,
+            gimli::SectionId::DebugInfo,
+            gimli::SectionId::DebugLine,
+            gimli::SectionId::DebugLineStr,
+            gimli::SectionId::DebugRanges,
+            gimli::SectionId::DebugRngLists,
+            gimli::SectionId::DebugStr,
+            gimli::SectionId::DebugStrOffsets,
+        ] {
+            let Some(section) = file.section_by_name(id.name()) else { continue };
+            let compressed = section.compressed_data().map_err(|e| DwarfError(e.to_string()))?;
+            if compressed.uncompressed_size > max_section {
+                return Err(DwarfError(format!(
+                    "{} is {} bytes uncompressed, more than the {max_section}-byte limit",
+                    id.name(),
+                    compressed.uncompressed_size
+                )));
+            }
+            let bytes = compressed.decompress().map_err(|e| DwarfError(format!("{}: {e}", id.name())))?;
+            data.insert(id, bytes);
+        }
+        Ok(Sections { data })
+    }
+
+    fn dwarf(&self) -> gimli::Dwarf<R<'_>> {
+        let load = |id: gimli::SectionId| -> Result<R<'_>, ()> {
+            Ok(EndianSlice::new(self.data.get(&id).map(|c| &c[..]).unwrap_or(&[]), LittleEndian))
+        };
+        gimli::Dwarf::load(load).expect("loading from memory cannot fail")
+    }
+}
+
+/// Address ranges of the executable sections of the file the code runs from: rows outside
+/// them (discarded sections tombstoned to 0 or -1 by the linker) are dropped.
+pub(crate) fn text_ranges(file: &object::File<'_>) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = file
+        .sections()
+        .filter(|s| match s.flags() {
+            SectionFlags::Elf { sh_flags } => sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0,
+            _ => false,
+        })
+        .filter(|s| s.address() != 0 && s.size() != 0)
+        .map(|s| (s.address(), s.address().saturating_add(s.size())))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn in_text(text: &[(u64, u64)], addr: u64) -> bool {
+    let i = text.partition_point(|r| r.0 <= addr);
+    i > 0 && addr < text[i - 1].1
+}
+
+/// Reads every unit's line rows and function ranges. `text` limits the addresses kept
+/// (empty: keep everything but address 0).
+pub(crate) fn read(
+    main: &Sections<'_>,
+    sup: Option<&Sections<'_>>,
+    text: &[(u64, u64)],
+) -> Result<RawDebugInfo, DwarfError> {
+    let mut dwarf = main.dwarf();
+    if let Some(sup) = sup {
+        dwarf.set_sup(sup.dwarf());
+    }
+    let ctx = Ctx::new(&dwarf)?;
+    let parts: Vec<Result<UnitRows, DwarfError>> =
+        ctx.headers.par_iter().map(|h| read_unit(&ctx, h.clone(), text)).collect();
+    merge(parts)
+}
+
+struct Ctx<'a, 'd> {
+    dwarf: &'a gimli::Dwarf<R<'d>>,
+    headers: Vec<gimli::UnitHeader<R<'d>>>,
+    sup_headers: Vec<gimli::UnitHeader<R<'d>>>,
+}
+
+impl<'a, 'd> Ctx<'a, 'd> {
+    fn new(dwarf: &'a gimli::Dwarf<R<'d>>) -> Result<Self, DwarfError> {
+        let collect = |d: &gimli::Dwarf<R<'d>>| -> Result<Vec<_>, DwarfError> {
+            let mut v = Vec::new();
+            let mut it = d.units();
+            while let Some(h) = it.next()? {
+                v.push(h);
+            }
+            Ok(v)
+        };
+        let headers = collect(dwarf)?;
+        let sup_headers = match dwarf.sup() {
+            Some(s) => collect(s)?,
+            None => Vec::new(),
+        };
+        Ok(Ctx { dwarf, headers, sup_headers })
+    }
+}
+
+/// One unit's rows with its own string numbering.
+#[derive(Default)]
+struct UnitRows {
+    strings: Vec<Arc<str>>,
+    lines: Vec<LineRow>,
+    funcs: Vec<FuncRow>,
+}
+
+struct Interner {
+    map: HashMap<Arc<str>, u32>,
+    strings: Vec<Arc<str>>,
+}
+
+impl Interner {
+    fn new() -> Self {
+        Interner { map: HashMap::new(), strings: Vec::new() }
+    }
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.map.get(s) {
+            return i;
+        }
+        let a: Arc<str> = Arc::from(s);
+        let i = self.strings.len() as u32;
+        self.strings.push(a.clone());
+        self.map.insert(a, i);
+        i
+    }
+}
+
+/// Per-unit reader state: other units opened for cross-unit references, resolved names.
+struct UnitReader<'c, 'a, 'd> {
+    ctx: &'c Ctx<'a, 'd>,
+    others: HashMap<(bool, usize), gimli::Unit<R<'d>>>,
+    names: HashMap<(bool, usize), Option<(u32, bool)>>,
+    strings: Interner,
+}
+
+fn read_unit<'d>(
+    ctx: &Ctx<'_, 'd>,
+    header: gimli::UnitHeader<R<'d>>,
+    text: &[(u64, u64)],
+) -> Result<UnitRows, DwarfError> {
+    let dwarf = ctx.dwarf;
+    let unit = dwarf.unit(header)?;
+    let mut rd = UnitReader { ctx, others: HashMap::new(), names: HashMap::new(), strings: Interner::new() };
+    let keep = |addr: u64| if text.is_empty() { addr != 0 } else { in_text(text, addr) };
+
+    // Line table.
+    let mut lines = Vec::new();
+    let mut file_names: HashMap<u64, u32> = HashMap::new();
+    if let Some(program) = unit.line_program.clone() {
+        let mut rows = program.rows();
+        let mut seq: Vec<LineRow> = Vec::new();
+        while let Some((header, row)) = rows.next_row()? {
+            if row.end_sequence() {
+                // Rows at the end address cover nothing.
+                seq.retain(|r| r.addr < row.address());
+                if seq.first().is_some_and(|r| keep(r.addr)) {
+                    lines.append(&mut seq);
+                    lines.push(LineRow { addr: row.address(), file: END, line: 0, discriminator: 0 });
+                }
+                seq.clear();
+                continue;
+            }
+            let fi = row.file_index();
+            let file = match file_names.get(&fi) {
+                Some(&f) => f,
+                None => {
+                    let f = file_path(dwarf, &unit, header, fi).map_or(END, |p| rd.strings.intern(&p));
+                    file_names.insert(fi, f);
+                    f
+                }
+            };
+            seq.push(LineRow {
+                addr: row.address(),
+                file,
+                line: row.line().map_or(0, |l| l.get().min(u64::from(u32::MAX - 1)) as u32),
+                discriminator: row.discriminator().min(u64::from(u32::MAX)) as u32,
+            });
+            if lines.len() + seq.len() > MAX_ROWS {
+                return Err(DwarfError(format!("more than {MAX_ROWS} line rows")));
+            }
+        }
+    }
+
+    // Function and inlined-call ranges. A function's `call_file` holds its unit's name,
+    // which stands in for the file where the line table has no row.
+    let cu_name = match unit.name {
+        Some(n) => rd.strings.intern(&n.to_string_lossy()),
+        None => END,
+    };
+    let mut funcs = Vec::new();
+    let mut stack: Vec<(isize, u32)> = Vec::new(); // (DIE depth, inline depth)
+    let mut cursor = unit.entries();
+    while let Some(entry) = cursor.next_dfs()? {
+        let die_depth = entry.depth();
+        while stack.last().is_some_and(|&(d, _)| d >= die_depth) {
+            stack.pop();
+        }
+        let tag = entry.tag();
+        let depth = match tag {
+            gimli::DW_TAG_subprogram => 0,
+            gimli::DW_TAG_inlined_subroutine => match stack.last() {
+                Some(&(_, d)) if (d as usize) < MAX_INLINE_DEPTH => d + 1,
+                _ => continue,
+            },
+            _ => continue,
+        };
+        if tag == gimli::DW_TAG_subprogram {
+            stack.clear();
+        }
+        if entry.has_children() {
+            stack.push((die_depth, depth));
+        }
+        let mut ranges = dwarf.die_ranges(&unit, entry)?;
+        let mut first = true;
+        let mut name = END;
+        let mut linkage = false;
+        let mut pushed = false;
+        let (mut call_file, mut call_line) = (if depth == 0 { cu_name } else { END }, 0);
+        while let Some(r) = ranges.next()? {
+            if r.begin >= r.end || !keep(r.begin) {
+                continue;
+            }
+            if first {
+                first = false;
+                let off = entry.offset().to_debug_info_offset(&unit.header).map(|o| o.0);
+                (name, linkage) = rd.name_of(&unit, entry, off.map(|o| (false, o)))?.unwrap_or((END, false));
+                if depth > 0 {
+                    if let Some(f) = entry.attr(gimli::DW_AT_call_file).and_then(|a| a.udata_value()) {
+                        call_file = match file_names.get(&f) {
+                            Some(&s) => s,
+                            None => unit
+                                .line_program
+                                .as_ref()
+                                .and_then(|p| file_path(dwarf, &unit, p.header(), f))
+                                .map_or(END, |p| rd.strings.intern(&p)),
+                        };
+                    }
+                    call_line = entry
+                        .attr(gimli::DW_AT_call_line)
+                        .and_then(|a| a.udata_value())
+                        .map_or(0, |l| l.min(u64::from(u32::MAX - 1)) as u32);
+                }
+            }
+            let first_range = !std::mem::replace(&mut pushed, true);
+            funcs.push(FuncRow {
+                lo: r.begin,
+                hi: r.end,
+                depth,
+                name,
+                call_file,
+                call_line,
+                linkage,
+                first: first_range,
+                sym_name: END,
+            });
+            if funcs.len() > MAX_ROWS {
+                return Err(DwarfError(format!("more than {MAX_ROWS} function ranges")));
+            }
+        }
+    }
+    Ok(UnitRows { strings: rd.strings.strings, lines, funcs })
+}
+
+fn file_path(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    header: &gimli::LineProgramHeader<R<'_>>,
+    index: u64,
+) -> Option<String> {
+    let file = header.file(index)?;
+    let name = dwarf.attr_string(unit, file.path_name()).ok()?.to_string_lossy().into_owned();
+    if name.starts_with('/') {
+        return Some(name);
+    }
+    let mut path = String::new();
+    if let Some(dir) = file.directory(header) {
+        let dir = dwarf.attr_string(unit, dir).ok()?.to_string_lossy().into_owned();
+        if !dir.starts_with('/') {
+            if let Some(comp) = &unit.comp_dir {
+                path.push_str(&comp.to_string_lossy());
+                if !path.is_empty() && !path.ends_with('/') && !dir.is_empty() {
+                    path.push('/');
+                }
+            }
+        }
+        path.push_str(&dir);
+    }
+    if !path.is_empty() && !path.ends_with('/') {
+        path.push('/');
+    }
+    path.push_str(&name);
+    Some(path)
+}
+
+impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
+    /// The name of a function DIE: the demangled linkage name found along its
+    /// specification/abstract-origin chain, else the first plain name on it.
+    fn name_of(
+        &mut self,
+        unit: &gimli::Unit<R<'d>>,
+        entry: &gimli::DebuggingInformationEntry<R<'d>>,
+        key: Option<(bool, usize)>,
+    ) -> Result<Option<(u32, bool)>, DwarfError> {
+        if let Some(k) = key {
+            if let Some(&n) = self.names.get(&k) {
+                return Ok(n);
+            }
+        }
+        let mut linkage: Option<String> = None;
+        let mut plain: Option<(String, usize)> = None;
+        self.walk_names(unit, entry, false, &mut linkage, &mut plain, 0)?;
+        let n = match (linkage, plain) {
+            (Some(l), _) => Some((self.strings.intern(&demangle(&l)), true)),
+            // A name found through an abstract origin or specification counts as a linkage
+            // name for binutils (C clones such as `f.isra.0` keep `f`).
+            (None, Some((p, hops))) => Some((self.strings.intern(&p), hops > 0)),
+            (None, None) => None,
+        };
+        if let Some(k) = key {
+            self.names.insert(k, n);
+        }
+        Ok(n)
+    }
+
+    fn walk_names(
+        &mut self,
+        unit: &gimli::Unit<R<'d>>,
+        entry: &gimli::DebuggingInformationEntry<R<'d>>,
+        in_sup: bool,
+        linkage: &mut Option<String>,
+        plain: &mut Option<(String, usize)>,
+        hops: usize,
+    ) -> Result<(), DwarfError> {
+        let dwarf = if in_sup { self.ctx.dwarf.sup().unwrap_or(self.ctx.dwarf) } else { self.ctx.dwarf };
+        let mut next: Option<AttributeValue<R<'d>>> = None;
+        for attr in entry.attrs() {
+            match attr.name() {
+                gimli::DW_AT_linkage_name | gimli::DW_AT_MIPS_linkage_name => {
+                    if let Ok(s) = dwarf.attr_string(unit, attr.value()) {
+                        *linkage = Some(s.to_string_lossy().into_owned());
+                        return Ok(());
+                    }
+                }
+                gimli::DW_AT_name => {
+                    if plain.is_none() {
+                        if let Ok(s) = dwarf.attr_string(unit, attr.value()) {
+                            *plain = Some((s.to_string_lossy().into_owned(), hops));
+                        }
+                    }
+                }
+                gimli::DW_AT_specification | gimli::DW_AT_abstract_origin => {
+                    next = Some(attr.value());
+                }
+                _ => {}
+            }
+        }
+        if hops >= MAX_NAME_HOPS {
+            return Ok(());
+        }
+        let Some(target) = next else { return Ok(()) };
+        match target {
+            AttributeValue::UnitRef(off) => {
+                let e = unit.entry(off)?;
+                self.walk_names(unit, &e, in_sup, linkage, plain, hops + 1)
+            }
+            AttributeValue::DebugInfoRef(off) => self.follow(off, in_sup, linkage, plain, hops),
+            AttributeValue::DebugInfoRefSup(off) => self.follow(off, true, linkage, plain, hops),
+            _ => Ok(()),
+        }
+    }
+
+    fn follow(
+        &mut self,
+        off: DebugInfoOffset<usize>,
+        in_sup: bool,
+        linkage: &mut Option<String>,
+        plain: &mut Option<(String, usize)>,
+        hops: usize,
+    ) -> Result<(), DwarfError> {
+        let headers = if in_sup { &self.ctx.sup_headers } else { &self.ctx.headers };
+        let i = headers.partition_point(|h| h.offset().0 <= off.0);
+        let Some(header) = i.checked_sub(1).map(|i| &headers[i]) else { return Ok(()) };
+        let start = header.offset().0;
+        let key = (in_sup, start);
+        if !self.others.contains_key(&key) {
+            let dwarf = if in_sup { self.ctx.dwarf.sup().unwrap_or(self.ctx.dwarf) } else { self.ctx.dwarf };
+            let u = dwarf.unit(header.clone())?;
+            self.others.insert(key, u);
+        }
+        let unit = self.others.remove(&key).expect("just inserted");
+        let result = match off.to_unit_offset(&unit.header) {
+            Some(uoff) => match unit.entry(uoff) {
+                Ok(e) => self.walk_names(&unit, &e, in_sup, linkage, plain, hops + 1),
+                Err(e) => Err(e.into()),
+            },
+            None => Ok(()),
+        };
+        self.others.insert(key, unit);
+        result
+    }
+}
+
+fn merge(parts: Vec<Result<UnitRows, DwarfError>>) -> Result<RawDebugInfo, DwarfError> {
+    let mut out = RawDebugInfo::default();
+    let mut global = Interner::new();
+    let mut total = 0usize;
+    for part in parts {
+        let part = part?;
+        total += part.lines.len() + part.funcs.len();
+        if total > MAX_ROWS {
+            return Err(DwarfError(format!("more than {MAX_ROWS} rows")));
+        }
+        let remap: Vec<u32> = part.strings.iter().map(|s| global.intern(s)).collect();
+        let m = |i: u32| if i == END { END } else { remap[i as usize] };
+        out.lines.extend(part.lines.iter().map(|r| LineRow { file: m(r.file), ..*r }));
+        out.funcs.extend(part.funcs.iter().map(|f| FuncRow {
+            name: m(f.name),
+            call_file: m(f.call_file),
+            ..*f
+        }));
+    }
+    out.strings = global.strings;
+    out.interner = Some(global.map);
+    // Sequence ends sort before rows that start at the same address; among rows at one
+    // address the last one read wins (the line tables' own order is kept by the stable sort).
+    out.lines.sort_by_key(|r| (r.addr, r.file != END));
+    let mut lines: Vec<LineRow> = Vec::with_capacity(out.lines.len());
+    for r in out.lines.drain(..) {
+        match lines.last_mut() {
+            Some(last) if last.addr == r.addr && last.file != END && r.file != END => *last = r,
+            Some(last) if last.addr == r.addr && last.file == END && r.file != END => lines.push(r),
+            Some(last) if last.addr == r.addr && r.file == END => {}
+            _ => lines.push(r),
+        }
+    }
+    out.lines = lines;
+    Ok(out)
+}

@@ -1,0 +1,267 @@
+//! The symbolization index: DWARF lines and inline trees cut into self-contained address
+//! blocks, each loadable, evictable and cacheable on its own.
+//!
+//! A block covers `[start, end)` and holds, with addresses relative to `start`:
+//! - its own string table (function names already demangled, file paths already joined);
+//! - the line rows that start in it, plus a copy of the row in force at `start`;
+//! - one array of ranges per inline depth (0 = the function itself), each sorted by start,
+//!   clipped to the block.
+//!
+//! On disk (see [`crate::cache`]) each block is one zstd frame with its own checksum, so the
+//! first lookup in a cold process decompresses one block, not the whole index.
+
+use std::sync::Arc;
+
+use crate::dwarf::{FuncRow, LineRow, RawDebugInfo, END};
+
+/// Line rows per block (the last block may hold fewer).
+pub(crate) const BLOCK_LINES: usize = 16 * 1024;
+/// Most blocks in one index.
+pub(crate) const MAX_BLOCKS: usize = 1 << 20;
+/// Most strings or rows in one block (checked when a block is read back from disk).
+pub(crate) const MAX_BLOCK_ITEMS: usize = 1 << 24;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BLine {
+    pub off: u32,
+    pub file: u32,
+    pub line: u32,
+    pub discriminator: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BFunc {
+    pub lo: u32,
+    pub hi: u32,
+    pub name: u32,
+    /// Call site file of an inlined call; the unit name for a function (depth 0).
+    pub call_file: u32,
+    pub call_line: u32,
+    /// The symbol-table name used when this function is the innermost frame (or [`END`]).
+    pub sym_name: u32,
+}
+
+/// One block, in memory.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Block {
+    pub start: u64,
+    pub end: u64,
+    pub strings: Vec<Arc<str>>,
+    pub lines: Vec<BLine>,
+    pub levels: Vec<Vec<BFunc>>,
+}
+
+/// Where a block sits in the address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BlockSpan {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// One frame as the index knows it (names and paths shared with the block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RawFrame {
+    pub function: Option<Arc<str>>,
+    pub file: Option<Arc<str>>,
+    pub line: u32,
+    pub discriminator: u32,
+}
+
+impl Block {
+    /// Approximate heap bytes held, for the memory budget.
+    pub fn heap_bytes(&self) -> usize {
+        let strings: usize = self.strings.iter().map(|s| s.len() + 16 + 16).sum();
+        let levels: usize = self.levels.iter().map(|l| l.len() * std::mem::size_of::<BFunc>() + 24).sum();
+        std::mem::size_of::<Block>() + strings + self.lines.len() * std::mem::size_of::<BLine>() + levels
+    }
+
+    fn string(&self, i: u32) -> Option<Arc<str>> {
+        if i == END {
+            return None;
+        }
+        self.strings.get(i as usize).cloned()
+    }
+
+    /// The frames at `addr` (which lies in the block), innermost first, and whether a
+    /// function was found. Frames may be empty.
+    pub fn lookup(&self, addr: u64, frames: &mut Vec<RawFrame>) -> bool {
+        let Some(off) = addr.checked_sub(self.start).filter(|_| addr < self.end) else { return false };
+        let off = off as u32;
+        let line = match self.lines.partition_point(|l| l.off <= off).checked_sub(1) {
+            Some(i) if self.lines[i].file != END => Some(self.lines[i]),
+            _ => None,
+        };
+        // The chain of ranges holding `off`, outermost first.
+        let mut chain: [Option<&BFunc>; crate::dwarf::MAX_INLINE_DEPTH + 1] =
+            [None; crate::dwarf::MAX_INLINE_DEPTH + 1];
+        let mut n = 0;
+        let mut parent: Option<&BFunc> = None;
+        for level in &self.levels {
+            let Some(f) = find_range(level, off, parent) else { break };
+            chain[n] = Some(f);
+            n += 1;
+            parent = Some(f);
+        }
+        let start = frames.len();
+        let (mut file, mut line_no, mut disc) = match (line, chain[0]) {
+            (Some(l), _) => (self.string(l.file), l.line, l.discriminator),
+            // No line row: the function's unit name, as binutils reports it.
+            (None, Some(f)) => (self.string(f.call_file), 0, 0),
+            (None, None) => (None, 0, 0),
+        };
+        if n == 0 {
+            frames.push(RawFrame { function: None, file, line: line_no, discriminator: disc });
+            return false;
+        }
+        for f in chain[..n].iter().rev().flatten() {
+            let name = if n == 1 && f.sym_name != END { f.sym_name } else { f.name };
+            frames.push(RawFrame { function: self.string(name), file, line: line_no, discriminator: disc });
+            file = self.string(f.call_file);
+            line_no = f.call_line;
+            disc = 0;
+        }
+        debug_assert!(frames.len() > start);
+        true
+    }
+}
+
+/// The range of `level` that holds `off` and lies inside `parent`. Ranges of one level do
+/// not overlap in well-formed DWARF; where they do (identical code folded together), a few
+/// earlier ranges are tried too.
+fn find_range<'a>(level: &'a [BFunc], off: u32, parent: Option<&BFunc>) -> Option<&'a BFunc> {
+    let i = level.partition_point(|f| f.lo <= off);
+    let inside = |f: &BFunc| parent.is_none_or(|p| f.lo >= p.lo && f.hi <= p.hi);
+    level[..i].iter().rev().take(8).find(|f| off < f.hi && inside(f))
+}
+
+/// Cuts what was read from DWARF into blocks.
+pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
+    raw.sort();
+    let raw = &*raw;
+    let lines = &raw.lines;
+    let funcs = &raw.funcs;
+    if lines.is_empty() && funcs.is_empty() {
+        return Vec::new();
+    }
+    let lo =
+        lines.first().map_or(u64::MAX, |l| l.addr).min(funcs.iter().map(|f| f.lo).min().unwrap_or(u64::MAX));
+    let hi = lines
+        .last()
+        .map_or(0, |l| l.addr.saturating_add(1))
+        .max(funcs.iter().map(|f| f.hi).max().unwrap_or(0));
+    // Block starts: every BLOCK_LINES-th line row, and wherever a block would span more
+    // than 32 bits of offsets.
+    let mut starts = vec![lo];
+    let mut since = 0usize;
+    for l in lines.iter() {
+        since += 1;
+        let last = *starts.last().expect("non-empty");
+        if l.addr > last && (since >= BLOCK_LINES || l.addr - last >= u64::from(u32::MAX)) {
+            starts.push(l.addr);
+            since = 0;
+        }
+    }
+    // Function ranges far beyond the last line (no line table at all) also need offsets
+    // that fit.
+    while hi - starts.last().expect("non-empty") > u64::from(u32::MAX) && starts.len() < MAX_BLOCKS {
+        let next = starts.last().expect("non-empty") + u64::from(u32::MAX);
+        starts.push(next);
+    }
+    let spans: Vec<BlockSpan> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| BlockSpan { start: s, end: starts.get(i + 1).copied().unwrap_or(hi) })
+        .collect();
+
+    let mut blocks: Vec<Block> = spans
+        .iter()
+        .map(|s| Block {
+            start: s.start,
+            end: s.end,
+            strings: Vec::new(),
+            lines: Vec::new(),
+            levels: Vec::new(),
+        })
+        .collect();
+    // String remapping per block (global index → local index).
+    let mut local: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); blocks.len()];
+    let mut intern = |b: usize, blocks: &mut [Block], g: u32| -> u32 {
+        if g == END {
+            return END;
+        }
+        let map = &mut local[b];
+        *map.entry(g).or_insert_with(|| {
+            let block = &mut blocks[b];
+            block.strings.push(raw.strings[g as usize].clone());
+            (block.strings.len() - 1) as u32
+        })
+    };
+
+    for (b, span) in spans.iter().enumerate() {
+        let first = lines.partition_point(|l| l.addr < span.start);
+        let last = lines.partition_point(|l| l.addr < span.end);
+        // The row in force at the block's start.
+        if first > 0 && lines.get(first).is_none_or(|l| l.addr > span.start) {
+            let prev: LineRow = lines[first - 1];
+            if prev.file != END {
+                let file = intern(b, &mut blocks, prev.file);
+                blocks[b].lines.push(BLine {
+                    off: 0,
+                    file,
+                    line: prev.line,
+                    discriminator: prev.discriminator,
+                });
+            }
+        }
+        for l in &lines[first..last] {
+            let file = intern(b, &mut blocks, l.file);
+            blocks[b].lines.push(BLine {
+                off: (l.addr - span.start) as u32,
+                file,
+                line: l.line,
+                discriminator: l.discriminator,
+            });
+        }
+    }
+
+    for f in funcs {
+        let f: &FuncRow = f;
+        let first = spans.partition_point(|s| s.end <= f.lo);
+        for (b, span) in spans.iter().enumerate().skip(first) {
+            if span.start >= f.hi {
+                break;
+            }
+            let lo = f.lo.max(span.start);
+            let hi = f.hi.min(span.end);
+            if lo >= hi {
+                continue;
+            }
+            let name = intern(b, &mut blocks, f.name);
+            let call_file = intern(b, &mut blocks, f.call_file);
+            let sym_name = intern(b, &mut blocks, f.sym_name);
+            let block = &mut blocks[b];
+            let depth = f.depth as usize;
+            if block.levels.len() <= depth {
+                // A depth with no parent level in this block cannot be reached.
+                if block.levels.len() < depth {
+                    continue;
+                }
+                block.levels.push(Vec::new());
+            }
+            let r = BFunc {
+                lo: (lo - span.start) as u32,
+                hi: (hi - span.start) as u32,
+                name,
+                call_file,
+                call_line: f.call_line,
+                sym_name,
+            };
+            let level = &mut block.levels[depth];
+            if level.last().is_some_and(|l| l.lo == r.lo && l.hi == r.hi) {
+                continue; // the same range twice (folded code): the first one read wins
+            }
+            level.push(r);
+        }
+    }
+    blocks
+}
