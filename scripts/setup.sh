@@ -2,13 +2,13 @@
 # Installs what building the BPF object and running the tests need. Idempotent and quick
 # when everything is present. Debian 12 (bookworm) with rustup; run as root.
 #   apt: LLVM 22 (bpf-linker's backend, llvm-dwarfdump/llvm-symbolizer oracles), binutils
-#        (readelf, addr2line, nm), linux-perf, golang-go (go tool pprof), make, gcc, g++
+#        (readelf, addr2line, nm), libc6-dbg and debuginfod (symbolization oracles), linux-perf, golang-go (go tool pprof), make, gcc, g++
 #   rustup: nightly with rust-src (the BPF program is built with -Z build-std=core)
 #   cargo: bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
-apt_packages=(llvm-22-dev libpolly-22-dev llvm-22 zlib1g-dev libzstd-dev binutils
+apt_packages=(llvm-22-dev libpolly-22-dev llvm-22 zlib1g-dev libzstd-dev binutils libc6-dbg debuginfod
               linux-perf golang-go make gcc g++)
 missing=()
 for p in "${apt_packages[@]}"; do

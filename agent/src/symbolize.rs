@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use unwound_symbolize::{Frame, Miss, Options, Resolution, Symbolizer};
+use unwound_symbolize::{addr2line_text, Frame, Miss, Options, Resolution, Symbolizer};
 
 /// Output formats of `unwound symbolize`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,47 +100,13 @@ pub fn run(args: &SymbolizeArgs) -> Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (addr, r) in addrs.iter().zip(&results) {
         match format {
-            SymFormat::Addr2line => write_addr2line(&mut out, *addr, r, args.addresses)?,
+            SymFormat::Addr2line => out.write_all(addr2line_text(*addr, r, args.addresses).as_bytes())?,
             SymFormat::Json => writeln!(out, "{}", json(*addr, r))?,
             SymFormat::Text => write_text(&mut out, *addr, r)?,
         }
     }
     out.flush()?;
     Ok(())
-}
-
-/// binutils' layout: optional `0x%016x` address line, then per frame the function (or
-/// `??`) and `file:line` (`??` for no file, `?` for line 0, a discriminator in brackets).
-pub fn write_addr2line(
-    out: &mut impl Write,
-    addr: u64,
-    r: &Resolution,
-    with_addr: bool,
-) -> std::io::Result<()> {
-    if with_addr {
-        writeln!(out, "0x{addr:016x}")?;
-    }
-    match r {
-        Ok(sym) => {
-            // binutils repeats the innermost line's discriminator on every inlined frame.
-            let discriminator = sym.frames.first().map_or(0, |f| f.discriminator);
-            for f in &sym.frames {
-                writeln!(out, "{}", f.function.as_deref().unwrap_or("??"))?;
-                write!(out, "{}:", f.file.as_deref().unwrap_or("??"))?;
-                if f.line == 0 {
-                    write!(out, "?")?;
-                } else {
-                    write!(out, "{}", f.line)?;
-                }
-                if discriminator != 0 {
-                    write!(out, " (discriminator {discriminator})")?;
-                }
-                writeln!(out)?;
-            }
-            Ok(())
-        }
-        Err(_) => writeln!(out, "??\n??:0"),
-    }
 }
 
 fn frame_json(f: &Frame) -> serde_json::Value {

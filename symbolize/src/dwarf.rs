@@ -179,7 +179,7 @@ pub(crate) fn read(
     }
     let ctx = Ctx::new(&dwarf)?;
     let parts: Vec<Result<UnitRows, DwarfError>> =
-        ctx.headers.par_iter().map(|h| read_unit(&ctx, h.clone(), text)).collect();
+        ctx.headers.par_iter().map(|h| read_unit(&ctx, *h, text)).collect();
     merge(parts)
 }
 
@@ -316,9 +316,6 @@ fn read_unit<'d>(
             },
             _ => continue,
         };
-        if tag == gimli::DW_TAG_subprogram {
-            stack.clear();
-        }
         if entry.has_children() {
             stack.push((die_depth, depth));
         }
@@ -453,11 +450,9 @@ impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
                         return Ok(());
                     }
                 }
-                gimli::DW_AT_name => {
-                    if plain.is_none() {
-                        if let Ok(s) = dwarf.attr_string(unit, attr.value()) {
-                            *plain = Some((s.to_string_lossy().into_owned(), hops));
-                        }
+                gimli::DW_AT_name if plain.is_none() => {
+                    if let Ok(s) = dwarf.attr_string(unit, attr.value()) {
+                        *plain = Some((s.to_string_lossy().into_owned(), hops));
                     }
                 }
                 gimli::DW_AT_specification | gimli::DW_AT_abstract_origin => {
@@ -496,7 +491,7 @@ impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
         let key = (in_sup, start);
         if !self.others.contains_key(&key) {
             let dwarf = if in_sup { self.ctx.dwarf.sup().unwrap_or(self.ctx.dwarf) } else { self.ctx.dwarf };
-            let u = dwarf.unit(header.clone())?;
+            let u = dwarf.unit(*header)?;
             self.others.insert(key, u);
         }
         let unit = self.others.remove(&key).expect("just inserted");

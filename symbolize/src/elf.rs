@@ -28,6 +28,9 @@ struct Entry {
     file: Option<Arc<str>>,
 }
 
+/// address, size, binding rank (0 global, 1 weak, 2 local), name, source file
+type RawSym = (u64, u64, u8, String, Option<Arc<str>>);
+
 #[derive(Clone, Copy, Debug)]
 struct LoadSegment {
     file_offset: u64,
@@ -86,7 +89,7 @@ impl ElfSymbols {
         if file.format() != object::BinaryFormat::Elf {
             return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
         }
-        let mut raw: Vec<(u64, u64, u8, String, Option<Arc<str>>)> = Vec::new();
+        let mut raw: Vec<RawSym> = Vec::new();
         // binutils' reading of STT_FILE symbols: a function takes the last file symbol
         // before it, unless it is global and that file symbol came after other symbols.
         #[derive(PartialEq)]
@@ -153,7 +156,7 @@ impl ElfSymbols {
                 0 => 1, // global
                 _ => 2, // weak
             };
-            let mut chosen: Vec<(u64, u64, u8, String, Option<Arc<str>>)> = Vec::with_capacity(raw.len());
+            let mut chosen: Vec<RawSym> = Vec::with_capacity(raw.len());
             for r in raw.drain(..) {
                 match chosen.last_mut() {
                     Some(c) if c.0 == r.0 => {

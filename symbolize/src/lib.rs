@@ -41,7 +41,8 @@ pub use elf::{ElfSymbols, Symbol};
 pub use kernel::{KernelSymbol, KernelSymbols};
 pub use maps::{Mapping, ProcessMaps};
 pub use symbolizer::{
-    default_cache_dir, Frame, Miss, Options, Resolution, Stats, Symbolized, Symbolizer, MAX_DWARF_SECTION,
+    addr2line_text, default_cache_dir, Frame, Miss, Options, Resolution, Stats, Symbolized, Symbolizer,
+    MAX_DWARF_SECTION,
 };
 
 use std::path::PathBuf;

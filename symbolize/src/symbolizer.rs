@@ -80,6 +80,48 @@ pub struct Symbolized {
     pub frames: Vec<Frame>,
 }
 
+impl Symbolized {
+    /// The text binutils `addr2line -f -i -C` prints for this address (with `-a` when
+    /// `with_address`): per frame the function (or `??`) and `file:line` (`??` for no file,
+    /// `?` for line 0, the innermost line's discriminator repeated on every frame, as
+    /// binutils does).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use unwound_symbolize::{Frame, Symbolized};
+    /// let s = Symbolized { frames: vec![Frame { function: Some(Arc::from("main")),
+    ///     file: Some(Arc::from("/src/a.c")), line: 4, discriminator: 0 }] };
+    /// assert_eq!(s.addr2line_text(0x1150, true), "0x0000000000001150\nmain\n/src/a.c:4\n");
+    /// ```
+    pub fn addr2line_text(&self, addr: u64, with_address: bool) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        if with_address {
+            let _ = writeln!(out, "0x{addr:016x}");
+        }
+        let discriminator = self.frames.first().map_or(0, |f| f.discriminator);
+        for f in &self.frames {
+            let _ = writeln!(out, "{}", f.function.as_deref().unwrap_or("??"));
+            let _ = write!(out, "{}:", f.file.as_deref().unwrap_or("??"));
+            let _ = if f.line == 0 { write!(out, "?") } else { write!(out, "{}", f.line) };
+            if discriminator != 0 {
+                let _ = write!(out, " (discriminator {discriminator})");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The `addr2line -f -i -C` text for any result: a miss prints `??` and `??:0`.
+pub fn addr2line_text(addr: u64, r: &Resolution, with_address: bool) -> String {
+    match r {
+        Ok(s) => s.addr2line_text(addr, with_address),
+        Err(_) if with_address => format!("0x{addr:016x}\n??\n??:0\n"),
+        Err(_) => "??\n??:0\n".to_string(),
+    }
+}
+
 /// Why an address could not be symbolized.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
