@@ -1,0 +1,247 @@
+//! On-disk cache (hit, corrupt, truncated), memory budget, process addresses, and
+//! debuginfo from a real debuginfod server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use unwound_symbolize::{DebugSource, Debuginfod, Options, Symbolizer};
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures").join(name);
+    assert!(p.exists(), "fixtures missing: run `make -C fixtures` (scripts/test.sh does)");
+    p
+}
+
+/// Start addresses of the defined functions, by `nm`.
+fn functions(path: &Path) -> Vec<(u64, String)> {
+    let out = Command::new("nm").arg("--defined-only").arg(path).output().expect("nm");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let a = u64::from_str_radix(f.next()?, 16).ok()?;
+            let k = f.next()?;
+            let n = f.next()?;
+            matches!(k, "T" | "t").then(|| (a, n.to_string()))
+        })
+        .collect()
+}
+
+fn opts(cache: Option<&Path>) -> Options {
+    Options { cache_dir: cache.map(Path::to_path_buf), debuginfod: None, ..Options::default() }
+}
+
+fn addrs_of(path: &Path) -> Vec<u64> {
+    functions(path).iter().flat_map(|(a, _)| [*a, a + 3]).collect()
+}
+
+#[test]
+fn cache_is_used_and_damage_is_rebuilt() {
+    let bin = fixture("cpp_chain_nofp");
+    let addrs = addrs_of(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let reference = Symbolizer::new(opts(None)).symbolize_elf(&bin, &addrs).unwrap();
+    assert!(reference.iter().filter(|r| r.is_ok()).count() > addrs.len() / 2);
+
+    let first = Symbolizer::new(opts(Some(dir.path())));
+    assert_eq!(first.symbolize_elf(&bin, &addrs).unwrap(), reference);
+    assert_eq!(first.stats().indexes_built, 1);
+    let files: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one cache file: {files:?}");
+    let cache_file = &files[0];
+
+    let second = Symbolizer::new(opts(Some(dir.path())));
+    assert_eq!(second.symbolize_elf(&bin, &addrs).unwrap(), reference);
+    assert_eq!((second.stats().cache_hits, second.stats().indexes_built), (1, 0));
+
+    // Flip bytes in the blocks, then truncate, then write garbage: each time the answers
+    // stay the same and the damage is counted.
+    let good = std::fs::read(cache_file).unwrap();
+    let mut flipped = good.clone();
+    let n = flipped.len();
+    for b in &mut flipped[n - 64..] {
+        *b ^= 0x5a;
+    }
+    for damaged in [flipped, good[..good.len() / 2].to_vec(), b"garbage".to_vec()] {
+        std::fs::write(cache_file, &damaged).unwrap();
+        let s = Symbolizer::new(opts(Some(dir.path())));
+        let mut got = s.symbolize_elf(&bin, &addrs).unwrap();
+        if s.stats().cache_hits == 1 {
+            // The directory was intact, a block was not: the next open rebuilds.
+            got = Symbolizer::new(opts(Some(dir.path()))).symbolize_elf(&bin, &addrs).unwrap();
+        }
+        assert_eq!(got, reference);
+        assert!(s.stats().cache_rebuilt >= 1, "damage detected: {:?}", s.stats());
+    }
+}
+
+#[test]
+fn tiny_memory_budget_evicts_and_stays_correct() {
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    let dbg = Symbolizer::new(opts(None)).debug_source(libc).unwrap();
+    let addrs: Vec<u64> = addrs_of(dbg.path().expect("libc6-dbg installed"));
+    let big = Symbolizer::new(opts(None)).symbolize_elf(libc, &addrs).unwrap();
+    let small = Symbolizer::new(Options { memory_budget: 1, ..opts(None) });
+    // Interleave far-apart addresses so blocks are loaded, dropped and loaded again.
+    let mut shuffled = addrs.clone();
+    shuffled.reverse();
+    for chunk in shuffled.chunks(7) {
+        let got = small.symbolize_elf(libc, chunk).unwrap();
+        let want: Vec<_> =
+            chunk.iter().map(|a| big[addrs.iter().position(|x| x == a).unwrap()].clone()).collect();
+        assert_eq!(got, want);
+    }
+    let st = small.stats();
+    assert!(st.blocks_evicted > 0 && st.blocks_loaded > st.blocks_evicted / 2, "{st:?}");
+}
+
+#[test]
+fn process_addresses_through_maps() {
+    let bin = fixture("chain_nofp");
+    let child = Kill(Command::new(&bin).stdout(Stdio::null()).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = child.0.id();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    // The PIE's load bias: the first mapping of the file at offset 0.
+    let base = maps
+        .lines()
+        .find(|l| {
+            l.ends_with(bin.canonicalize().unwrap().to_str().unwrap())
+                && l.split_whitespace().nth(2) == Some("00000000")
+        })
+        .map(|l| u64::from_str_radix(l.split('-').next().unwrap(), 16).unwrap())
+        .expect("fixture mapped");
+    let funcs: Vec<(u64, String)> =
+        functions(&bin).into_iter().filter(|(_, n)| n.starts_with("c_chain_")).collect();
+    assert!(!funcs.is_empty());
+    let abs: Vec<u64> = funcs.iter().map(|(a, _)| base + a).chain([8]).collect();
+    let s = Symbolizer::new(opts(None));
+    let got = s.symbolize_pid(pid, &abs).unwrap();
+    drop(child);
+    for ((_, name), r) in funcs.iter().zip(&got) {
+        let sym = r.as_ref().unwrap_or_else(|m| panic!("{name}: {m}"));
+        assert_eq!(sym.frames.last().unwrap().function.as_deref(), Some(name.as_str()));
+        assert!(sym.frames[0].line > 0, "{name} has a line");
+    }
+    assert_eq!(got.last().unwrap(), &Err(unwound_symbolize::Miss::NotMapped));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for(url: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ureq_get_ok(url) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn ureq_get_ok(url: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)", url])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+struct Kill(std::process::Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = fixture("cpp_chain_nofp");
+    let stripped = dir.path().join("stripped");
+    let served = dir.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    let debug = served.join("cpp_chain.debug");
+    assert!(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&full)
+        .arg(&debug)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&full)
+        .arg(&stripped)
+        .status()
+        .unwrap()
+        .success());
+    let addrs = addrs_of(&full);
+    let reference = Symbolizer::new(opts(None)).symbolize_elf(&full, &addrs).unwrap();
+    let id = unwound_symbolize::ElfSymbols::open(&full)
+        .unwrap()
+        .build_id()
+        .map(unwound_symbolize::build_id_hex)
+        .unwrap();
+
+    // Without a server: no DWARF, names only.
+    let none = Symbolizer::new(opts(None));
+    assert_eq!(none.debug_source(&stripped).unwrap(), DebugSource::None);
+
+    let port = free_port();
+    let _server = Kill(
+        Command::new("debuginfod")
+            .arg("-F")
+            .arg(&served)
+            .args(["-p", &port.to_string(), "-d"])
+            .arg(dir.path().join("db.sqlite"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("debuginfod (scripts/setup.sh installs it)"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        wait_for(&format!("{base}/buildid/{id}/debuginfo"), Duration::from_secs(60)),
+        "debuginfod indexed the file"
+    );
+    let client = Debuginfod {
+        urls: vec![base],
+        timeout: Duration::from_secs(5),
+        max_size: 1 << 30,
+        cache_dir: dir.path().join("downloads"),
+    };
+    let s = Symbolizer::new(Options { debuginfod: Some(client.clone()), ..opts(None) });
+    assert!(matches!(s.debug_source(&stripped).unwrap(), DebugSource::Debuginfod(_)));
+    assert_eq!(s.symbolize_elf(&stripped, &addrs).unwrap(), reference);
+
+    // A server that answers every build-id with some other ELF file.
+    let wrong_root = dir.path().join("wrong");
+    let wrong = wrong_root.join("buildid").join(&id);
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(fixture("chain_nofp"), wrong.join("debuginfo")).unwrap();
+    let wport = free_port();
+    let _fake = Kill(
+        Command::new("python3")
+            .args(["-m", "http.server", &wport.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(&wrong_root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let wbase = format!("http://127.0.0.1:{wport}");
+    assert!(wait_for(&format!("{wbase}/buildid/{id}/debuginfo"), Duration::from_secs(20)));
+    let bad = Debuginfod { urls: vec![wbase], cache_dir: dir.path().join("downloads2"), ..client };
+    let raw_id = unwound_symbolize::ElfSymbols::open(&full).unwrap().build_id().unwrap().to_vec();
+    match bad.fetch(&raw_id) {
+        Err(unwound_symbolize::DebuginfodError::WrongBuildId { wanted, .. }) => assert_eq!(wanted, id),
+        other => panic!("expected a wrong-build-id error, got {other:?}"),
+    }
+    let s = Symbolizer::new(Options { debuginfod: Some(bad), ..opts(None) });
+    assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::None);
+}
