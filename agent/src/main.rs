@@ -77,6 +77,20 @@ pub struct RecordArgs {
     /// Print the summary as one JSON object on stdout as well.
     #[arg(long)]
     pub json_summary: bool,
+    /// Where compiled debuginfo indexes are cached (zstd). Default:
+    /// `$XDG_CACHE_HOME/unwound/symbols`.
+    #[arg(long, value_name = "DIR")]
+    pub symbol_cache_dir: Option<PathBuf>,
+    /// Keep debuginfo indexes in memory only.
+    #[arg(long, conflicts_with = "symbol_cache_dir")]
+    pub no_symbol_cache: bool,
+    /// Memory budget for decompressed debuginfo, in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub symbol_memory: u64,
+    /// Extra directory searched for separate debug files (repeatable; /usr/lib/debug is
+    /// always searched). debuginfod servers come from `DEBUGINFOD_URLS`.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    pub debug_dirs: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {

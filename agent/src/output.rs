@@ -22,10 +22,12 @@ pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
             let mut line = String::with_capacity(64 + s.frames.len() * 24);
             line.push_str(&s.comm);
             for f in &s.frames {
-                line.push(';');
-                line.push_str(&f.name.replace(';', ":"));
-                if f.kernel {
-                    line.push_str("_[k]");
+                for name in f.names_root_first() {
+                    line.push(';');
+                    line.push_str(&name.replace(';', ":"));
+                    if f.kernel {
+                        line.push_str("_[k]");
+                    }
                 }
             }
             line
@@ -203,7 +205,7 @@ pub fn write_pprof(out: &mut dyn Write, stacks: &[Stack], meta: &ProfileMeta) ->
     use prost::Message as _;
     let mut strings = Strings::new();
     let mut mappings: HashMap<String, u64> = HashMap::new();
-    let mut functions: HashMap<(String, String), u64> = HashMap::new();
+    let mut functions: HashMap<(String, String, String), u64> = HashMap::new();
     let mut locations: HashMap<(String, String, u64), u64> = HashMap::new();
     let mut profile = pprof::Profile::default();
     let period = (1_000_000_000 / meta.frequency.max(1)) as i64;
@@ -231,25 +233,44 @@ pub fn write_pprof(out: &mut dyn Write, stacks: &[Stack], meta: &ProfileMeta) ->
             });
             next_mapping
         });
-        let next_function = functions.len() as u64 + 1;
-        let function_id = *functions.entry((f.module.clone(), f.name.clone())).or_insert_with(|| {
-            let name = if f.kernel { format!("{}_[k]", f.name) } else { f.name.clone() };
-            let n = strings.get(&name);
-            profile.function.push(pprof::Function {
-                id: next_function,
-                name: n,
-                system_name: n,
-                ..Default::default()
-            });
-            next_function
-        });
+        let mut function_id = |name: &str,
+                               file: &str,
+                               profile: &mut pprof::Profile,
+                               strings: &mut Strings| {
+            let next_function = functions.len() as u64 + 1;
+            *functions.entry((f.module.clone(), name.to_string(), file.to_string())).or_insert_with(|| {
+                let shown = if f.kernel { format!("{name}_[k]") } else { name.to_string() };
+                let n = strings.get(&shown);
+                let filename = if file.is_empty() { 0 } else { strings.get(file) };
+                profile.function.push(pprof::Function {
+                    id: next_function,
+                    name: n,
+                    system_name: n,
+                    filename,
+                    ..Default::default()
+                });
+                next_function
+            })
+        };
+        // Innermost inlined function first, the containing function last (pprof's order).
+        let line: Vec<pprof::Line> = if f.lines.is_empty() {
+            vec![pprof::Line { function_id: function_id(&f.name, "", profile, strings), line: 0 }]
+        } else {
+            let last = f.lines.len() - 1;
+            f.lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let name = if i == last { f.name.as_str() } else { l.function.as_str() };
+                    pprof::Line {
+                        function_id: function_id(name, &l.file, profile, strings),
+                        line: l.line.into(),
+                    }
+                })
+                .collect()
+        };
         let id = locations.len() as u64 + 1;
-        profile.location.push(pprof::Location {
-            id,
-            mapping_id,
-            address: f.address,
-            line: vec![pprof::Line { function_id, line: 0 }],
-        });
+        profile.location.push(pprof::Location { id, mapping_id, address: f.address, line });
         locations.insert(lkey, id);
         id
     };

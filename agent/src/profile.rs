@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use unwound_stackwalk_abi::{walk_end_name, SampleHeader, SampleRecord, WALK_COMPLETE, WALK_FRAME_POINTERS};
-use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps};
+use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps, Symbolized, Symbolizer};
 
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +29,16 @@ pub struct StackKey {
     pub walk_end: u32,
 }
 
+/// Where in the source a frame is: one per inlined function, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourceLine {
+    pub function: String,
+    /// Empty when unknown.
+    pub file: String,
+    /// 0 when unknown.
+    pub line: u32,
+}
+
 /// One symbolized frame.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {
@@ -39,6 +50,29 @@ pub struct Frame {
     /// for kernel frames; 0 when nothing is known.
     pub address: u64,
     pub kernel: bool,
+    /// Source lines from DWARF, innermost (inlined) first; empty without debuginfo. The
+    /// last one's function is `name`.
+    pub lines: Vec<SourceLine>,
+}
+
+impl Frame {
+    fn plain(name: String, module: String, address: u64, kernel: bool) -> Self {
+        Frame { name, module, address, kernel, lines: Vec::new() }
+    }
+
+    /// Function names root first: the function, then what was inlined into it.
+    pub fn names_root_first(&self) -> impl Iterator<Item = &str> {
+        let inlined = self.lines.len().saturating_sub(1);
+        std::iter::once(self.name.as_str())
+            .chain(self.lines[..inlined].iter().rev().map(|l| l.function.as_str()))
+    }
+}
+
+/// A mapped file: its symbols (segments, names) and an open descriptor, so its DWARF can be
+/// read at the end of recording even if the process has exited or the file was deleted.
+pub struct FileInfo {
+    symbols: ElfSymbols,
+    file: Option<std::fs::File>,
 }
 
 /// A symbolized stack, root first.
@@ -55,7 +89,7 @@ struct ProcessInfo {
     maps: ProcessMaps,
     refreshed: Instant,
     /// Symbols per mapping start.
-    symbols: HashMap<u64, Option<Arc<ElfSymbols>>>,
+    symbols: HashMap<u64, Option<Arc<FileInfo>>>,
 }
 
 /// Identity of a mapped file: (device, inode), or the path for pseudo files.
@@ -66,7 +100,7 @@ type FileKey = (String, u64, PathBuf);
 pub struct Collector {
     stacks: HashMap<StackKey, u64>,
     processes: HashMap<u32, ProcessInfo>,
-    files: HashMap<FileKey, Option<Arc<ElfSymbols>>>,
+    files: HashMap<FileKey, Option<Arc<FileInfo>>>,
     pub samples: u64,
     pub malformed: u64,
     pub symbol_errors: u64,
@@ -140,7 +174,7 @@ impl Collector {
         self.processes.insert(pid, ProcessInfo { maps, refreshed: now, symbols });
     }
 
-    fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<ElfSymbols>> {
+    fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<FileInfo>> {
         let path = m.path.clone()?;
         let key = (m.device.clone(), m.inode, if m.inode == 0 { path.clone() } else { PathBuf::new() });
         if let Some(s) = self.files.get(&key) {
@@ -150,6 +184,7 @@ impl Collector {
             if path.as_os_str() == "[vdso]" {
                 read_process_memory(pid, m.start, m.end - m.start)
                     .and_then(|bytes| ElfSymbols::from_bytes("[vdso]", &bytes).ok())
+                    .map(|symbols| FileInfo { symbols, file: None })
             } else {
                 None
             }
@@ -157,9 +192,12 @@ impl Collector {
             let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
             let via_root =
                 Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
-            match ElfSymbols::open(&via_map_files).or_else(|_| ElfSymbols::open(&via_root)) {
-                Ok(s) => Some(s),
-                Err(_) => {
+            let opened = std::fs::File::open(&via_map_files).or_else(|_| std::fs::File::open(&via_root));
+            match opened.ok().and_then(|f| {
+                ElfSymbols::open(fd_path(&f)).ok().map(|symbols| FileInfo { symbols, file: Some(f) })
+            }) {
+                Some(s) => Some(s),
+                None => {
                     self.symbol_errors += 1;
                     None
                 }
@@ -170,8 +208,11 @@ impl Collector {
         loaded
     }
 
-    /// Symbolizes every stack. `kernel` may be empty when kernel symbols are unavailable.
-    pub fn symbolize(&self, kernel: &KernelSymbols) -> Vec<Stack> {
+    /// Symbolizes every stack: user frames through `symbolizer` (DWARF lines and inlined
+    /// frames, symbol tables otherwise), kernel frames through `kernel` (which may be
+    /// empty when kernel symbols are unavailable).
+    pub fn symbolize(&self, kernel: &KernelSymbols, symbolizer: &Symbolizer) -> Vec<Stack> {
+        let resolved = self.resolve_user(symbolizer);
         let mut out: HashMap<(u32, String, Vec<Frame>), u64> = HashMap::new();
         for (key, &count) in &self.stacks {
             let process = self.processes.get(&key.pid);
@@ -181,12 +222,12 @@ impl Collector {
             // and the stack is marked, rather than shown as made-up callers.
             let table_walk = key.walk_end != WALK_FRAME_POINTERS;
             if table_walk && key.walk_end != WALK_COMPLETE && !key.user.is_empty() {
-                frames.push(Frame {
-                    name: format!("[unwind: {}]", walk_end_name(key.walk_end)),
-                    module: "[unknown]".into(),
-                    address: 0,
-                    kernel: false,
-                });
+                frames.push(Frame::plain(
+                    format!("[unwind: {}]", walk_end_name(key.walk_end)),
+                    "[unknown]".into(),
+                    0,
+                    false,
+                ));
             }
             let valid = match process {
                 Some(p) if !p.maps.is_empty() && !table_walk => key
@@ -197,17 +238,12 @@ impl Collector {
                 _ => key.user.len(),
             };
             if valid < key.user.len() {
-                frames.push(Frame {
-                    name: INVALID_FRAME.into(),
-                    module: "[unknown]".into(),
-                    address: 0,
-                    kernel: false,
-                });
+                frames.push(Frame::plain(INVALID_FRAME.into(), "[unknown]".into(), 0, false));
             }
             for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
                 // Return addresses point after the call; look up the call itself.
                 let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
-                frames.push(user_frame(process, lookup));
+                frames.push(user_frame(process, lookup, &resolved));
             }
             for (i, &addr) in key.kernel.iter().enumerate().rev() {
                 let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
@@ -227,37 +263,101 @@ impl Collector {
     }
 }
 
-fn user_frame(process: Option<&ProcessInfo>, addr: u64) -> Frame {
-    let unknown = Frame { name: "[unknown]".into(), module: "[unknown]".into(), address: 0, kernel: false };
+/// Answers of the symbolizer per (file, file virtual address).
+type Resolved = HashMap<(usize, u64), Symbolized>;
+
+fn file_id(f: &Arc<FileInfo>) -> usize {
+    Arc::as_ptr(f) as usize
+}
+
+/// The path through which this process reads an open file.
+fn fd_path(f: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+impl Collector {
+    /// Every user address of every stack, symbolized per file (files in parallel).
+    fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
+        let mut wanted: HashMap<usize, (Arc<FileInfo>, Vec<u64>)> = HashMap::new();
+        for key in self.stacks.keys() {
+            let Some(p) = self.processes.get(&key.pid) else { continue };
+            for (i, &addr) in key.user.iter().enumerate() {
+                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                let Some(m) = p.maps.find(lookup) else { continue };
+                let Some(Some(info)) = p.symbols.get(&m.start) else { continue };
+                if info.file.is_none() {
+                    continue;
+                }
+                if let Some(v) = info.symbols.file_offset_to_vaddr(m.file_offset(lookup)) {
+                    wanted.entry(file_id(info)).or_insert_with(|| (info.clone(), Vec::new())).1.push(v);
+                }
+            }
+        }
+        wanted
+            .into_par_iter()
+            .flat_map_iter(|(id, (info, mut vaddrs))| {
+                vaddrs.sort_unstable();
+                vaddrs.dedup();
+                let path = fd_path(info.file.as_ref().expect("filtered above"));
+                let answers = symbolizer.symbolize_elf(&path, &vaddrs).unwrap_or_default();
+                vaddrs
+                    .into_iter()
+                    .zip(answers)
+                    .filter_map(move |(v, r)| r.ok().map(|s| ((id, v), s)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+fn user_frame(process: Option<&ProcessInfo>, addr: u64, resolved: &Resolved) -> Frame {
+    let unknown = Frame::plain("[unknown]".into(), "[unknown]".into(), 0, false);
     let Some(p) = process else { return unknown };
     let Some(m) = p.maps.find(addr) else { return unknown };
     let module = m.short_name();
     let offset = m.file_offset(addr);
-    let symbols = p.symbols.get(&m.start).and_then(|s| s.as_ref());
-    let vaddr = symbols.and_then(|s| s.file_offset_to_vaddr(offset));
-    match (symbols, vaddr) {
-        (Some(s), Some(v)) => match s.lookup(v) {
-            Some(sym) => Frame { name: sym.name.to_string(), module, address: v, kernel: false },
-            None => Frame { name: format!("{module}+{offset:#x}"), module, address: v, kernel: false },
-        },
-        _ => Frame { name: format!("{module}+{offset:#x}"), module, address: offset, kernel: false },
+    let info = p.symbols.get(&m.start).and_then(|s| s.as_ref());
+    let vaddr = info.and_then(|s| s.symbols.file_offset_to_vaddr(offset));
+    let (Some(info), Some(v)) = (info, vaddr) else {
+        return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);
+    };
+    let fallback = || info.symbols.lookup(v).map(|s| s.name.to_string());
+    match resolved.get(&(file_id(info), v)) {
+        Some(sym) => {
+            let lines: Vec<SourceLine> = sym
+                .frames
+                .iter()
+                .map(|f| SourceLine {
+                    function: f.function.as_deref().unwrap_or("??").to_string(),
+                    file: f.file.as_deref().unwrap_or("").to_string(),
+                    line: f.line,
+                })
+                .collect();
+            let name = sym
+                .frames
+                .last()
+                .and_then(|f| f.function.as_deref().map(str::to_string))
+                .or_else(fallback)
+                .unwrap_or_else(|| format!("{module}+{offset:#x}"));
+            Frame { name, module, address: v, kernel: false, lines }
+        }
+        None => {
+            let name = fallback().unwrap_or_else(|| format!("{module}+{offset:#x}"));
+            Frame::plain(name, module, v, false)
+        }
     }
 }
 
 fn kernel_frame(kernel: &KernelSymbols, addr: u64) -> Frame {
     match kernel.lookup(addr) {
-        Some(s) => Frame {
-            name: s.name.to_string(),
-            module: s.module.map_or_else(|| "[kernel.kallsyms]".to_string(), |m| format!("[{m}]")),
-            address: addr,
-            kernel: true,
-        },
-        None => Frame {
-            name: "[unknown]".into(),
-            module: "[kernel.kallsyms]".into(),
-            address: addr,
-            kernel: true,
-        },
+        Some(s) => Frame::plain(
+            s.name.to_string(),
+            s.module.map_or_else(|| "[kernel.kallsyms]".to_string(), |m| format!("[{m}]")),
+            addr,
+            true,
+        ),
+        None => Frame::plain("[unknown]".into(), "[kernel.kallsyms]".into(), addr, true),
     }
 }
 

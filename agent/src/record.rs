@@ -86,7 +86,15 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         eprintln!("warning: kernel frames stay unsymbolized: {e}");
         KernelSymbols::default()
     });
-    let stacks = collector.symbolize(&kernel);
+    let symbolizer = unwound_symbolize::Symbolizer::new(crate::symbolize::options(
+        args.symbol_cache_dir.clone(),
+        args.no_symbol_cache,
+        args.symbol_memory,
+        &args.debug_dirs,
+    ));
+    let symbolize_started = Instant::now();
+    let stacks = collector.symbolize(&kernel, &symbolizer);
+    let symbolize_time = symbolize_started.elapsed();
     let meta = ProfileMeta {
         frequency: args.frequency,
         duration_ns: recorded.as_nanos() as u64,
@@ -112,6 +120,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         agent_cpu: cpu,
         verified_instructions: session.verified_instructions,
         symbol_errors: collector.symbol_errors,
+        symbolize_time,
+        symbol_stats: symbolizer.stats(),
         bpf_run,
         tables: session.tables.as_ref().map(|t| t.stats.clone()),
     };
@@ -493,6 +503,8 @@ struct Summary {
     agent_cpu: Duration,
     verified_instructions: Option<u32>,
     symbol_errors: u64,
+    symbolize_time: Duration,
+    symbol_stats: unwound_symbolize::Stats,
     bpf_run: Option<(u64, u64)>,
     tables: Option<TableStats>,
 }
@@ -544,6 +556,17 @@ impl Summary {
                 String::new()
             },
         );
+        let st = &self.symbol_stats;
+        eprintln!(
+            "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident",
+            self.symbolize_time.as_secs_f64(),
+            st.indexes_built,
+            st.cache_hits,
+            st.cache_rebuilt,
+            st.blocks_loaded,
+            st.blocks_evicted,
+            st.resident_bytes / 1024,
+        );
     }
 
     fn json(&self) -> String {
@@ -561,6 +584,15 @@ impl Summary {
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
         ));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
+        let st = &self.symbol_stats;
+        fields.push(format!(
+            "\"symbolize_seconds\":{:.4},\"symbol_indexes_built\":{},\"symbol_cache_hits\":{},\"symbol_cache_rebuilt\":{},\"symbol_blocks_evicted\":{}",
+            self.symbolize_time.as_secs_f64(),
+            st.indexes_built,
+            st.cache_hits,
+            st.cache_rebuilt,
+            st.blocks_evicted
+        ));
         if let Some(t) = &self.tables {
             fields.push(format!(
                 "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{}",

@@ -241,3 +241,96 @@ fn tables_command_summarizes_dumps_and_reports_json() {
     let line = one_error_line(&bad);
     assert!(line.contains("cannot compile unwind tables of /etc/passwd"), "{line}");
 }
+
+/// Lines `addr2line` gives for every byte of `function` in `binary`.
+fn addr2line_lines_of(binary: &Path, function: &str) -> std::collections::HashSet<u32> {
+    let nm = Command::new("nm").args(["-S", "--defined-only"]).arg(binary).output().unwrap();
+    let text = String::from_utf8_lossy(&nm.stdout);
+    let (start, size) = text
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4 && f[3] == function)
+                .then(|| (u64::from_str_radix(f[0], 16).unwrap(), u64::from_str_radix(f[1], 16).unwrap()))
+        })
+        .unwrap_or_else(|| panic!("{function} in {}", binary.display()));
+    let addrs: Vec<String> = (start..start + size).map(|a| format!("{a:#x}")).collect();
+    let out = Command::new("addr2line").arg("-e").arg(binary).args(&addrs).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.rsplit(':').next()?.parse().ok()).collect()
+}
+
+#[test]
+fn pprof_locations_carry_source_lines() {
+    if !bpf_available("pprof_locations_carry_source_lines") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("profile.pb.gz");
+    let cache = tmp.path().join("cache");
+    record_fixture("chain_nofp", &out, &["--symbol-cache-dir", cache.to_str().unwrap()]);
+    let o = Command::new("go")
+        .args(["tool", "pprof", "-top", "-lines", "-symbolize=none"])
+        .arg(&out)
+        .env("HOME", tmp.path())
+        .output()
+        .expect("go tool pprof (Debian golang-go)");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "pprof failed: {}", String::from_utf8_lossy(&o.stderr));
+    let valid = addr2line_lines_of(&build_fixtures().join("chain_nofp"), "c_chain_c");
+    let mut flat = 0.0;
+    for l in text.lines().filter(|l| l.contains(" c_chain_c ")) {
+        let loc = l.split_whitespace().last().unwrap();
+        let (file, line) = loc.rsplit_once(':').unwrap();
+        assert!(file.ends_with("fixtures/src/chain.c"), "{l}");
+        let line: u32 = line.parse().unwrap();
+        assert!(valid.contains(&line), "line {line} is not one addr2line gives for c_chain_c: {valid:?}");
+        flat += l.split_whitespace().nth(1).unwrap().trim_end_matches('%').parse::<f64>().unwrap();
+    }
+    assert!(flat >= 90.0, "c_chain_c lines hold {flat}% of the samples:\n{text}");
+    // The index was cached for the next run.
+    assert!(std::fs::read_dir(&cache).unwrap().count() >= 1);
+}
+
+#[test]
+fn symbolize_command_prints_what_addr2line_prints() {
+    let bin = build_fixtures().join("cpp_chain_nofp");
+    let nm = Command::new("nm").args(["--defined-only"]).arg(&bin).output().unwrap();
+    let addrs: Vec<String> = String::from_utf8_lossy(&nm.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && matches!(f[1], "T" | "t"))
+                .then(|| format!("0x{:x}", u64::from_str_radix(f[0], 16).unwrap() + 4))
+        })
+        .chain(["0x0".to_string()])
+        .collect();
+    assert!(addrs.len() > 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().display().to_string();
+    let bin_s = bin.display().to_string();
+    let mut args = vec!["symbolize", "--elf", &bin_s, "--format", "addr2line", "-a", "--cache-dir", &cache];
+    args.extend(addrs.iter().map(String::as_str));
+    let ours = unwound(&args);
+    assert!(ours.status.success(), "{}", ours.stderr);
+    let theirs = Command::new("addr2line")
+        .args(["-a", "-f", "-i", "-C", "-e"])
+        .arg(&bin)
+        .args(&addrs)
+        .output()
+        .unwrap();
+    assert_eq!(ours.stdout, String::from_utf8_lossy(&theirs.stdout));
+
+    let json = unwound(&["symbolize", "--elf", &bin_s, "--json", "--cache-dir", &cache, &addrs[0], "0x0"]);
+    assert!(json.status.success(), "{}", json.stderr);
+    let lines: Vec<serde_json::Value> =
+        json.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["frames"][0]["line"].as_u64().unwrap() > 0, "{}", json.stdout);
+    assert_eq!(lines[1]["miss"], "no_symbol");
+
+    let bad = unwound(&["symbolize", "--elf", &bin_s, "zz"]);
+    assert!(!bad.status.success());
+    assert!(one_error_line(&bad).contains("bad address \"zz\""), "{}", bad.stderr);
+    let missing = unwound(&["symbolize", "--elf", "/nonexistent/x", "0x10"]);
+    assert!(one_error_line(&missing).contains("/nonexistent/x"), "{}", missing.stderr);
+}
