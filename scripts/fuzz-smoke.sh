@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds="${1:-20}"
+# Seed the DWARF target with a real binary (not committed: fixtures are built by make).
+mkdir -p corpus/debuginfo
+cp -f ../target/fixtures/chain_nofp corpus/debuginfo/chain_nofp 2>/dev/null || true
 for target in $(cargo +nightly fuzz list); do
     echo "fuzz: $target for ${seconds}s"
     cargo +nightly fuzz run "$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 | tail -1

@@ -146,3 +146,47 @@ fn cxa_demangle(name: &str) -> Option<String> {
         s
     }
 }
+
+/// Entry points for the fuzz targets (`fuzz/`): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use object::Object;
+
+    /// Arbitrary bytes as an ELF file with DWARF: index it, round-trip every block through
+    /// its compressed encoding, look addresses up. Never panics.
+    pub fn dwarf_index(data: &[u8]) {
+        let Ok(obj) = object::File::parse(data) else { return };
+        let Ok(sections) = crate::dwarf::Sections::load(&obj, 16 << 20) else { return };
+        let text = crate::dwarf::text_ranges(&obj);
+        let Ok(mut raw) = crate::dwarf::read(&sections, None, &text) else { return };
+        let blocks = crate::index::build_blocks(&mut raw);
+        let mut frames = Vec::new();
+        for b in &blocks {
+            let p = crate::cache::pack(b);
+            let back = crate::cache::unpack(&p.bytes, p.raw_len, p.crc).expect("own encoding decodes");
+            assert_eq!(&back, b);
+            for a in [
+                b.start,
+                b.start.wrapping_add(1),
+                b.end.wrapping_sub(1),
+                (b.start / 2).wrapping_add(b.end / 2),
+            ] {
+                frames.clear();
+                let _ = b.lookup(a, &mut frames);
+            }
+        }
+        let _ = obj.build_id();
+    }
+
+    /// Arbitrary bytes as a stored index block (raw and as a zstd frame). Never panics.
+    pub fn index_block(data: &[u8]) {
+        let mut frames = Vec::new();
+        if let Ok(b) = crate::cache::decode_block(data) {
+            for a in [b.start, b.end.wrapping_sub(1), b.start.wrapping_add(17)] {
+                frames.clear();
+                let _ = b.lookup(a, &mut frames);
+            }
+        }
+        let _ = crate::cache::unpack(data, 1 << 20, crc32fast::hash(data));
+    }
+}
