@@ -1,15 +1,19 @@
-//! Turns addresses into function names for a profiler.
+//! Turns addresses into functions, source lines and inlined frames for a profiler.
 //!
-//! Three sources, each its own type:
+//! [`Symbolizer`] is the main entry: DWARF lines and inline trees (the binary's own, a
+//! separate debug file found by build-id or `.gnu_debuglink`, or a debuginfod download)
+//! compiled into block indexes that are cached zstd-compressed on disk per build-id and
+//! kept in memory under an LRU byte budget. It answers for ELF file addresses
+//! ([`Symbolizer::symbolize_elf`]) and for process addresses
+//! ([`Symbolizer::symbolize_pid`]).
+//!
+//! Lower-level sources, each its own type:
 //! - [`ElfSymbols`]: the function symbols of one ELF file (`.symtab` and `.dynsym`), and the
 //!   file's load segments, so an address inside a running process can be mapped back to the
 //!   file's own virtual addresses.
 //! - [`ProcessMaps`]: a process's memory mappings from `/proc/PID/maps`, which turn an
 //!   absolute address into (file, file offset).
 //! - [`KernelSymbols`]: the running kernel's symbols from `/proc/kallsyms`, modules included.
-//!
-//! DWARF lines and inlined frames, separate debuginfo and the on-disk cache are the next
-//! steps of this crate (see the project's issues).
 //!
 //! ```no_run
 //! use unwound_symbolize::{ElfSymbols, ProcessMaps};
