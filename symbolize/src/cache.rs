@@ -153,7 +153,7 @@ pub(crate) fn decode_block(data: &[u8]) -> Result<Block, Corrupt> {
     if r.pos != data.len() {
         return Err(Corrupt("trailing bytes in block"));
     }
-    Ok(Block { start, end, strings, lines, levels })
+    Ok(Block::new(start, end, strings, lines, levels))
 }
 
 /// One block encoded and compressed, ready for memory or disk.
@@ -166,7 +166,9 @@ pub(crate) struct Packed {
 
 pub(crate) fn pack(b: &Block) -> Packed {
     let raw = encode_block(b);
-    let bytes = zstd::bulk::compress(&raw, ZSTD_LEVEL).expect("compressing into a growable buffer");
+    let mut bytes = zstd::bulk::compress(&raw, ZSTD_LEVEL).expect("compressing into a growable buffer");
+    // The buffer comes sized for zstd's worst case (about the input's size).
+    bytes.shrink_to_fit();
     Packed {
         span: BlockSpan { start: b.start, end: b.end },
         raw_len: raw.len() as u32,

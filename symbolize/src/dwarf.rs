@@ -22,6 +22,8 @@ pub(crate) const END: u32 = u32::MAX;
 pub(crate) const MAX_ROWS: usize = 256 << 20;
 /// Longest reference chain followed for a name.
 const MAX_NAME_HOPS: usize = 16;
+/// Longest function range kept (longer ones are garbage or tombstones).
+pub(crate) const MAX_RANGE: u64 = 1 << 30;
 /// Deepest inline nesting kept.
 pub(crate) const MAX_INLINE_DEPTH: usize = 64;
 
@@ -254,6 +256,8 @@ fn read_unit<'d>(
     let unit = dwarf.unit(header)?;
     let mut rd = UnitReader { ctx, others: HashMap::new(), names: HashMap::new(), strings: Interner::new() };
     let keep = |addr: u64| if text.is_empty() { addr != 0 } else { in_text(text, addr) };
+    // A row inside the executable sections, or a sequence end just past one.
+    let keep_row = |addr: u64, end: bool| keep(addr) || (end && addr > 0 && keep(addr - 1));
 
     // Line table.
     let mut lines = Vec::new();
@@ -263,9 +267,9 @@ fn read_unit<'d>(
         let mut seq: Vec<LineRow> = Vec::new();
         while let Some((header, row)) = rows.next_row()? {
             if row.end_sequence() {
-                // Rows at the end address cover nothing.
-                seq.retain(|r| r.addr < row.address());
-                if seq.first().is_some_and(|r| keep(r.addr)) {
+                // Rows at the end address cover nothing; rows outside the code are garbage.
+                seq.retain(|r| r.addr < row.address() && keep_row(r.addr, false));
+                if !seq.is_empty() && keep_row(row.address(), true) {
                     lines.append(&mut seq);
                     lines.push(LineRow { addr: row.address(), file: END, line: 0, discriminator: 0 });
                 }
@@ -319,14 +323,14 @@ fn read_unit<'d>(
         if entry.has_children() {
             stack.push((die_depth, depth));
         }
-        let mut ranges = dwarf.die_ranges(&unit, entry)?;
+        let ranges = die_ranges(dwarf, &unit, entry)?;
         let mut first = true;
         let mut name = END;
         let mut linkage = false;
         let mut pushed = false;
         let (mut call_file, mut call_line) = (if depth == 0 { cu_name } else { END }, 0);
-        while let Some(r) = ranges.next()? {
-            if r.begin >= r.end || !keep(r.begin) {
+        for r in ranges {
+            if r.begin >= r.end || r.end - r.begin > MAX_RANGE || !keep(r.begin) {
                 continue;
             }
             if first {
@@ -368,6 +372,52 @@ fn read_unit<'d>(
         }
     }
     Ok(UnitRows { strings: rd.strings.strings, lines, funcs })
+}
+
+/// Most ranges read from one `DW_AT_ranges` list.
+const MAX_RANGES_PER_DIE: usize = 1 << 16;
+
+/// A DIE's address ranges: `DW_AT_ranges`, or `DW_AT_low_pc` with `DW_AT_high_pc` (an
+/// address, or a length checked for overflow; gimli's own helper adds without a check).
+fn die_ranges(
+    dwarf: &gimli::Dwarf<R<'_>>,
+    unit: &gimli::Unit<R<'_>>,
+    entry: &gimli::DebuggingInformationEntry<R<'_>>,
+) -> Result<Vec<gimli::Range>, DwarfError> {
+    let mut low = None;
+    let mut high = None;
+    let mut size = None;
+    for attr in entry.attrs() {
+        match attr.name() {
+            gimli::DW_AT_low_pc => low = dwarf.attr_address(unit, attr.value())?,
+            gimli::DW_AT_high_pc => match attr.value() {
+                AttributeValue::Udata(n) => size = Some(n),
+                v => high = dwarf.attr_address(unit, v)?,
+            },
+            gimli::DW_AT_ranges => {
+                let mut out = Vec::new();
+                if let Some(mut list) = dwarf.attr_ranges(unit, attr.value())? {
+                    while let Some(r) = list.next()? {
+                        out.push(r);
+                        if out.len() >= MAX_RANGES_PER_DIE {
+                            break;
+                        }
+                    }
+                }
+                return Ok(out);
+            }
+            _ => {}
+        }
+    }
+    let end = match (low, size, high) {
+        (Some(l), Some(n), _) => l.checked_add(n),
+        (Some(_), None, h) => h,
+        _ => None,
+    };
+    Ok(match (low, end) {
+        (Some(begin), Some(end)) => vec![gimli::Range { begin, end }],
+        _ => Vec::new(),
+    })
 }
 
 fn file_path(

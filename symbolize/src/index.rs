@@ -50,6 +50,42 @@ pub(crate) struct Block {
     pub strings: Vec<Arc<str>>,
     pub lines: Vec<BLine>,
     pub levels: Vec<Vec<BFunc>>,
+    /// The search keys apart from the rows: line offsets, and range starts per level.
+    line_keys: Keys,
+    level_keys: Vec<Keys>,
+}
+
+/// Sorted 32-bit keys with every 64th one copied into a small summary: a search is a binary
+/// search over the summary (a few KiB that stays in cache) and then over 64 adjacent keys
+/// (4 cache lines), instead of a dozen scattered cache misses.
+#[derive(Debug, PartialEq, Eq)]
+struct Keys {
+    keys: Vec<u32>,
+    summary: Vec<u32>,
+}
+
+const SUMMARY_STRIDE: usize = 64;
+
+impl Keys {
+    fn new(keys: Vec<u32>) -> Self {
+        let summary = keys.iter().step_by(SUMMARY_STRIDE).copied().collect();
+        Keys { keys, summary }
+    }
+
+    /// How many keys are `<= off` (the keys are sorted).
+    fn upper(&self, off: u32) -> usize {
+        let j = self.summary.partition_point(|&k| k <= off);
+        if j == 0 {
+            return 0;
+        }
+        let lo = (j - 1) * SUMMARY_STRIDE;
+        let hi = (j * SUMMARY_STRIDE).min(self.keys.len());
+        lo + self.keys[lo..hi].partition_point(|&k| k <= off)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        (self.keys.len() + self.summary.len()) * 4 + 48
+    }
 }
 
 /// Where a block sits in the address space.
@@ -69,11 +105,29 @@ pub(crate) struct RawFrame {
 }
 
 impl Block {
+    pub fn new(
+        start: u64,
+        end: u64,
+        strings: Vec<Arc<str>>,
+        lines: Vec<BLine>,
+        levels: Vec<Vec<BFunc>>,
+    ) -> Self {
+        let line_keys = Keys::new(lines.iter().map(|l| l.off).collect());
+        let level_keys = levels.iter().map(|l| Keys::new(l.iter().map(|f| f.lo).collect())).collect();
+        Block { start, end, strings, lines, levels, line_keys, level_keys }
+    }
+
     /// Approximate heap bytes held, for the memory budget.
     pub fn heap_bytes(&self) -> usize {
         let strings: usize = self.strings.iter().map(|s| s.len() + 16 + 16).sum();
         let levels: usize = self.levels.iter().map(|l| l.len() * std::mem::size_of::<BFunc>() + 24).sum();
-        std::mem::size_of::<Block>() + strings + self.lines.len() * std::mem::size_of::<BLine>() + levels
+        let keys: usize =
+            self.line_keys.heap_bytes() + self.level_keys.iter().map(Keys::heap_bytes).sum::<usize>();
+        std::mem::size_of::<Block>()
+            + strings
+            + self.lines.len() * std::mem::size_of::<BLine>()
+            + levels
+            + keys
     }
 
     fn string(&self, i: u32) -> Option<Arc<str>> {
@@ -88,7 +142,7 @@ impl Block {
     pub fn lookup(&self, addr: u64, frames: &mut Vec<RawFrame>) -> bool {
         let Some(off) = addr.checked_sub(self.start).filter(|_| addr < self.end) else { return false };
         let off = off as u32;
-        let line = match self.lines.partition_point(|l| l.off <= off).checked_sub(1) {
+        let line = match self.line_keys.upper(off).checked_sub(1) {
             Some(i) if self.lines[i].file != END => Some(self.lines[i]),
             _ => None,
         };
@@ -97,8 +151,8 @@ impl Block {
             [None; crate::dwarf::MAX_INLINE_DEPTH + 1];
         let mut n = 0;
         let mut parent: Option<&BFunc> = None;
-        for level in &self.levels {
-            let Some(f) = find_range(level, off, parent) else { break };
+        for (level, keys) in self.levels.iter().zip(&self.level_keys) {
+            let Some(f) = find_range(level, keys, off, parent) else { break };
             chain[n] = Some(f);
             n += 1;
             parent = Some(f);
@@ -129,8 +183,8 @@ impl Block {
 /// The range of `level` that holds `off` and lies inside `parent`. Ranges of one level do
 /// not overlap in well-formed DWARF; where they do (identical code folded together), a few
 /// earlier ranges are tried too.
-fn find_range<'a>(level: &'a [BFunc], off: u32, parent: Option<&BFunc>) -> Option<&'a BFunc> {
-    let i = level.partition_point(|f| f.lo <= off);
+fn find_range<'a>(level: &'a [BFunc], keys: &Keys, off: u32, parent: Option<&BFunc>) -> Option<&'a BFunc> {
+    let i = keys.upper(off);
     let inside = |f: &BFunc| parent.is_none_or(|p| f.lo >= p.lo && f.hi <= p.hi);
     level[..i].iter().rev().take(8).find(|f| off < f.hi && inside(f))
 }
@@ -150,40 +204,39 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
         .last()
         .map_or(0, |l| l.addr.saturating_add(1))
         .max(funcs.iter().map(|f| f.hi).max().unwrap_or(0));
-    // Block starts: every BLOCK_LINES-th line row, and wherever a block would span more
-    // than 32 bits of offsets.
+    // Block starts: every BLOCK_LINES-th line row, and any row or range start more than
+    // 3 GiB past the current block's start, so every block spans at most 4 GiB (offsets
+    // are 32-bit) and no block covers a long empty stretch. Ranges are at most 1 GiB long
+    // (see `dwarf::MAX_RANGE`), so one starting in a block ends within its span.
+    const FAR: u64 = 3 << 30;
+    let mut points: Vec<(u64, bool)> = lines.iter().map(|l| (l.addr, true)).collect();
+    points.extend(funcs.iter().map(|f| (f.lo, false)));
+    points.sort_unstable_by_key(|p| p.0);
     let mut starts = vec![lo];
     let mut since = 0usize;
-    for l in lines.iter() {
-        since += 1;
+    for &(addr, is_line) in &points {
         let last = *starts.last().expect("non-empty");
-        if l.addr > last && (since >= BLOCK_LINES || l.addr - last >= u64::from(u32::MAX)) {
-            starts.push(l.addr);
+        since += usize::from(is_line);
+        if addr > last && ((is_line && since >= BLOCK_LINES) || addr - last >= FAR) {
+            if starts.len() >= MAX_BLOCKS {
+                break;
+            }
+            starts.push(addr);
             since = 0;
         }
     }
-    // Function ranges far beyond the last line (no line table at all) also need offsets
-    // that fit.
-    while hi - starts.last().expect("non-empty") > u64::from(u32::MAX) && starts.len() < MAX_BLOCKS {
-        let next = starts.last().expect("non-empty") + u64::from(u32::MAX);
-        starts.push(next);
-    }
+    let span_max = u64::from(u32::MAX);
     let spans: Vec<BlockSpan> = starts
         .iter()
         .enumerate()
-        .map(|(i, &s)| BlockSpan { start: s, end: starts.get(i + 1).copied().unwrap_or(hi) })
-        .collect();
-
-    let mut blocks: Vec<Block> = spans
-        .iter()
-        .map(|s| Block {
-            start: s.start,
-            end: s.end,
-            strings: Vec::new(),
-            lines: Vec::new(),
-            levels: Vec::new(),
+        .map(|(i, &s)| {
+            let next = starts.get(i + 1).copied().unwrap_or(hi);
+            BlockSpan { start: s, end: next.min(s.saturating_add(span_max)) }
         })
         .collect();
+
+    let mut blocks: Vec<Block> =
+        spans.iter().map(|s| Block::new(s.start, s.end, Vec::new(), Vec::new(), Vec::new())).collect();
     // String remapping per block (global index → local index).
     let mut local: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); blocks.len()];
     let mut intern = |b: usize, blocks: &mut [Block], g: u32| -> u32 {
@@ -264,7 +317,7 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
             level.push(r);
         }
     }
-    blocks
+    blocks.into_iter().map(|b| Block::new(b.start, b.end, b.strings, b.lines, b.levels)).collect()
 }
 
 #[cfg(test)]
@@ -393,6 +446,18 @@ mod tests {
                 let p = crate::cache::pack(&b);
                 let back = crate::cache::unpack(&p.bytes, p.raw_len, p.crc).unwrap();
                 prop_assert_eq!(back, b);
+            }
+        }
+
+        #[test]
+        fn two_level_key_search_matches_partition_point(
+            mut keys in proptest::collection::vec(0u32..5000, 0..1000),
+            probes in proptest::collection::vec(0u32..5100, 32),
+        ) {
+            keys.sort_unstable();
+            let k = Keys::new(keys.clone());
+            for p in probes {
+                prop_assert_eq!(k.upper(p), keys.partition_point(|&x| x <= p));
             }
         }
 

@@ -365,18 +365,18 @@ impl Symbolizer {
         order.sort_unstable_by_key(|&i| addrs[i as usize]);
         let mut out: Vec<Option<Resolution>> = vec![None; addrs.len()];
         let mut current: Option<(usize, Arc<Block>)> = None;
-        let mut prev: Option<(u64, Resolution)> = None;
+        // The previous address and where its answer went: a repeat copies it.
+        let mut prev: Option<(u64, usize)> = None;
         for &i in &order {
-            let a = addrs[i as usize];
-            if let Some((pa, r)) = &prev {
-                if *pa == a {
-                    out[i as usize] = Some(r.clone());
+            let (i, a) = (i as usize, addrs[i as usize]);
+            if let Some((pa, pi)) = prev {
+                if pa == a {
+                    out[i] = out[pi].clone();
                     continue;
                 }
             }
-            let r = self.lookup(bin, a, &mut current);
-            prev = Some((a, r.clone()));
-            out[i as usize] = Some(r);
+            out[i] = Some(self.lookup(bin, a, &mut current));
+            prev = Some((a, i));
         }
         out.into_iter().map(|r| r.expect("every address answered")).collect()
     }
