@@ -15,6 +15,7 @@ pub struct ProfileMeta {
 }
 
 /// One line per stack: `comm;root;...;leaf;kernel_root_[k];...;kernel_leaf_[k] count`.
+/// Functions inlined into a frame follow it with the `_[i]` suffix.
 pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
     let mut lines: Vec<String> = stacks
         .iter()
@@ -22,11 +23,14 @@ pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
             let mut line = String::with_capacity(64 + s.frames.len() * 24);
             line.push_str(&s.comm);
             for f in &s.frames {
-                for name in f.names_root_first() {
+                for (i, name) in f.names_root_first().enumerate() {
                     line.push(';');
                     line.push_str(&name.replace(';', ":"));
                     if f.kernel {
                         line.push_str("_[k]");
+                    } else if i > 0 {
+                        // Inlined into the frame before it (flamegraph.pl's marker).
+                        line.push_str("_[i]");
                     }
                 }
             }

@@ -294,6 +294,13 @@ impl Collector {
                 }
             }
         }
+        if !wanted.is_empty() {
+            let addrs: usize = wanted.values().map(|(_, v)| v.len()).sum();
+            eprintln!(
+                "unwound: symbolizing {addrs} addresses in {} files (debuginfo indexes are built once and cached)…",
+                wanted.len()
+            );
+        }
         wanted
             .into_par_iter()
             .flat_map_iter(|(id, (info, mut vaddrs))| {

@@ -15,7 +15,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::index::{BFunc, BLine, Block, BlockSpan, MAX_BLOCKS, MAX_BLOCK_ITEMS};
 
@@ -50,7 +49,8 @@ pub(crate) fn encode_block(b: &Block) -> Vec<u8> {
     for n in [b.strings.len(), b.lines.len(), b.levels.len()] {
         out.extend_from_slice(&(n as u32).to_le_bytes());
     }
-    for s in &b.strings {
+    for i in 0..b.strings.len() {
+        let s = b.strings.str(i);
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());
         out.extend_from_slice(s.as_bytes());
     }
@@ -75,8 +75,8 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
-    fn bytes(&mut self, n: usize) -> Result<&[u8], Corrupt> {
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Corrupt> {
         let end =
             self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or(Corrupt("block truncated"))?;
         let s = &self.data[self.pos..end];
@@ -116,7 +116,7 @@ pub(crate) fn decode_block(data: &[u8]) -> Result<Block, Corrupt> {
     for _ in 0..nstrings {
         let len = r.u32()? as usize;
         let s = std::str::from_utf8(r.bytes(len)?).map_err(|_| Corrupt("string not UTF-8"))?;
-        strings.push(Arc::from(s));
+        strings.push(s);
     }
     let str_ok = |i: u32| i == crate::dwarf::END || (i as usize) < nstrings;
     if nlines > MAX_BLOCK_ITEMS || nlines.saturating_mul(16) > data.len() - r.pos {
@@ -153,7 +153,7 @@ pub(crate) fn decode_block(data: &[u8]) -> Result<Block, Corrupt> {
     if r.pos != data.len() {
         return Err(Corrupt("trailing bytes in block"));
     }
-    Ok(Block::new(start, end, strings, lines, levels))
+    Ok(Block::new(start, end, crate::name::Arena::new(&strings), lines, levels))
 }
 
 /// One block encoded and compressed, ready for memory or disk.

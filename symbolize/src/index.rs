@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use crate::dwarf::{FuncRow, LineRow, RawDebugInfo, END};
+use crate::name::{Arena, Name};
 
 /// Line rows per block (the last block may hold fewer); tiny in unit tests so that ranges
 /// are cut across blocks.
@@ -47,7 +48,7 @@ pub(crate) struct BFunc {
 pub(crate) struct Block {
     pub start: u64,
     pub end: u64,
-    pub strings: Vec<Arc<str>>,
+    pub strings: Arena,
     pub lines: Vec<BLine>,
     pub levels: Vec<Vec<BFunc>>,
     /// The search keys apart from the rows: line offsets, and range starts per level.
@@ -98,20 +99,14 @@ pub(crate) struct BlockSpan {
 /// One frame as the index knows it (names and paths shared with the block).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct RawFrame {
-    pub function: Option<Arc<str>>,
-    pub file: Option<Arc<str>>,
+    pub function: Option<Name>,
+    pub file: Option<Name>,
     pub line: u32,
     pub discriminator: u32,
 }
 
 impl Block {
-    pub fn new(
-        start: u64,
-        end: u64,
-        strings: Vec<Arc<str>>,
-        lines: Vec<BLine>,
-        levels: Vec<Vec<BFunc>>,
-    ) -> Self {
+    pub fn new(start: u64, end: u64, strings: Arena, lines: Vec<BLine>, levels: Vec<Vec<BFunc>>) -> Self {
         let line_keys = Keys::new(lines.iter().map(|l| l.off).collect());
         let level_keys = levels.iter().map(|l| Keys::new(l.iter().map(|f| f.lo).collect())).collect();
         Block { start, end, strings, lines, levels, line_keys, level_keys }
@@ -119,7 +114,7 @@ impl Block {
 
     /// Approximate heap bytes held, for the memory budget.
     pub fn heap_bytes(&self) -> usize {
-        let strings: usize = self.strings.iter().map(|s| s.len() + 16 + 16).sum();
+        let strings = self.strings.heap_bytes();
         let levels: usize = self.levels.iter().map(|l| l.len() * std::mem::size_of::<BFunc>() + 24).sum();
         let keys: usize =
             self.line_keys.heap_bytes() + self.level_keys.iter().map(Keys::heap_bytes).sum::<usize>();
@@ -130,11 +125,11 @@ impl Block {
             + keys
     }
 
-    fn string(&self, i: u32) -> Option<Arc<str>> {
+    fn string(&self, i: u32) -> Option<Name> {
         if i == END {
             return None;
         }
-        self.strings.get(i as usize).cloned()
+        self.strings.get(i)
     }
 
     /// The frames at `addr` (which lies in the block), innermost first, and whether a
@@ -189,6 +184,16 @@ fn find_range<'a>(level: &'a [BFunc], keys: &Keys, off: u32, parent: Option<&BFu
     level[..i].iter().rev().take(8).find(|f| off < f.hi && inside(f))
 }
 
+/// A block being assembled.
+#[derive(Default)]
+struct Draft {
+    start: u64,
+    end: u64,
+    strings: Vec<Arc<str>>,
+    lines: Vec<BLine>,
+    levels: Vec<Vec<BFunc>>,
+}
+
 /// Cuts what was read from DWARF into blocks.
 pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
     raw.sort();
@@ -235,11 +240,11 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
         })
         .collect();
 
-    let mut blocks: Vec<Block> =
-        spans.iter().map(|s| Block::new(s.start, s.end, Vec::new(), Vec::new(), Vec::new())).collect();
+    let mut blocks: Vec<Draft> =
+        spans.iter().map(|s| Draft { start: s.start, end: s.end, ..Draft::default() }).collect();
     // String remapping per block (global index → local index).
     let mut local: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); blocks.len()];
-    let mut intern = |b: usize, blocks: &mut [Block], g: u32| -> u32 {
+    let mut intern = |b: usize, blocks: &mut [Draft], g: u32| -> u32 {
         if g == END {
             return END;
         }
@@ -317,7 +322,10 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
             level.push(r);
         }
     }
-    blocks.into_iter().map(|b| Block::new(b.start, b.end, b.strings, b.lines, b.levels)).collect()
+    blocks
+        .into_iter()
+        .map(|b| Block::new(b.start, b.end, Arena::new(&b.strings), b.lines, b.levels))
+        .collect()
 }
 
 #[cfg(test)]

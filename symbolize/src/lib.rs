@@ -38,12 +38,14 @@ mod elf;
 mod index;
 mod kernel;
 mod maps;
+mod name;
 mod symbolizer;
 
 pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError};
 pub use elf::{ElfSymbols, Symbol};
 pub use kernel::{KernelSymbol, KernelSymbols};
 pub use maps::{Mapping, ProcessMaps};
+pub use name::Name;
 pub use symbolizer::{
     addr2line_text, default_cache_dir, Frame, Miss, Options, Resolution, Stats, Symbolized, Symbolizer,
     MAX_DWARF_SECTION,

@@ -14,6 +14,7 @@ use crate::cache::{self, DirEntry, Packed};
 use crate::debuginfo::{self, DebugSource, Debuginfod};
 use crate::dwarf;
 use crate::index::{self, Block, RawFrame};
+use crate::name::Name;
 use crate::{ElfSymbols, Error, Mapping, ProcessMaps, MAX_ELF_SIZE};
 
 /// Largest DWARF section accepted (uncompressed).
@@ -63,9 +64,9 @@ impl Default for Options {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {
     /// Demangled function name; `None` when neither DWARF nor a symbol table names it.
-    pub function: Option<Arc<str>>,
+    pub function: Option<Name>,
     /// Source file path, as the compiler recorded it (joined with its directory).
-    pub file: Option<Arc<str>>,
+    pub file: Option<Name>,
     /// Source line; 0 when unknown.
     pub line: u32,
     /// The line table's discriminator (0 when none), for the innermost frame only.
@@ -87,10 +88,9 @@ impl Symbolized {
     /// binutils does).
     ///
     /// ```
-    /// use std::sync::Arc;
-    /// use unwound_symbolize::{Frame, Symbolized};
-    /// let s = Symbolized { frames: vec![Frame { function: Some(Arc::from("main")),
-    ///     file: Some(Arc::from("/src/a.c")), line: 4, discriminator: 0 }] };
+    /// use unwound_symbolize::{Frame, Name, Symbolized};
+    /// let s = Symbolized { frames: vec![Frame { function: Some(Name::from("main")),
+    ///     file: Some(Name::from("/src/a.c")), line: 4, discriminator: 0 }] };
     /// assert_eq!(s.addr2line_text(0x1150, true), "0x0000000000001150\nmain\n/src/a.c:4\n");
     /// ```
     pub fn addr2line_text(&self, addr: u64, with_address: bool) -> String {
@@ -291,7 +291,7 @@ impl Symbolizer {
                 None => out[i] = Some(Err(Miss::NotMapped)),
             }
         }
-        let mut perf_map: Option<Vec<(u64, u64, Arc<str>)>> = None;
+        let mut perf_map: Option<Vec<(u64, u64, Name)>> = None;
         let groups: Vec<(usize, Vec<usize>)> = groups.into_iter().collect();
         let results: Vec<Vec<(usize, Resolution)>> = groups
             .par_iter()
@@ -397,8 +397,8 @@ impl Symbolizer {
         if !found {
             // Not in a DWARF function: the symbol table names it (assembly, stripped DWARF).
             let sym = bin.symbols().and_then(|s| s.lookup(addr));
-            let name = sym.as_ref().map(|s| Arc::<str>::from(s.name));
-            let sym_file = sym.as_ref().and_then(|s| s.file).map(Arc::<str>::from);
+            let name = sym.as_ref().map(|s| Name::from(s.name));
+            let sym_file = sym.as_ref().and_then(|s| s.file).map(Name::from);
             match (raw.first_mut(), name) {
                 (Some(f), name) if name.is_some() || f.file.is_some() => {
                     f.function = name;
@@ -685,16 +685,16 @@ fn fnv(values: &[u64]) -> u64 {
 }
 
 /// `/tmp/perf-PID.map`: `START SIZE NAME` lines, hex, sorted by start.
-fn read_perf_map(pid: u32) -> Vec<(u64, u64, Arc<str>)> {
+fn read_perf_map(pid: u32) -> Vec<(u64, u64, Name)> {
     let Ok(text) = std::fs::read_to_string(format!("/tmp/perf-{pid}.map")) else { return Vec::new() };
-    let mut v: Vec<(u64, u64, Arc<str>)> = text
+    let mut v: Vec<(u64, u64, Name)> = text
         .lines()
         .take(1 << 22)
         .filter_map(|l| {
             let mut it = l.splitn(3, ' ');
             let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
             let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-            Some((start, size, Arc::from(it.next()?.trim())))
+            Some((start, size, Name::from(it.next()?.trim())))
         })
         .collect();
     v.sort_by_key(|e| e.0);

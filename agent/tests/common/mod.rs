@@ -182,7 +182,9 @@ pub fn parse_folded(text: &str) -> Vec<FoldedStack> {
             let process = frames.next().unwrap().to_string();
             let mut user = Vec::new();
             let mut kernel = Vec::new();
-            for f in frames {
+            // Inlined functions (`_[i]`) are the symbolizer's business, not the walker's:
+            // the chains below are matched on real frames.
+            for f in frames.filter(|f| !f.ends_with("_[i]")) {
                 match f.strip_suffix("_[k]") {
                     Some(k) => kernel.push(k.to_string()),
                     None => {
