@@ -28,6 +28,25 @@ struct Entry {
     file: Option<Arc<str>>,
 }
 
+/// Collects at most `max` bytes; more is an error.
+struct CappedWriter {
+    buf: Vec<u8>,
+    max: u64,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() as u64 + b.len() as u64 > self.max {
+            return Err(std::io::Error::other("MiniDebugInfo larger than the cap"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// address, size, binding rank (0 global, 1 weak, 2 local), name, source file
 type RawSym = (u64, u64, u8, String, Option<Arc<str>>);
 
@@ -81,6 +100,26 @@ impl ElfSymbols {
     /// `name` is used in errors.
     pub fn from_bytes(name: impl AsRef<Path>, data: &[u8]) -> Result<Self, Error> {
         Self::parse(name.as_ref(), data, false)
+    }
+
+    /// Adds the function symbols of `other` at addresses this table has none for (the
+    /// symbol table of a MiniDebugInfo section beside a stripped file's `.dynsym`).
+    pub fn merge(&mut self, other: ElfSymbols) {
+        let have: std::collections::HashSet<u64> = self.entries.iter().map(|e| e.address).collect();
+        self.entries.extend(other.entries.into_iter().filter(|e| !have.contains(&e.address)));
+        self.entries.sort_by_key(|e| e.address);
+    }
+
+    /// The symbols of the MiniDebugInfo (`.gnu_debugdata`: an xz-compressed ELF file holding
+    /// the symbol table a stripped binary dropped) of the ELF image `data`, if it has one.
+    /// At most `max` bytes are decompressed.
+    pub fn mini_debuginfo(name: impl AsRef<Path>, data: &[u8], max: u64, binutils: bool) -> Option<Self> {
+        let file = object::File::parse(data).ok()?;
+        let section = file.section_by_name(".gnu_debugdata")?;
+        let xz = section.data().ok()?;
+        let mut out = CappedWriter { buf: Vec::new(), max };
+        lzma_rs::xz_decompress(&mut std::io::BufReader::new(xz), &mut out).ok()?;
+        Self::parse(name.as_ref(), &out.buf, binutils).ok()
     }
 
     fn parse(path: &Path, data: &[u8], binutils: bool) -> Result<Self, Error> {

@@ -182,6 +182,7 @@ pub mod fuzzing {
             }
         }
         let _ = obj.build_id();
+        let _ = crate::ElfSymbols::mini_debuginfo("fuzz", data, 1 << 20, true);
     }
 
     /// Arbitrary bytes as a stored index block (raw and as a zstd frame). Never panics.

@@ -17,6 +17,8 @@ use crate::index::{self, Block, RawFrame};
 use crate::name::Name;
 use crate::{ElfSymbols, Error, Mapping, ProcessMaps, MAX_ELF_SIZE};
 
+/// Largest MiniDebugInfo (`.gnu_debugdata`) accepted, decompressed.
+pub const MAX_MINI_DEBUGINFO: u64 = 512 << 20;
 /// Largest DWARF section accepted (uncompressed).
 pub const MAX_DWARF_SECTION: u64 = 4 << 30;
 
@@ -618,7 +620,16 @@ impl Symbolizer {
 /// The symbols binutils would use: the separate debug file's full symbol table when there
 /// is one (it keeps the local symbols a stripped binary lost), else the binary's own.
 fn symbols_for(elf: &Path, debug: &DebugSource) -> Option<ElfSymbols> {
-    let own = ElfSymbols::open_like_binutils(elf).ok();
+    let mut own = ElfSymbols::open_like_binutils(elf).ok();
+    // MiniDebugInfo: the local function symbols of a stripped binary, xz-compressed.
+    if let (Some(o), Ok(f)) = (own.as_mut(), File::open(elf)) {
+        // SAFETY: read-only private map; see `ElfSymbols::open`.
+        if let Ok(map) = unsafe { memmap2::Mmap::map(&f) } {
+            if let Some(mini) = ElfSymbols::mini_debuginfo(elf, &map, MAX_MINI_DEBUGINFO, true) {
+                o.merge(mini);
+            }
+        }
+    }
     if let Some(d) = debug.path() {
         if let Ok(s) = ElfSymbols::open_like_binutils(d) {
             if own.as_ref().is_none_or(|o| s.len() >= o.len()) {

@@ -245,3 +245,32 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     let s = Symbolizer::new(Options { debuginfod: Some(bad), ..opts(None) });
     assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::None);
 }
+
+#[test]
+fn minidebuginfo_names_functions_of_a_stripped_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = fixture("chain_nofp");
+    let p = |n: &str| dir.path().join(n);
+    let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
+    // As distributions build it: the symbol table without DWARF, xz-compressed, added to
+    // the fully stripped binary as `.gnu_debugdata`.
+    run(Command::new("objcopy").arg("--strip-debug").arg(&full).arg(p("mini")));
+    run(Command::new("xz").arg("-k").arg(p("mini")));
+    run(Command::new("objcopy").arg("--strip-all").arg(&full).arg(p("stripped")));
+    run(Command::new("objcopy")
+        .arg(format!("--add-section=.gnu_debugdata={}", p("mini.xz").display()))
+        .arg(p("stripped"))
+        .arg(p("with_mini")));
+    let funcs: Vec<(u64, String)> =
+        functions(&full).into_iter().filter(|(_, n)| n.starts_with("c_chain_")).collect();
+    assert_eq!(funcs.len(), 3);
+    let addrs: Vec<u64> = funcs.iter().map(|(a, _)| a + 2).collect();
+    let s = Symbolizer::new(opts(None));
+    let bare = s.symbolize_elf(p("stripped"), &addrs).unwrap();
+    assert!(bare.iter().all(|r| r.is_err()), "a fully stripped binary names nothing: {bare:?}");
+    let named = s.symbolize_elf(p("with_mini"), &addrs).unwrap();
+    for ((_, name), r) in funcs.iter().zip(&named) {
+        let f = &r.as_ref().unwrap().frames[0];
+        assert_eq!(f.function.as_deref(), Some(name.as_str()));
+    }
+}
