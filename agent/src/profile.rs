@@ -13,13 +13,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use unwound_stackwalk_abi::{walk_end_name, SampleHeader, SampleRecord, WALK_COMPLETE, WALK_FRAME_POINTERS};
+use unwound_stackwalk_abi::{
+    walk_end_name, SampleHeader, SampleRecord, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, WALK_COMPLETE,
+    WALK_FRAME_POINTERS,
+};
 use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps, Symbolized, Symbolizer};
 
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub pid: u32,
+    /// How many times the process had called `execve` when the sample was taken: each
+    /// program image has its own mappings.
+    pub generation: u32,
     pub comm: String,
     /// Kernel frames, innermost first.
     pub kernel: Box<[u64]>,
@@ -99,9 +105,15 @@ type FileKey = (String, u64, PathBuf);
 #[derive(Default)]
 pub struct Collector {
     stacks: HashMap<StackKey, u64>,
-    processes: HashMap<u32, ProcessInfo>,
+    /// Mappings and symbols per (pid, generation).
+    processes: HashMap<(u32, u32), ProcessInfo>,
+    /// Current generation per pid (absent: 0).
+    generations: HashMap<u32, u32>,
     files: HashMap<FileKey, Option<Arc<FileInfo>>>,
     pub samples: u64,
+    /// `execve` and exit events seen.
+    pub execs: u64,
+    pub exits: u64,
     pub malformed: u64,
     pub symbol_errors: u64,
 }
@@ -117,15 +129,29 @@ impl Collector {
     }
 
     /// Adds one record read from the ring buffer; returns its header (`None` when the
-    /// record is malformed, which is counted).
+    /// record is malformed, which is counted). An exec event starts a new generation of the
+    /// process: later samples are symbolized with the new program's mappings, earlier ones
+    /// with the old.
     pub fn add(&mut self, bytes: &[u8]) -> Option<SampleHeader> {
         let Ok(record) = SampleRecord::parse(bytes) else {
             self.malformed += 1;
             return None;
         };
+        let pid = record.header.pid;
+        if record.header.flags & FLAG_EVENT_EXEC != 0 {
+            self.execs += 1;
+            *self.generations.entry(pid).or_default() += 1;
+            return Some(record.header);
+        }
+        if record.header.flags & FLAG_EVENT_EXIT != 0 {
+            self.exits += 1;
+            return Some(record.header);
+        }
         self.samples += 1;
+        let generation = self.generations.get(&pid).copied().unwrap_or(0);
         let key = StackKey {
-            pid: record.header.pid,
+            pid,
+            generation,
             comm: record.comm().replace(';', ":"),
             kernel: record.kernel.iter().collect(),
             user: record.user.iter().collect(),
@@ -136,15 +162,16 @@ impl Collector {
             return Some(record.header);
         }
         if !key.user.is_empty() {
-            self.track(key.pid, &key.user);
+            self.track((key.pid, key.generation), &key.user);
         }
         self.stacks.insert(key, 1);
         Some(record.header)
     }
 
-    fn track(&mut self, pid: u32, user: &[u64]) {
+    fn track(&mut self, process: (u32, u32), user: &[u64]) {
+        let pid = process.0;
         let now = Instant::now();
-        let needs_snapshot = match self.processes.get(&pid) {
+        let needs_snapshot = match self.processes.get(&process) {
             None => true,
             Some(p) => {
                 user.iter().any(|&a| p.maps.find(a).is_none())
@@ -156,14 +183,14 @@ impl Collector {
         }
         let Ok(maps) = ProcessMaps::read(pid) else {
             // Exited already: keep what we had, or nothing.
-            self.processes.entry(pid).or_insert_with(|| ProcessInfo {
+            self.processes.entry(process).or_insert_with(|| ProcessInfo {
                 maps: ProcessMaps::default(),
                 refreshed: now,
                 symbols: HashMap::new(),
             });
             return;
         };
-        let mut symbols = self.processes.remove(&pid).map(|p| p.symbols).unwrap_or_default();
+        let mut symbols = self.processes.remove(&process).map(|p| p.symbols).unwrap_or_default();
         for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
             if symbols.contains_key(&m.start) {
                 continue;
@@ -171,7 +198,7 @@ impl Collector {
             let s = self.file_symbols(pid, m);
             symbols.insert(m.start, s);
         }
-        self.processes.insert(pid, ProcessInfo { maps, refreshed: now, symbols });
+        self.processes.insert(process, ProcessInfo { maps, refreshed: now, symbols });
     }
 
     fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<FileInfo>> {
@@ -215,7 +242,7 @@ impl Collector {
         let resolved = self.resolve_user(symbolizer);
         let mut out: HashMap<(u32, String, Vec<Frame>), u64> = HashMap::new();
         for (key, &count) in &self.stacks {
-            let process = self.processes.get(&key.pid);
+            let process = self.processes.get(&(key.pid, key.generation));
             let mut frames = Vec::with_capacity(key.user.len() + key.kernel.len() + 1);
             // A return address outside executable memory means the walk went astray
             // (a frame without a frame pointer); it and everything above it are dropped
@@ -281,7 +308,7 @@ impl Collector {
     fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
         let mut wanted: HashMap<usize, (Arc<FileInfo>, Vec<u64>)> = HashMap::new();
         for key in self.stacks.keys() {
-            let Some(p) = self.processes.get(&key.pid) else { continue };
+            let Some(p) = self.processes.get(&(key.pid, key.generation)) else { continue };
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
                 let Some(m) = p.maps.find(lookup) else { continue };

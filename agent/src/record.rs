@@ -15,8 +15,8 @@ use aya::programs::PerfEvent;
 use aya::util::online_cpus;
 use aya::{Ebpf, EbpfLoader};
 use unwound_stackwalk_abi::{
-    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP,
-    SAMPLE_PROGRAM,
+    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM, FLAG_EVENT_EXEC,
+    FLAG_EVENT_EXIT, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
 };
 use unwound_symbolize::KernelSymbols;
 
@@ -120,6 +120,9 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         agent_cpu: cpu,
         verified_instructions: session.verified_instructions,
         symbol_errors: collector.symbol_errors,
+        execs: collector.execs,
+        event_programs: session.event_instructions.clone(),
+        exits: collector.exits,
         symbolize_time,
         symbol_stats: symbolizer.stats(),
         bpf_run,
@@ -256,6 +259,8 @@ struct Session {
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     cpus: usize,
     verified_instructions: Option<u32>,
+    /// Verified instructions of the exec/exit event programs that are attached.
+    event_instructions: Vec<(&'static str, Option<u32>)>,
 }
 
 impl Session {
@@ -309,6 +314,27 @@ impl Session {
             anyhow!("the kernel's verifier rejected the sampling program: {e:#} (a kernel ≥ 5.17 with BTF is needed)")
         })?;
         let verified_instructions = program.info().ok().and_then(|i| i.verified_instruction_count());
+        let mut event_instructions: Vec<(&'static str, Option<u32>)> = Vec::new();
+        // Exec and exit events (raw tracepoints: no tracefs needed), ordered with the samples
+        // in the same ring. Without them processes are still followed from their samples and
+        // a periodic scan.
+        for (name, event) in [(EXEC_PROGRAM, "sched_process_exec"), (EXIT_PROGRAM, "sched_process_exit")] {
+            let attached = ebpf
+                .program_mut(name)
+                .context("BPF object lacks an event program")
+                .and_then(|p| <&mut aya::programs::RawTracePoint>::try_from(p).map_err(anyhow::Error::from))
+                .and_then(|p| {
+                    p.load()?;
+                    p.attach(event)?;
+                    Ok(p.info().ok().and_then(|i| i.verified_instruction_count()))
+                });
+            match attached {
+                Ok(n) => event_instructions.push((event, n)),
+                Err(e) => eprintln!("warning: not following {event} events: {e:#}"),
+            }
+        }
+        let program: &mut PerfEvent =
+            ebpf.program_mut(SAMPLE_PROGRAM).context("BPF object has no sampling program")?.try_into()?;
         let cpus = online_cpus().map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))?;
         let mut links = Vec::with_capacity(cpus.len());
         for cpu in &cpus {
@@ -336,6 +362,7 @@ impl Session {
             links,
             cpus: cpus.len(),
             verified_instructions,
+            event_instructions,
         })
     }
 
@@ -391,6 +418,24 @@ impl Session {
         let mut stale: Vec<u32> = Vec::new();
         while let Some(item) = self.ring.next() {
             let Some(header) = collector.add(&item) else { continue };
+            if header.flags & FLAG_EVENT_EXIT != 0 {
+                if let Some(tables) = self.tables.as_mut() {
+                    tables.remove_process(header.pid);
+                }
+                self.known.remove(&header.pid);
+                self.recent.remove(&header.pid);
+                stale.retain(|&p| p != header.pid);
+                continue;
+            }
+            if header.flags & FLAG_EVENT_EXEC != 0 {
+                // A new program: its mappings replace the old ones now, not at the next
+                // rate-limited refresh.
+                self.recent.remove(&header.pid);
+                if !stale.contains(&header.pid) {
+                    stale.push(header.pid);
+                }
+                continue;
+            }
             if self.tables.is_some() {
                 let pid = header.pid;
                 let unknown = !self.known.contains_key(&pid) && header.user_len > 0;
@@ -503,6 +548,9 @@ struct Summary {
     agent_cpu: Duration,
     verified_instructions: Option<u32>,
     symbol_errors: u64,
+    execs: u64,
+    exits: u64,
+    event_programs: Vec<(&'static str, Option<u32>)>,
     symbolize_time: Duration,
     symbol_stats: unwound_symbolize::Stats,
     bpf_run: Option<(u64, u64)>,
@@ -556,6 +604,17 @@ impl Summary {
                 String::new()
             },
         );
+        let events: Vec<String> = self
+            .event_programs
+            .iter()
+            .map(|(e, n)| format!("{e} ({} insns)", n.map_or("?".to_string(), |n| n.to_string())))
+            .collect();
+        eprintln!(
+            "unwound: processes followed: {} exec events, {} exits; event programs: {}",
+            self.execs,
+            self.exits,
+            if events.is_empty() { "none".to_string() } else { events.join(", ") }
+        );
         let st = &self.symbol_stats;
         eprintln!(
             "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident",
@@ -584,6 +643,7 @@ impl Summary {
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
         ));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
+        fields.push(format!("\"exec_events\":{},\"exit_events\":{}", self.execs, self.exits));
         let st = &self.symbol_stats;
         fields.push(format!(
             "\"symbolize_seconds\":{:.4},\"symbol_indexes_built\":{},\"symbol_cache_hits\":{},\"symbol_cache_rebuilt\":{},\"symbol_blocks_evicted\":{}",

@@ -336,3 +336,48 @@ fn stacks_agree_with_perf_dwarf_unwinding() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A process that replaces its program while recording (same pid): samples before the
+/// exec are symbolized with the first program's mappings, samples after with the second's,
+/// and the walker follows the new image without waiting for a periodic rescan.
+#[test]
+fn a_process_that_execs_keeps_both_programs_apart() {
+    if !bpf_available("a_process_that_execs_keeps_both_programs_apart") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    let second = dir.join("cpp_chain_nofp").display().to_string();
+    let running = start(&dir, "exec_after_nofp", &["1500".to_string(), second]);
+    settle(100);
+    let tmp = tempfile::tempdir().unwrap();
+    let (stacks, run) = record_folded_with(&[running.pid()], 3.5, 199, tmp.path(), &["--json-summary"]);
+    eprintln!("{}", run.stderr);
+    let summary: serde_json::Value =
+        serde_json::from_str(run.stdout.lines().last().expect("JSON summary")).expect("summary is JSON");
+    assert!(summary["exec_events"].as_u64().unwrap() >= 1, "the exec was seen: {summary}");
+    let share = |comm: &str, chain: &[&str]| {
+        let pattern: Vec<String> = chain.iter().map(|s| s.to_string()).collect();
+        let total: u64 = stacks.iter().filter(|s| s.process == comm).map(|s| s.count).sum();
+        let good: u64 = stacks
+            .iter()
+            .filter(|s| s.process == comm && matches_leaf(&s.user, &pattern))
+            .map(|s| s.count)
+            .sum();
+        eprintln!("{comm}: {good}/{total}");
+        (total, good)
+    };
+    let (t1, g1) = share("exec_after_nofp", &["main", "exec_spin_a", "exec_spin_b"]);
+    let (t2, g2) = share(
+        "cpp_chain_nofp",
+        &[
+            "main",
+            "cppfix::chain_a(unsigned long)",
+            "cppfix::chain_b(unsigned long)",
+            "cppfix::Spinner<int>::chain_c(int)",
+        ],
+    );
+    assert!(t1 >= 100 && t2 >= 100, "samples of both programs: {t1}, {t2}");
+    assert!(g1 as f64 >= 0.9 * t1 as f64, "first program's chain on {g1}/{t1}");
+    assert!(g2 as f64 >= 0.9 * t2 as f64, "second program's chain on {g2}/{t2}");
+}

@@ -47,6 +47,10 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const PIDS_MAP: &str = "PIDS";
 /// Name of the perf-event program that takes samples.
 pub const SAMPLE_PROGRAM: &str = "on_cpu_sample";
+/// Name of the `sched:sched_process_exec` tracepoint program.
+pub const EXEC_PROGRAM: &str = "on_exec";
+/// Name of the `sched:sched_process_exit` tracepoint program.
+pub const EXIT_PROGRAM: &str = "on_exit";
 /// Capacity of [`PIDS_MAP`].
 pub const MAX_PIDS: u32 = 4096;
 
@@ -62,6 +66,14 @@ pub const FLAG_KERNEL_STACK_FAILED: u32 = 1 << 3;
 /// `SampleHeader::flags`: the frame-pointer walk stopped at a frame it could not read or
 /// that did not move up the stack, before reaching the end of the stack.
 pub const FLAG_USER_WALK_FAILED: u32 = 1 << 4;
+/// `SampleHeader::flags`: not a sample but an event: the process called `execve` (a new
+/// program image from this point on). No frames follow.
+pub const FLAG_EVENT_EXEC: u32 = 1 << 5;
+/// `SampleHeader::flags`: not a sample but an event: the process exited (its main thread
+/// ended). No frames follow.
+pub const FLAG_EVENT_EXIT: u32 = 1 << 6;
+/// Either event flag.
+pub const FLAG_EVENTS: u32 = FLAG_EVENT_EXEC | FLAG_EVENT_EXIT;
 
 /// Fixed-size head of every sample record.
 #[repr(C)]

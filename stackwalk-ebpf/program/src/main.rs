@@ -21,17 +21,18 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
+        bpf_get_stack,
         bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
-    macros::{map, perf_event},
+    macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::PerfEventContext,
+    programs::{PerfEventContext, RawTracePointContext},
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    Counter, MappingEntry, ProcMappings, SampleBuffer, TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS,
-    FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
+    Counter, MappingEntry, ProcMappings, SampleBuffer, SampleHeader, TableInfo, WalkerConfig, CHUNK_ENTRIES,
+    COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
     HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
     MAX_USER_FRAMES, NO_TABLE, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE,
     WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
@@ -460,6 +461,52 @@ unsafe fn sample(ctx: &PerfEventContext) {
         Ok(()) => count(Counter::Emitted),
         Err(_) => count(Counter::DroppedRingFull),
     }
+}
+
+/// Raw tracepoint `sched_process_exec` (no tracefs needed): the process now runs a new
+/// program; the agent starts a new generation of its mappings (and tables) from this point
+/// in the ring's order.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+    process_event(FLAG_EVENT_EXEC);
+    0
+}
+
+/// Raw tracepoint `sched_process_exit`: reported once per process, when its main thread
+/// exits.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    if (id >> 32) as u32 == id as u32 {
+        process_event(FLAG_EVENT_EXIT);
+    }
+    0
+}
+
+/// Puts a frameless record for the current process in the sample ring, so that it is
+/// ordered with the samples around it. Filtered like samples; a full ring drops it (the
+/// agent's periodic scan catches up).
+#[inline(always)]
+fn process_event(flag: u32) {
+    let id = bpf_get_current_pid_tgid();
+    let pid = (id >> 32) as u32;
+    let Some(config) = CONFIG.get(0) else { return };
+    if config.filter_pids != 0 && PIDS.get_ptr(pid).is_none() {
+        return;
+    }
+    let header = SampleHeader {
+        pid,
+        tid: id as u32,
+        // SAFETY: helpers without preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        flags: flag,
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        kernel_len: 0,
+        user_len: 0,
+        walk_end: WALK_FRAME_POINTERS,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    let _ = SAMPLES.output::<SampleHeader>(&header, 0);
 }
 
 #[cfg(not(test))]
