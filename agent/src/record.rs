@@ -496,6 +496,16 @@ fn raise_memlock_limit() {
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer; failure is harmless on newer kernels.
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    // Every mapped file stays open until the end of the run (for its DWARF): allow as many
+    // descriptors as the hard limit does.
+    // SAFETY: getrlimit fills the struct; setrlimit reads it.
+    unsafe {
+        let mut files: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut files) == 0 && files.rlim_cur < files.rlim_max {
+            files.rlim_cur = files.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &files);
+        }
+    }
 }
 
 /// Peak resident set size of this process, KiB.

@@ -165,7 +165,16 @@ pub(crate) struct Packed {
 }
 
 pub(crate) fn pack(b: &Block) -> Packed {
-    let raw = encode_block(b);
+    let mut raw = encode_block(b);
+    let too_many = b.strings.len() > MAX_BLOCK_ITEMS
+        || b.lines.len() > MAX_BLOCK_ITEMS
+        || b.levels.len() > crate::dwarf::MAX_INLINE_DEPTH + 1
+        || b.levels.iter().any(|l| l.len() > MAX_BLOCK_ITEMS);
+    if too_many || raw.len() > MAX_RAW_BLOCK as usize {
+        // Larger than a reader accepts (only crafted DWARF gets here): the block is kept
+        // empty rather than written and refused forever.
+        raw = encode_block(&Block::new(b.start, b.end, Default::default(), Vec::new(), Vec::new()));
+    }
     let mut bytes = zstd::bulk::compress(&raw, ZSTD_LEVEL).expect("compressing into a growable buffer");
     // The buffer comes sized for zstd's worst case (about the input's size).
     bytes.shrink_to_fit();
@@ -194,7 +203,11 @@ pub(crate) fn unpack(bytes: &[u8], raw_len: u32, crc: u32) -> Result<Block, Corr
 
 /// Writes an index file atomically (temporary file, then rename).
 pub(crate) fn write_file(path: &Path, meta: &str, blocks: &[Packed]) -> std::io::Result<()> {
-    let meta = &meta.as_bytes()[..meta.len().min(MAX_META)];
+    let mut cut = meta.len().min(MAX_META);
+    while !meta.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let meta = &meta.as_bytes()[..cut];
     let fixed = 20 + meta.len();
     let mut head = Vec::with_capacity(fixed + blocks.len() * DIR_ENTRY + 4);
     head.extend_from_slice(MAGIC);
@@ -218,20 +231,19 @@ pub(crate) fn write_file(path: &Path, meta: &str, blocks: &[Packed]) -> std::io:
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
-        f.write_all(&head)?;
-        for b in blocks {
-            f.write_all(&b.bytes)?;
-        }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    // A fresh, exclusively created temporary file (removed on error), renamed into place:
+    // concurrent writers of one index never mix their bytes, and nothing follows a link.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".symidx-").tempfile_in(dir)?;
+    let mut f = std::io::BufWriter::new(tmp);
+    f.write_all(&head)?;
+    for b in blocks {
+        f.write_all(&b.bytes)?;
     }
-    result
+    let tmp = f.into_inner().map_err(|e| e.into_error())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Reads an index file's directory (not its blocks).

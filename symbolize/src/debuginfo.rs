@@ -143,31 +143,28 @@ impl Debuginfod {
             }
             let io = |source| DebuginfodError::Io { path: dest.clone(), source };
             std::fs::create_dir_all(&self.cache_dir).map_err(io)?;
-            let tmp = self.cache_dir.join(format!(".{id}.{}.part", std::process::id()));
-            let copied = (|| {
-                let mut out = File::create(&tmp)?;
-                let n = std::io::copy(&mut resp.into_reader().take(self.max_size + 1), &mut out)?;
-                out.sync_all()?;
-                Ok::<u64, std::io::Error>(n)
-            })();
+            // A fresh temporary file in the cache directory, removed unless kept.
+            let mut tmp = match tempfile::Builder::new().prefix(".debuginfod-").tempfile_in(&self.cache_dir) {
+                Ok(t) => t,
+                Err(e) => return Err(io(e)),
+            };
+            let copied = std::io::copy(&mut resp.into_reader().take(self.max_size + 1), tmp.as_file_mut())
+                .and_then(|n| tmp.as_file().sync_all().map(|_| n));
             let n = match copied {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
                     last = DebuginfodError::Request { url, reason: e.to_string() };
                     continue;
                 }
             };
             if n > self.max_size {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(DebuginfodError::TooLarge { build_id: id, max: self.max_size });
             }
-            let got = file_build_id(&tmp).unwrap_or_default();
+            let got = file_build_id(tmp.path()).unwrap_or_default();
             if got != build_id {
-                let _ = std::fs::remove_file(&tmp);
                 return Err(DebuginfodError::WrongBuildId { wanted: id, got: hex(&got) });
             }
-            std::fs::rename(&tmp, &dest).map_err(io)?;
+            tmp.persist(&dest).map_err(|e| io(e.error))?;
             return Ok(dest);
         }
         Err(last)

@@ -110,9 +110,11 @@ pub(crate) struct Sections<'d> {
 }
 
 impl<'d> Sections<'d> {
-    /// Reads (and decompresses, zlib or zstd) every DWARF section of `file`.
-    pub fn load(file: &object::File<'d>, max_section: u64) -> Result<Self, DwarfError> {
+    /// Reads (and decompresses, zlib or zstd) every DWARF section of `file`, at most
+    /// `max_total` bytes uncompressed in all (a compression bomb is refused, not inflated).
+    pub fn load(file: &object::File<'d>, max_total: u64) -> Result<Self, DwarfError> {
         let mut data = HashMap::new();
+        let mut total = 0u64;
         for id in [
             gimli::SectionId::DebugAbbrev,
             gimli::SectionId::DebugAddr,
@@ -126,11 +128,11 @@ impl<'d> Sections<'d> {
         ] {
             let Some(section) = file.section_by_name(id.name()) else { continue };
             let compressed = section.compressed_data().map_err(|e| DwarfError(e.to_string()))?;
-            if compressed.uncompressed_size > max_section {
+            total = total.saturating_add(compressed.uncompressed_size);
+            if total > max_total {
                 return Err(DwarfError(format!(
-                    "{} is {} bytes uncompressed, more than the {max_section}-byte limit",
-                    id.name(),
-                    compressed.uncompressed_size
+                    "DWARF sections up to {} are {total} bytes uncompressed, more than the {max_total}-byte limit for this file",
+                    id.name()
                 )));
             }
             let bytes = compressed.decompress().map_err(|e| DwarfError(format!("{}: {e}", id.name())))?;
@@ -145,6 +147,12 @@ impl<'d> Sections<'d> {
         };
         gimli::Dwarf::load(load).expect("loading from memory cannot fail")
     }
+}
+
+/// Most DWARF bytes (uncompressed, all sections) accepted from a file of `file_len` bytes:
+/// 64 times its size plus 64 MiB, and never more than [`crate::MAX_DWARF_SECTION`].
+pub(crate) fn budget(file_len: usize) -> u64 {
+    (file_len as u64).saturating_mul(64).saturating_add(64 << 20).min(crate::MAX_DWARF_SECTION)
 }
 
 /// Address ranges of the executable sections of the file the code runs from: rows outside

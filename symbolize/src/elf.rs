@@ -173,7 +173,7 @@ impl ElfSymbols {
                 (0, Some(i)) => file
                     .section_by_index(i)
                     .ok()
-                    .map(|s| (s.address() + s.size()).saturating_sub(sym.address()))
+                    .map(|s| s.address().saturating_add(s.size()).saturating_sub(sym.address()))
                     .unwrap_or(0),
                 (n, _) => n,
             };

@@ -19,7 +19,8 @@ use crate::{ElfSymbols, Error, Mapping, ProcessMaps, MAX_ELF_SIZE};
 
 /// Largest MiniDebugInfo (`.gnu_debugdata`) accepted, decompressed.
 pub const MAX_MINI_DEBUGINFO: u64 = 512 << 20;
-/// Largest DWARF section accepted (uncompressed).
+/// Most DWARF bytes accepted from one file, all sections together, uncompressed (and never
+/// more than 64 times the file's size plus 64 MiB).
 pub const MAX_DWARF_SECTION: u64 = 4 << 30;
 
 /// How a [`Symbolizer`] finds debugging information and how much memory it may keep.
@@ -29,7 +30,9 @@ pub struct Options {
     /// keeps them in memory only (still compressed).
     pub cache_dir: Option<PathBuf>,
     /// Most bytes of decompressed index blocks kept in memory across all binaries; the
-    /// least recently used blocks are dropped beyond it and read back when needed.
+    /// least recently used blocks are dropped beyond it and read back when needed. Names in
+    /// answers share their block's strings: answers kept by the caller keep those strings
+    /// (not the rest of the block) alive beyond the budget.
     pub memory_budget: usize,
     /// Directories searched for separate debug files (`.build-id/xx/yyyy.debug`, debuglink).
     pub debug_dirs: Vec<PathBuf>,
@@ -181,7 +184,12 @@ enum Store {
 
 struct Binary {
     id: u64,
+    /// `/proc/self/fd/N` of `_elf_file`: the file stays readable for lazy symbol loading
+    /// even after the process it came from exited or the path was replaced.
     elf_path: PathBuf,
+    _elf_file: File,
+    /// A block failed to load (damaged cache file): no more loads from this index.
+    failed: std::sync::atomic::AtomicBool,
     debug: DebugSource,
     dir: Vec<DirEntry>,
     store: Store,
@@ -242,6 +250,8 @@ struct Lru {
 pub struct Symbolizer {
     options: Options,
     binaries: Mutex<HashMap<FileId, Arc<Binary>>>,
+    /// One build at a time per cache key (two paths to one build-id build once).
+    building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     lru: Mutex<Lru>,
     next_id: AtomicU64,
     stats: Mutex<Stats>,
@@ -253,6 +263,7 @@ impl Symbolizer {
         Symbolizer {
             options,
             binaries: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
             lru: Mutex::new(Lru { blocks: lru::LruCache::unbounded(), bytes: 0 }),
             next_id: AtomicU64::new(1),
             stats: Mutex::new(Stats::default()),
@@ -285,22 +296,18 @@ impl Symbolizer {
         let maps = ProcessMaps::read(pid)?;
         let mut out: Vec<Option<Resolution>> = vec![None; addrs.len()];
         // Group by mapping.
-        let mappings: Vec<&Mapping> = maps.iter().collect();
-        let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut groups: HashMap<u64, (&Mapping, Vec<usize>)> = HashMap::new();
         for (i, &a) in addrs.iter().enumerate() {
-            match mappings.iter().position(|m| a >= m.start && a < m.end) {
-                Some(m) => groups.entry(m).or_default().push(i),
+            match maps.find(a) {
+                Some(m) => groups.entry(m.start).or_insert_with(|| (m, Vec::new())).1.push(i),
                 None => out[i] = Some(Err(Miss::NotMapped)),
             }
         }
         let mut perf_map: Option<Vec<(u64, u64, Name)>> = None;
-        let groups: Vec<(usize, Vec<usize>)> = groups.into_iter().collect();
+        let groups: Vec<(&Mapping, Vec<usize>)> = groups.into_values().collect();
         let results: Vec<Vec<(usize, Resolution)>> = groups
             .par_iter()
-            .map(|(m, idx)| {
-                let m = mappings[*m];
-                self.symbolize_mapping(pid, m, idx.iter().map(|&i| (i, addrs[i])).collect())
-            })
+            .map(|(m, idx)| self.symbolize_mapping(pid, m, idx.iter().map(|&i| (i, addrs[i])).collect()))
             .collect();
         for (i, r) in results.into_iter().flatten() {
             out[i] = Some(r);
@@ -339,6 +346,14 @@ impl Symbolizer {
                 let plain = path.to_string_lossy();
                 let plain = plain.strip_suffix(" (deleted)").unwrap_or(&plain);
                 let via_root = PathBuf::from(format!("/proc/{pid}/root{plain}"));
+                // Without map_files (no CAP_SYS_ADMIN) the path may name a newer file than
+                // the one mapped (an upgrade): its offsets would give wrong names.
+                if std::fs::metadata(&via_root).is_ok_and(|md| m.inode != 0 && md.ino() != m.inode) {
+                    return fail(Miss::Unreadable(format!(
+                        "{} was replaced since it was mapped (and /proc/{pid}/map_files needs CAP_SYS_ADMIN)",
+                        path.display()
+                    )));
+                }
                 match self.binary(&via_root) {
                     Ok(b) => b,
                     Err(e) => return fail(Miss::Unreadable(e.to_string())),
@@ -428,6 +443,9 @@ impl Symbolizer {
     }
 
     fn block(&self, bin: &Arc<Binary>, i: usize) -> Option<Arc<Block>> {
+        if bin.failed.load(Ordering::Relaxed) {
+            return None;
+        }
         let key = (bin.id, i as u32);
         if let Some(b) = self.lru.lock().expect("lru lock").blocks.get(&key) {
             return Some(b.clone());
@@ -437,6 +455,9 @@ impl Symbolizer {
             Err(_) => {
                 // A cache file damaged after it was opened: forget it so the next open
                 // rebuilds it; this lookup falls back to the symbol table.
+                if bin.failed.swap(true, Ordering::Relaxed) {
+                    return None;
+                }
                 if let Some(p) = &bin.cache_path {
                     let _ = std::fs::remove_file(p);
                 }
@@ -516,11 +537,18 @@ impl Symbolizer {
             ),
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let key_lock = self.building.lock().expect("building lock").entry(key.clone()).or_default().clone();
+        let _building = key_lock.lock().expect("build lock");
         let cache_path =
             self.options.cache_dir.as_ref().map(|d| d.join(format!("{key}.v{}.symidx", cache::VERSION)));
+        use std::os::fd::AsRawFd;
+        let kept = file.try_clone().map_err(io)?;
+        let elf_path = PathBuf::from(format!("/proc/self/fd/{}", kept.as_raw_fd()));
         let mut bin = Binary {
             id,
-            elf_path: path.to_path_buf(),
+            elf_path,
+            _elf_file: kept,
+            failed: std::sync::atomic::AtomicBool::new(false),
             debug: DebugSource::None,
             dir: Vec::new(),
             store: Store::Memory(Vec::new()),
@@ -546,12 +574,14 @@ impl Symbolizer {
             }
         }
         // Build from DWARF.
-        let (debug, blocks) = self.build(path, &obj)?;
+        let (debug, blocks) = self.build(path, &obj, map.len())?;
         self.stats.lock().expect("stats lock").indexes_built += 1;
         let packed: Vec<Packed> = blocks.par_iter().map(cache::pack).collect();
         bin.debug = debug;
         bin.dir = dir_of(&packed);
-        if let Some(cp) = &cache_path {
+        // "No debuginfo" is not cached: a debug package installed later must be found.
+        let cacheable = bin.debug != DebugSource::None;
+        if let Some(cp) = cache_path.as_ref().filter(|_| cacheable) {
             if cache::write_file(cp, &source_meta(&bin.debug), &packed).is_ok() {
                 if let Ok(f) = File::open(cp) {
                     if let Ok((dir, _)) = read_cached(&f) {
@@ -569,11 +599,16 @@ impl Symbolizer {
     }
 
     /// Finds the DWARF for `obj` and indexes it.
-    fn build(&self, path: &Path, obj: &object::File<'_>) -> Result<(DebugSource, Vec<Block>), Error> {
+    fn build(
+        &self,
+        path: &Path,
+        obj: &object::File<'_>,
+        len: usize,
+    ) -> Result<(DebugSource, Vec<Block>), Error> {
         let text = dwarf::text_ranges(obj);
         let dwarf_err = |p: &Path, e: dwarf::DwarfError| Error::Elf { path: p.to_path_buf(), reason: e.0 };
         if debuginfo::has_dwarf(obj) {
-            let sections = dwarf::Sections::load(obj, MAX_DWARF_SECTION).map_err(|e| dwarf_err(path, e))?;
+            let sections = dwarf::Sections::load(obj, dwarf::budget(len)).map_err(|e| dwarf_err(path, e))?;
             let mut raw = dwarf::read(&sections, None, &text).map_err(|e| dwarf_err(path, e))?;
             if let Some(syms) = symbols_for(path, &DebugSource::Embedded) {
                 raw.name_like_binutils(&syms);
@@ -596,7 +631,8 @@ impl Symbolizer {
         let dmap = unsafe { memmap2::Mmap::map(&dfile) }.map_err(io)?;
         let dobj = object::File::parse(&*dmap)
             .map_err(|e| Error::Elf { path: dpath.clone(), reason: e.to_string() })?;
-        let sections = dwarf::Sections::load(&dobj, MAX_DWARF_SECTION).map_err(|e| dwarf_err(&dpath, e))?;
+        let sections =
+            dwarf::Sections::load(&dobj, dwarf::budget(dmap.len())).map_err(|e| dwarf_err(&dpath, e))?;
         let sup_path = debuginfo::find_supplementary(&dobj, &dpath, &self.options.debug_dirs);
         let sup_map = match &sup_path {
             Some(p) => File::open(p).ok().and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok()),
@@ -604,7 +640,10 @@ impl Symbolizer {
         };
         let sup_obj = sup_map.as_ref().and_then(|m| object::File::parse(&**m).ok());
         let sup_sections = match &sup_obj {
-            Some(o) => Some(dwarf::Sections::load(o, MAX_DWARF_SECTION).map_err(|e| dwarf_err(&dpath, e))?),
+            Some(o) => Some(
+                dwarf::Sections::load(o, dwarf::budget(sup_map.as_ref().map_or(0, |m| m.len())))
+                    .map_err(|e| dwarf_err(&dpath, e))?,
+            ),
             None => None,
         };
         let text = if text.is_empty() { dwarf::text_ranges(&dobj) } else { text };
@@ -695,12 +734,36 @@ fn fnv(values: &[u64]) -> u64 {
     h
 }
 
-/// `/tmp/perf-PID.map`: `START SIZE NAME` lines, hex, sorted by start.
+/// Largest perf map read.
+const MAX_PERF_MAP: u64 = 64 << 20;
+
+/// `/tmp/perf-PID.map` as the process sees it (its root, its own pid number): `START SIZE
+/// NAME` lines, hex, sorted by start. Only a regular file, at most [`MAX_PERF_MAP`] bytes,
+/// opened without blocking (a FIFO planted there cannot hang us).
 fn read_perf_map(pid: u32) -> Vec<(u64, u64, Name)> {
-    let Ok(text) = std::fs::read_to_string(format!("/tmp/perf-{pid}.map")) else { return Vec::new() };
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ns_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last()?.parse::<u32>().ok())
+        })
+        .unwrap_or(pid);
+    let path = format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map");
+    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc_o_nonblock()).open(&path) else {
+        return Vec::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return Vec::new();
+    }
+    let mut text = String::new();
+    if f.take(MAX_PERF_MAP).read_to_string(&mut text).is_err() {
+        return Vec::new();
+    }
     let mut v: Vec<(u64, u64, Name)> = text
         .lines()
-        .take(1 << 22)
         .filter_map(|l| {
             let mut it = l.splitn(3, ' ');
             let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
@@ -710,4 +773,9 @@ fn read_perf_map(pid: u32) -> Vec<(u64, u64, Name)> {
         .collect();
     v.sort_by_key(|e| e.0);
     v
+}
+
+/// `O_NONBLOCK` on Linux (all architectures this crate targets).
+const fn libc_o_nonblock() -> i32 {
+    0o4000
 }

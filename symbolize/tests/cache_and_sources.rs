@@ -274,3 +274,48 @@ fn minidebuginfo_names_functions_of_a_stripped_binary() {
         assert_eq!(f.function.as_deref(), Some(name.as_str()));
     }
 }
+
+#[test]
+fn no_debuginfo_is_not_cached_so_a_debug_file_installed_later_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = fixture("chain_nofp");
+    let stripped = dir.path().join("stripped");
+    let debug_root = dir.path().join("debug");
+    assert!(Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&full)
+        .arg(&stripped)
+        .status()
+        .unwrap()
+        .success());
+    let cache = dir.path().join("cache");
+    let with = |dirs: Vec<PathBuf>| {
+        Symbolizer::new(Options {
+            cache_dir: Some(cache.clone()),
+            debug_dirs: dirs,
+            debuginfod: None,
+            ..Options::default()
+        })
+    };
+    assert_eq!(with(vec![debug_root.clone()]).debug_source(&stripped).unwrap(), DebugSource::None);
+    assert!(
+        std::fs::read_dir(&cache).map_or(0, |d| d.count()) == 0,
+        "nothing cached for a binary without DWARF"
+    );
+    // "Install" the debug file under the build-id layout.
+    let id = unwound_symbolize::ElfSymbols::open(&full)
+        .unwrap()
+        .build_id()
+        .map(unwound_symbolize::build_id_hex)
+        .unwrap();
+    let target = debug_root.join(".build-id").join(&id[..2]).join(format!("{}.debug", &id[2..]));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    assert!(Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&full)
+        .arg(&target)
+        .status()
+        .unwrap()
+        .success());
+    assert!(matches!(with(vec![debug_root]).debug_source(&stripped).unwrap(), DebugSource::BuildId(_)));
+}

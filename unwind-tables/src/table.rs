@@ -97,17 +97,18 @@ impl UnwindTable {
             out.push((at, at, rule));
         };
         for (pi, p) in self.pages.iter().enumerate() {
-            let page_base = self.base + ((pi as u64) << PAGE_SHIFT);
+            // Wrapping: a table read from bytes may place its pages anywhere.
+            let page_base = self.base.wrapping_add((pi as u64) << PAGE_SHIFT);
             let start = p.first as usize;
             let page = &self.entries[start..start + p.count as usize];
             for (i, &raw) in page.iter().enumerate() {
                 let e = Entry::decode(raw);
                 let rule = self.rules[e.rule as usize];
-                let mut at = page_base + u64::from(e.page_offset);
+                let mut at = page_base.wrapping_add(u64::from(e.page_offset));
                 for step in 0..=u32::from(e.steps) {
                     push(&mut out, at, if step == 0 { rule } else { rule.advanced(step, e.pops) });
                     if step < u32::from(e.steps) {
-                        at += if e.sizes >> step & 1 == 1 { 2 } else { 1 };
+                        at = at.wrapping_add(if e.sizes >> step & 1 == 1 { 2 } else { 1 });
                     }
                 }
                 if e.restore {
@@ -117,7 +118,7 @@ impl UnwindTable {
                         let prev = Entry::decode(page[i - 1]);
                         prev.final_rule(self.rules[prev.rule as usize])
                     };
-                    push(&mut out, at + 1, before);
+                    push(&mut out, at.wrapping_add(1), before);
                 }
             }
         }
