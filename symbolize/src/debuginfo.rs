@@ -121,6 +121,19 @@ impl Debuginfod {
         if dest.exists() && file_build_id(&dest).as_deref() == Some(build_id) {
             return Ok(dest);
         }
+        self.download(build_id, id, dest)
+    }
+
+    #[cfg(not(feature = "debuginfod"))]
+    fn download(&self, _build_id: &[u8], _id: String, _dest: PathBuf) -> Result<PathBuf, DebuginfodError> {
+        Err(DebuginfodError::Request {
+            url: self.urls.first().cloned().unwrap_or_default(),
+            reason: "unwound-symbolize was built without its `debuginfod` feature".into(),
+        })
+    }
+
+    #[cfg(feature = "debuginfod")]
+    fn download(&self, build_id: &[u8], id: String, dest: PathBuf) -> Result<PathBuf, DebuginfodError> {
         let agent =
             ureq::AgentBuilder::new().timeout_connect(self.timeout).timeout_read(self.timeout).build();
         let mut last = DebuginfodError::NotFound(id.clone());
