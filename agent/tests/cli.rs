@@ -99,6 +99,19 @@ fn record_fixture(binary: &str, output: &Path, extra: &[&str]) -> AgentRun {
     run
 }
 
+/// `go tool pprof -top` (plus `flags`) of a profile, with `home` as Go's cache home.
+fn go_pprof_top(profile: &Path, flags: &[&str], home: &Path) -> String {
+    let o = Command::new("go")
+        .args(["tool", "pprof", "-top", "-symbolize=none"])
+        .args(flags)
+        .arg(profile)
+        .env("HOME", home)
+        .output()
+        .expect("go tool pprof (Debian golang-go)");
+    assert!(o.status.success(), "pprof failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn pprof_output_is_read_by_go_tool_pprof() {
     if !bpf_available("pprof_output_is_read_by_go_tool_pprof") {
@@ -107,14 +120,7 @@ fn pprof_output_is_read_by_go_tool_pprof() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("profile.pb.gz");
     record_fixture("chain_fp", &out, &[]);
-    let o = Command::new("go")
-        .args(["tool", "pprof", "-top", "-symbolize=none"])
-        .arg(&out)
-        .env("HOME", tmp.path())
-        .output()
-        .expect("go tool pprof (Debian golang-go)");
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "pprof failed: {}", String::from_utf8_lossy(&o.stderr));
+    let text = go_pprof_top(&out, &[], tmp.path());
     // The leaf has nearly all the flat time; the chain is there in cumulative time.
     let leaf =
         text.lines().find(|l| l.trim_end().ends_with(" c_chain_c")).unwrap_or_else(|| panic!("{text}"));
@@ -268,14 +274,7 @@ fn pprof_locations_carry_source_lines() {
     let out = tmp.path().join("profile.pb.gz");
     let cache = tmp.path().join("cache");
     record_fixture("chain_nofp", &out, &["--symbol-cache-dir", cache.to_str().unwrap()]);
-    let o = Command::new("go")
-        .args(["tool", "pprof", "-top", "-lines", "-symbolize=none"])
-        .arg(&out)
-        .env("HOME", tmp.path())
-        .output()
-        .expect("go tool pprof (Debian golang-go)");
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "pprof failed: {}", String::from_utf8_lossy(&o.stderr));
+    let text = go_pprof_top(&out, &["-lines"], tmp.path());
     let valid = addr2line_lines_of(&build_fixtures().join("chain_nofp"), "c_chain_c");
     let mut flat = 0.0;
     for l in text.lines().filter(|l| l.contains(" c_chain_c ")) {

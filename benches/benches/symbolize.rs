@@ -41,6 +41,11 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use object::{Object, ObjectSection, ObjectSymbol};
 
+/// One line of the cold-start table: (wall, CPU) seconds.
+fn print_cold(label: &str, (wall, cpu): (f64, f64)) {
+    println!("  {label:<28} {:>10.2} ms wall {:>10.2} ms CPU", wall * 1e3, cpu * 1e3);
+}
+
 const N_ADDRS: usize = 100_000;
 const BATCH: usize = 10_000;
 const SEED: u64 = 0x756e_776f_756e_6421;
@@ -375,44 +380,28 @@ fn first_symbol(st: &Setup) -> Cold {
         assert_eq!(s.stats().cache_hits, 1, "the cache was not used");
         d
     });
-    println!(
-        "  unwound, from the cache      {:>10.2} ms wall {:>10.2} ms CPU",
-        ours_cached.0 * 1e3,
-        ours_cached.1 * 1e3
-    );
+    print_cold("unwound, from the cache", ours_cached);
     let blazesym = cold(COLD_RUNS, |i| {
         let t = Instant::now();
         let s = blaze();
         std::hint::black_box(blaze_batch(&s, &st.bin, &[a(i)]));
         t.elapsed()
     });
-    println!(
-        "  blazesym                     {:>10.2} ms wall {:>10.2} ms CPU",
-        blazesym.0 * 1e3,
-        blazesym.1 * 1e3
-    );
+    print_cold("blazesym", blazesym);
     let addr2line = cold(COLD_RUNS, |i| {
         let t = Instant::now();
         let l = addr2line::Loader::new(&st.bin).unwrap();
         std::hint::black_box(a2l_batch(&l, &[a(i)]));
         t.elapsed()
     });
-    println!(
-        "  addr2line                    {:>10.2} ms wall {:>10.2} ms CPU",
-        addr2line.0 * 1e3,
-        addr2line.1 * 1e3
-    );
+    print_cold("addr2line", addr2line);
     let ours_none = cold(BUILD_RUNS, |i| {
         let t = Instant::now();
         let s = ours(None);
         std::hint::black_box(ours_batch(&s, &st.bin, &[a(i)]));
         t.elapsed()
     });
-    println!(
-        "  unwound, no cache (memory)   {:>10.2} ms wall {:>10.2} ms CPU",
-        ours_none.0 * 1e3,
-        ours_none.1 * 1e3
-    );
+    print_cold("unwound, no cache (memory)", ours_none);
     let ours_empty_dir = cold(BUILD_RUNS, |i| {
         let dir = tempfile::tempdir().unwrap();
         let t = Instant::now();
@@ -420,11 +409,7 @@ fn first_symbol(st: &Setup) -> Cold {
         std::hint::black_box(ours_batch(&s, &st.bin, &[a(i)]));
         t.elapsed()
     });
-    println!(
-        "  unwound, empty cache dir     {:>10.2} ms wall {:>10.2} ms CPU",
-        ours_empty_dir.0 * 1e3,
-        ours_empty_dir.1 * 1e3
-    );
+    print_cold("unwound, empty cache dir", ours_empty_dir);
     Cold { ours_cached, ours_none, ours_empty_dir, blazesym, addr2line }
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::dwarf::{FuncRow, LineRow, RawDebugInfo, END};
 use crate::name::{Arena, Name};
+use crate::Frame;
 
 /// Line rows per block (the last block may hold fewer); tiny in unit tests so that ranges
 /// are cut across blocks.
@@ -96,15 +97,6 @@ pub(crate) struct BlockSpan {
     pub end: u64,
 }
 
-/// One frame as the index knows it (names and paths shared with the block).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct RawFrame {
-    pub function: Option<Name>,
-    pub file: Option<Name>,
-    pub line: u32,
-    pub discriminator: u32,
-}
-
 impl Block {
     pub fn new(start: u64, end: u64, strings: Arena, lines: Vec<BLine>, levels: Vec<Vec<BFunc>>) -> Self {
         let line_keys = Keys::new(lines.iter().map(|l| l.off).collect());
@@ -134,7 +126,7 @@ impl Block {
 
     /// The frames at `addr` (which lies in the block), innermost first, and whether a
     /// function was found. Frames may be empty.
-    pub fn lookup(&self, addr: u64, frames: &mut Vec<RawFrame>) -> bool {
+    pub fn lookup(&self, addr: u64, frames: &mut Vec<Frame>) -> bool {
         let Some(off) = addr.checked_sub(self.start).filter(|_| addr < self.end) else { return false };
         let off = off as u32;
         let line = match self.line_keys.upper(off).checked_sub(1) {
@@ -160,12 +152,12 @@ impl Block {
             (None, None) => (None, 0, 0),
         };
         if n == 0 {
-            frames.push(RawFrame { function: None, file, line: line_no, discriminator: disc });
+            frames.push(Frame { function: None, file, line: line_no, discriminator: disc });
             return false;
         }
         for f in chain[..n].iter().rev().flatten() {
             let name = if n == 1 && f.sym_name != END { f.sym_name } else { f.name };
-            frames.push(RawFrame { function: self.string(name), file, line: line_no, discriminator: disc });
+            frames.push(Frame { function: self.string(name), file, line: line_no, discriminator: disc });
             file = self.string(f.call_file);
             line_no = f.call_line;
             disc = 0;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::cache::{self, DirEntry, Packed};
 use crate::debuginfo::{self, DebugSource, Debuginfod};
 use crate::dwarf;
-use crate::index::{self, Block, RawFrame};
+use crate::index::{self, Block};
 use crate::name::Name;
 use crate::{ElfSymbols, Error, Mapping, ProcessMaps, MAX_ELF_SIZE};
 
@@ -399,7 +399,7 @@ impl Symbolizer {
     }
 
     fn lookup(&self, bin: &Arc<Binary>, addr: u64, current: &mut Option<(usize, Arc<Block>)>) -> Resolution {
-        let mut raw: Vec<RawFrame> = Vec::new();
+        let mut frames: Vec<Frame> = Vec::new();
         let mut found = false;
         if let Some(bi) = bin.block_of(addr) {
             let block = match current {
@@ -407,7 +407,7 @@ impl Symbolizer {
                 _ => self.block(bin, bi),
             };
             if let Some(b) = block {
-                found = b.lookup(addr, &mut raw);
+                found = b.lookup(addr, &mut frames);
                 *current = Some((bi, b));
             }
         }
@@ -416,7 +416,7 @@ impl Symbolizer {
             let sym = bin.symbols().and_then(|s| s.lookup(addr));
             let name = sym.as_ref().map(|s| Name::from(s.name));
             let sym_file = sym.as_ref().and_then(|s| s.file).map(Name::from);
-            match (raw.first_mut(), name) {
+            match (frames.first_mut(), name) {
                 (Some(f), name) if name.is_some() || f.file.is_some() => {
                     f.function = name;
                     if f.file.is_none() {
@@ -424,22 +424,12 @@ impl Symbolizer {
                     }
                 }
                 (None, Some(name)) => {
-                    raw.push(RawFrame { function: Some(name), file: sym_file, line: 0, discriminator: 0 })
+                    frames.push(Frame { function: Some(name), file: sym_file, line: 0, discriminator: 0 })
                 }
                 _ => return Err(Miss::NoSymbol),
             }
         }
-        Ok(Symbolized {
-            frames: raw
-                .into_iter()
-                .map(|f| Frame {
-                    function: f.function,
-                    file: f.file,
-                    line: f.line,
-                    discriminator: f.discriminator,
-                })
-                .collect(),
-        })
+        Ok(Symbolized { frames })
     }
 
     fn block(&self, bin: &Arc<Binary>, i: usize) -> Option<Arc<Block>> {

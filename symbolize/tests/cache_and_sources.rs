@@ -28,6 +28,17 @@ fn functions(path: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// `objcopy FLAGS FROM TO`, which must succeed.
+fn objcopy(flags: &[&str], from: &Path, to: &Path) {
+    let status = Command::new("objcopy").args(flags).arg(from).arg(to).status().expect("objcopy (binutils)");
+    assert!(status.success(), "objcopy {flags:?} {} {}", from.display(), to.display());
+}
+
+/// The GNU build-id of an ELF file.
+fn build_id(path: &Path) -> Vec<u8> {
+    unwound_symbolize::ElfSymbols::open(path).unwrap().build_id().expect("fixtures have a build-id").to_vec()
+}
+
 fn opts(cache: Option<&Path>) -> Options {
     Options { cache_dir: cache.map(Path::to_path_buf), debuginfod: None, ..Options::default() }
 }
@@ -166,27 +177,11 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     let served = dir.path().join("served");
     std::fs::create_dir(&served).unwrap();
     let debug = served.join("cpp_chain.debug");
-    assert!(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(&full)
-        .arg(&debug)
-        .status()
-        .unwrap()
-        .success());
-    assert!(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&full)
-        .arg(&stripped)
-        .status()
-        .unwrap()
-        .success());
+    objcopy(&["--only-keep-debug"], &full, &debug);
+    objcopy(&["--strip-debug"], &full, &stripped);
     let addrs = addrs_of(&full);
     let reference = Symbolizer::new(opts(None)).symbolize_elf(&full, &addrs).unwrap();
-    let id = unwound_symbolize::ElfSymbols::open(&full)
-        .unwrap()
-        .build_id()
-        .map(unwound_symbolize::build_id_hex)
-        .unwrap();
+    let id = unwound_symbolize::build_id_hex(&build_id(&full));
 
     // Without a server: no DWARF, names only.
     let none = Symbolizer::new(opts(None));
@@ -237,8 +232,7 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     let wbase = format!("http://127.0.0.1:{wport}");
     assert!(wait_for(&format!("{wbase}/buildid/{id}/debuginfo"), Duration::from_secs(20)));
     let bad = Debuginfod { urls: vec![wbase], cache_dir: dir.path().join("downloads2"), ..client };
-    let raw_id = unwound_symbolize::ElfSymbols::open(&full).unwrap().build_id().unwrap().to_vec();
-    match bad.fetch(&raw_id) {
+    match bad.fetch(&build_id(&full)) {
         Err(unwound_symbolize::DebuginfodError::WrongBuildId { wanted, .. }) => assert_eq!(wanted, id),
         other => panic!("expected a wrong-build-id error, got {other:?}"),
     }
@@ -254,13 +248,14 @@ fn minidebuginfo_names_functions_of_a_stripped_binary() {
     let run = |cmd: &mut Command| assert!(cmd.status().unwrap().success(), "{cmd:?}");
     // As distributions build it: the symbol table without DWARF, xz-compressed, added to
     // the fully stripped binary as `.gnu_debugdata`.
-    run(Command::new("objcopy").arg("--strip-debug").arg(&full).arg(p("mini")));
+    objcopy(&["--strip-debug"], &full, &p("mini"));
     run(Command::new("xz").arg("-k").arg(p("mini")));
-    run(Command::new("objcopy").arg("--strip-all").arg(&full).arg(p("stripped")));
-    run(Command::new("objcopy")
-        .arg(format!("--add-section=.gnu_debugdata={}", p("mini.xz").display()))
-        .arg(p("stripped"))
-        .arg(p("with_mini")));
+    objcopy(&["--strip-all"], &full, &p("stripped"));
+    objcopy(
+        &[&format!("--add-section=.gnu_debugdata={}", p("mini.xz").display())],
+        &p("stripped"),
+        &p("with_mini"),
+    );
     let funcs: Vec<(u64, String)> =
         functions(&full).into_iter().filter(|(_, n)| n.starts_with("c_chain_")).collect();
     assert_eq!(funcs.len(), 3);
@@ -281,13 +276,7 @@ fn no_debuginfo_is_not_cached_so_a_debug_file_installed_later_is_found() {
     let full = fixture("chain_nofp");
     let stripped = dir.path().join("stripped");
     let debug_root = dir.path().join("debug");
-    assert!(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&full)
-        .arg(&stripped)
-        .status()
-        .unwrap()
-        .success());
+    objcopy(&["--strip-debug"], &full, &stripped);
     let cache = dir.path().join("cache");
     let with = |dirs: Vec<PathBuf>| {
         Symbolizer::new(Options {
@@ -303,19 +292,9 @@ fn no_debuginfo_is_not_cached_so_a_debug_file_installed_later_is_found() {
         "nothing cached for a binary without DWARF"
     );
     // "Install" the debug file under the build-id layout.
-    let id = unwound_symbolize::ElfSymbols::open(&full)
-        .unwrap()
-        .build_id()
-        .map(unwound_symbolize::build_id_hex)
-        .unwrap();
+    let id = unwound_symbolize::build_id_hex(&build_id(&full));
     let target = debug_root.join(".build-id").join(&id[..2]).join(format!("{}.debug", &id[2..]));
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    assert!(Command::new("objcopy")
-        .arg("--only-keep-debug")
-        .arg(&full)
-        .arg(&target)
-        .status()
-        .unwrap()
-        .success());
+    objcopy(&["--only-keep-debug"], &full, &target);
     assert!(matches!(with(vec![debug_root]).debug_source(&stripped).unwrap(), DebugSource::BuildId(_)));
 }
