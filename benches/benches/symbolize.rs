@@ -5,8 +5,11 @@
 //!   `Elf` source with debug symbols;
 //! - `addr2line`: `addr2line::Loader::find_frames` (the symbol table when DWARF has nothing).
 //!
-//! Input: the agent's own debug build, `target/debug/unwound` (built with
-//! `cargo build -p unwound-agent` when missing). Addresses: 100k random offsets inside the
+//! Input: the separate debuginfo of Debian's `ceph-mon` (package `ceph-mon-dbg`: GCC 12 C++,
+//! DWARF 5, 279 MiB of DWARF once inflated), fetched and inflated by
+//! `scripts/bench-input.sh`; another file with `UNWOUND_SYMBOLIZE_BENCH_BINARY`. Without
+//! network the agent's own debug build stands in (about 70 MiB of DWARF, less than the
+//! 100 MB the issue asks for). Addresses: 100k random offsets inside the
 //! function symbols of its `.symtab` (a symbol picked uniformly, then an offset inside it;
 //! fixed seed), the same for all three.
 //!
@@ -72,8 +75,29 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The agent's debug build, built when missing.
+/// The input: `UNWOUND_SYMBOLIZE_BENCH_BINARY` when set; else ceph-mon's debuginfo from
+/// Debian (about 280 MiB of DWARF), fetched by `scripts/bench-input.sh` when missing; else,
+/// when that cannot be fetched, the agent's own debug build (about 70 MiB of DWARF, built
+/// when missing).
 fn input_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(BINARY_ENV) {
+        return Some(PathBuf::from(p));
+    }
+    let fetched = Command::new("bash").arg(root().join("scripts/bench-input.sh")).output();
+    match fetched {
+        Ok(o) if o.status.success() => {
+            let p = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            if p.exists() {
+                return Some(p);
+            }
+        }
+        Ok(o) => println!(
+            "scripts/bench-input.sh failed ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => println!("scripts/bench-input.sh: {e}"),
+    }
     let p = target_dir().join("debug/unwound");
     if !p.exists() {
         println!("{} missing: running cargo build -p unwound-agent", p.display());
@@ -551,6 +575,9 @@ struct Agreement {
     innermost: f64,
     function: f64,
     chain: f64,
+    /// The same inline depth and the same line in every frame: what remains when the
+    /// demanglers' spellings (`0ul` or `(unsigned long)0`) are set aside.
+    lines: f64,
 }
 
 fn agreement(chains: &[Vec<Chain>; 3], addrs: &[u64]) -> [Agreement; 3] {
@@ -564,7 +591,10 @@ unwound's answers: {:.2} % found, {:.2} % with a line, {:.2} % with inlined fram
         100.0 * share(&|c| c.first().is_some_and(|f| f.1 != 0)),
         100.0 * share(&|c| c.len() > 1)
     );
-    println!("agreement: innermost function+line, innermost function, whole chain (function+line each)");
+    println!(
+        "agreement: innermost function+line, innermost function, whole chain (function+line each), \
+         whole chain (lines only)"
+    );
     let pairs: [(&str, &[Chain], &[Chain]); 3] = [
         ("unwound ~ addr2line", ours, a2l),
         ("unwound ~ blazesym", ours, blaze),
@@ -579,12 +609,14 @@ unwound's answers: {:.2} % found, {:.2} % with a line, {:.2} % with inlined fram
             innermost: count(&|a, b| a.first() == b.first()),
             function: count(&|a, b| a.first().map(|f| &f.0) == b.first().map(|f| &f.0)),
             chain: count(&|a, b| a == b),
+            lines: count(&|a, b| a.len() == b.len() && a.iter().zip(b.iter()).all(|(f, g)| f.1 == g.1)),
         };
         println!(
-            "  {name:<22} {:>7.2} % {:>7.2} % {:>7.2} %",
+            "  {name:<22} {:>7.2} % {:>7.2} % {:>7.2} % {:>7.2} %",
             100.0 * out[k].innermost,
             100.0 * out[k].function,
-            100.0 * out[k].chain
+            100.0 * out[k].chain,
+            100.0 * out[k].lines
         );
         let mut shown = 0;
         for (i, (a, b)) in x.iter().zip(y.iter()).enumerate() {
@@ -675,9 +707,11 @@ fn summary(dwarf: u64, cold: &Cold, mem: &HashMap<&str, ChildReport>, agree: &[A
     );
     for (label, k) in [("unwound ~ addr2line", 0), ("unwound ~ blazesym", 1), ("blazesym ~ addr2line", 2)] {
         println!(
-            "agreement {label:<21} innermost function+line {:>6.2} %, whole inline chain {:>6.2} %",
+            "agreement {label:<21} innermost function+line {:>6.2} %, whole inline chain {:>6.2} %, \
+             its lines {:>6.2} %",
             100.0 * agree[k].innermost,
-            100.0 * agree[k].chain
+            100.0 * agree[k].chain,
+            100.0 * agree[k].lines
         );
     }
     println!("(ratios: ours / peer; times are the median of repeated runs; warm rates one thread)");
@@ -691,11 +725,7 @@ fn bench(c: &mut Criterion) {
         "input {}: {:.1} MiB of DWARF{}; {} addresses in {nsyms} function symbols",
         bin.display(),
         dwarf as f64 / (1 << 20) as f64,
-        if dwarf < 100 << 20 {
-            " (less than the 100 MB asked for: the largest debug binary here)"
-        } else {
-            ""
-        },
+        if dwarf < 100 << 20 { " (less than the 100 MB asked for)" } else { "" },
         addrs.len()
     );
     let cache = tempfile::tempdir().unwrap();

@@ -9,7 +9,7 @@
 //!
 //! Block encoding (little-endian): `start u64 | end u64 | strings u32 | lines u32 |
 //! levels u32 | (len u32, bytes)* | (off, file, line, discriminator: u32)* |
-//! (count u32, (lo, hi, name, call_file, call_line, sym_name: u32)*)*`.
+//! (count u32, (lo, hi, name, call_file, call_line: u32)*)*`.
 
 use std::fs::File;
 use std::io::Write;
@@ -21,7 +21,7 @@ use crate::index::{BFunc, BLine, Block, BlockSpan, MAX_BLOCKS, MAX_BLOCK_ITEMS};
 /// File magic; the last byte is bumped with every change to the format.
 pub(crate) const MAGIC: &[u8; 8] = b"UNWSYM\x00\x01";
 /// Format version, also part of the cache file name.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 const DIR_ENTRY: usize = 40;
 const MAX_META: usize = 4096;
 /// Largest decompressed block accepted.
@@ -62,7 +62,7 @@ pub(crate) fn encode_block(b: &Block) -> Vec<u8> {
     for level in &b.levels {
         out.extend_from_slice(&(level.len() as u32).to_le_bytes());
         for f in level {
-            for v in [f.lo, f.hi, f.name, f.call_file, f.call_line, f.sym_name] {
+            for v in [f.lo, f.hi, f.name, f.call_file, f.call_line] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -132,7 +132,7 @@ pub(crate) fn decode_block(data: &[u8]) -> Result<Block, Corrupt> {
     }
     let mut levels = Vec::with_capacity(nlevels);
     for _ in 0..nlevels {
-        let n = r.count(24)?;
+        let n = r.count(20)?;
         let mut level = Vec::with_capacity(n);
         for _ in 0..n {
             let f = BFunc {
@@ -141,9 +141,8 @@ pub(crate) fn decode_block(data: &[u8]) -> Result<Block, Corrupt> {
                 name: r.u32()?,
                 call_file: r.u32()?,
                 call_line: r.u32()?,
-                sym_name: r.u32()?,
             };
-            if !str_ok(f.name) || !str_ok(f.call_file) || !str_ok(f.sym_name) || f.lo > f.hi {
+            if !str_ok(f.name) || !str_ok(f.call_file) || f.lo > f.hi {
                 return Err(Corrupt("bad function range"));
             }
             level.push(f);

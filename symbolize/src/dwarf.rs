@@ -49,13 +49,6 @@ pub(crate) struct FuncRow {
     /// For a function (depth 0): its compilation unit's name.
     pub call_file: u32,
     pub call_line: u32,
-    /// The name is a (demangled) linkage name, not a plain `DW_AT_name`.
-    pub linkage: bool,
-    /// The first range of its DIE (the others follow it directly until sorted).
-    pub first: bool,
-    /// For a function without a linkage name: the symbol that starts at this (first) range,
-    /// which binutils reports instead of the DWARF name when no inlined frame is involved.
-    pub sym_name: u32,
 }
 
 /// Everything read from one file's DWARF, addresses sorted.
@@ -68,26 +61,6 @@ pub(crate) struct RawDebugInfo {
 }
 
 impl RawDebugInfo {
-    /// Names functions that have no linkage name (C) the way binutils does: by the symbol
-    /// that starts where the function starts, when there is one.
-    pub fn name_like_binutils(&mut self, symbols: &crate::ElfSymbols) {
-        let mut map = self.interner.take().unwrap_or_default();
-        // binutils compares the symbol found for an address with the DIE's first range.
-        for f in self.funcs.iter_mut().filter(|f| f.first && f.depth == 0 && !f.linkage) {
-            if let Some(sym) = symbols.lookup(f.lo).filter(|s| s.offset == 0) {
-                if self.strings.get(f.name as usize).is_none_or(|n| **n != *sym.name) {
-                    let next = self.strings.len() as u32;
-                    let id = *map.entry(Arc::from(sym.name)).or_insert(next);
-                    if id == next {
-                        self.strings.push(Arc::from(sym.name));
-                    }
-                    f.sym_name = id;
-                }
-            }
-        }
-        self.interner = Some(map);
-    }
-
     /// Sorts function ranges by depth, then start, longest first.
     pub fn sort(&mut self) {
         self.funcs.sort_by_key(|f| (f.depth, f.lo, std::cmp::Reverse(f.hi)));
@@ -251,7 +224,7 @@ impl Interner {
 struct UnitReader<'c, 'a, 'd> {
     ctx: &'c Ctx<'a, 'd>,
     others: HashMap<(bool, usize), gimli::Unit<R<'d>>>,
-    names: HashMap<(bool, usize), Option<(u32, bool)>>,
+    names: HashMap<(bool, usize), Option<u32>>,
     strings: Interner,
 }
 
@@ -334,8 +307,6 @@ fn read_unit<'d>(
         let ranges = die_ranges(dwarf, &unit, entry)?;
         let mut first = true;
         let mut name = END;
-        let mut linkage = false;
-        let mut pushed = false;
         let (mut call_file, mut call_line) = (if depth == 0 { cu_name } else { END }, 0);
         for r in ranges {
             if r.begin >= r.end || r.end - r.begin > MAX_RANGE || !keep(r.begin) {
@@ -344,7 +315,7 @@ fn read_unit<'d>(
             if first {
                 first = false;
                 let off = entry.offset().to_debug_info_offset(&unit.header).map(|o| o.0);
-                (name, linkage) = rd.name_of(&unit, entry, off.map(|o| (false, o)))?.unwrap_or((END, false));
+                name = rd.name_of(&unit, entry, off.map(|o| (false, o)))?.unwrap_or(END);
                 if depth > 0 {
                     if let Some(f) = entry.attr(gimli::DW_AT_call_file).and_then(|a| a.udata_value()) {
                         call_file = match file_names.get(&f) {
@@ -362,18 +333,7 @@ fn read_unit<'d>(
                         .map_or(0, |l| l.min(u64::from(u32::MAX - 1)) as u32);
                 }
             }
-            let first_range = !std::mem::replace(&mut pushed, true);
-            funcs.push(FuncRow {
-                lo: r.begin,
-                hi: r.end,
-                depth,
-                name,
-                call_file,
-                call_line,
-                linkage,
-                first: first_range,
-                sym_name: END,
-            });
+            funcs.push(FuncRow { lo: r.begin, hi: r.end, depth, name, call_file, call_line });
             if funcs.len() > MAX_ROWS {
                 return Err(DwarfError(format!("more than {MAX_ROWS} function ranges")));
             }
@@ -467,7 +427,7 @@ impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
         unit: &gimli::Unit<R<'d>>,
         entry: &gimli::DebuggingInformationEntry<R<'d>>,
         key: Option<(bool, usize)>,
-    ) -> Result<Option<(u32, bool)>, DwarfError> {
+    ) -> Result<Option<u32>, DwarfError> {
         if let Some(k) = key {
             if let Some(&n) = self.names.get(&k) {
                 return Ok(n);
@@ -477,10 +437,8 @@ impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
         let mut plain: Option<(String, usize)> = None;
         self.walk_names(unit, entry, false, &mut linkage, &mut plain, 0)?;
         let n = match (linkage, plain) {
-            (Some(l), _) => Some((self.strings.intern(&demangle(&l)), true)),
-            // A name found through an abstract origin or specification counts as a linkage
-            // name for binutils (C clones such as `f.isra.0` keep `f`).
-            (None, Some((p, hops))) => Some((self.strings.intern(&p), hops > 0)),
+            (Some(l), _) => Some(self.strings.intern(&demangle(&l))),
+            (None, Some((p, _))) => Some(self.strings.intern(&p)),
             (None, None) => None,
         };
         if let Some(k) = key {

@@ -78,7 +78,8 @@ impl ElfSymbols {
     }
 
     /// Like [`ElfSymbols::open`], but where several names share an address the one binutils
-    /// (`addr2line`) reports wins: the largest symbol, then the first in the symbol table.
+    /// (`addr2line`) reports wins: a local symbol over a global over a weak one, then the
+    /// first in the symbol table.
     pub fn open_like_binutils(path: impl AsRef<Path>) -> Result<Self, Error> {
         Self::open_with(path.as_ref(), true)
     }
@@ -187,8 +188,9 @@ impl ElfSymbols {
         }
         if binutils {
             // The choice `addr2line` makes among names of one address (found by comparing
-            // with it on glibc's debug symbols): a local name over a global one over a weak
-            // one; among equals the later in the table. The stable sort keeps table order.
+            // with it on glibc's debug symbols and Rust's folded functions): a local name
+            // over a global one over a weak one; among equals the first in the table. The
+            // stable sort keeps table order.
             raw.sort_by_key(|r| r.0);
             let class = |rank: u8| match rank {
                 2 => 0, // local
@@ -200,7 +202,7 @@ impl ElfSymbols {
                 match chosen.last_mut() {
                     Some(c) if c.0 == r.0 => {
                         let size = c.1.max(r.1);
-                        if class(r.2) <= class(c.2) {
+                        if class(r.2) < class(c.2) {
                             *c = r;
                         }
                         c.1 = size;

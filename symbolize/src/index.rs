@@ -40,8 +40,6 @@ pub(crate) struct BFunc {
     /// Call site file of an inlined call; the unit name for a function (depth 0).
     pub call_file: u32,
     pub call_line: u32,
-    /// The symbol-table name used when this function is the innermost frame (or [`END`]).
-    pub sym_name: u32,
 }
 
 /// One block, in memory.
@@ -85,10 +83,38 @@ impl Keys {
         lo + self.keys[lo..hi].partition_point(|&k| k <= off)
     }
 
+    /// Asks the CPU to fetch the 64 keys a search for `off` will read (the summary is
+    /// searched now: it stays in cache).
+    fn prefetch(&self, off: u32) {
+        let j = self.summary.partition_point(|&k| k <= off);
+        if j > 0 {
+            let chunk = self.keys[(j - 1) * SUMMARY_STRIDE..].as_ptr();
+            for line in 0..SUMMARY_STRIDE / 16 {
+                prefetch(chunk.wrapping_add(line * 16));
+            }
+        }
+    }
+
     fn heap_bytes(&self) -> usize {
         (self.keys.len() + self.summary.len()) * 4 + 48
     }
 }
+
+/// A hint to load the cache line at `p`; never faults, whatever the pointer.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint; it does not dereference the pointer, and the
+    // SSE instruction exists on every x86-64 CPU.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Inline depths whose rows a batch prefetches ahead (deeper chains are rarer).
+const PREFETCH_LEVELS: usize = 4;
 
 /// Where a block sits in the address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +150,37 @@ impl Block {
         self.strings.get(i)
     }
 
+    /// Whether `addr` lies in the block.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    /// First step of a batched lookup, some addresses ahead: fetches the search keys a
+    /// lookup of `addr` will read, so that batches overlap their cache misses.
+    pub fn prefetch_keys(&self, addr: u64) {
+        let off = addr.wrapping_sub(self.start) as u32;
+        self.line_keys.prefetch(off);
+        for keys in self.level_keys.iter().take(PREFETCH_LEVELS) {
+            keys.prefetch(off);
+        }
+    }
+
+    /// Second step, fewer addresses ahead: searches the (now cached) keys and fetches the
+    /// line row and the candidate range row of each depth.
+    pub fn prefetch_rows(&self, addr: u64) {
+        let off = addr.wrapping_sub(self.start) as u32;
+        if let Some(i) = self.line_keys.upper(off).checked_sub(1) {
+            prefetch(&self.lines[i]);
+        }
+        for (level, keys) in self.levels.iter().zip(&self.level_keys).take(PREFETCH_LEVELS) {
+            if let Some(i) = keys.upper(off).checked_sub(1) {
+                let row: *const BFunc = &level[i];
+                prefetch(row);
+                prefetch(row.cast::<u8>().wrapping_add(std::mem::size_of::<BFunc>() - 1));
+            }
+        }
+    }
+
     /// The frames at `addr` (which lies in the block), innermost first, and whether a
     /// function was found. Frames may be empty.
     pub fn lookup(&self, addr: u64, frames: &mut Vec<Frame>) -> bool {
@@ -156,8 +213,7 @@ impl Block {
             return false;
         }
         for f in chain[..n].iter().rev().flatten() {
-            let name = if n == 1 && f.sym_name != END { f.sym_name } else { f.name };
-            frames.push(Frame { function: self.string(name), file, line: line_no, discriminator: disc });
+            frames.push(Frame { function: self.string(f.name), file, line: line_no, discriminator: disc });
             file = self.string(f.call_file);
             line_no = f.call_line;
             disc = 0;
@@ -289,7 +345,6 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
             }
             let name = intern(b, &mut blocks, f.name);
             let call_file = intern(b, &mut blocks, f.call_file);
-            let sym_name = intern(b, &mut blocks, f.sym_name);
             let block = &mut blocks[b];
             let depth = f.depth as usize;
             if block.levels.len() <= depth {
@@ -305,13 +360,14 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
                 name,
                 call_file,
                 call_line: f.call_line,
-                sym_name,
             };
             let level = &mut block.levels[depth];
-            if level.last().is_some_and(|l| l.lo == r.lo && l.hi == r.hi) {
-                continue; // the same range twice (folded code): the first one read wins
+            match level.last_mut() {
+                // The same range twice (several labels of one piece of assembly, folded
+                // code): the last one read wins, as in binutils.
+                Some(l) if l.lo == r.lo && l.hi == r.hi => *l = r,
+                _ => level.push(r),
             }
-            level.push(r);
         }
     }
     blocks
@@ -371,17 +427,7 @@ mod tests {
                 let len = 64 + next(448);
                 let (lo, hi) = (at, at + len);
                 let mut push = |lo, hi, depth, name| {
-                    raw.funcs.push(FuncRow {
-                        lo,
-                        hi,
-                        depth,
-                        name,
-                        call_file: 1,
-                        call_line: 7,
-                        linkage: true,
-                        first: true,
-                        sym_name: END,
-                    })
+                    raw.funcs.push(FuncRow { lo, hi, depth, name, call_file: 1, call_line: 7 })
                 };
                 push(lo, hi, 0, next(8) as u32);
                 let (mut plo, mut phi) = (lo, hi);

@@ -24,13 +24,20 @@ pub struct Name {
 impl Name {
     /// The part `start..start + len` of `arena` (which must be on character boundaries).
     pub(crate) fn slice(arena: &Arc<str>, start: u32, len: u32) -> Name {
+        assert!(start as usize + len as usize <= arena.len(), "name outside its arena");
         debug_assert!(arena.get(start as usize..(start + len) as usize).is_some());
         Name { arena: arena.clone(), start, len }
     }
 
     /// The string.
     pub fn as_str(&self) -> &str {
-        self.arena.get(self.start as usize..(self.start + self.len) as usize).unwrap_or("")
+        let range = self.start as usize..(self.start + self.len) as usize;
+        debug_assert!(self.arena.get(range.clone()).is_some());
+        // SAFETY: a `Name` is only made by `Name::slice` from an `Arena`, whose spans are
+        // the bounds of whole strings pushed into its text, or over a whole `str`; so
+        // `range` lies in `arena` on character boundaries. Checking it here would read the
+        // string's bytes, a cache miss for a caller that only wants its length.
+        unsafe { self.arena.get_unchecked(range) }
     }
 }
 
@@ -127,6 +134,11 @@ impl Arena {
         let mut spans = Vec::with_capacity(strings.len());
         for s in strings {
             let s = s.as_ref();
+            if text.len() + s.len() > u32::MAX as usize {
+                // Spans are 32-bit: a string past 4 GiB of text reads as empty.
+                spans.push((0, 0));
+                continue;
+            }
             spans.push((text.len() as u32, s.len() as u32));
             text.push_str(s);
         }

@@ -384,7 +384,24 @@ impl Symbolizer {
         let mut current: Option<(usize, Arc<Block>)> = None;
         // The previous address and where its answer went: a repeat copies it.
         let mut prev: Option<(u64, usize)> = None;
-        for &i in &order {
+        // Addresses this far ahead get their search keys fetched, half as far their rows:
+        // the lookups of a batch then wait on memory side by side instead of in turn.
+        const AHEAD: usize = 16;
+        for (k, &i) in order.iter().enumerate() {
+            if let Some((_, b)) = &current {
+                if let Some(&j) = order.get(k + AHEAD) {
+                    let a = addrs[j as usize];
+                    if b.contains(a) {
+                        b.prefetch_keys(a);
+                    }
+                }
+                if let Some(&j) = order.get(k + AHEAD / 2) {
+                    let a = addrs[j as usize];
+                    if b.contains(a) {
+                        b.prefetch_rows(a);
+                    }
+                }
+            }
             let (i, a) = (i as usize, addrs[i as usize]);
             if let Some((pa, pi)) = prev {
                 if pa == a {
@@ -573,6 +590,12 @@ impl Symbolizer {
         let cacheable = bin.debug != DebugSource::None;
         if let Some(cp) = cache_path.as_ref().filter(|_| cacheable) {
             if cache::write_file(cp, &source_meta(&bin.debug), &packed).is_ok() {
+                // Indexes of older versions of this layout are never read again.
+                if let Some(dir) = cp.parent() {
+                    for v in 1..cache::VERSION {
+                        let _ = std::fs::remove_file(dir.join(format!("{key}.v{v}.symidx")));
+                    }
+                }
                 if let Ok(f) = File::open(cp) {
                     if let Ok((dir, _)) = read_cached(&f) {
                         if dir.len() == packed.len() {
@@ -600,9 +623,6 @@ impl Symbolizer {
         if debuginfo::has_dwarf(obj) {
             let sections = dwarf::Sections::load(obj, dwarf::budget(len)).map_err(|e| dwarf_err(path, e))?;
             let mut raw = dwarf::read(&sections, None, &text).map_err(|e| dwarf_err(path, e))?;
-            if let Some(syms) = symbols_for(path, &DebugSource::Embedded) {
-                raw.name_like_binutils(&syms);
-            }
             return Ok((DebugSource::Embedded, index::build_blocks(&mut raw)));
         }
         let mut source = debuginfo::find_separate(obj, path, &self.options.debug_dirs);
@@ -639,9 +659,6 @@ impl Symbolizer {
         let text = if text.is_empty() { dwarf::text_ranges(&dobj) } else { text };
         let mut raw =
             dwarf::read(&sections, sup_sections.as_ref(), &text).map_err(|e| dwarf_err(&dpath, e))?;
-        if let Some(syms) = symbols_for(path, &source) {
-            raw.name_like_binutils(&syms);
-        }
         Ok((source, index::build_blocks(&mut raw)))
     }
 }

@@ -245,10 +245,11 @@ fn zstd_compressed_sections_give_the_same_answers() {
     );
 }
 
-/// libc through libc6-dbg: llvm-symbolizer agrees on frames and lines; binutils 2.40 reads
-/// some DWARF 5 file indexes of this libc differently (llvm-symbolizer and we agree with
-/// each other there) and names glibc's aliased functions by its own rules, so its rate is
-/// lower: see the note on the issue.
+/// libc through libc6-dbg: glibc's assembly gives one piece of code several
+/// `DW_TAG_subprogram`s (one per label: `__geteuid`, `__GI___geteuid`, `geteuid`,
+/// `__GI_geteuid`), and binutils names it by the last. binutils 2.40 reads some DWARF 5
+/// file indexes of this libc differently (llvm-symbolizer and we agree with each other
+/// there), which the exact rate counts against us.
 #[test]
 fn libc_through_separate_debuginfo() {
     let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
@@ -256,5 +257,5 @@ fn libc_through_separate_debuginfo() {
     let src = s.debug_source(libc).unwrap();
     let debug = src.path().expect("libc6-dbg installed (scripts/setup.sh)").to_path_buf();
     let ag = compare(libc, &debug, 3000);
-    assert_rates(&ag, 0.88, 0.80, 0.99);
+    assert_rates(&ag, 0.99, 0.90, 0.99);
 }
