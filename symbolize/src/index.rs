@@ -228,8 +228,14 @@ impl Block {
 /// earlier ranges are tried too.
 fn find_range<'a>(level: &'a [BFunc], keys: &Keys, off: u32, parent: Option<&BFunc>) -> Option<&'a BFunc> {
     let i = keys.upper(off);
-    let inside = |f: &BFunc| parent.is_none_or(|p| f.lo >= p.lo && f.hi <= p.hi);
-    level[..i].iter().rev().take(8).find(|f| off < f.hi && inside(f))
+    // Rows are sorted by start: once one starts before the parent, so do all before it.
+    let after_parent = |f: &&BFunc| parent.is_none_or(|p| f.lo >= p.lo);
+    level[..i]
+        .iter()
+        .rev()
+        .take(8)
+        .take_while(after_parent)
+        .find(|f| off < f.hi && parent.is_none_or(|p| f.hi <= p.hi))
 }
 
 /// A block being assembled.
