@@ -42,7 +42,8 @@ pub(crate) struct BFunc {
     pub call_line: u32,
 }
 
-/// One block, in memory.
+/// One block as cut from DWARF and stored (see [`crate::cache`]); lookups use the
+/// [`Lookup`] form built from it when it is loaded.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Block {
     pub start: u64,
@@ -50,9 +51,6 @@ pub(crate) struct Block {
     pub strings: Arena,
     pub lines: Vec<BLine>,
     pub levels: Vec<Vec<BFunc>>,
-    /// The search keys apart from the rows: line offsets, and range starts per level.
-    line_keys: Keys,
-    level_keys: Vec<Keys>,
 }
 
 /// Sorted 32-bit keys with every 64th one copied into a small summary: a search is a binary
@@ -113,9 +111,6 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// Inline depths whose rows a batch prefetches ahead (deeper chains are rarer).
-const PREFETCH_LEVELS: usize = 4;
-
 /// Where a block sits in the address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct BlockSpan {
@@ -125,29 +120,157 @@ pub(crate) struct BlockSpan {
 
 impl Block {
     pub fn new(start: u64, end: u64, strings: Arena, lines: Vec<BLine>, levels: Vec<Vec<BFunc>>) -> Self {
-        let line_keys = Keys::new(lines.iter().map(|l| l.off).collect());
-        let level_keys = levels.iter().map(|l| Keys::new(l.iter().map(|f| f.lo).collect())).collect();
-        Block { start, end, strings, lines, levels, line_keys, level_keys }
+        Block { start, end, strings, lines, levels }
+    }
+}
+
+/// A string of a [`Lookup`]'s text: byte offset and length; `off == u32::MAX` for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Span {
+    off: u32,
+    len: u32,
+}
+
+const NO_SPAN: Span = Span { off: u32::MAX, len: 0 };
+
+/// The answer for every address of one region: the innermost frame's location and the
+/// chain of functions (`depth` frames from `chain`, outermost first; none when 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Region {
+    file: Span,
+    line: u32,
+    discriminator: u32,
+    chain: u32,
+    depth: u32,
+}
+
+/// One function of a chain: its name, and where the next inner frame was called from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChainFrame {
+    name: Span,
+    call_file: Span,
+    call_line: u32,
+}
+
+/// A block in the form lookups use, built when a block is loaded: the block's addresses cut
+/// at every line row and range boundary into regions that each have one answer, so a lookup
+/// is one key search, one region and one contiguous chain of frames (with string offsets in
+/// place, not string numbers) — three cache misses however deep the inlining, each of which
+/// a batch can fetch ahead.
+#[derive(Debug)]
+pub(crate) struct Lookup {
+    pub start: u64,
+    pub end: u64,
+    text: Option<Arc<str>>,
+    keys: Keys,
+    regions: Vec<Region>,
+    chains: Vec<ChainFrame>,
+}
+
+impl Lookup {
+    pub fn new(b: &Block) -> Self {
+        let span = |i: u32| -> Span {
+            if i == END {
+                return NO_SPAN;
+            }
+            b.strings.span(i).map_or(NO_SPAN, |(off, len)| Span { off, len })
+        };
+        // Every point where an answer may change, in order.
+        let mut points: Vec<u32> =
+            Vec::with_capacity(1 + b.lines.len() + 2 * b.levels.iter().map(Vec::len).sum::<usize>());
+        points.push(0);
+        points.extend(b.lines.iter().map(|l| l.off));
+        for level in &b.levels {
+            for f in level {
+                points.push(f.lo);
+                points.push(f.hi);
+            }
+        }
+        points.sort_unstable();
+        points.dedup();
+
+        let mut keys = Vec::with_capacity(points.len());
+        let mut regions: Vec<Region> = Vec::with_capacity(points.len());
+        let mut chains: Vec<ChainFrame> = Vec::new();
+        let mut chain_ids: std::collections::HashMap<Vec<u32>, u32> = std::collections::HashMap::new();
+        let mut chain: Vec<u32> = Vec::with_capacity(b.levels.len());
+        let mut last_chain: (Vec<u32>, u32) = (Vec::new(), 0);
+        // Sweep: per array, how many rows start at or before the current point.
+        let mut li = 0usize;
+        let mut ci = vec![0usize; b.levels.len()];
+        for &p in &points {
+            while li < b.lines.len() && b.lines[li].off <= p {
+                li += 1;
+            }
+            let line = li.checked_sub(1).map(|i| b.lines[i]).filter(|l| l.file != END);
+            chain.clear();
+            let mut parent: Option<&BFunc> = None;
+            for (k, level) in b.levels.iter().enumerate() {
+                while ci[k] < level.len() && level[ci[k]].lo <= p {
+                    ci[k] += 1;
+                }
+                let Some(j) = find_range(level, ci[k], p, parent) else { break };
+                chain.push(j as u32);
+                parent = Some(&level[j]);
+            }
+            let (file, line_no, discriminator) = match (line, chain.first()) {
+                (Some(l), _) => (span(l.file), l.line, l.discriminator),
+                // No line row: the function's unit name, as binutils reports it.
+                (None, Some(&j)) => (span(b.levels[0][j as usize].call_file), 0, 0),
+                (None, None) => (NO_SPAN, 0, 0),
+            };
+            let id = if chain.is_empty() {
+                0
+            } else if chain == last_chain.0 {
+                last_chain.1
+            } else {
+                let id = *chain_ids.entry(chain.clone()).or_insert_with(|| {
+                    let id = chains.len() as u32;
+                    for (k, &j) in chain.iter().enumerate() {
+                        let f = &b.levels[k][j as usize];
+                        chains.push(ChainFrame {
+                            name: span(f.name),
+                            call_file: span(f.call_file),
+                            call_line: f.call_line,
+                        });
+                    }
+                    id
+                });
+                last_chain = (chain.clone(), id);
+                id
+            };
+            let r = Region { file, line: line_no, discriminator, chain: id, depth: chain.len() as u32 };
+            if regions.last() != Some(&r) {
+                keys.push(p);
+                regions.push(r);
+            }
+        }
+        regions.shrink_to_fit();
+        chains.shrink_to_fit();
+        Lookup {
+            start: b.start,
+            end: b.end,
+            text: b.strings.text().cloned(),
+            keys: Keys::new(keys),
+            regions,
+            chains,
+        }
     }
 
     /// Approximate heap bytes held, for the memory budget.
     pub fn heap_bytes(&self) -> usize {
-        let strings = self.strings.heap_bytes();
-        let levels: usize = self.levels.iter().map(|l| l.len() * std::mem::size_of::<BFunc>() + 24).sum();
-        let keys: usize =
-            self.line_keys.heap_bytes() + self.level_keys.iter().map(Keys::heap_bytes).sum::<usize>();
-        std::mem::size_of::<Block>()
-            + strings
-            + self.lines.len() * std::mem::size_of::<BLine>()
-            + levels
-            + keys
+        std::mem::size_of::<Lookup>()
+            + self.text.as_ref().map_or(0, |t| t.len() + 16)
+            + self.keys.heap_bytes()
+            + self.regions.len() * std::mem::size_of::<Region>()
+            + self.chains.len() * std::mem::size_of::<ChainFrame>()
     }
 
-    fn string(&self, i: u32) -> Option<Name> {
-        if i == END {
+    fn string(&self, s: Span) -> Option<Name> {
+        if s.off == u32::MAX {
             return None;
         }
-        self.strings.get(i)
+        Some(Name::slice(self.text.as_ref()?, s.off, s.len))
     }
 
     /// Whether `addr` lies in the block.
@@ -155,87 +278,82 @@ impl Block {
         self.start <= addr && addr < self.end
     }
 
+    /// The region holding `addr`, if it lies in the block.
+    pub fn region_index(&self, addr: u64) -> Option<usize> {
+        let off = addr.checked_sub(self.start).filter(|_| addr < self.end)? as u32;
+        self.keys.upper(off).checked_sub(1)
+    }
+
     /// First step of a batched lookup, some addresses ahead: fetches the search keys a
-    /// lookup of `addr` will read, so that batches overlap their cache misses.
+    /// lookup of `addr` will read, so that a batch overlaps its cache misses.
     pub fn prefetch_keys(&self, addr: u64) {
-        let off = addr.wrapping_sub(self.start) as u32;
-        self.line_keys.prefetch(off);
-        for keys in self.level_keys.iter().take(PREFETCH_LEVELS) {
-            keys.prefetch(off);
+        if self.contains(addr) {
+            self.keys.prefetch((addr - self.start) as u32);
         }
     }
 
-    /// Second step, fewer addresses ahead: searches the (now cached) keys and fetches the
-    /// line row and the candidate range row of each depth.
-    pub fn prefetch_rows(&self, addr: u64) {
-        let off = addr.wrapping_sub(self.start) as u32;
-        if let Some(i) = self.line_keys.upper(off).checked_sub(1) {
-            prefetch(&self.lines[i]);
+    /// Second step, fewer addresses ahead (once the keys are cached): fetches region `i`.
+    pub fn prefetch_region(&self, i: usize) {
+        if let Some(r) = self.regions.get(i) {
+            let r: *const Region = r;
+            prefetch(r);
+            prefetch(r.cast::<u8>().wrapping_add(std::mem::size_of::<Region>() - 1));
         }
-        for (level, keys) in self.levels.iter().zip(&self.level_keys).take(PREFETCH_LEVELS) {
-            if let Some(i) = keys.upper(off).checked_sub(1) {
-                let row: *const BFunc = &level[i];
-                prefetch(row);
-                prefetch(row.cast::<u8>().wrapping_add(std::mem::size_of::<BFunc>() - 1));
+    }
+
+    /// Last step, an address or two ahead: fetches region `i`'s chain of frames.
+    pub fn prefetch_chain(&self, i: usize) {
+        if let Some(c) = self.regions.get(i).and_then(|r| self.chain(r)) {
+            let bytes = std::mem::size_of_val(c);
+            let p = c.as_ptr().cast::<u8>();
+            for at in (0..bytes).step_by(64).chain(std::iter::once(bytes.saturating_sub(1))) {
+                prefetch(p.wrapping_add(at));
             }
         }
     }
 
-    /// The frames at `addr` (which lies in the block), innermost first, and whether a
-    /// function was found. Frames may be empty.
+    fn chain(&self, r: &Region) -> Option<&[ChainFrame]> {
+        self.chains.get(r.chain as usize..(r.chain as usize).checked_add(r.depth as usize)?)
+    }
+
+    /// The frames at `addr`, innermost first, and whether a function was found. Frames may
+    /// be empty.
+    #[cfg(test)]
     pub fn lookup(&self, addr: u64, frames: &mut Vec<Frame>) -> bool {
-        let Some(off) = addr.checked_sub(self.start).filter(|_| addr < self.end) else { return false };
-        let off = off as u32;
-        let line = match self.line_keys.upper(off).checked_sub(1) {
-            Some(i) if self.lines[i].file != END => Some(self.lines[i]),
-            _ => None,
-        };
-        // The chain of ranges holding `off`, outermost first.
-        let mut chain: [Option<&BFunc>; crate::dwarf::MAX_INLINE_DEPTH + 1] =
-            [None; crate::dwarf::MAX_INLINE_DEPTH + 1];
-        let mut n = 0;
-        let mut parent: Option<&BFunc> = None;
-        for (level, keys) in self.levels.iter().zip(&self.level_keys) {
-            let Some(f) = find_range(level, keys, off, parent) else { break };
-            chain[n] = Some(f);
-            n += 1;
-            parent = Some(f);
-        }
-        let start = frames.len();
-        let (mut file, mut line_no, mut disc) = match (line, chain[0]) {
-            (Some(l), _) => (self.string(l.file), l.line, l.discriminator),
-            // No line row: the function's unit name, as binutils reports it.
-            (None, Some(f)) => (self.string(f.call_file), 0, 0),
-            (None, None) => (None, 0, 0),
-        };
-        if n == 0 {
-            frames.push(Frame { function: None, file, line: line_no, discriminator: disc });
+        self.region_index(addr).is_some_and(|i| self.lookup_region(i, frames))
+    }
+
+    /// The frames of region `i` (from [`Lookup::region_index`]), innermost first, and
+    /// whether a function was found.
+    pub fn lookup_region(&self, i: usize, frames: &mut Vec<Frame>) -> bool {
+        let Some(r) = self.regions.get(i) else { return false };
+        let mut file = self.string(r.file);
+        let (mut line, mut discriminator) = (r.line, r.discriminator);
+        let chain = self.chain(r).unwrap_or(&[]);
+        frames.reserve_exact(chain.len().max(1));
+        if chain.is_empty() {
+            frames.push(Frame { function: None, file, line, discriminator });
             return false;
         }
-        for f in chain[..n].iter().rev().flatten() {
-            frames.push(Frame { function: self.string(f.name), file, line: line_no, discriminator: disc });
+        for f in chain.iter().rev() {
+            frames.push(Frame { function: self.string(f.name), file, line, discriminator });
             file = self.string(f.call_file);
-            line_no = f.call_line;
-            disc = 0;
+            line = f.call_line;
+            discriminator = 0;
         }
-        debug_assert!(frames.len() > start);
         true
     }
 }
 
-/// The range of `level` that holds `off` and lies inside `parent`. Ranges of one level do
-/// not overlap in well-formed DWARF; where they do (identical code folded together), a few
-/// earlier ranges are tried too.
-fn find_range<'a>(level: &'a [BFunc], keys: &Keys, off: u32, parent: Option<&BFunc>) -> Option<&'a BFunc> {
-    let i = keys.upper(off);
+/// The row of `level` that holds `off` and lies inside `parent`, among the `upto` rows
+/// starting at or before `off`. Ranges of one level do not overlap in well-formed DWARF;
+/// where they do (identical code folded together), a few earlier ranges are tried too.
+fn find_range(level: &[BFunc], upto: usize, off: u32, parent: Option<&BFunc>) -> Option<usize> {
     // Rows are sorted by start: once one starts before the parent, so do all before it.
-    let after_parent = |f: &&BFunc| parent.is_none_or(|p| f.lo >= p.lo);
-    level[..i]
-        .iter()
+    (upto.saturating_sub(8)..upto)
         .rev()
-        .take(8)
-        .take_while(after_parent)
-        .find(|f| off < f.hi && parent.is_none_or(|p| f.hi <= p.hi))
+        .take_while(|&j| parent.is_none_or(|p| level[j].lo >= p.lo))
+        .find(|&j| off < level[j].hi && parent.is_none_or(|p| level[j].hi <= p.hi))
 }
 
 /// A block being assembled.
@@ -436,16 +554,24 @@ mod tests {
                     raw.funcs.push(FuncRow { lo, hi, depth, name, call_file: 1, call_line: 7 })
                 };
                 push(lo, hi, 0, next(8) as u32);
-                let (mut plo, mut phi) = (lo, hi);
-                for d in 1..=next(4) as u32 {
-                    let span = phi - plo;
-                    if span < 4 {
-                        break;
+                // A tree of inlined calls: up to three siblings per depth, each inside its
+                // parent, up to four deep.
+                let mut parents = vec![(lo, hi, 0u32)];
+                while let Some((plo, phi, d)) = parents.pop() {
+                    if d >= 4 {
+                        continue;
                     }
-                    let a = plo + next(span / 2);
-                    let b = a + 1 + next(phi - a - 1);
-                    push(a, b, d, next(8) as u32);
-                    (plo, phi) = (a, b);
+                    let mut a = plo;
+                    for _ in 0..next(4) {
+                        if phi - a < 4 {
+                            break;
+                        }
+                        let s = a + next((phi - a) / 2);
+                        let e = (s + 1 + next(phi - s - 1)).min(phi);
+                        push(s, e, d + 1, next(8) as u32);
+                        parents.push((s, e, d + 1));
+                        a = e;
+                    }
                 }
                 let mut a = lo;
                 while a < hi {
@@ -477,7 +603,7 @@ mod tests {
                 let addr = 0x1000 + p;
                 let (want_line, want_chain) = naive(&raw, addr);
                 let mut frames = Vec::new();
-                let found = blocks.iter().find(|b| b.start <= addr && addr < b.end).is_some_and(|b| b.lookup(addr, &mut frames));
+                let found = blocks.iter().find(|b| b.start <= addr && addr < b.end).is_some_and(|b| Lookup::new(b).lookup(addr, &mut frames));
                 prop_assert_eq!(found, !want_chain.is_empty());
                 if found {
                     let names: Vec<String> = frames.iter().rev().map(|f| f.function.as_deref().unwrap().to_string()).collect();

@@ -171,6 +171,7 @@ pub mod fuzzing {
             let p = crate::cache::pack(b);
             let back = crate::cache::unpack(&p.bytes, p.raw_len, p.crc).expect("own encoding decodes");
             assert_eq!(&back, b);
+            let b = crate::index::Lookup::new(b);
             for a in [
                 b.start,
                 b.start.wrapping_add(1),
@@ -178,7 +179,7 @@ pub mod fuzzing {
                 (b.start / 2).wrapping_add(b.end / 2),
             ] {
                 frames.clear();
-                let _ = b.lookup(a, &mut frames);
+                let _ = b.region_index(a).map(|i| b.lookup_region(i, &mut frames));
             }
         }
         let _ = obj.build_id();
@@ -189,9 +190,10 @@ pub mod fuzzing {
     pub fn index_block(data: &[u8]) {
         let mut frames = Vec::new();
         if let Ok(b) = crate::cache::decode_block(data) {
+            let b = crate::index::Lookup::new(&b);
             for a in [b.start, b.end.wrapping_sub(1), b.start.wrapping_add(17)] {
                 frames.clear();
-                let _ = b.lookup(a, &mut frames);
+                let _ = b.region_index(a).map(|i| b.lookup_region(i, &mut frames));
             }
         }
         let _ = crate::cache::unpack(data, 1 << 20, crc32fast::hash(data));

@@ -149,17 +149,19 @@ impl Arena {
         self.spans.len()
     }
 
-    pub fn get(&self, i: u32) -> Option<Name> {
-        let &(start, len) = self.spans.get(i as usize)?;
-        Some(Name::slice(self.text.as_ref()?, start, len))
+    /// Byte offset and length of string `i` in [`Arena::text`].
+    pub fn span(&self, i: u32) -> Option<(u32, u32)> {
+        self.spans.get(i as usize).copied()
     }
+
+    /// All strings, one after the other.
+    pub fn text(&self) -> Option<&Arc<str>> {
+        self.text.as_ref()
+    }
+
 
     pub fn str(&self, i: usize) -> &str {
         let (start, len) = self.spans[i];
         self.text.as_deref().and_then(|t| t.get(start as usize..(start + len) as usize)).unwrap_or("")
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        self.text.as_ref().map_or(0, |t| t.len() + 16) + self.spans.len() * 8
     }
 }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::cache::{self, DirEntry, Packed};
 use crate::debuginfo::{self, DebugSource, Debuginfod};
 use crate::dwarf;
-use crate::index::{self, Block};
+use crate::index::{self, Block, Lookup};
 use crate::name::Name;
 use crate::{ElfSymbols, Error, Mapping, ProcessMaps, MAX_ELF_SIZE};
 
@@ -208,11 +208,12 @@ impl Binary {
         (addr < self.dir[i].span.end).then_some(i)
     }
 
-    fn load(&self, i: usize) -> Result<Block, cache::Corrupt> {
-        match &self.store {
-            Store::Disk(f) => cache::read_block(f, &self.dir[i]),
-            Store::Memory(p) => cache::unpack(&p[i].bytes, p[i].raw_len, p[i].crc),
-        }
+    fn load(&self, i: usize) -> Result<Lookup, cache::Corrupt> {
+        let block = match &self.store {
+            Store::Disk(f) => cache::read_block(f, &self.dir[i])?,
+            Store::Memory(p) => cache::unpack(&p[i].bytes, p[i].raw_len, p[i].crc)?,
+        };
+        Ok(Lookup::new(&block))
     }
 
     fn file_offset_to_vaddr(&self, off: u64) -> Option<u64> {
@@ -224,7 +225,7 @@ impl Binary {
 }
 
 struct Lru {
-    blocks: lru::LruCache<(u64, u32), Arc<Block>>,
+    blocks: lru::LruCache<(u64, u32), Arc<Lookup>>,
     bytes: usize,
 }
 
@@ -378,57 +379,70 @@ impl Symbolizer {
 
     /// Looks up sorted, deduplicated addresses and hands the answers back in input order.
     fn run(&self, bin: &Arc<Binary>, addrs: &[u64]) -> Vec<Resolution> {
-        let mut order: Vec<u32> = (0..addrs.len() as u32).collect();
-        order.sort_unstable_by_key(|&i| addrs[i as usize]);
+        let mut order: Vec<(u64, u32)> = addrs.iter().enumerate().map(|(i, &a)| (a, i as u32)).collect();
+        order.sort_unstable();
         let mut out: Vec<Option<Resolution>> = vec![None; addrs.len()];
-        let mut current: Option<(usize, Arc<Block>)> = None;
-        // The previous address and where its answer went: a repeat copies it.
-        let mut prev: Option<(u64, usize)> = None;
-        // Addresses this far ahead get their search keys fetched, half as far their rows:
-        // the lookups of a batch then wait on memory side by side instead of in turn.
-        const AHEAD: usize = 16;
-        for (k, &i) in order.iter().enumerate() {
-            if let Some((_, b)) = &current {
-                if let Some(&j) = order.get(k + AHEAD) {
-                    let a = addrs[j as usize];
-                    if b.contains(a) {
-                        b.prefetch_keys(a);
+        let mut current: Option<(usize, Arc<Lookup>)> = None;
+        // Addresses this far ahead get their search keys fetched, nearer ones their region
+        // (found then, and kept for the later steps with the block it was found in), the
+        // next ones their chain of frames: the lookups of a batch then wait on memory side
+        // by side instead of in turn.
+        const KEYS_AHEAD: usize = 12;
+        const REGION_AHEAD: usize = 6;
+        const CHAIN_AHEAD: usize = 2;
+        let mut found_at: Vec<Option<(usize, usize)>> = vec![None; order.len()];
+        for k in 0..order.len() {
+            if let Some((bi, b)) = &current {
+                if let Some(&(a, _)) = order.get(k + KEYS_AHEAD) {
+                    b.prefetch_keys(a);
+                }
+                if let Some(&(a, _)) = order.get(k + REGION_AHEAD) {
+                    if let Some(r) = b.region_index(a) {
+                        b.prefetch_region(r);
+                        found_at[k + REGION_AHEAD] = Some((*bi, r));
                     }
                 }
-                if let Some(&j) = order.get(k + AHEAD / 2) {
-                    let a = addrs[j as usize];
-                    if b.contains(a) {
-                        b.prefetch_rows(a);
+                if let Some(Some((fb, r))) = found_at.get(k + CHAIN_AHEAD) {
+                    if fb == bi {
+                        b.prefetch_chain(*r);
                     }
                 }
             }
-            let (i, a) = (i as usize, addrs[i as usize]);
-            if let Some((pa, pi)) = prev {
-                if pa == a {
-                    out[i] = out[pi].clone();
-                    continue;
-                }
+            let (a, i) = order[k];
+            let i = i as usize;
+            if k > 0 && order[k - 1].0 == a {
+                // A repeat copies the answer.
+                out[i] = out[order[k - 1].1 as usize].clone();
+                continue;
             }
-            out[i] = Some(self.lookup(bin, a, &mut current));
-            prev = Some((a, i));
+            out[i] = Some(self.lookup(bin, a, found_at[k], &mut current));
         }
         out.into_iter().map(|r| r.expect("every address answered")).collect()
     }
 
-    fn lookup(&self, bin: &Arc<Binary>, addr: u64, current: &mut Option<(usize, Arc<Block>)>) -> Resolution {
+    /// The answer for `addr`; `found` is its (block, region) when a batch found it ahead.
+    fn lookup(
+        &self,
+        bin: &Arc<Binary>,
+        addr: u64,
+        found: Option<(usize, usize)>,
+        current: &mut Option<(usize, Arc<Lookup>)>,
+    ) -> Resolution {
         let mut frames: Vec<Frame> = Vec::new();
-        let mut found = false;
+        let mut found_fn = false;
         if let Some(bi) = bin.block_of(addr) {
-            let block = match current {
-                Some((ci, b)) if *ci == bi => Some(b.clone()),
-                _ => self.block(bin, bi),
-            };
-            if let Some(b) = block {
-                found = b.lookup(addr, &mut frames);
-                *current = Some((bi, b));
+            if !matches!(current, Some((ci, _)) if *ci == bi) {
+                *current = self.block(bin, bi).map(|b| (bi, b));
+            }
+            if let Some((_, b)) = current.as_ref() {
+                let region = match found {
+                    Some((fb, r)) if fb == bi => Some(r),
+                    _ => b.region_index(addr),
+                };
+                found_fn = region.is_some_and(|r| b.lookup_region(r, &mut frames));
             }
         }
-        if !found {
+        if !found_fn {
             // Not in a DWARF function: the symbol table names it (assembly, stripped DWARF).
             let sym = bin.symbols().and_then(|s| s.lookup(addr));
             let name = sym.as_ref().map(|s| Name::from(s.name));
@@ -449,7 +463,7 @@ impl Symbolizer {
         Ok(Symbolized { frames })
     }
 
-    fn block(&self, bin: &Arc<Binary>, i: usize) -> Option<Arc<Block>> {
+    fn block(&self, bin: &Arc<Binary>, i: usize) -> Option<Arc<Lookup>> {
         if bin.failed.load(Ordering::Relaxed) {
             return None;
         }
