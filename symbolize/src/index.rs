@@ -9,6 +9,10 @@
 //!
 //! On disk (see [`crate::cache`]) each block is one zstd frame with its own checksum, so the
 //! first lookup in a cold process decompresses one block, not the whole index.
+//!
+//! A loaded block is turned into a [`Lookup`]: its addresses cut into regions with one
+//! answer each, so that a lookup reads one search key chunk, one region and one chain of
+//! frames, whatever the inline depth, and a batch can fetch all three ahead.
 
 use std::sync::Arc;
 
