@@ -22,7 +22,7 @@ use crate::Frame;
 
 /// Line rows per block (the last block may hold fewer); tiny in unit tests so that ranges
 /// are cut across blocks.
-pub(crate) const BLOCK_LINES: usize = if cfg!(test) { 16 } else { 16 * 1024 };
+pub(crate) const BLOCK_LINES: usize = if cfg!(test) { 16 } else { 4 * 1024 };
 /// Most blocks in one index.
 pub(crate) const MAX_BLOCKS: usize = 1 << 20;
 /// Most strings or rows in one block (checked when a block is read back from disk).
@@ -101,6 +101,33 @@ impl Keys {
         (self.keys.len() + self.summary.len()) * 4 + 48
     }
 }
+
+/// A multiply-rotate hash for the short integer keys of [`Lookup::new`] (SipHash's
+/// resistance to chosen keys buys nothing for keys that are row numbers).
+#[derive(Default)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type BuildFx = std::hash::BuildHasherDefault<Fx>;
 
 /// A hint to load the cache line at `p`; never faults, whatever the pointer.
 #[inline(always)]
@@ -190,13 +217,18 @@ impl Lookup {
                 points.push(f.hi);
             }
         }
-        points.sort_unstable();
+        // Sorted runs (rows by start, ends mostly in order): the stable sort merges runs.
+        points.sort();
         points.dedup();
 
         let mut keys = Vec::with_capacity(points.len());
         let mut regions: Vec<Region> = Vec::with_capacity(points.len());
         let mut chains: Vec<ChainFrame> = Vec::new();
-        let mut chain_ids: std::collections::HashMap<Vec<u32>, u32> = std::collections::HashMap::new();
+        let mut chain_ids: std::collections::HashMap<Vec<u32>, u32, BuildFx> =
+            std::collections::HashMap::with_capacity_and_hasher(
+                b.levels.first().map_or(0, |l| 2 * l.len()),
+                BuildFx::default(),
+            );
         let mut chain: Vec<u32> = Vec::with_capacity(b.levels.len());
         let mut last_chain: (Vec<u32>, u32) = (Vec::new(), 0);
         // Sweep: per array, how many rows start at or before the current point.
@@ -228,19 +260,24 @@ impl Lookup {
             } else if chain == last_chain.0 {
                 last_chain.1
             } else {
-                let id = *chain_ids.entry(chain.clone()).or_insert_with(|| {
-                    let id = chains.len() as u32;
-                    for (k, &j) in chain.iter().enumerate() {
-                        let f = &b.levels[k][j as usize];
-                        chains.push(ChainFrame {
-                            name: span(f.name),
-                            call_file: span(f.call_file),
-                            call_line: f.call_line,
-                        });
+                let id = match chain_ids.get(chain.as_slice()) {
+                    Some(&id) => id,
+                    None => {
+                        let id = chains.len() as u32;
+                        for (k, &j) in chain.iter().enumerate() {
+                            let f = &b.levels[k][j as usize];
+                            chains.push(ChainFrame {
+                                name: span(f.name),
+                                call_file: span(f.call_file),
+                                call_line: f.call_line,
+                            });
+                        }
+                        chain_ids.insert(chain.clone(), id);
+                        id
                     }
-                    id
-                });
-                last_chain = (chain.clone(), id);
+                };
+                last_chain.0.clone_from(&chain);
+                last_chain.1 = id;
                 id
             };
             let r = Region { file, line: line_no, discriminator, chain: id, depth: chain.len() as u32 };

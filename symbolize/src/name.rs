@@ -159,7 +159,6 @@ impl Arena {
         self.text.as_ref()
     }
 
-
     pub fn str(&self, i: usize) -> &str {
         let (start, len) = self.spans[i];
         self.text.as_deref().and_then(|t| t.get(start as usize..(start + len) as usize)).unwrap_or("")

@@ -381,31 +381,50 @@ impl Symbolizer {
     fn run(&self, bin: &Arc<Binary>, addrs: &[u64]) -> Vec<Resolution> {
         let mut order: Vec<(u64, u32)> = addrs.iter().enumerate().map(|(i, &a)| (a, i as u32)).collect();
         order.sort_unstable();
-        let mut out: Vec<Option<Resolution>> = vec![None; addrs.len()];
-        let mut current: Option<(usize, Arc<Lookup>)> = None;
-        // Addresses this far ahead get their search keys fetched, nearer ones their region
-        // (found then, and kept for the later steps with the block it was found in), the
-        // next ones their chain of frames: the lookups of a batch then wait on memory side
-        // by side instead of in turn.
+        let n = order.len();
+        let mut out: Vec<Option<Resolution>> = vec![None; n];
+        // A pipeline over the sorted batch: an address's block is loaded and its search keys
+        // fetched `KEYS_AHEAD` places before its lookup, its region found and fetched
+        // `REGION_AHEAD` places before, its chain of frames `CHAIN_AHEAD` places before; the
+        // lookups then wait on memory side by side instead of in turn. `window` holds the
+        // blocks of the addresses in flight (few: the batch is sorted).
         const KEYS_AHEAD: usize = 12;
         const REGION_AHEAD: usize = 6;
         const CHAIN_AHEAD: usize = 2;
-        let mut found_at: Vec<Option<(usize, usize)>> = vec![None; order.len()];
-        for k in 0..order.len() {
-            if let Some((bi, b)) = &current {
-                if let Some(&(a, _)) = order.get(k + KEYS_AHEAD) {
-                    b.prefetch_keys(a);
+        let mut block_at: Vec<Option<usize>> = vec![None; n];
+        let mut region_at: Vec<Option<usize>> = vec![None; n];
+        let mut window: Window = Default::default();
+        for step in 0..n + KEYS_AHEAD {
+            if let Some(&(a, _)) = order.get(step) {
+                let bi = bin.block_of(a);
+                block_at[step] = bi;
+                if let Some(bi) = bi {
+                    if window.back().is_none_or(|w| w.0 != bi) {
+                        window.push_back((bi, self.block(bin, bi)));
+                    }
+                    if let Some(b) = &window.back().expect("pushed").1 {
+                        b.prefetch_keys(a);
+                    }
                 }
-                if let Some(&(a, _)) = order.get(k + REGION_AHEAD) {
-                    if let Some(r) = b.region_index(a) {
+            }
+            if let Some(j) = (step + REGION_AHEAD).checked_sub(KEYS_AHEAD).filter(|&j| j < n) {
+                if let Some(b) = find(&window, block_at[j]) {
+                    region_at[j] = b.region_index(order[j].0);
+                    if let Some(r) = region_at[j] {
                         b.prefetch_region(r);
-                        found_at[k + REGION_AHEAD] = Some((*bi, r));
                     }
                 }
-                if let Some(Some((fb, r))) = found_at.get(k + CHAIN_AHEAD) {
-                    if fb == bi {
-                        b.prefetch_chain(*r);
-                    }
+            }
+            if let Some(j) = (step + CHAIN_AHEAD).checked_sub(KEYS_AHEAD).filter(|&j| j < n) {
+                if let (Some(b), Some(r)) = (find(&window, block_at[j]), region_at[j]) {
+                    b.prefetch_chain(r);
+                }
+            }
+            let Some(k) = step.checked_sub(KEYS_AHEAD) else { continue };
+            // Blocks of addresses already answered leave the window.
+            if let Some(bi) = block_at[k] {
+                while window.len() > 1 && window.front().is_some_and(|w| w.0 < bi) {
+                    window.pop_front();
                 }
             }
             let (a, i) = order[k];
@@ -415,32 +434,24 @@ impl Symbolizer {
                 out[i] = out[order[k - 1].1 as usize].clone();
                 continue;
             }
-            out[i] = Some(self.lookup(bin, a, found_at[k], &mut current));
+            out[i] = Some(self.lookup(bin, a, find(&window, block_at[k]), region_at[k]));
         }
         out.into_iter().map(|r| r.expect("every address answered")).collect()
     }
 
-    /// The answer for `addr`; `found` is its (block, region) when a batch found it ahead.
+    /// The answer for `addr`, in `block` (loaded) and `region` when a batch found it ahead.
     fn lookup(
         &self,
         bin: &Arc<Binary>,
         addr: u64,
-        found: Option<(usize, usize)>,
-        current: &mut Option<(usize, Arc<Lookup>)>,
+        block: Option<&Lookup>,
+        region: Option<usize>,
     ) -> Resolution {
         let mut frames: Vec<Frame> = Vec::new();
         let mut found_fn = false;
-        if let Some(bi) = bin.block_of(addr) {
-            if !matches!(current, Some((ci, _)) if *ci == bi) {
-                *current = self.block(bin, bi).map(|b| (bi, b));
-            }
-            if let Some((_, b)) = current.as_ref() {
-                let region = match found {
-                    Some((fb, r)) if fb == bi => Some(r),
-                    _ => b.region_index(addr),
-                };
-                found_fn = region.is_some_and(|r| b.lookup_region(r, &mut frames));
-            }
+        if let Some(b) = block {
+            found_fn =
+                region.or_else(|| b.region_index(addr)).is_some_and(|r| b.lookup_region(r, &mut frames));
         }
         if !found_fn {
             // Not in a DWARF function: the symbol table names it (assembly, stripped DWARF).
@@ -799,4 +810,13 @@ fn read_perf_map(pid: u32) -> Vec<(u64, u64, Name)> {
 /// `O_NONBLOCK` on Linux (all architectures this crate targets).
 const fn libc_o_nonblock() -> i32 {
     0o4000
+}
+
+/// Blocks of the addresses a batch has in flight, by block number, in address order.
+type Window = std::collections::VecDeque<(usize, Option<Arc<Lookup>>)>;
+
+/// The loaded block `bi` of the window.
+fn find(window: &Window, bi: Option<usize>) -> Option<&Lookup> {
+    let bi = bi?;
+    window.iter().find(|w| w.0 == bi).and_then(|w| w.1.as_deref())
 }
