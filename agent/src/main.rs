@@ -70,6 +70,11 @@ pub struct RecordArgs {
     /// that appear while recording.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub table_headroom: u64,
+    /// Most memory, in MiB (fractions allowed), of the walker's table maps. When tables do
+    /// not fit, those least recently sampled are evicted (exited processes' first) and
+    /// counted; a process that lost a table gets it back when it is sampled again.
+    #[arg(long, default_value_t = 256.0, value_name = "MIB", value_parser = positive_mib)]
+    pub table_memory: f64,
     /// Measure the BPF program's own run time (kernel BPF statistics) and report the
     /// mean cost per sample. Adds a clock read or two per sample while on.
     #[arg(long)]
@@ -107,5 +112,13 @@ fn main() -> ExitCode {
             eprintln!("error: {}", chain.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A size in MiB that is a positive number.
+fn positive_mib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number of MiB, got {s:?}")),
     }
 }

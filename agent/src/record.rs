@@ -278,7 +278,7 @@ impl Session {
         };
         let mut loader = EbpfLoader::new();
         if let Some(p) = &plan {
-            p.size_loader(&mut loader, args.table_headroom);
+            p.size_loader(&mut loader, args.table_headroom, (args.table_memory * (1u64 << 20) as f64) as u64);
         }
         let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| {
             anyhow!("the kernel refused unwound's BPF maps: {e} (a kernel ≥ 5.17 with BTF is needed)")
@@ -379,7 +379,7 @@ impl Session {
         }
         self.recent.insert(pid, now);
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
-        if self.known.get(&pid) == Some(&text) {
+        if self.known.get(&pid) == Some(&text) && !tables.lost_tables(pid) {
             return;
         }
         let maps = unwound_symbolize::ProcessMaps::parse(&text);
@@ -436,10 +436,13 @@ impl Session {
                 }
                 continue;
             }
-            if self.tables.is_some() {
+            if let Some(tables) = self.tables.as_mut() {
                 let pid = header.pid;
+                tables.sampled(pid);
                 let unknown = !self.known.contains_key(&pid) && header.user_len > 0;
-                if (unknown || header.walk_end == unwound_stackwalk_abi::WALK_UNKNOWN_MAPPING)
+                // A walk that found no table where the process lost one to eviction.
+                let lost = header.walk_end != unwound_stackwalk_abi::WALK_COMPLETE && tables.lost_tables(pid);
+                if (unknown || lost || header.walk_end == unwound_stackwalk_abi::WALK_UNKNOWN_MAPPING)
                     && !stale.contains(&pid)
                 {
                     stale.push(pid);
@@ -625,6 +628,19 @@ impl Summary {
             self.exits,
             if events.is_empty() { "none".to_string() } else { events.join(", ") }
         );
+        if let Some(t) = &self.tables {
+            eprintln!(
+                "unwound: unwind tables: {} uploaded for {} processes, {} KiB resident (peak {} KiB) in {} KiB of BPF maps; evicted {}, did not fit {}, could not compile {}",
+                t.tables,
+                t.processes,
+                t.bytes / 1024,
+                t.peak_bytes / 1024,
+                t.map_bytes / 1024,
+                t.evicted,
+                t.full,
+                t.compile_failures
+            );
+        }
         let st = &self.symbol_stats;
         eprintln!(
             "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident",
@@ -665,8 +681,8 @@ impl Summary {
         ));
         if let Some(t) = &self.tables {
             fields.push(format!(
-                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{}",
-                t.tables, t.processes, t.bytes, t.map_bytes, t.compile_failures, t.full
+                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{}",
+                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.compile_failures, t.full, t.evicted
             ));
         }
         if let Some((runs, ns)) = self.bpf_run {

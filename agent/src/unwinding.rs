@@ -2,7 +2,7 @@
 //! that maps it), packed into the walker's shared arrays, and each process's executable
 //! mappings pointed at them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -46,11 +46,19 @@ type FileKey = (String, u64, String);
 /// Counts for the summary.
 #[derive(Default, Debug, Clone)]
 pub struct TableStats {
+    /// Tables uploaded (a table evicted and uploaded again counts twice).
     pub tables: u64,
     pub processes: u64,
     pub compile_failures: u64,
+    /// Tables that could not be uploaded: larger than the whole budget, or nothing left to
+    /// evict.
     pub full: u64,
+    /// Tables evicted to make room (least recently sampled first).
+    pub evicted: u64,
+    /// Bytes of the tables resident now.
     pub bytes: u64,
+    /// Peak of `bytes`.
+    pub peak_bytes: u64,
     pub map_bytes: u64,
 }
 
@@ -134,9 +142,10 @@ impl TablePlan {
         self.procs.iter().map(|(pid, _, text)| (*pid, text.clone())).collect()
     }
 
-    /// Sizes the walker's table arrays: what the plan needs, plus room for tables compiled
-    /// while recording (new processes, libraries loaded later).
-    pub fn size_loader(&self, loader: &mut EbpfLoader<'_>, headroom_mib: u64) {
+    /// Sizes the walker's table arrays: what the plan needs plus room for tables compiled
+    /// while recording (new processes, libraries loaded later), at most `budget` bytes in
+    /// all. Tables beyond the budget evict the least recently sampled ones.
+    pub fn size_loader(&self, loader: &mut EbpfLoader<'_>, headroom_mib: u64, budget: u64) {
         let (mut pages, mut chunks, mut rules) = (0u64, 0u64, 0u64);
         for c in self.files.values().flatten() {
             pages += c.table.pages().len() as u64;
@@ -144,28 +153,115 @@ impl TablePlan {
             rules += c.table.rules().len() as u64;
         }
         // Headroom split like an average table: 2% pages, 95% chunks, 3% rules by bytes.
-        let extra = headroom_mib << 20;
-        let pages = pages + extra / 50 / 8 + 1;
-        let chunks = chunks + extra * 95 / 100 / (CHUNK_ENTRIES as u64 * 4) + 1;
-        let rules = rules + extra * 3 / 100 / 8 + 1;
+        let split =
+            |bytes: u64| (bytes / 50 / 8, bytes * 95 / 100 / (CHUNK_ENTRIES as u64 * 4), bytes * 3 / 100 / 8);
+        let extra = split(headroom_mib << 20);
+        let (mut pages, mut chunks, mut rules) =
+            (pages + extra.0 + 1, chunks + extra.1 + 1, rules + extra.2 + 1);
+        if array_bytes(pages, chunks, rules) > budget {
+            (pages, chunks, rules) = split(budget);
+            (pages, chunks, rules) = (pages.max(1), chunks.max(1), rules.max(1));
+        }
         loader.map_max_entries(PAGES_MAP, pages.min(u64::from(u32::MAX)) as u32);
         loader.map_max_entries(CHUNKS_MAP, chunks.min(u64::from(u32::MAX)) as u32);
         loader.map_max_entries(RULES_MAP, rules.min(u64::from(u32::MAX)) as u32);
     }
 }
 
-/// Loaded tables and the maps they live in.
+/// Bytes of the three shared table arrays with these many values.
+fn array_bytes(pages: u64, chunks: u64, rules: u64) -> u64 {
+    pages * 8 + chunks * CHUNK_ENTRIES as u64 * 4 + rules * 8
+}
+
+/// The free runs of one shared array: first fit, neighbours merged when a run is freed.
+#[derive(Debug)]
+struct Extents {
+    /// start → length.
+    free: BTreeMap<u32, u32>,
+}
+
+impl Extents {
+    fn new(cap: u32) -> Self {
+        let mut free = BTreeMap::new();
+        if cap > 0 {
+            free.insert(0, cap);
+        }
+        Extents { free }
+    }
+
+    /// The start of `n` free values, now taken.
+    fn take(&mut self, n: u32) -> Option<u32> {
+        if n == 0 {
+            return Some(0);
+        }
+        let (&start, &len) = self.free.iter().find(|(_, &len)| len >= n)?;
+        self.free.remove(&start);
+        if len > n {
+            self.free.insert(start + n, len - n);
+        }
+        Some(start)
+    }
+
+    fn give_back(&mut self, start: u32, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let (mut s, mut len) = (start, n);
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            if ps + pl == start {
+                self.free.remove(&ps);
+                (s, len) = (ps, len + pl);
+            }
+        }
+        if let Some(nl) = self.free.remove(&(start + n)) {
+            len += nl;
+        }
+        self.free.insert(s, len);
+    }
+}
+
+/// A table in the shared arrays.
+struct Resident {
+    key: FileKey,
+    info: TableInfo,
+    chunks: u32,
+    rules: u32,
+    bytes: u64,
+    /// Processes whose mappings point at it.
+    users: HashSet<u32>,
+    /// Sample tick when it was last used by a process that has since gone.
+    last: u64,
+}
+
+/// A process as the walker sees it.
+struct Proc {
+    entries: Vec<MappingEntry>,
+    /// Some of its mappings lost their table to eviction.
+    evicted: bool,
+}
+
+/// Loaded tables and the maps they live in. Tables are shared by every process that maps
+/// the same file; when the arrays are full, the tables least recently sampled make room
+/// (those of exited processes first), and processes that lost one get it back when their
+/// samples show it missing.
 pub struct TableLoader {
-    files: HashMap<FileKey, Option<u32>>,
+    files: HashMap<FileKey, u32>,
     compiled: HashMap<FileKey, Option<Arc<Compiled>>>,
-    infos: Vec<TableInfo>,
+    resident: HashMap<u32, Resident>,
+    free_ids: Vec<u32>,
+    next_id: u32,
     tables: Array<MapData, TableInfo>,
     pages: Array<MapData, [u8; 8]>,
     chunks: Array<MapData, [u32; CHUNK_ENTRIES]>,
     rules: Array<MapData, [u8; 8]>,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
-    cap: (u32, u32, u32),
-    next: (u32, u32, u32),
+    pages_free: Extents,
+    chunks_free: Extents,
+    rules_free: Extents,
+    walked: HashMap<u32, Proc>,
+    /// Sample counter, and the tick of each process's last sample.
+    tick: u64,
+    sampled: HashMap<u32, u64>,
     pub stats: TableStats,
 }
 
@@ -184,29 +280,48 @@ impl TableLoader {
         let mut loader = TableLoader {
             files: HashMap::new(),
             compiled: plan.files,
-            infos: Vec::new(),
+            resident: HashMap::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
             tables,
             pages,
             chunks,
             rules,
             procs,
-            cap,
-            next: (0, 0, 0),
+            pages_free: Extents::new(cap.0),
+            chunks_free: Extents::new(cap.1),
+            rules_free: Extents::new(cap.2),
+            walked: HashMap::new(),
+            tick: 0,
+            sampled: HashMap::new(),
             stats: plan.stats,
         };
-        loader.stats.map_bytes = u64::from(cap.0) * 8
-            + u64::from(cap.1) * CHUNK_ENTRIES as u64 * 4
-            + u64::from(cap.2) * 8
-            + u64::from(MAX_TABLES) * 24;
+        loader.stats.map_bytes =
+            array_bytes(u64::from(cap.0), u64::from(cap.1), u64::from(cap.2)) + u64::from(MAX_TABLES) * 24;
         for (pid, maps, _) in plan.procs {
             loader.add_process(pid, &maps)?;
         }
         Ok(loader)
     }
 
+    /// A sample of `pid` arrived: its tables are in use.
+    pub fn sampled(&mut self, pid: u32) {
+        self.tick += 1;
+        self.sampled.insert(pid, self.tick);
+    }
+
+    /// Whether some of `pid`'s mappings lost their table to eviction.
+    pub fn lost_tables(&self, pid: u32) -> bool {
+        self.walked.get(&pid).is_some_and(|p| p.evicted)
+    }
+
     /// Points `pid`'s mappings at their tables (compiling and uploading new ones).
     pub fn add_process(&mut self, pid: u32, maps: &ProcessMaps) -> anyhow::Result<()> {
+        self.release(pid);
+        // Its tables are the ones to keep while the process is being set up.
+        self.sampled(pid);
         let mut entries: Vec<MappingEntry> = Vec::new();
+        let mut evicted = false;
         for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
             let key = file_key(m);
             let compiled = match self.compiled.get(&key) {
@@ -220,60 +335,141 @@ impl TableLoader {
             let mut entry = MappingEntry { start: m.start, end: m.end, bias: 0, table: NO_TABLE, flags: 0 };
             if let Some(c) = compiled {
                 let id = match self.files.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let id = self.upload(&c.table)?;
-                        self.files.insert(key, id);
-                        id
-                    }
+                    Some(&id) => Some(id),
+                    None => self.upload(&key, &c.table, pid)?,
                 };
                 let offset = if m.path.as_deref() == Some(Path::new("[vdso]")) { 0 } else { m.offset };
-                if let (Some(id), Some(bias)) = (id, c.bias(m.start, offset, m.end - m.start)) {
-                    entry.table = id;
-                    entry.bias = bias;
+                match (id, c.bias(m.start, offset, m.end - m.start)) {
+                    (Some(id), Some(bias)) => {
+                        entry.table = id;
+                        entry.bias = bias;
+                        if let Some(r) = self.resident.get_mut(&id) {
+                            r.users.insert(pid);
+                        }
+                    }
+                    (None, _) => evicted = true,
+                    _ => {}
                 }
             }
             entries.push(entry);
         }
         entries.sort_by_key(|e| e.start);
         entries.truncate(MAX_MAPPINGS);
+        self.write_process(pid, &entries)?;
+        self.walked.insert(pid, Proc { entries, evicted });
+        self.stats.processes += 1;
+        Ok(())
+    }
+
+    fn write_process(&mut self, pid: u32, entries: &[MappingEntry]) -> anyhow::Result<()> {
         let mut value = ProcMappings {
             count: entries.len() as u32,
             reserved: 0,
             mappings: [MappingEntry::default(); MAX_MAPPINGS],
         };
-        value.mappings[..entries.len()].copy_from_slice(&entries);
-        self.procs.insert(pid, value, 0).context("cannot add a process to the walker")?;
-        self.stats.processes += 1;
-        Ok(())
+        value.mappings[..entries.len()].copy_from_slice(entries);
+        self.procs.insert(pid, value, 0).context("cannot add a process to the walker")
     }
 
-    /// Forgets a process that exited.
+    /// Forgets a process that exited; its tables stay until the room is needed.
     pub fn remove_process(&mut self, pid: u32) {
         let _ = self.procs.remove(&pid);
+        self.release(pid);
+        self.walked.remove(&pid);
+        self.sampled.remove(&pid);
     }
 
-    /// Copies a table into the shared arrays; `None` when they are full (counted).
-    fn upload(&mut self, t: &UnwindTable) -> anyhow::Result<Option<u32>> {
+    fn release(&mut self, pid: u32) {
+        let last = self.sampled.get(&pid).copied().unwrap_or(0);
+        for r in self.resident.values_mut() {
+            if r.users.remove(&pid) {
+                r.last = r.last.max(last);
+            }
+        }
+    }
+
+    /// When a table was last used: the latest sample of a process using it.
+    fn last_use(&self, r: &Resident) -> u64 {
+        r.users.iter().map(|p| self.sampled.get(p).copied().unwrap_or(0)).max().unwrap_or(0).max(r.last)
+    }
+
+    /// Evicts the least recently used table that `keep` does not use; false when there is
+    /// none.
+    fn evict_one(&mut self, keep: u32) -> anyhow::Result<bool> {
+        let victim = self
+            .resident
+            .iter()
+            .filter(|(_, r)| !r.users.contains(&keep))
+            .min_by_key(|(id, r)| (self.last_use(r), **id))
+            .map(|(id, _)| *id);
+        let Some(id) = victim else { return Ok(false) };
+        let r = self.resident.remove(&id).expect("resident");
+        // Processes stop pointing at it before its room is reused.
+        for pid in &r.users {
+            if let Some(p) = self.walked.get_mut(pid) {
+                for e in p.entries.iter_mut().filter(|e| e.table == id) {
+                    e.table = NO_TABLE;
+                    e.bias = 0;
+                }
+                p.evicted = true;
+                let entries = p.entries.clone();
+                self.write_process(*pid, &entries)?;
+            }
+        }
+        self.files.remove(&r.key);
+        self.pages_free.give_back(r.info.page_start, r.info.pages);
+        self.chunks_free.give_back(r.info.chunk_start, r.chunks);
+        self.rules_free.give_back(r.info.rule_start, r.rules);
+        self.free_ids.push(id);
+        self.stats.evicted += 1;
+        self.stats.bytes -= r.bytes;
+        Ok(true)
+    }
+
+    /// Room for a table in the three arrays and an id, evicting as needed.
+    fn make_room(
+        &mut self,
+        npages: u32,
+        nchunks: u32,
+        nrules: u32,
+        keep: u32,
+    ) -> anyhow::Result<Option<(u32, u32, u32, u32)>> {
+        loop {
+            let id = self.free_ids.last().copied().or((self.next_id < MAX_TABLES).then_some(self.next_id));
+            if let Some(id) = id {
+                if let Some(p) = self.pages_free.take(npages) {
+                    if let Some(c) = self.chunks_free.take(nchunks) {
+                        if let Some(r) = self.rules_free.take(nrules) {
+                            if self.free_ids.last() == Some(&id) {
+                                self.free_ids.pop();
+                            } else {
+                                self.next_id += 1;
+                            }
+                            return Ok(Some((id, p, c, r)));
+                        }
+                        self.chunks_free.give_back(c, nchunks);
+                    }
+                    self.pages_free.give_back(p, npages);
+                }
+            }
+            if !self.evict_one(keep)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Copies a table into the shared arrays; `None` when it cannot fit (counted).
+    fn upload(&mut self, key: &FileKey, t: &UnwindTable, for_pid: u32) -> anyhow::Result<Option<u32>> {
         let npages = t.pages().len() as u32;
         let nchunks = (t.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32);
         let nrules = t.rules().len() as u32;
-        let id = self.infos.len() as u32;
-        if id >= MAX_TABLES
-            || self.next.0 + npages > self.cap.0
-            || self.next.1 + nchunks > self.cap.1
-            || self.next.2 + nrules > self.cap.2
-        {
+        let Some((id, page_start, chunk_start, rule_start)) =
+            self.make_room(npages, nchunks, nrules, for_pid)?
+        else {
             self.stats.full += 1;
             return Ok(None);
-        }
-        let info = TableInfo {
-            base: t.base(),
-            pages: npages,
-            page_start: self.next.0,
-            chunk_start: self.next.1,
-            rule_start: self.next.2,
         };
+        let info = TableInfo { base: t.base(), pages: npages, page_start, chunk_start, rule_start };
         for (i, p) in t.pages().iter().enumerate() {
             let mut v = [0u8; 8];
             v[..4].copy_from_slice(&p.first.to_le_bytes());
@@ -296,10 +492,44 @@ impl TableLoader {
             self.rules.set(info.rule_start + i as u32, v, 0)?;
         }
         self.tables.set(id, info, 0)?;
-        self.infos.push(info);
-        self.next = (self.next.0 + npages, self.next.1 + nchunks, self.next.2 + nrules);
+        let bytes = t.byte_size() as u64;
+        self.resident.insert(
+            id,
+            Resident {
+                key: key.clone(),
+                info,
+                chunks: nchunks,
+                rules: nrules,
+                bytes,
+                users: HashSet::new(),
+                last: self.tick,
+            },
+        );
+        self.files.insert(key.clone(), id);
         self.stats.tables += 1;
-        self.stats.bytes += t.byte_size() as u64;
+        self.stats.bytes += bytes;
+        self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.bytes);
         Ok(Some(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Extents;
+
+    #[test]
+    fn extents_take_first_fit_and_merge_what_is_given_back() {
+        let mut e = Extents::new(10);
+        assert_eq!(e.take(4), Some(0));
+        assert_eq!(e.take(4), Some(4));
+        assert_eq!(e.take(4), None, "only 2 left");
+        e.give_back(0, 4);
+        assert_eq!(e.take(3), Some(0), "first fit");
+        e.give_back(4, 4);
+        e.give_back(0, 3);
+        // 0..3, 3..4, 4..8 and 8..10 are free again: one run.
+        assert_eq!(e.free.len(), 1, "{:?}", e.free);
+        assert_eq!(e.take(10), Some(0));
+        assert_eq!(e.take(0), Some(0), "empty runs always fit");
     }
 }

@@ -381,3 +381,62 @@ fn a_process_that_execs_keeps_both_programs_apart() {
     assert!(g1 as f64 >= 0.9 * t1 as f64, "first program's chain on {g1}/{t1}");
     assert!(g2 as f64 >= 0.9 * t2 as f64, "second program's chain on {g2}/{t2}");
 }
+
+/// The value of `"key":N` in the agent's JSON summary.
+fn json_u64(json: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    let at = json.find(&pat).unwrap_or_else(|| panic!("{key} missing from {json}")) + pat.len();
+    json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+#[test]
+fn a_table_budget_evicts_the_tables_not_sampled() {
+    if !bpf_available("a_table_budget_evicts_the_tables_not_sampled") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    // An idle process with large tables (python3, asleep: never sampled), then a busy one
+    // built without frame pointers. 0.3 MiB of table maps hold the busy process's tables
+    // (its program, libc, ld.so, the vDSO) but not python's as well.
+    let idle = Running {
+        child: std::process::Command::new("python3")
+            .args(["-c", "import time; time.sleep(120)"])
+            .spawn()
+            .expect("python3"),
+        name: "python3".into(),
+    };
+    settle(300);
+    let busy = start(&dir, "chain_nofp", &[]);
+    settle(200);
+    let tmp = tempfile::tempdir().unwrap();
+    let budget = 0.3;
+    let (stacks, run) = record_folded_with(
+        &[idle.pid(), busy.pid()],
+        4.0,
+        499,
+        tmp.path(),
+        &["--table-memory", &budget.to_string(), "--table-headroom", "0", "--json-summary"],
+    );
+    eprintln!("{}", run.stderr);
+    let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary");
+    let evicted = json_u64(json, "tables_evicted") + json_u64(json, "tables_full");
+    assert!(evicted > 0, "nothing was evicted or refused under a {budget} MiB budget: {json}");
+    // The budget bounds the three shared table arrays; the table directory (8192 entries
+    // of 24 bytes) comes on top.
+    assert!(
+        json_u64(json, "table_map_bytes") <= (budget * (1 << 20) as f64) as u64 + 8192 * 24,
+        "table maps above the budget: {json}"
+    );
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    let (total, good) = stacks
+        .iter()
+        .filter(|s| s.process == "chain_nofp")
+        .fold((0, 0), |(t, g), s| (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 }));
+    eprintln!("chain_nofp: {good}/{total} samples with the full chain; {json}");
+    assert!(total >= 100, "only {total} samples of the busy process");
+    // The idle process's tables are the ones evicted: the busy one keeps its stacks.
+    assert!(good * 100 >= total * 95, "{good}/{total}");
+    drop(busy);
+    drop(idle);
+}
