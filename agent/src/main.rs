@@ -68,8 +68,15 @@ pub struct RecordArgs {
     pub no_tables: bool,
     /// Room, in MiB, kept in the walker's table maps for tables of processes and libraries
     /// that appear while recording.
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub table_headroom: u64,
+    /// Where compiled unwind tables are cached, by build-id (zstd). Default:
+    /// `$XDG_CACHE_HOME/unwound/tables`.
+    #[arg(long, value_name = "DIR")]
+    pub table_cache_dir: Option<PathBuf>,
+    /// Compile every table afresh and store none.
+    #[arg(long, conflicts_with = "table_cache_dir")]
+    pub no_table_cache: bool,
     /// Most memory, in MiB (fractions allowed), of the walker's table maps. When tables do
     /// not fit, those least recently sampled are evicted (exited processes' first) and
     /// counted; a process that lost a table gets it back when it is sampled again.

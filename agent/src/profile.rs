@@ -235,6 +235,12 @@ impl Collector {
         loaded
     }
 
+    /// Whether any stack has kernel frames (kernel symbols are read only then: reading
+    /// `/proc/kallsyms` costs a tenth of a second of CPU).
+    pub fn has_kernel_frames(&self) -> bool {
+        self.stacks.keys().any(|k| !k.kernel.is_empty())
+    }
+
     /// Symbolizes every stack: user frames through `symbolizer` (DWARF lines and inlined
     /// frames, symbol tables otherwise), kernel frames through `kernel` (which may be
     /// empty when kernel symbols are unavailable).

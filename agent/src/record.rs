@@ -82,10 +82,14 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let bpf_run = session.run_stats();
     drop(stats_guard);
 
-    let kernel = KernelSymbols::load().unwrap_or_else(|e| {
-        eprintln!("warning: kernel frames stay unsymbolized: {e}");
+    let kernel = if collector.has_kernel_frames() {
+        KernelSymbols::load().unwrap_or_else(|e| {
+            eprintln!("warning: kernel frames stay unsymbolized: {e}");
+            KernelSymbols::default()
+        })
+    } else {
         KernelSymbols::default()
-    });
+    };
     let symbolizer = unwound_symbolize::Symbolizer::new(crate::symbolize::options(
         args.symbol_cache_dir.clone(),
         args.no_symbol_cache,
@@ -272,7 +276,15 @@ impl Session {
             let targets = table_targets(args);
             let t = Instant::now();
             eprintln!("unwound: compiling unwind tables for {} processes…", targets.len());
-            let plan = TablePlan::new(&targets);
+            let cache = if args.no_table_cache {
+                None
+            } else {
+                args.table_cache_dir
+                    .clone()
+                    .or_else(|| unwound_symbolize::default_cache_dir().map(|d| d.join("tables")))
+                    .map(unwound_unwind_tables::cache::TableCache::new)
+            };
+            let plan = TablePlan::new(&targets, cache);
             eprintln!("unwound: unwind tables ready in {:.2} s", t.elapsed().as_secs_f64());
             Some(plan)
         };
@@ -630,9 +642,10 @@ impl Summary {
         );
         if let Some(t) = &self.tables {
             eprintln!(
-                "unwound: unwind tables: {} uploaded for {} processes, {} KiB resident (peak {} KiB) in {} KiB of BPF maps; evicted {}, did not fit {}, could not compile {}",
+                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache), {} KiB resident (peak {} KiB) in {} KiB of BPF maps; evicted {}, did not fit {}, could not compile {}",
                 t.tables,
                 t.processes,
+                t.cache_hits,
                 t.bytes / 1024,
                 t.peak_bytes / 1024,
                 t.map_bytes / 1024,
@@ -681,8 +694,8 @@ impl Summary {
         ));
         if let Some(t) = &self.tables {
             fields.push(format!(
-                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{}",
-                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.compile_failures, t.full, t.evicted
+                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{},\"table_cache_hits\":{}",
+                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.compile_failures, t.full, t.evicted, t.cache_hits
             ));
         }
         if let Some((runs, ns)) = self.bpf_run {

@@ -16,6 +16,7 @@ use unwound_stackwalk_abi::{
     PAGES_MAP, PROCS_MAP, RULES_MAP, TABLES_MAP,
 };
 use unwound_symbolize::{Mapping, ProcessMaps};
+use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
 
 /// A compiled table and where its segments put file offsets.
@@ -50,6 +51,8 @@ pub struct TableStats {
     pub tables: u64,
     pub processes: u64,
     pub compile_failures: u64,
+    /// Tables read from the on-disk cache instead of compiled.
+    pub cache_hits: u64,
     /// Tables that could not be uploaded: larger than the whole budget, or nothing left to
     /// evict.
     pub full: u64,
@@ -68,6 +71,7 @@ pub struct TablePlan {
     /// Each process's maps, parsed and as read (the agent compares the text to notice
     /// changes).
     procs: Vec<(u32, ProcessMaps, String)>,
+    cache: Option<TableCache>,
     pub stats: TableStats,
 }
 
@@ -80,7 +84,7 @@ fn file_key(m: &Mapping) -> FileKey {
     }
 }
 
-fn compile_mapping(pid: u32, m: &Mapping) -> Option<Compiled> {
+fn compile_mapping(pid: u32, m: &Mapping, cache: Option<&TableCache>, hits: &mut u64) -> Option<Compiled> {
     let bytes: Vec<u8>;
     let map;
     let data: &[u8] = if m.path.as_deref() == Some(Path::new("[vdso]")) {
@@ -97,7 +101,14 @@ fn compile_mapping(pid: u32, m: &Mapping) -> Option<Compiled> {
         map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
         &map
     };
-    let table = compile_elf(data).ok()?;
+    let table = match cache {
+        Some(c) => {
+            let (table, outcome) = c.get_or_compile_elf(data).ok()?;
+            *hits += u64::from(outcome == CacheOutcome::Hit);
+            table
+        }
+        None => compile_elf(data).ok()?,
+    };
     let file = object::File::parse(data).ok()?;
     let segments = file
         .segments()
@@ -112,8 +123,13 @@ fn compile_mapping(pid: u32, m: &Mapping) -> Option<Compiled> {
 }
 
 /// Compiles a mapping's table; a file that should have one and does not is counted.
-fn compile_counted(pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
-    let c = compile_mapping(pid, m).map(Arc::new);
+fn compile_counted(
+    pid: u32,
+    m: &Mapping,
+    cache: Option<&TableCache>,
+    stats: &mut TableStats,
+) -> Option<Arc<Compiled>> {
+    let c = compile_mapping(pid, m, cache, &mut stats.cache_hits).map(Arc::new);
     if c.is_none() && !m.is_pseudo() {
         stats.compile_failures += 1;
     }
@@ -121,15 +137,17 @@ fn compile_counted(pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<
 }
 
 impl TablePlan {
-    /// Compiles the tables of every executable mapping of `pids`.
-    pub fn new(pids: &[u32]) -> Self {
-        let mut plan = TablePlan { files: HashMap::new(), procs: Vec::new(), stats: TableStats::default() };
+    /// Compiles the tables of every executable mapping of `pids` (or reads them from
+    /// `cache`, keyed by build-id).
+    pub fn new(pids: &[u32], cache: Option<TableCache>) -> Self {
+        let mut plan =
+            TablePlan { files: HashMap::new(), procs: Vec::new(), cache, stats: TableStats::default() };
         for &pid in pids {
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
             let maps = ProcessMaps::parse(&text);
             for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
                 if let std::collections::hash_map::Entry::Vacant(v) = plan.files.entry(file_key(m)) {
-                    v.insert(compile_counted(pid, m, &mut plan.stats));
+                    v.insert(compile_counted(pid, m, plan.cache.as_ref(), &mut plan.stats));
                 }
             }
             plan.procs.push((pid, maps, text));
@@ -247,6 +265,7 @@ struct Proc {
 pub struct TableLoader {
     files: HashMap<FileKey, u32>,
     compiled: HashMap<FileKey, Option<Arc<Compiled>>>,
+    cache: Option<TableCache>,
     resident: HashMap<u32, Resident>,
     free_ids: Vec<u32>,
     next_id: u32,
@@ -280,6 +299,7 @@ impl TableLoader {
         let mut loader = TableLoader {
             files: HashMap::new(),
             compiled: plan.files,
+            cache: plan.cache,
             resident: HashMap::new(),
             free_ids: Vec::new(),
             next_id: 0,
@@ -327,7 +347,7 @@ impl TableLoader {
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = compile_counted(pid, m, &mut self.stats);
+                    let c = compile_counted(pid, m, self.cache.as_ref(), &mut self.stats);
                     self.compiled.insert(key.clone(), c.clone());
                     c
                 }

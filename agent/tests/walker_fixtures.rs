@@ -440,3 +440,43 @@ fn a_table_budget_evicts_the_tables_not_sampled() {
     drop(busy);
     drop(idle);
 }
+
+#[test]
+fn a_second_run_reads_its_tables_from_the_cache() {
+    if !bpf_available("a_second_run_reads_its_tables_from_the_cache") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    let busy = start(&dir, "chain_nofp", &[]);
+    settle(200);
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().display().to_string();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let tmp = tempfile::tempdir().unwrap();
+        let (stacks, run) = record_folded_with(
+            &[busy.pid()],
+            1.5,
+            499,
+            tmp.path(),
+            &["--table-cache-dir", &cache_dir, "--json-summary"],
+        );
+        let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary").to_string();
+        runs.push((stacks, json));
+    }
+    let (first, second) = (&runs[0].1, &runs[1].1);
+    assert_eq!(json_u64(first, "table_cache_hits"), 0, "an empty cache had tables: {first}");
+    let tables = json_u64(second, "tables");
+    assert!(tables >= 3, "{second}");
+    assert_eq!(json_u64(second, "table_cache_hits"), tables, "not every table came from the cache: {second}");
+    let cached = std::fs::read_dir(cache.path()).unwrap().count() as u64;
+    assert_eq!(cached, tables, "one cache file per table");
+    // The cached tables walk as well as compiled ones.
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    let (total, good) =
+        runs[1].0.iter().filter(|s| s.process == "chain_nofp").fold((0, 0), |(t, g), s| {
+            (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 })
+        });
+    assert!(total >= 100 && good * 100 >= total * 95, "{good}/{total} full chains from cached tables");
+}

@@ -54,12 +54,26 @@ impl TableCache {
     /// The table of the ELF file at `path`, from the cache when a valid entry exists.
     pub fn get_or_compile(&self, path: &Path) -> Result<(UnwindTable, CacheOutcome), Error> {
         let data = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
-        let key = Self::key(&data);
+        self.get_or_compile_elf(&data)
+    }
+
+    /// The table of an ELF image in memory (a mapped file), from the cache when a valid
+    /// entry exists.
+    ///
+    /// ```no_run
+    /// use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
+    /// let cache = TableCache::new("/tmp/unwound-tables");
+    /// let data = std::fs::read("/usr/lib/x86_64-linux-gnu/libc.so.6").unwrap();
+    /// let (table, outcome) = cache.get_or_compile_elf(&data).unwrap();
+    /// println!("{} entries ({outcome:?})", table.entries().len());
+    /// ```
+    pub fn get_or_compile_elf(&self, data: &[u8]) -> Result<(UnwindTable, CacheOutcome), Error> {
+        let key = Self::key(data);
         let file = self.path_for(&key);
         if let Some(t) = self.read(&file) {
             return Ok((t, CacheOutcome::Hit));
         }
-        let table = crate::compile_elf(&data)?;
+        let table = crate::compile_elf(data)?;
         // A failed store costs only the next compile.
         let _ = self.write(&file, &table);
         Ok((table, CacheOutcome::Compiled))
@@ -87,8 +101,8 @@ impl TableCache {
         let compressed = zstd::bulk::compress(&raw, 3)?;
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
         let mut f = std::fs::File::create(&tmp)?;
+        // No fsync: a file cut short by a crash fails its checksum and is rebuilt.
         f.write_all(&compressed)?;
-        f.sync_all()?;
         std::fs::rename(&tmp, file)
     }
 }
