@@ -41,6 +41,15 @@ pub enum Format {
     Svg,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WalkerKind {
+    Auto,
+    /// One program, its walk in `bpf_loop`.
+    Loop,
+    /// The walk continued by tail calls, 16 frames per program.
+    TailCalls,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct RecordArgs {
     /// Profile only this process (repeatable). Default: every process.
@@ -66,6 +75,10 @@ pub struct RecordArgs {
     /// Walk with frame pointers only: no unwind tables are compiled or loaded.
     #[arg(long)]
     pub no_tables: bool,
+    /// How the walker's loop runs: `bpf_loop` (kernels ≥ 5.17), a chain of tail calls
+    /// (older kernels), or `auto`: `bpf_loop` when the kernel accepts it.
+    #[arg(long, value_enum, default_value_t = WalkerKind::Auto)]
+    pub walker: WalkerKind,
     /// Room, in MiB, kept in the walker's table maps for tables of processes and libraries
     /// that appear while recording.
     #[arg(long, default_value_t = 16, value_name = "MIB")]

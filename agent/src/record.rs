@@ -9,20 +9,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
-use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use aya::programs::PerfEvent;
 use aya::util::online_cpus;
 use aya::{Ebpf, EbpfLoader};
 use unwound_stackwalk_abi::{
     Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM, FLAG_EVENT_EXEC,
-    FLAG_EVENT_EXIT, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
+    FLAG_EVENT_EXIT, FP_TAIL_PROGRAM, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
+    SAMPLE_TAIL_PROGRAM, TABLE_TAIL_PROGRAM, TAIL_SLOT_FP, TAIL_SLOT_TABLES, WALK_PROGS_MAP,
 };
 use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
 use crate::profile::Collector;
 use crate::unwinding::{TableLoader, TablePlan, TableStats};
+use crate::WalkerKind;
 use crate::{Format, RecordArgs};
 
 /// The walker, built from `stackwalk-ebpf/` by `scripts/build-bpf.sh`.
@@ -122,7 +124,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         seconds: recorded.as_secs_f64(),
         cpus,
         agent_cpu: cpu,
-        verified_instructions: session.verified_instructions,
+        verified_instructions: session.verified_instructions.first().and_then(|p| p.1),
+        walker_programs: session.verified_instructions.clone(),
         symbol_errors: collector.symbol_errors,
         execs: collector.execs,
         event_programs: session.event_instructions.clone(),
@@ -250,6 +253,45 @@ fn table_targets(args: &RecordArgs) -> Vec<u32> {
     pids
 }
 
+/// Which sampling program runs, the verified instructions of each program it uses, and
+/// the tail-call walker's program array when that is the one.
+type Walker = (&'static str, Vec<(&'static str, Option<u32>)>, Option<ProgramArray<aya::maps::MapData>>);
+
+/// Loads the sampling program: the `bpf_loop` walker, or (forced, or where the kernel
+/// refuses `bpf_loop`) the walker that goes on by tail calls.
+fn load_walker(ebpf: &mut Ebpf, kind: WalkerKind) -> anyhow::Result<Walker> {
+    fn load(ebpf: &mut Ebpf, name: &'static str) -> anyhow::Result<Option<u32>> {
+        let program: &mut PerfEvent = ebpf
+            .program_mut(name)
+            .with_context(|| format!("BPF object has no {name} program"))?
+            .try_into()?;
+        program.load().with_context(|| format!("the kernel's verifier rejected {name}"))?;
+        Ok(program.info().ok().and_then(|i| i.verified_instruction_count()))
+    }
+    if kind != WalkerKind::TailCalls {
+        match load(ebpf, SAMPLE_PROGRAM) {
+            Ok(n) => return Ok((SAMPLE_PROGRAM, vec![(SAMPLE_PROGRAM, n)], None)),
+            Err(e) if kind == WalkerKind::Loop => {
+                return Err(e.context("a kernel ≥ 5.17 is needed for --walker loop"));
+            }
+            Err(e) => eprintln!("unwound: walking with tail calls: {e:#}"),
+        }
+    }
+    let mut counts = Vec::new();
+    for name in [TABLE_TAIL_PROGRAM, FP_TAIL_PROGRAM] {
+        counts.push((name, load(ebpf, name)?));
+    }
+    let mut slots: ProgramArray<aya::maps::MapData> = ProgramArray::try_from(
+        ebpf.take_map(WALK_PROGS_MAP).with_context(|| format!("BPF object has no {WALK_PROGS_MAP} map"))?,
+    )?;
+    for (slot, name) in [(TAIL_SLOT_TABLES, TABLE_TAIL_PROGRAM), (TAIL_SLOT_FP, FP_TAIL_PROGRAM)] {
+        let program: &PerfEvent = ebpf.program(name).context("tail program vanished")?.try_into()?;
+        slots.set(slot, program.fd()?, 0).with_context(|| format!("cannot chain {name}"))?;
+    }
+    counts.insert(0, (SAMPLE_TAIL_PROGRAM, load(ebpf, SAMPLE_TAIL_PROGRAM)?));
+    Ok((SAMPLE_TAIL_PROGRAM, counts, Some(slots)))
+}
+
 struct Session {
     ebpf: Ebpf,
     tables: Option<TableLoader>,
@@ -262,9 +304,14 @@ struct Session {
     ring: RingBuf<aya::maps::MapData>,
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     cpus: usize,
-    verified_instructions: Option<u32>,
+    /// Each program of the walker and its verified instructions.
+    verified_instructions: Vec<(&'static str, Option<u32>)>,
     /// Verified instructions of the exec/exit event programs that are attached.
     event_instructions: Vec<(&'static str, Option<u32>)>,
+    /// The attached sampling program (`bpf_loop` or tail-call walker).
+    sample_program: &'static str,
+    /// The tail-call walker's program array, kept while the programs run.
+    _walk_programs: Option<ProgramArray<aya::maps::MapData>>,
 }
 
 impl Session {
@@ -320,12 +367,7 @@ impl Session {
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).context("BPF object has no SAMPLES map")?)?;
-        let program: &mut PerfEvent =
-            ebpf.program_mut(SAMPLE_PROGRAM).context("BPF object has no sampling program")?.try_into()?;
-        program.load().map_err(|e| {
-            anyhow!("the kernel's verifier rejected the sampling program: {e:#} (a kernel ≥ 5.17 with BTF is needed)")
-        })?;
-        let verified_instructions = program.info().ok().and_then(|i| i.verified_instruction_count());
+        let (sample_program, verified_instructions, walk_programs) = load_walker(&mut ebpf, args.walker)?;
         let mut event_instructions: Vec<(&'static str, Option<u32>)> = Vec::new();
         // Exec and exit events (raw tracepoints: no tracefs needed), ordered with the samples
         // in the same ring. Without them processes are still followed from their samples and
@@ -346,7 +388,7 @@ impl Session {
             }
         }
         let program: &mut PerfEvent =
-            ebpf.program_mut(SAMPLE_PROGRAM).context("BPF object has no sampling program")?.try_into()?;
+            ebpf.program_mut(sample_program).context("BPF object has no sampling program")?.try_into()?;
         let cpus = online_cpus().map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))?;
         let mut links = Vec::with_capacity(cpus.len());
         for cpu in &cpus {
@@ -375,6 +417,8 @@ impl Session {
             cpus: cpus.len(),
             verified_instructions,
             event_instructions,
+            sample_program,
+            _walk_programs: walk_programs,
         })
     }
 
@@ -470,7 +514,7 @@ impl Session {
     fn detach(&mut self) {
         if let Ok(program) = self
             .ebpf
-            .program_mut(SAMPLE_PROGRAM)
+            .program_mut(self.sample_program)
             .context("")
             .and_then(|p| <&mut PerfEvent>::try_from(p).map_err(anyhow::Error::from))
         {
@@ -483,7 +527,7 @@ impl Session {
     /// (runs, total ns) from the program's fdinfo, when kernel BPF statistics are on.
     fn run_stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::{AsFd, AsRawFd};
-        let program: &PerfEvent = self.ebpf.program(SAMPLE_PROGRAM)?.try_into().ok()?;
+        let program: &PerfEvent = self.ebpf.program(self.sample_program)?.try_into().ok()?;
         let fd = program.fd().ok()?.as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         let field = |name: &str| {
@@ -572,6 +616,7 @@ struct Summary {
     cpus: usize,
     agent_cpu: Duration,
     verified_instructions: Option<u32>,
+    walker_programs: Vec<(&'static str, Option<u32>)>,
     symbol_errors: u64,
     execs: u64,
     exits: u64,
@@ -618,11 +663,15 @@ impl Summary {
             self.get(Counter::KernelThread),
         );
         eprintln!(
-            "unwound: agent CPU {:.3} s ({:.2}% of one CPU), peak RSS {} MiB; BPF program verified in {} instructions{}",
+            "unwound: agent CPU {:.3} s ({:.2}% of one CPU), peak RSS {} MiB; walker programs (verified instructions): {}{}",
             self.agent_cpu.as_secs_f64(),
             100.0 * self.agent_cpu.as_secs_f64() / self.seconds.max(1e-9),
             max_rss_kib() / 1024,
-            self.verified_instructions.map_or("?".to_string(), |n| n.to_string()),
+            self.walker_programs
+                .iter()
+                .map(|(name, n)| format!("{name} ({})", n.map_or("?".to_string(), |n| n.to_string())))
+                .collect::<Vec<_>>()
+                .join(", "),
             if self.symbol_errors > 0 {
                 format!("; {} files unreadable for symbols", self.symbol_errors)
             } else {
@@ -681,6 +730,7 @@ impl Summary {
             "\"verified_instructions\":{}",
             self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
         ));
+        fields.push(format!("\"walker\":\"{}\"", self.walker_programs.first().map_or("", |p| p.0)));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));
         fields.push(format!("\"exec_events\":{},\"exit_events\":{}", self.execs, self.exits));
         let st = &self.symbol_stats;

@@ -157,6 +157,32 @@ fn table_walker_gives_every_fixture_its_full_chain() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The walker for kernels without `bpf_loop` (forced here: this kernel has it): the same
+/// fixtures, the same threshold, the walk carried from program to program by tail calls
+/// (the 300-deep recursion needs 19 of them).
+#[test]
+fn the_tail_call_walker_gives_every_fixture_its_full_chain() {
+    if !bpf_available("the_tail_call_walker_gives_every_fixture_its_full_chain") {
+        return;
+    }
+    let _guard = exclusive();
+    let manifest = manifest();
+    let (running, patterns) = start_every_fixture(&manifest);
+    settle(200);
+    let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let (stacks, run) =
+        record_folded_with(&pids, 6.0, 499, tmp.path(), &["--walker", "tail-calls", "--json-summary"]);
+    eprintln!("{}", run.stderr);
+    assert!(
+        run.stdout.contains("\"walker\":\"on_cpu_sample_tail\""),
+        "not the tail-call walker: {}",
+        run.stdout
+    );
+    let failures = print_and_check_shares(&manifest, &stacks, &patterns, "tail calls", |_, _| Some(0.95));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn a_process_started_after_the_agent_gets_tables() {
     if !bpf_available("a_process_started_after_the_agent_gets_tables") {

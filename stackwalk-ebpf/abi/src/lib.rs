@@ -47,6 +47,21 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const PIDS_MAP: &str = "PIDS";
 /// Name of the perf-event program that takes samples.
 pub const SAMPLE_PROGRAM: &str = "on_cpu_sample";
+/// The sampling program for kernels without `bpf_loop` (before 5.17): it walks
+/// [`TAIL_STEPS`] frames, then continues in [`TABLE_TAIL_PROGRAM`] or [`FP_TAIL_PROGRAM`]
+/// by tail calls through [`WALK_PROGS_MAP`].
+pub const SAMPLE_TAIL_PROGRAM: &str = "on_cpu_sample_tail";
+/// Continues a table walk for [`TAIL_STEPS`] more frames (slot [`TAIL_SLOT_TABLES`]).
+pub const TABLE_TAIL_PROGRAM: &str = "walk_tables_tail";
+/// Continues a frame-pointer walk for [`TAIL_STEPS`] more frames (slot [`TAIL_SLOT_FP`]).
+pub const FP_TAIL_PROGRAM: &str = "walk_fp_tail";
+/// Program array of the tail-call walker.
+pub const WALK_PROGS_MAP: &str = "WALK_PROGS";
+pub const TAIL_SLOT_TABLES: u32 = 0;
+pub const TAIL_SLOT_FP: u32 = 1;
+/// Frames walked per program of the tail-call walker: with the kernel's limit of 33 tail
+/// calls, 34 programs walk up to 544 frames, more than [`MAX_USER_FRAMES`].
+pub const TAIL_STEPS: u32 = 16;
 /// Name of the `sched:sched_process_exec` tracepoint program.
 pub const EXEC_PROGRAM: &str = "on_exec";
 /// Name of the `sched:sched_process_exit` tracepoint program.
@@ -244,6 +259,10 @@ pub struct SampleBuffer {
     pub cached_mapping: MappingEntry,
     /// Table walk cache: the table of `cached_mapping`.
     pub cached_table: TableInfo,
+    /// Non-zero when this walk uses the unwind tables (the tail-call walker's programs
+    /// need to know after the first one).
+    pub table_walk: u32,
+    pub reserved: u32,
 }
 
 /// Walker configuration, written by userspace into [`CONFIG_MAP`] before attaching.

@@ -3,8 +3,10 @@
 //! Attached to a `cpu-clock` software perf event on every online CPU. For each sample of a
 //! selected task it takes the kernel stack, the task's *user* registers (from the task's
 //! saved `pt_regs` when the sample interrupted it in kernel mode) and walks the user stack
-//! by frame pointers in a bounded `bpf_loop`, then copies one variable-length record to a
-//! ring buffer.
+//! (unwind tables, or frame pointers) in a bounded `bpf_loop`, then copies one
+//! variable-length record to a ring buffer. Kernels without `bpf_loop` (before 5.17) get
+//! `on_cpu_sample_tail` instead: 16 steps per program, the walk carried on by tail calls
+//! (state in the per-CPU buffer), the record written by the program that ends the walk.
 //!
 //! Why a ring buffer of samples rather than counts aggregated in a map: a map keyed by
 //! stack needs a fixed, preallocated worst case of distinct stacks and loses samples (or
@@ -22,20 +24,21 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
-        bpf_get_stack,
-        bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_task_pt_regs,
     },
     macros::{map, perf_event, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
     Counter, MappingEntry, ProcMappings, SampleBuffer, SampleHeader, TableInfo, WalkerConfig, CHUNK_ENTRIES,
-    COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED,
-    HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
-    MAX_USER_FRAMES, NO_TABLE, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE,
-    WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+    COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER,
+    FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS,
+    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
+    WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
+    WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
     step, CfaKind, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT, PAGE_SIZE,
@@ -72,6 +75,10 @@ static PAGES: Array<PageEntry> = Array::with_max_entries(1, 0);
 static CHUNKS: Array<[u32; CHUNK_ENTRIES]> = Array::with_max_entries(1, 0);
 #[map]
 static RULES: Array<UnwindRule> = Array::with_max_entries(1, 0);
+
+/// The tail-call walker's continuation programs (kernels without `bpf_loop`).
+#[map]
+static WALK_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -345,30 +352,113 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
 
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
-    unsafe { sample(&ctx) };
+    unsafe {
+        let Some((buf, walk)) = begin(&ctx) else { return 0 };
+        match walk {
+            Walk::Tables(budget) => {
+                bpf_loop(budget + 1, table_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            }
+            Walk::FramePointers(budget) => {
+                bpf_loop(budget + 1, frame_pointer_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+            }
+            Walk::Nothing => {}
+        }
+        finish(buf);
+    }
     0
 }
 
+/// The sampling program for kernels without `bpf_loop`: [`TAIL_STEPS`] frames here, then
+/// the walk goes on in `walk_tables_tail` / `walk_fp_tail` by tail calls.
+#[perf_event]
+pub fn on_cpu_sample_tail(ctx: PerfEventContext) -> u32 {
+    unsafe {
+        let Some((buf, walk)) = begin(&ctx) else { return 0 };
+        match walk {
+            Walk::Tables(_) => continue_walk(&ctx, buf, table_step, TAIL_SLOT_TABLES),
+            Walk::FramePointers(_) => continue_walk(&ctx, buf, frame_pointer_step, TAIL_SLOT_FP),
+            Walk::Nothing => {}
+        }
+        finish(buf);
+    }
+    0
+}
+
+/// Tail-call walker: [`TAIL_STEPS`] more table frames.
+#[perf_event]
+pub fn walk_tables_tail(ctx: PerfEventContext) -> u32 {
+    unsafe {
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
+        let buf = &mut *buf;
+        continue_walk(&ctx, buf, table_step, TAIL_SLOT_TABLES);
+        finish(buf);
+    }
+    0
+}
+
+/// Tail-call walker: [`TAIL_STEPS`] more frame-pointer frames.
+#[perf_event]
+pub fn walk_fp_tail(ctx: PerfEventContext) -> u32 {
+    unsafe {
+        let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
+        let buf = &mut *buf;
+        continue_walk(&ctx, buf, frame_pointer_step, TAIL_SLOT_FP);
+        finish(buf);
+    }
+    0
+}
+
+type StepFn = unsafe extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
+
+/// Takes up to [`TAIL_STEPS`] steps; when the walk is not over, tail-calls the program in
+/// `slot` to go on (and does not return). Past the kernel's tail-call limit the walk ends
+/// here, marked truncated.
 #[inline(always)]
-unsafe fn sample(ctx: &PerfEventContext) {
+unsafe fn continue_walk(ctx: &PerfEventContext, buf: &mut SampleBuffer, step_fn: StepFn, slot: u32) {
+    let mut i = 0u64;
+    while i < TAIL_STEPS as u64 {
+        if step_fn(i, core::ptr::null_mut()) != 0 {
+            return;
+        }
+        i += 1;
+    }
+    WALK_PROGS.tail_call(ctx, slot);
+    // Still here: the tail-call limit (or an empty slot).
+    buf.header.flags |= FLAG_USER_TRUNCATED;
+    if buf.table_walk != 0 {
+        buf.header.walk_end = WALK_TRUNCATED;
+    }
+}
+
+/// The user walk a sample needs, with its frame budget.
+enum Walk {
+    Nothing,
+    Tables(u32),
+    FramePointers(u32),
+}
+
+/// Everything before the user walk: filters, header, kernel stack, user registers and the
+/// walk's start state in the per-CPU buffer. `None` when the sample is not kept.
+#[inline(always)]
+unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Walk)> {
     count(Counter::Samples);
     let pid = ctx.tgid();
     if pid == 0 {
         count(Counter::Idle);
-        return;
+        return None;
     }
     let Some(config) = CONFIG.get(0) else {
         count(Counter::DroppedNoScratch);
-        return;
+        return None;
     };
     if config.filter_pids != 0 && PIDS.get_ptr(pid).is_none() {
         count(Counter::Filtered);
-        return;
+        return None;
     }
     let max_user = config.max_user_frames;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         count(Counter::DroppedNoScratch);
-        return;
+        return None;
     };
     let buf = &mut *buf;
     buf.header.pid = pid;
@@ -380,6 +470,7 @@ unsafe fn sample(ctx: &PerfEventContext) {
     buf.header.user_len = 0;
     buf.header.walk_end = WALK_FRAME_POINTERS;
     buf.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    buf.table_walk = 0;
 
     let copied = bpf_get_stack(
         ctx.as_ptr(),
@@ -403,52 +494,57 @@ unsafe fn sample(ctx: &PerfEventContext) {
     if in_kernel {
         buf.header.flags |= FLAG_IN_KERNEL;
     }
-    match user {
-        None => {
-            buf.header.flags |= FLAG_NO_USER;
-            count(Counter::KernelThread);
+    let Some((ip, sp, bp)) = user else {
+        buf.header.flags |= FLAG_NO_USER;
+        count(Counter::KernelThread);
+        return Some((buf, Walk::Nothing));
+    };
+    if kernel_len < MAX_FRAMES {
+        buf.frames[kernel_len] = ip;
+        buf.header.user_len = 1;
+    }
+    let budget = if max_user as usize > MAX_USER_FRAMES { MAX_USER_FRAMES as u32 } else { max_user };
+    buf.walk_fp = bp;
+    buf.walk_rip = ip;
+    buf.walk_rsp = sp;
+    buf.walk_exact = 1;
+    buf.cached_mapping = MappingEntry::default();
+    buf.cached_table_id = NO_TABLE;
+    buf.table_frames = 0;
+    buf.fallback_frames = 0;
+    buf.walk_index = kernel_len as u32 + 1;
+    buf.walk_budget = budget.saturating_sub(1);
+    if PROCS.get_ptr(pid).is_some() {
+        count(Counter::TableWalks);
+        buf.table_walk = 1;
+        Some((buf, Walk::Tables(budget)))
+    } else {
+        Some((buf, Walk::FramePointers(budget)))
+    }
+}
+
+/// Everything after the user walk: its counters, then the record into the ring.
+#[inline(always)]
+unsafe fn finish(buf: &mut SampleBuffer) {
+    if buf.table_walk != 0 {
+        add(Counter::TableFrames, u64::from(buf.table_frames));
+        add(Counter::FallbackFrames, u64::from(buf.fallback_frames));
+        match buf.header.walk_end {
+            WALK_COMPLETE => count(Counter::TableWalkComplete),
+            // Truncation is counted below, from the flag every truncated walk sets.
+            WALK_NO_TABLE => count(Counter::TableWalkNoTable),
+            WALK_UNSUPPORTED => count(Counter::TableWalkUnsupported),
+            WALK_MEMORY => count(Counter::TableWalkMemory),
+            WALK_BAD_CFA => count(Counter::TableWalkBadCfa),
+            WALK_UNKNOWN_MAPPING => count(Counter::TableWalkUnknownMapping),
+            _ => {}
         }
-        Some((ip, sp, bp)) => {
-            if kernel_len < MAX_FRAMES {
-                buf.frames[kernel_len] = ip;
-                buf.header.user_len = 1;
-            }
-            let budget = if max_user as usize > MAX_USER_FRAMES { MAX_USER_FRAMES as u32 } else { max_user };
-            buf.walk_fp = bp;
-            buf.walk_rip = ip;
-            buf.walk_rsp = sp;
-            buf.walk_exact = 1;
-            buf.cached_mapping = MappingEntry::default();
-            buf.cached_table_id = NO_TABLE;
-            buf.table_frames = 0;
-            buf.fallback_frames = 0;
-            buf.walk_index = kernel_len as u32 + 1;
-            buf.walk_budget = budget.saturating_sub(1);
-            if PROCS.get_ptr(pid).is_some() {
-                count(Counter::TableWalks);
-                bpf_loop(budget + 1, table_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
-                add(Counter::TableFrames, u64::from(buf.table_frames));
-                add(Counter::FallbackFrames, u64::from(buf.fallback_frames));
-                match buf.header.walk_end {
-                    WALK_COMPLETE => count(Counter::TableWalkComplete),
-                    WALK_TRUNCATED => count(Counter::UserTruncated),
-                    WALK_NO_TABLE => count(Counter::TableWalkNoTable),
-                    WALK_UNSUPPORTED => count(Counter::TableWalkUnsupported),
-                    WALK_MEMORY => count(Counter::TableWalkMemory),
-                    WALK_BAD_CFA => count(Counter::TableWalkBadCfa),
-                    WALK_UNKNOWN_MAPPING => count(Counter::TableWalkUnknownMapping),
-                    _ => {}
-                }
-            } else {
-                bpf_loop(budget + 1, frame_pointer_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
-            }
-            if buf.header.flags & FLAG_USER_TRUNCATED != 0 {
-                count(Counter::UserTruncated);
-            }
-            if buf.header.flags & FLAG_USER_WALK_FAILED != 0 {
-                count(Counter::UserWalkFailed);
-            }
-        }
+    }
+    if buf.header.flags & FLAG_USER_TRUNCATED != 0 {
+        count(Counter::UserTruncated);
+    }
+    if buf.header.flags & FLAG_USER_WALK_FAILED != 0 {
+        count(Counter::UserWalkFailed);
     }
 
     let frames = buf.header.kernel_len as usize + buf.header.user_len as usize;
