@@ -1,7 +1,8 @@
 //! The kernel walker on this machine, side by side in one run (root needed):
 //!
-//! 1. BPF cost per sample and per frame by stack depth, frame-pointer walk vs table walk,
-//!    from kernel BPF statistics (`run_time_ns / run_cnt`).
+//! 1. BPF cost per sample and per frame by stack depth, frame-pointer walk vs table walk
+//!    (in `bpf_loop`, and carried by tail calls as on kernels before 5.17), from kernel BPF
+//!    statistics (`run_time_ns / run_cnt`).
 //! 2. Overhead: a CPU-bound workload on every CPU with no profiler, with `unwound record`
 //!    and with `perf record --call-graph dwarf`, at 99 Hz and 999 Hz.
 //! 3. Agent peak RSS and BPF map memory with the tables of libc, libstdc++ and libLLVM-22.
@@ -62,9 +63,11 @@ fn bpf_cost() {
     println!("{:>7} {:>9} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
     let mut base: std::collections::HashMap<&str, f64> = Default::default();
     for depth in [16u32, 64, 256] {
-        for (walker, bin, flags) in
-            [("fp", "recurse_fp", vec!["--no-tables"]), ("tables", "recurse_nofp", vec![])]
-        {
+        for (walker, bin, flags) in [
+            ("fp", "recurse_fp", vec!["--no-tables"]),
+            ("tables", "recurse_nofp", vec!["--walker", "loop"]),
+            ("tail", "recurse_nofp", vec!["--walker", "tail-calls"]),
+        ] {
             // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
             let arg = (depth - 5).to_string();
             let p = Killed(Command::new(fixture(bin)).arg(&arg).spawn().unwrap());
