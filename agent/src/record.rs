@@ -36,7 +36,6 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let format = resolve_format(&args.output, args.format)?;
     check_args(args)?;
     check_privileges()?;
-    let started = Instant::now();
     let cpu_before = cpu_time();
 
     let stats_guard = if args.bpf_stats {
@@ -48,6 +47,9 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         None
     };
     let mut session = Session::start(args)?;
+    // The recording window starts once the walker is attached: compiling tables and
+    // verifying the programs do not eat into --duration.
+    let started = Instant::now();
     let cpus = session.cpus;
     eprintln!(
         "unwound: sampling {} at {} Hz on {cpus} CPUs for {:.1} s (Ctrl-C stops early)",
