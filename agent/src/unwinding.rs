@@ -21,6 +21,8 @@ use unwound_unwind_tables::{compile_elf, UnwindTable};
 
 /// A compiled table and where its segments put file offsets.
 struct Compiled {
+    /// What it is shared under: the file's build-id, else its device, inode and path.
+    key: String,
     table: UnwindTable,
     /// (file offset, file size, vaddr, executable) of each load segment.
     segments: Vec<(u64, u64, u64, bool)>,
@@ -53,6 +55,8 @@ pub struct TableStats {
     pub compile_failures: u64,
     /// Tables read from the on-disk cache instead of compiled.
     pub cache_hits: u64,
+    /// Files whose table another file with the same build-id already had.
+    pub shared_by_build_id: u64,
     /// Tables that could not be uploaded: larger than the whole budget, or nothing left to
     /// evict.
     pub full: u64,
@@ -71,7 +75,7 @@ pub struct TablePlan {
     /// Each process's maps, parsed and as read (the agent compares the text to notice
     /// changes).
     procs: Vec<(u32, ProcessMaps, String)>,
-    cache: Option<TableCache>,
+    compiler: Compiler,
     pub stats: TableStats,
 }
 
@@ -84,70 +88,95 @@ fn file_key(m: &Mapping) -> FileKey {
     }
 }
 
-fn compile_mapping(pid: u32, m: &Mapping, cache: Option<&TableCache>, hits: &mut u64) -> Option<Compiled> {
-    let bytes: Vec<u8>;
-    let map;
-    let data: &[u8] = if m.path.as_deref() == Some(Path::new("[vdso]")) {
-        let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
-        let mut b = vec![0u8; (m.end - m.start).min(1 << 20) as usize];
-        f.read_exact_at(&mut b, m.start).ok()?;
-        bytes = b;
-        &bytes
-    } else if m.is_pseudo() {
-        return None;
-    } else {
-        let f = std::fs::File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name())).ok()?;
-        // SAFETY: read-only private map of a file that is mapped by the process anyway.
-        map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
-        &map
-    };
-    let table = match cache {
-        Some(c) => {
-            let (table, outcome) = c.get_or_compile_elf(data).ok()?;
-            *hits += u64::from(outcome == CacheOutcome::Hit);
-            table
-        }
-        None => compile_elf(data).ok()?,
-    };
-    let file = object::File::parse(data).ok()?;
-    let segments = file
-        .segments()
-        .map(|s| {
-            let (o, sz) = s.file_range();
-            let exec = matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
-            (o, sz, s.address(), exec)
-        })
-        .filter(|s| s.1 > 0)
-        .collect();
-    Some(Compiled { table, segments })
+/// Compiles tables, once per build-id: the same file under another inode (a container's
+/// copy of a library) shares the first one's table.
+#[derive(Default)]
+struct Compiler {
+    cache: Option<TableCache>,
+    by_id: HashMap<String, Arc<Compiled>>,
 }
 
-/// Compiles a mapping's table; a file that should have one and does not is counted.
-fn compile_counted(
-    pid: u32,
-    m: &Mapping,
-    cache: Option<&TableCache>,
-    stats: &mut TableStats,
-) -> Option<Arc<Compiled>> {
-    let c = compile_mapping(pid, m, cache, &mut stats.cache_hits).map(Arc::new);
-    if c.is_none() && !m.is_pseudo() {
-        stats.compile_failures += 1;
+impl Compiler {
+    /// A mapping's table; a file that should have one and does not is counted.
+    fn compile(&mut self, pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
+        let c = self.compile_mapping(pid, m, stats);
+        if c.is_none() && !m.is_pseudo() {
+            stats.compile_failures += 1;
+        }
+        c
     }
-    c
+
+    fn compile_mapping(&mut self, pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
+        let bytes: Vec<u8>;
+        let map;
+        let data: &[u8] = if m.path.as_deref() == Some(Path::new("[vdso]")) {
+            let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+            let mut b = vec![0u8; (m.end - m.start).min(1 << 20) as usize];
+            f.read_exact_at(&mut b, m.start).ok()?;
+            bytes = b;
+            &bytes
+        } else if m.is_pseudo() {
+            return None;
+        } else {
+            let f = std::fs::File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name())).ok()?;
+            // SAFETY: read-only private map of a file that is mapped by the process anyway.
+            map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
+            &map
+        };
+        let file = object::File::parse(data).ok()?;
+        let build_id = file
+            .build_id()
+            .ok()
+            .flatten()
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        if let Some(c) = build_id.as_ref().and_then(|id| self.by_id.get(id)) {
+            stats.shared_by_build_id += 1;
+            return Some(c.clone());
+        }
+        let table = match &self.cache {
+            Some(c) => {
+                let (table, outcome) = c.get_or_compile_elf(data).ok()?;
+                stats.cache_hits += u64::from(outcome == CacheOutcome::Hit);
+                table
+            }
+            None => compile_elf(data).ok()?,
+        };
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (o, sz) = s.file_range();
+                let exec =
+                    matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+                (o, sz, s.address(), exec)
+            })
+            .filter(|s| s.1 > 0)
+            .collect();
+        let (dev, ino, path) = file_key(m);
+        let key = build_id.clone().unwrap_or_else(|| format!("{dev}:{ino}:{path}"));
+        let c = Arc::new(Compiled { key, table, segments });
+        if let Some(id) = build_id {
+            self.by_id.insert(id, c.clone());
+        }
+        Some(c)
+    }
 }
 
 impl TablePlan {
     /// Compiles the tables of every executable mapping of `pids` (or reads them from
     /// `cache`, keyed by build-id).
     pub fn new(pids: &[u32], cache: Option<TableCache>) -> Self {
-        let mut plan =
-            TablePlan { files: HashMap::new(), procs: Vec::new(), cache, stats: TableStats::default() };
+        let mut plan = TablePlan {
+            files: HashMap::new(),
+            procs: Vec::new(),
+            compiler: Compiler { cache, by_id: HashMap::new() },
+            stats: TableStats::default(),
+        };
         for &pid in pids {
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
             let maps = ProcessMaps::parse(&text);
             for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
                 if let std::collections::hash_map::Entry::Vacant(v) = plan.files.entry(file_key(m)) {
-                    v.insert(compile_counted(pid, m, plan.cache.as_ref(), &mut plan.stats));
+                    v.insert(plan.compiler.compile(pid, m, &mut plan.stats));
                 }
             }
             plan.procs.push((pid, maps, text));
@@ -240,7 +269,7 @@ impl Extents {
 
 /// A table in the shared arrays.
 struct Resident {
-    key: FileKey,
+    key: String,
     info: TableInfo,
     chunks: u32,
     rules: u32,
@@ -263,9 +292,10 @@ struct Proc {
 /// (those of exited processes first), and processes that lost one get it back when their
 /// samples show it missing.
 pub struct TableLoader {
-    files: HashMap<FileKey, u32>,
+    /// Resident tables by [`Compiled::key`].
+    files: HashMap<String, u32>,
     compiled: HashMap<FileKey, Option<Arc<Compiled>>>,
-    cache: Option<TableCache>,
+    compiler: Compiler,
     resident: HashMap<u32, Resident>,
     free_ids: Vec<u32>,
     next_id: u32,
@@ -299,7 +329,7 @@ impl TableLoader {
         let mut loader = TableLoader {
             files: HashMap::new(),
             compiled: plan.files,
-            cache: plan.cache,
+            compiler: plan.compiler,
             resident: HashMap::new(),
             free_ids: Vec::new(),
             next_id: 0,
@@ -347,16 +377,16 @@ impl TableLoader {
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = compile_counted(pid, m, self.cache.as_ref(), &mut self.stats);
+                    let c = self.compiler.compile(pid, m, &mut self.stats);
                     self.compiled.insert(key.clone(), c.clone());
                     c
                 }
             };
             let mut entry = MappingEntry { start: m.start, end: m.end, bias: 0, table: NO_TABLE, flags: 0 };
             if let Some(c) = compiled {
-                let id = match self.files.get(&key) {
+                let id = match self.files.get(&c.key) {
                     Some(&id) => Some(id),
-                    None => self.upload(&key, &c.table, pid)?,
+                    None => self.upload(&c.key, &c.table, pid)?,
                 };
                 let offset = if m.path.as_deref() == Some(Path::new("[vdso]")) { 0 } else { m.offset };
                 match (id, c.bias(m.start, offset, m.end - m.start)) {
@@ -479,7 +509,7 @@ impl TableLoader {
     }
 
     /// Copies a table into the shared arrays; `None` when it cannot fit (counted).
-    fn upload(&mut self, key: &FileKey, t: &UnwindTable, for_pid: u32) -> anyhow::Result<Option<u32>> {
+    fn upload(&mut self, key: &str, t: &UnwindTable, for_pid: u32) -> anyhow::Result<Option<u32>> {
         let npages = t.pages().len() as u32;
         let nchunks = (t.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32);
         let nrules = t.rules().len() as u32;
@@ -516,7 +546,7 @@ impl TableLoader {
         self.resident.insert(
             id,
             Resident {
-                key: key.clone(),
+                key: key.to_string(),
                 info,
                 chunks: nchunks,
                 rules: nrules,
@@ -525,7 +555,7 @@ impl TableLoader {
                 last: self.tick,
             },
         );
-        self.files.insert(key.clone(), id);
+        self.files.insert(key.to_string(), id);
         self.stats.tables += 1;
         self.stats.bytes += bytes;
         self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.bytes);

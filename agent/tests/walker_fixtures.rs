@@ -506,3 +506,39 @@ fn a_second_run_reads_its_tables_from_the_cache() {
         });
     assert!(total >= 100 && good * 100 >= total * 95, "{good}/{total} full chains from cached tables");
 }
+
+#[test]
+fn copies_of_one_binary_share_a_table_by_build_id() {
+    if !bpf_available("copies_of_one_binary_share_a_table_by_build_id") {
+        return;
+    }
+    let _guard = exclusive();
+    let dir = build_fixtures();
+    // Two copies (two inodes, one build-id), as two containers would have them.
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["copy_a", "copy_b"] {
+        std::fs::copy(dir.join("chain_nofp"), tmp.path().join(name)).unwrap();
+    }
+    let a = start(tmp.path(), "copy_a", &[]);
+    let b = start(tmp.path(), "copy_b", &[]);
+    settle(200);
+    let out = tempfile::tempdir().unwrap();
+    let (stacks, run) = record_folded_with(
+        &[a.pid(), b.pid()],
+        2.0,
+        499,
+        out.path(),
+        &["--no-table-cache", "--json-summary"],
+    );
+    let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary");
+    // The program, libc, ld.so and the vDSO: four tables for both processes.
+    assert!(json_u64(json, "table_build_id_shares") >= 1, "{json}");
+    assert_eq!(json_u64(json, "tables"), 4, "{json}");
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    for name in ["copy_a", "copy_b"] {
+        let (total, good) = stacks.iter().filter(|s| s.process == name).fold((0, 0), |(t, g), s| {
+            (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 })
+        });
+        assert!(total >= 100 && good * 100 >= total * 95, "{name}: {good}/{total}; {json}");
+    }
+}
