@@ -28,15 +28,52 @@ pub enum CfiSource {
     DebugFrame,
 }
 
+/// An FDE, 16 bytes: its CIE and instructions are found again from its record when it is
+/// evaluated (the list of every FDE is the largest buffer besides the output).
 #[derive(Clone, Copy, Debug)]
 struct Fde {
     start: u64,
     len: u32,
-    /// Offset of the FDE's CIE in the section.
-    cie: u32,
-    /// The FDE's instructions: section offsets [ins_start, ins_end).
-    ins_start: u32,
-    ins_end: u32,
+    /// Section offset of the FDE's record.
+    rec: u32,
+}
+
+impl Fde {
+    /// The section offset of the FDE's CIE.
+    fn cie(&self, data: &[u8], eh_frame: bool) -> Option<u32> {
+        let body = self.rec as usize + 4;
+        let id = u32::from_le_bytes(data.get(body..body + 4)?.try_into().ok()?);
+        Some(if eh_frame { (body as u32).wrapping_sub(id) } else { id })
+    }
+
+    /// The FDE's instructions: section offsets `[start, end)`.
+    fn instructions(&self, data: &[u8], cie: &CieInfo) -> Option<(usize, usize)> {
+        let rec = self.rec as usize;
+        let len32 = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
+        let next = (rec + 4).checked_add(len32 as usize)?;
+        let mut p = rec + 8;
+        skip_encoded(data, &mut p, cie.encoding)?;
+        skip_encoded(data, &mut p, cie.encoding)?;
+        if cie.augmented {
+            let n = uleb(data, &mut p)?;
+            p = p.checked_add(usize::try_from(n).ok()?)?;
+        }
+        (p <= next && next <= data.len()).then_some((p, next))
+    }
+}
+
+/// Steps over a `DW_EH_PE_*` encoded value at `pos`.
+fn skip_encoded(data: &[u8], pos: &mut usize, encoding: u8) -> Option<()> {
+    let n = match encoding & 0x0f {
+        0x00 | 0x04 | 0x0c => 8,
+        0x02 | 0x0a => 2,
+        0x03 | 0x0b => 4,
+        0x01 => return uleb(data, pos).map(|_| ()),
+        0x09 => return sleb(data, pos).map(|_| ()),
+        _ => return None,
+    };
+    *pos = pos.checked_add(n).filter(|&e| e <= data.len())?;
+    Some(())
 }
 
 /// Executable bytes by virtual address, to tell alignment padding from code without CFI.
@@ -144,7 +181,7 @@ pub fn compile_with(
             // empty one and drops the real one when several share an address).
             let mut cies = HashMap::default();
             let (fdes, skipped) = fdes_by_scan(&section, &bases, eh_data, eh.address(), true, &mut cies)?;
-            build(eh_data, &cies, fdes, skipped, &code)
+            build(eh_data, true, &cies, fdes, skipped, &code)
         }
         CfiSource::DebugFrame => {
             let df = cfi_file.section_by_name(".debug_frame").ok_or(Error::NoCfi)?;
@@ -154,7 +191,7 @@ pub fn compile_with(
             let bases = BaseAddresses::default().set_text(text);
             let mut cies = HashMap::default();
             let (fdes, skipped) = fdes_by_scan(&section, &bases, &data, df.address(), false, &mut cies)?;
-            build(&data, &cies, fdes, skipped, &code)
+            build(&data, false, &cies, fdes, skipped, &code)
         }
     }
 }
@@ -257,7 +294,22 @@ where
     S: UnwindSection<R<'a>>,
     S::Offset: gimli::UnwindOffset<usize>,
 {
-    let mut out = Vec::new();
+    // Counted first, so the list is allocated once at its size (growing it would hold the
+    // old and the new buffer at once).
+    let mut records = 0usize;
+    let mut at = 0usize;
+    while let Some(len) = data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) {
+        if len == 0 && !eh_frame {
+            at += 4;
+            continue;
+        }
+        if len == 0 || len == 0xffff_ffff {
+            break;
+        }
+        records += 1;
+        at = at.saturating_add(4 + len as usize);
+    }
+    let mut out = Vec::with_capacity(records.min(MAX_FDES + 1));
     let mut skipped = 0u64;
     let mut pos = 0usize;
     while pos + 8 <= data.len() {
@@ -292,13 +344,7 @@ where
                     p = p.checked_add(usize::try_from(n).ok()?)?;
                 }
                 start.checked_add(range)?;
-                (p <= next).then_some(Fde {
-                    start,
-                    len: u32::try_from(range).ok()?,
-                    cie: cie_off,
-                    ins_start: p as u32,
-                    ins_end: next as u32,
-                })
+                (p <= next).then_some(Fde { start, len: u32::try_from(range).ok()?, rec: pos as u32 })
             });
             match parsed {
                 Some(f) if f.len > 0 && f.start != 0 => {
@@ -313,7 +359,7 @@ where
         }
         pos = next;
     }
-    out.par_sort_unstable_by_key(|f| (f.start, f.ins_start));
+    out.par_sort_unstable_by_key(|f| (f.start, f.rec));
     Ok((out, skipped))
 }
 
@@ -796,7 +842,8 @@ fn evaluate_fde(
     let initial = cie.initial;
     let mut st = initial;
     stack.clear();
-    let ins = data.get(fde.ins_start as usize..fde.ins_end as usize).ok_or(())?;
+    let (ins_start, ins_end) = fde.instructions(data, cie).ok_or(())?;
+    let ins = data.get(ins_start..ins_end).ok_or(())?;
     let signal = cie.signal;
     let emit = |from: u64, to: u64, st: &State, b: &mut Builder<'_>| {
         if to > from {
@@ -815,7 +862,7 @@ fn evaluate_fde(
             gimli::CallFrameInstruction::DefCfaExpression { expression } => {
                 gimli::CallFrameInstruction::DefCfaExpression {
                     expression: gimli::UnwindExpression {
-                        offset: expression.offset + fde.ins_start as usize,
+                        offset: expression.offset + ins_start,
                         length: expression.length,
                     },
                 }
@@ -920,6 +967,7 @@ fn cfa_expression(e: &[u8]) -> Option<UnwindRule> {
 
 fn build(
     data: &[u8],
+    eh_frame: bool,
     cies: &HashMap<u32, Option<CieInfo>>,
     fdes: Vec<Fde>,
     skipped: u64,
@@ -934,7 +982,7 @@ fn build(
             let mut b = Builder::new(code);
             let mut stack = Vec::new();
             for f in chunk {
-                let Some(Some(cie)) = cies.get(&f.cie) else { continue };
+                let Some(Some(cie)) = f.cie(data, eh_frame).and_then(|c| cies.get(&c)) else { continue };
                 if evaluate_fde(f, cie, data, &mut stack, &mut b).is_err() {
                     b.out.unsupported[Unsupported::Malformed as usize] += 1;
                 }
