@@ -126,8 +126,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         seconds: recorded.as_secs_f64(),
         cpus,
         agent_cpu: cpu,
-        verified_instructions: session.verified_instructions.first().and_then(|p| p.1),
-        walker_programs: session.verified_instructions.clone(),
+        walker_programs: session.walker_programs.clone(),
         symbol_errors: collector.symbol_errors,
         execs: collector.execs,
         event_programs: session.event_instructions.clone(),
@@ -255,9 +254,9 @@ fn table_targets(args: &RecordArgs) -> Vec<u32> {
     pids
 }
 
-/// Which sampling program runs, the verified instructions of each program it uses, and
-/// the tail-call walker's program array when that is the one.
-type Walker = (&'static str, Vec<(&'static str, Option<u32>)>, Option<ProgramArray<aya::maps::MapData>>);
+/// Each program of the walker with its verified instructions, the sampling program first,
+/// and the tail-call walker's program array when that is the walker.
+type Walker = (Vec<(&'static str, Option<u32>)>, Option<ProgramArray<aya::maps::MapData>>);
 
 /// Loads the sampling program: the `bpf_loop` walker, or (forced, or where the kernel
 /// refuses `bpf_loop`) the walker that goes on by tail calls.
@@ -272,7 +271,7 @@ fn load_walker(ebpf: &mut Ebpf, kind: WalkerKind) -> anyhow::Result<Walker> {
     }
     if kind != WalkerKind::TailCalls {
         match load(ebpf, SAMPLE_PROGRAM) {
-            Ok(n) => return Ok((SAMPLE_PROGRAM, vec![(SAMPLE_PROGRAM, n)], None)),
+            Ok(n) => return Ok((vec![(SAMPLE_PROGRAM, n)], None)),
             Err(e) if kind == WalkerKind::Loop => {
                 return Err(e.context("a kernel ≥ 5.17 is needed for --walker loop"));
             }
@@ -291,7 +290,7 @@ fn load_walker(ebpf: &mut Ebpf, kind: WalkerKind) -> anyhow::Result<Walker> {
         slots.set(slot, program.fd()?, 0).with_context(|| format!("cannot chain {name}"))?;
     }
     counts.insert(0, (SAMPLE_TAIL_PROGRAM, load(ebpf, SAMPLE_TAIL_PROGRAM)?));
-    Ok((SAMPLE_TAIL_PROGRAM, counts, Some(slots)))
+    Ok((counts, Some(slots)))
 }
 
 struct Session {
@@ -306,12 +305,11 @@ struct Session {
     ring: RingBuf<aya::maps::MapData>,
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     cpus: usize,
-    /// Each program of the walker and its verified instructions.
-    verified_instructions: Vec<(&'static str, Option<u32>)>,
+    /// Each program of the walker and its verified instructions, the attached sampling
+    /// program (`bpf_loop` or tail-call walker) first.
+    walker_programs: Vec<(&'static str, Option<u32>)>,
     /// Verified instructions of the exec/exit event programs that are attached.
     event_instructions: Vec<(&'static str, Option<u32>)>,
-    /// The attached sampling program (`bpf_loop` or tail-call walker).
-    sample_program: &'static str,
     /// The tail-call walker's program array, kept while the programs run.
     _walk_programs: Option<ProgramArray<aya::maps::MapData>>,
 }
@@ -369,7 +367,8 @@ impl Session {
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).context("BPF object has no SAMPLES map")?)?;
-        let (sample_program, verified_instructions, walk_programs) = load_walker(&mut ebpf, args.walker)?;
+        let (walker_programs, walk_programs) = load_walker(&mut ebpf, args.walker)?;
+        let sample_program = walker_programs[0].0;
         let mut event_instructions: Vec<(&'static str, Option<u32>)> = Vec::new();
         // Exec and exit events (raw tracepoints: no tracefs needed), ordered with the samples
         // in the same ring. Without them processes are still followed from their samples and
@@ -417,9 +416,8 @@ impl Session {
             ring,
             links,
             cpus: cpus.len(),
-            verified_instructions,
+            walker_programs,
             event_instructions,
-            sample_program,
             _walk_programs: walk_programs,
         })
     }
@@ -516,7 +514,7 @@ impl Session {
     fn detach(&mut self) {
         if let Ok(program) = self
             .ebpf
-            .program_mut(self.sample_program)
+            .program_mut(self.walker_programs[0].0)
             .context("")
             .and_then(|p| <&mut PerfEvent>::try_from(p).map_err(anyhow::Error::from))
         {
@@ -529,7 +527,7 @@ impl Session {
     /// (runs, total ns) from the program's fdinfo, when kernel BPF statistics are on.
     fn run_stats(&self) -> Option<(u64, u64)> {
         use std::os::fd::{AsFd, AsRawFd};
-        let program: &PerfEvent = self.ebpf.program(self.sample_program)?.try_into().ok()?;
+        let program: &PerfEvent = self.ebpf.program(self.walker_programs[0].0)?.try_into().ok()?;
         let fd = program.fd().ok()?.as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         let field = |name: &str| {
@@ -617,7 +615,6 @@ struct Summary {
     seconds: f64,
     cpus: usize,
     agent_cpu: Duration,
-    verified_instructions: Option<u32>,
     walker_programs: Vec<(&'static str, Option<u32>)>,
     symbol_errors: u64,
     execs: u64,
@@ -731,7 +728,7 @@ impl Summary {
         fields.push(format!("\"agent_max_rss_kib\":{}", max_rss_kib()));
         fields.push(format!(
             "\"verified_instructions\":{}",
-            self.verified_instructions.map_or("null".to_string(), |n| n.to_string())
+            self.walker_programs.first().and_then(|p| p.1).map_or("null".to_string(), |n| n.to_string())
         ));
         fields.push(format!("\"walker\":\"{}\"", self.walker_programs.first().map_or("", |p| p.0)));
         fields.push(format!("\"symbol_errors\":{}", self.symbol_errors));

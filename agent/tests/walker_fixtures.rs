@@ -138,12 +138,9 @@ fn print_and_check_shares(
     failures
 }
 
-#[test]
-fn table_walker_gives_every_fixture_its_full_chain() {
-    if !bpf_available("table_walker_gives_every_fixture_its_full_chain") {
-        return;
-    }
-    let _guard = exclusive();
+/// Records every fixture at once with `extra` flags and checks each gets its full chain on
+/// ≥ 95% of its samples; returns the agent's run.
+fn every_fixture_has_its_full_chain(walker: &str, extra: &[&str]) -> AgentRun {
     let manifest = manifest();
     let (running, patterns) = start_every_fixture(&manifest);
     // The signal fixture's timer fires after 10 ms; dlopen loads its library 1.5 s in,
@@ -151,10 +148,20 @@ fn table_walker_gives_every_fixture_its_full_chain() {
     settle(200);
     let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
     let tmp = tempfile::tempdir().unwrap();
-    let (stacks, run) = record_folded(&pids, 6.0, 499, tmp.path());
+    let (stacks, run) = record_folded_with(&pids, 6.0, 499, tmp.path(), extra);
     eprintln!("{}", run.stderr);
-    let failures = print_and_check_shares(&manifest, &stacks, &patterns, "tables", |_, _| Some(0.95));
+    let failures = print_and_check_shares(&manifest, &stacks, &patterns, walker, |_, _| Some(0.95));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    run
+}
+
+#[test]
+fn table_walker_gives_every_fixture_its_full_chain() {
+    if !bpf_available("table_walker_gives_every_fixture_its_full_chain") {
+        return;
+    }
+    let _guard = exclusive();
+    every_fixture_has_its_full_chain("tables", &[]);
 }
 
 /// The walker for kernels without `bpf_loop` (forced here: this kernel has it): the same
@@ -166,21 +173,12 @@ fn the_tail_call_walker_gives_every_fixture_its_full_chain() {
         return;
     }
     let _guard = exclusive();
-    let manifest = manifest();
-    let (running, patterns) = start_every_fixture(&manifest);
-    settle(200);
-    let pids: Vec<u32> = running.iter().map(|r| r.pid()).collect();
-    let tmp = tempfile::tempdir().unwrap();
-    let (stacks, run) =
-        record_folded_with(&pids, 6.0, 499, tmp.path(), &["--walker", "tail-calls", "--json-summary"]);
-    eprintln!("{}", run.stderr);
+    let run = every_fixture_has_its_full_chain("tail calls", &["--walker", "tail-calls", "--json-summary"]);
     assert!(
         run.stdout.contains("\"walker\":\"on_cpu_sample_tail\""),
         "not the tail-call walker: {}",
         run.stdout
     );
-    let failures = print_and_check_shares(&manifest, &stacks, &patterns, "tail calls", |_, _| Some(0.95));
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -207,11 +205,7 @@ fn a_process_started_after_the_agent_gets_tables() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let stacks = parse_folded(&std::fs::read_to_string(&out).unwrap());
-    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
-    let (total, good) = stacks
-        .iter()
-        .filter(|s| s.process == "late_chain")
-        .fold((0, 0), |(t, g), s| (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 }));
+    let (total, good) = c_chain_counts(&stacks, "late_chain");
     eprintln!("late_chain: {good}/{total} samples with the full chain\n{stderr}");
     assert!(total >= 100, "only {total} samples of the late process");
     assert!(good * 100 >= total * 95, "{good}/{total}");
@@ -408,6 +402,20 @@ fn a_process_that_execs_keeps_both_programs_apart() {
     assert!(g2 as f64 >= 0.9 * t2 as f64, "second program's chain on {g2}/{t2}");
 }
 
+/// (samples, samples whose user stack ends in the C chain fixture's chain) of `process`.
+fn c_chain_counts(stacks: &[FoldedStack], process: &str) -> (u64, u64) {
+    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
+    stacks
+        .iter()
+        .filter(|s| s.process == process)
+        .fold((0, 0), |(t, g), s| (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 }))
+}
+
+/// The agent's JSON summary line (`--json-summary`).
+fn summary_json(run: &AgentRun) -> &str {
+    run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary")
+}
+
 /// The value of `"key":N` in the agent's JSON summary.
 fn json_u64(json: &str, key: &str) -> u64 {
     let pat = format!("\"{key}\":");
@@ -445,7 +453,7 @@ fn a_table_budget_evicts_the_tables_not_sampled() {
         &["--table-memory", &budget.to_string(), "--table-headroom", "0", "--json-summary"],
     );
     eprintln!("{}", run.stderr);
-    let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary");
+    let json = summary_json(&run);
     let evicted = json_u64(json, "tables_evicted") + json_u64(json, "tables_full");
     assert!(evicted > 0, "nothing was evicted or refused under a {budget} MiB budget: {json}");
     // The budget bounds the three shared table arrays; the table directory (8192 entries
@@ -454,11 +462,7 @@ fn a_table_budget_evicts_the_tables_not_sampled() {
         json_u64(json, "table_map_bytes") <= (budget * (1 << 20) as f64) as u64 + 8192 * 24,
         "table maps above the budget: {json}"
     );
-    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
-    let (total, good) = stacks
-        .iter()
-        .filter(|s| s.process == "chain_nofp")
-        .fold((0, 0), |(t, g), s| (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 }));
+    let (total, good) = c_chain_counts(&stacks, "chain_nofp");
     eprintln!("chain_nofp: {good}/{total} samples with the full chain; {json}");
     assert!(total >= 100, "only {total} samples of the busy process");
     // The idle process's tables are the ones evicted: the busy one keeps its stacks.
@@ -488,7 +492,7 @@ fn a_second_run_reads_its_tables_from_the_cache() {
             tmp.path(),
             &["--table-cache-dir", &cache_dir, "--json-summary"],
         );
-        let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary").to_string();
+        let json = summary_json(&run).to_string();
         runs.push((stacks, json));
     }
     let (first, second) = (&runs[0].1, &runs[1].1);
@@ -499,11 +503,7 @@ fn a_second_run_reads_its_tables_from_the_cache() {
     let cached = std::fs::read_dir(cache.path()).unwrap().count() as u64;
     assert_eq!(cached, tables, "one cache file per table");
     // The cached tables walk as well as compiled ones.
-    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
-    let (total, good) =
-        runs[1].0.iter().filter(|s| s.process == "chain_nofp").fold((0, 0), |(t, g), s| {
-            (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 })
-        });
+    let (total, good) = c_chain_counts(&runs[1].0, "chain_nofp");
     assert!(total >= 100 && good * 100 >= total * 95, "{good}/{total} full chains from cached tables");
 }
 
@@ -530,15 +530,12 @@ fn copies_of_one_binary_share_a_table_by_build_id() {
         out.path(),
         &["--no-table-cache", "--json-summary"],
     );
-    let json = run.stdout.lines().find(|l| l.starts_with('{')).expect("JSON summary");
+    let json = summary_json(&run);
     // The program, libc, ld.so and the vDSO: four tables for both processes.
     assert!(json_u64(json, "table_build_id_shares") >= 1, "{json}");
     assert_eq!(json_u64(json, "tables"), 4, "{json}");
-    let chain = expand(&["main".into(), "c_chain_a".into(), "c_chain_b".into(), "c_chain_c".into()]);
     for name in ["copy_a", "copy_b"] {
-        let (total, good) = stacks.iter().filter(|s| s.process == name).fold((0, 0), |(t, g), s| {
-            (t + s.count, g + if matches_leaf(&s.user, &chain) { s.count } else { 0 })
-        });
+        let (total, good) = c_chain_counts(&stacks, name);
         assert!(total >= 100 && good * 100 >= total * 95, "{name}: {good}/{total}; {json}");
     }
 }

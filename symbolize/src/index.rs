@@ -102,33 +102,6 @@ impl Keys {
     }
 }
 
-/// A multiply-rotate hash for the short integer keys of [`Lookup::new`] (SipHash's
-/// resistance to chosen keys buys nothing for keys that are row numbers).
-#[derive(Default)]
-struct Fx(u64);
-
-impl std::hash::Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u32(&mut self, x: u32) {
-        self.write_u64(u64::from(x));
-    }
-    fn write_usize(&mut self, x: usize) {
-        self.write_u64(x as u64);
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type BuildFx = std::hash::BuildHasherDefault<Fx>;
-
 /// A hint to load the cache line at `p`; never faults, whatever the pointer.
 #[inline(always)]
 fn prefetch<T>(p: *const T) {
@@ -224,10 +197,11 @@ impl Lookup {
         let mut keys = Vec::with_capacity(points.len());
         let mut regions: Vec<Region> = Vec::with_capacity(points.len());
         let mut chains: Vec<ChainFrame> = Vec::new();
-        let mut chain_ids: std::collections::HashMap<Vec<u32>, u32, BuildFx> =
-            std::collections::HashMap::with_capacity_and_hasher(
+        // Keys are row numbers: a fast hash, no resistance to chosen keys needed.
+        let mut chain_ids: rustc_hash::FxHashMap<Vec<u32>, u32> =
+            rustc_hash::FxHashMap::with_capacity_and_hasher(
                 b.levels.first().map_or(0, |l| 2 * l.len()),
-                BuildFx::default(),
+                Default::default(),
             );
         let mut chain: Vec<u32> = Vec::with_capacity(b.levels.len());
         let mut last_chain: (Vec<u32>, u32) = (Vec::new(), 0);

@@ -387,25 +387,25 @@ pub fn on_cpu_sample_tail(ctx: PerfEventContext) -> u32 {
 /// Tail-call walker: [`TAIL_STEPS`] more table frames.
 #[perf_event]
 pub fn walk_tables_tail(ctx: PerfEventContext) -> u32 {
-    unsafe {
-        let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
-        let buf = &mut *buf;
-        continue_walk(&ctx, buf, table_step, TAIL_SLOT_TABLES);
-        finish(buf);
-    }
+    unsafe { resume_walk(&ctx, table_step, TAIL_SLOT_TABLES) };
     0
 }
 
 /// Tail-call walker: [`TAIL_STEPS`] more frame-pointer frames.
 #[perf_event]
 pub fn walk_fp_tail(ctx: PerfEventContext) -> u32 {
-    unsafe {
-        let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 0 };
-        let buf = &mut *buf;
-        continue_walk(&ctx, buf, frame_pointer_step, TAIL_SLOT_FP);
-        finish(buf);
-    }
+    unsafe { resume_walk(&ctx, frame_pointer_step, TAIL_SLOT_FP) };
     0
+}
+
+/// A tail-called program: the walk goes on from the per-CPU buffer; the program that
+/// ends it writes the record.
+#[inline(always)]
+unsafe fn resume_walk(ctx: &PerfEventContext, step_fn: StepFn, slot: u32) {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return };
+    let buf = &mut *buf;
+    continue_walk(ctx, buf, step_fn, slot);
+    finish(buf);
 }
 
 type StepFn = unsafe extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
