@@ -36,9 +36,9 @@ use unwound_stackwalk_abi::{
     Counter, MappingEntry, ProcMappings, SampleBuffer, SampleHeader, TableInfo, WalkerConfig, CHUNK_ENTRIES,
     COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER,
     FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS,
-    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
-    WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
-    WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, NO_WINDOW, STACK_WINDOW_BYTES,
+    STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS, WALK_BAD_CFA, WALK_COMPLETE,
+    WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
     step, CfaKind, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT, PAGE_SIZE,
@@ -47,7 +47,7 @@ use unwound_unwind_tables::layout::{
 /// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent
 /// drains it every 100 ms.
 #[map]
-static SAMPLES: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -81,6 +81,11 @@ static RULES: Array<UnwindRule> = Array::with_max_entries(1, 0);
 static WALK_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const RING_BYTES: u32 = 4 << 20;
+const RING_WAKEUP_BYTES: u64 = (RING_BYTES / 4) as u64;
 
 const RECORD_CAPACITY: usize = HEADER_SIZE + MAX_FRAMES * 8;
 
@@ -131,6 +136,7 @@ unsafe fn user_registers(ctx: &PerfEventContext) -> (Option<(u64, u64, u64)>, bo
 unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
     let buf = &mut *buf;
+    let mut mem = UserMemory { base: &mut buf.window_base, window: &mut buf.stack_window };
     let fp = buf.walk_fp;
     if fp == 0 {
         return 1;
@@ -144,7 +150,7 @@ unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_voi
         return 1;
     }
     // [fp] = caller's frame pointer, [fp + 8] = return address.
-    let Ok(record) = bpf_probe_read_user(fp as *const [u64; 2]) else {
+    let Some(record) = mem.read_u64_pair(fp) else {
         buf.header.flags |= FLAG_USER_WALK_FAILED;
         return 1;
     };
@@ -173,17 +179,59 @@ unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_voi
     0
 }
 
-/// Reads the sampled process's memory for the shared step rule.
-struct UserMemory;
+/// Reads the sampled process's stack for the shared step rule, through the per-CPU stack
+/// window: the first read in a page copies the whole page (one helper call, about as dear
+/// as an 8-byte read), and the frames in it are read from the copy. A page the window
+/// cannot copy, and a word across a page boundary, are read directly.
+struct UserMemory<'a> {
+    base: &'a mut u64,
+    window: &'a mut [u64; STACK_WINDOW_WORDS],
+}
 
-impl Memory for UserMemory {
+impl UserMemory<'_> {
+    /// The word at 8-aligned `addr`, from the window, refilled from `addr`'s page first
+    /// when it holds another.
+    #[inline(always)]
+    fn windowed(&mut self, addr: u64) -> Option<u64> {
+        let mut off = addr.wrapping_sub(*self.base);
+        if off >= STACK_WINDOW_BYTES {
+            let page = addr & !(STACK_WINDOW_BYTES - 1);
+            // SAFETY: the destination is the window, exactly STACK_WINDOW_BYTES long.
+            let r = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_user(
+                    self.window.as_mut_ptr() as *mut core::ffi::c_void,
+                    STACK_WINDOW_BYTES as u32,
+                    page as *const core::ffi::c_void,
+                )
+            };
+            if r != 0 {
+                *self.base = NO_WINDOW;
+                return None;
+            }
+            *self.base = page;
+            off = addr - page;
+        }
+        self.window.get(((off >> 3) as usize) & (STACK_WINDOW_WORDS - 1)).copied()
+    }
+}
+
+impl Memory for UserMemory<'_> {
     #[inline(always)]
     fn read_u64(&mut self, addr: u64) -> Option<u64> {
-        unsafe { bpf_probe_read_user(addr as *const u64).ok() }
+        if addr & 7 == 0 {
+            self.windowed(addr)
+        } else {
+            unsafe { bpf_probe_read_user(addr as *const u64).ok() }
+        }
     }
     #[inline(always)]
     fn read_u64_pair(&mut self, addr: u64) -> Option<[u64; 2]> {
-        unsafe { bpf_probe_read_user(addr as *const [u64; 2]).ok() }
+        // Both words in one page: the window; else two reads (each refills as needed).
+        if addr & 7 == 0 {
+            Some([self.windowed(addr)?, self.windowed(addr.wrapping_add(8))?])
+        } else {
+            unsafe { bpf_probe_read_user(addr as *const [u64; 2]).ok() }
+        }
     }
 }
 
@@ -211,9 +259,13 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
         return rule_at(t.rule_start, pe.start_rule);
     }
     // Last entry with page_offset <= offset among chunk[start .. start + count]: a
-    // fixed-length, branch-free binary search, so the verifier walks one path.
+    // branch-free binary search of at most 13 halvings (a page holds at most 4096
+    // entries), ending once one candidate is left.
     let (mut base, mut n) = (0u32, count);
     for _ in 0..13 {
+        if n <= 1 {
+            break;
+        }
         let half = n / 2;
         let raw = *chunk.get(((start + base + half) as usize) & (CHUNK_ENTRIES - 1))?;
         let le = ((i64::from(offset) - i64::from(raw & 0xfff)) >> 63) + 1;
@@ -282,6 +334,7 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         }
     }
     let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
+    let mut mem = UserMemory { base: &mut buf.window_base, window: &mut buf.stack_window };
     let rule = if mapping.table == NO_TABLE || mapping.table != buf.cached_table_id {
         None
     } else {
@@ -290,14 +343,14 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
     let result = match rule {
         Some(r) if r.cfa != CfaKind::Gap as u8 => {
             buf.table_frames += 1;
-            step(&r, &regs, &mut UserMemory)
+            step(&r, &regs, &mut mem)
         }
         // No unwind information for this pc (JIT code, stripped CFI): a frame-pointer step.
         _ => {
             buf.fallback_frames += 1;
             let fp = regs.rbp;
-            match bpf_probe_read_user(fp as *const [u64; 2]) {
-                Ok([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
+            match mem.read_u64_pair(fp) {
+                Some([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
                     if ret == 0 {
                         Step::End
                     } else {
@@ -508,6 +561,7 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.walk_rip = ip;
     buf.walk_rsp = sp;
     buf.walk_exact = 1;
+    buf.window_base = NO_WINDOW;
     buf.cached_mapping = MappingEntry::default();
     buf.cached_table_id = NO_TABLE;
     buf.table_frames = 0;
@@ -553,9 +607,21 @@ unsafe fn finish(buf: &mut SampleBuffer) {
         len = RECORD_CAPACITY;
     }
     let bytes = core::slice::from_raw_parts(buf as *const SampleBuffer as *const u8, len);
-    match SAMPLES.output::<[u8]>(bytes, 0) {
+    match SAMPLES.output::<[u8]>(bytes, ring_wakeup()) {
         Ok(()) => count(Counter::Emitted),
         Err(_) => count(Counter::DroppedRingFull),
+    }
+}
+
+/// Wakes the agent only once the ring is a quarter full: the agent also drains it on a
+/// timer, and a wakeup per record costs an irq_work (an IPI, a VM exit under a hypervisor)
+/// and a context switch per sample.
+#[inline(always)]
+fn ring_wakeup() -> u64 {
+    if SAMPLES.query(BPF_RB_AVAIL_DATA) >= RING_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 
@@ -602,7 +668,7 @@ fn process_event(flag: u32) {
         walk_end: WALK_FRAME_POINTERS,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    let _ = SAMPLES.output::<SampleHeader>(&header, 0);
+    let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup());
 }
 
 #[cfg(not(test))]
