@@ -60,17 +60,19 @@ impl Drop for Killed {
 
 fn bpf_cost() {
     println!("\n1. BPF cost per sample (999 Hz, 4 s, one process, kernel BPF statistics)");
-    println!("{:>7} {:>9} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
+    println!("{:>7} {:>11} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
     let mut base: std::collections::HashMap<&str, f64> = Default::default();
     for depth in [16u32, 64, 256] {
-        for (walker, bin, flags) in [
-            ("fp", "recurse_fp", vec!["--no-tables"]),
-            ("tables", "recurse_nofp", vec!["--walker", "loop"]),
-            ("tail", "recurse_nofp", vec!["--walker", "tail-calls"]),
+        for (walker, bin, mode, flags) in [
+            ("fp", "recurse_fp", "same", vec!["--no-tables"]),
+            ("tables", "recurse_nofp", "same", vec!["--walker", "loop"]),
+            ("tables-4fn", "recurse_nofp", "mixed", vec!["--walker", "loop"]),
+            ("tail", "recurse_nofp", "same", vec!["--walker", "tail-calls"]),
+            ("tail-4fn", "recurse_nofp", "mixed", vec!["--walker", "tail-calls"]),
         ] {
             // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
             let arg = (depth - 5).to_string();
-            let p = Killed(Command::new(fixture(bin)).arg(&arg).spawn().unwrap());
+            let p = Killed(Command::new(fixture(bin)).args([arg.as_str(), mode]).spawn().unwrap());
             std::thread::sleep(Duration::from_millis(200));
             let pid = p.0.id().to_string();
             let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
@@ -86,10 +88,13 @@ fn bpf_cost() {
             } else {
                 (per_sample - base[walker]) / f64::from(depth - 16)
             };
-            println!("{depth:>7} {walker:>9} {emitted:>10} {per_sample:>12.0} {per_frame:>12.1}");
+            println!("{depth:>7} {walker:>11} {emitted:>10} {per_sample:>12.0} {per_frame:>12.1}");
         }
     }
     println!("  * extra cost per frame over the 16-frame walk");
+    println!("  tables/tail: one function recursing (every frame's pc the same: the walker's");
+    println!("  one-entry rule cache answers); -4fn: four functions on four pages calling each");
+    println!("  other in a cycle (no two adjacent frames share a pc: every frame is looked up).");
 }
 
 fn throughput_run(seconds: f64) -> (Vec<Killed>, f64) {
@@ -129,20 +134,32 @@ fn child_cpu(mut c: Child) -> f64 {
     t(ru.ru_utime) + t(ru.ru_stime)
 }
 
+/// On-CPU time of every thread of a live process, in seconds (`/proc/PID/task/*/schedstat`,
+/// nanosecond resolution, unlike the tick-based `stat`).
+fn live_cpu(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return f64::NAN };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ns as f64 / 1e9
+}
+
 fn overhead() {
     let secs = 8.0;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     println!("\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s");
     println!(
-        "{:<22} {:>14} {:>10} {:>14} {:>14}",
-        "profiler", "iterations", "slowdown", "profiler CPU", "+ lost CPU"
+        "{:<20} {:>13} {:>9} {:>14} {:>14} {:>13}",
+        "profiler", "iterations", "slowdown", "CPU in window", "CPU whole run", "+ lost CPU"
     );
     let (kids, _) = throughput_run(secs);
     let base = finish(kids);
-    println!("{:<22} {base:>14.0} {:>10} {:>14} {:>14}", "none", "-", "-", "-");
+    println!("{:<20} {base:>13.0} {:>9} {:>14} {:>14} {:>13}", "none", "-", "-", "-", "-");
     for hz in [99u32, 999] {
         // unwound, every CPU, tables for every process; the workload starts once the agent
-        // is sampling (start-up and the final symbolization are outside the window).
+        // is sampling, so start-up and the final symbolization are outside the window.
         let hz_s = hz.to_string();
         let agent = Command::new(agent())
             .args([
@@ -161,19 +178,23 @@ fn overhead() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
+        let before = live_cpu(agent.id());
         let (kids, _) = throughput_run(secs);
         let n = finish(kids);
+        let in_window = live_cpu(agent.id()) - before;
         let out = agent.wait_with_output().unwrap();
         let j = String::from_utf8_lossy(&out.stdout).to_string();
-        // The agent's CPU and BPF time over its whole run, scaled to the workload window.
-        let window = secs / field(&j, "seconds");
-        let cpu = (field(&j, "agent_cpu_seconds") + field(&j, "bpf_run_time_ns") / 1e9) * window;
+        // BPF time is the whole run's (the workload's samples are nearly all of it): an
+        // upper bound for the window's.
+        let bpf = field(&j, "bpf_run_time_ns") / 1e9;
         let slow = 1.0 - n / base;
         println!(
-            "{:<22} {n:>14.0} {:>9.2}% {cpu:>13.3}s {:>13.3}s",
+            "{:<20} {n:>13.0} {:>8.2}% {:>13.4}s {:>13.4}s {:>12.3}s",
             format!("unwound {hz} Hz"),
             slow * 100.0,
-            field(&j, "agent_cpu_seconds") * window + slow.max(0.0) * cpus * secs
+            in_window + bpf,
+            field(&j, "agent_cpu_seconds") + bpf,
+            in_window + bpf + slow.max(0.0) * cpus * secs
         );
         // perf with DWARF stack copies, every CPU, the same window.
         let perf = Command::new("perf")
@@ -198,28 +219,53 @@ fn overhead() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(1000));
+        let before = live_cpu(perf.id());
         let (kids, _) = throughput_run(secs);
         let n = finish(kids);
-        let perf_cpu = child_cpu(perf) * secs / (secs + 2.0);
+        let in_window = live_cpu(perf.id()) - before;
+        let whole = child_cpu(perf);
         let slow = 1.0 - n / base;
         println!(
-            "{:<22} {n:>14.0} {:>9.2}% {perf_cpu:>13.3}s {:>13.3}s",
+            "{:<20} {n:>13.0} {:>8.2}% {in_window:>13.4}s {whole:>13.4}s {:>12.3}s",
             format!("perf dwarf {hz} Hz"),
             slow * 100.0,
-            perf_cpu + slow.max(0.0) * cpus * secs
+            in_window + slow.max(0.0) * cpus * secs
+        );
+        // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
+        // sample's stack copy: the step unwound does in the kernel while recording.
+        let script = Command::new("perf")
+            .args(["script", "-i", "/tmp/unwound-bench-perf.data"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let unwind = child_cpu(script);
+        println!(
+            "{:<20} {:>13} {:>9} {:>14} {:>13.4}s {:>13}",
+            "  + perf script",
+            "",
+            "",
+            "",
+            whole + unwind,
+            ""
         );
     }
     let (kids, _) = throughput_run(secs);
     let again = finish(kids);
     println!(
-        "{:<22} {again:>14.0} {:>9.2}% {:>14} {:>14}",
+        "{:<20} {again:>13.0} {:>8.2}% {:>14} {:>14} {:>13}",
         "none (again)",
         (1.0 - again / base) * 100.0,
         "-",
+        "-",
         "-"
     );
-    println!("  profiler CPU: unwound = agent + BPF run time; perf = the perf process.");
-    println!("  + lost CPU: the profiler process plus the workload's lost throughput in CPU seconds.");
+    println!("  CPU: unwound = agent threads + BPF run time (kernel statistics, whole run);");
+    println!("  perf = the perf process. In window: while the workload runs; whole run: with");
+    println!("  start-up and the final write (unwound: symbolization, pprof; perf: build-ids).");
+    println!("  + perf script: perf record's whole run plus `perf script` unwinding and");
+    println!("  symbolizing its samples into stacks (what unwound's whole run includes).");
+    println!("  + lost CPU: CPU in window plus the workload's lost throughput in CPU seconds.");
 }
 
 fn memory() {

@@ -263,22 +263,26 @@ pub struct SampleBuffer {
     /// need to know after the first one).
     pub table_walk: u32,
     pub reserved: u32,
-    /// Stack window: user address of `stack_window[0]`, a page boundary, or
-    /// [`NO_WINDOW`] when the window holds nothing.
+    /// Rule cache: the pc of the last table lookup of this walk (0: none). Recursion
+    /// repeats return addresses; a repeated pc skips the lookup.
+    pub last_pc: u64,
+    /// Rule cache: the rule found for `last_pc`, as the walker's 8-byte rule.
+    pub last_rule: u64,
+    /// Stack window: user address of `stack_window[0]`.
     pub window_base: u64,
-    /// Stack window: a copy of the user stack page at `window_base`. One helper call
-    /// copies a page; the frames in it are then read from here, not one helper call each.
+    /// Stack window: bytes it holds (0: none). The window runs from `window_base` to the
+    /// end of that address's page.
+    pub window_len: u64,
+    /// Stack window: a copy of part of one user stack page. One helper call copies it; the
+    /// frames in it are then read from here, not one helper call each.
     pub stack_window: [u64; STACK_WINDOW_WORDS],
 }
 
-/// Bytes in the walker's stack window: one page, so a page-aligned window never crosses
-/// the end of a mapping (a read that did would fail whole).
+/// Most bytes in the walker's stack window: one page, so a window that ends at a page
+/// boundary never crosses the end of a mapping (a read that did would fail whole).
 pub const STACK_WINDOW_BYTES: u64 = 4096;
 /// [`STACK_WINDOW_BYTES`] in 8-byte words.
 pub const STACK_WINDOW_WORDS: usize = (STACK_WINDOW_BYTES / 8) as usize;
-/// `SampleBuffer::window_base` when the window holds nothing (an address no aligned user
-/// read can fall in).
-pub const NO_WINDOW: u64 = u64::MAX & !(STACK_WINDOW_BYTES - 1);
 
 /// Walker configuration, written by userspace into [`CONFIG_MAP`] before attaching.
 ///

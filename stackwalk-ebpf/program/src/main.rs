@@ -36,16 +36,16 @@ use unwound_stackwalk_abi::{
     Counter, MappingEntry, ProcMappings, SampleBuffer, SampleHeader, TableInfo, WalkerConfig, CHUNK_ENTRIES,
     COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER,
     FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS,
-    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, NO_WINDOW, STACK_WINDOW_BYTES,
-    STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS, WALK_BAD_CFA, WALK_COMPLETE,
-    WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS,
+    TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS,
+    WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
     step, CfaKind, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent
-/// drains it every 100 ms.
+/// drains it every 100 ms, and is woken early only when it is a quarter full.
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
@@ -136,7 +136,8 @@ unsafe fn user_registers(ctx: &PerfEventContext) -> (Option<(u64, u64, u64)>, bo
 unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
     let buf = &mut *buf;
-    let mut mem = UserMemory { base: &mut buf.window_base, window: &mut buf.stack_window };
+    let mut mem =
+        UserMemory { base: &mut buf.window_base, len: &mut buf.window_len, window: &mut buf.stack_window };
     let fp = buf.walk_fp;
     if fp == 0 {
         return 1;
@@ -185,31 +186,36 @@ unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_voi
 /// cannot copy, and a word across a page boundary, are read directly.
 struct UserMemory<'a> {
     base: &'a mut u64,
+    len: &'a mut u64,
     window: &'a mut [u64; STACK_WINDOW_WORDS],
 }
 
 impl UserMemory<'_> {
-    /// The word at 8-aligned `addr`, from the window, refilled from `addr`'s page first
-    /// when it holds another.
+    /// The word at 8-aligned `addr`, from the window, refilled first when it does not hold
+    /// `addr`: with `addr`'s page from `addr`'s cache line to the page's end (the stack
+    /// below `addr` is not needed; callers' frames are above).
     #[inline(always)]
     fn windowed(&mut self, addr: u64) -> Option<u64> {
         let mut off = addr.wrapping_sub(*self.base);
-        if off >= STACK_WINDOW_BYTES {
-            let page = addr & !(STACK_WINDOW_BYTES - 1);
-            // SAFETY: the destination is the window, exactly STACK_WINDOW_BYTES long.
+        if off >= *self.len {
+            let start = addr & !63;
+            // 64..=4096 bytes, and visibly so to the verifier.
+            let len = STACK_WINDOW_BYTES - (start & (STACK_WINDOW_BYTES - 1));
+            // SAFETY: the destination is the window, at least `len` bytes long.
             let r = unsafe {
                 aya_ebpf::helpers::generated::bpf_probe_read_user(
                     self.window.as_mut_ptr() as *mut core::ffi::c_void,
-                    STACK_WINDOW_BYTES as u32,
-                    page as *const core::ffi::c_void,
+                    len as u32,
+                    start as *const core::ffi::c_void,
                 )
             };
             if r != 0 {
-                *self.base = NO_WINDOW;
+                *self.len = 0;
                 return None;
             }
-            *self.base = page;
-            off = addr - page;
+            *self.base = start;
+            *self.len = len;
+            off = addr - start;
         }
         self.window.get(((off >> 3) as usize) & (STACK_WINDOW_WORDS - 1)).copied()
     }
@@ -334,11 +340,20 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         }
     }
     let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
-    let mut mem = UserMemory { base: &mut buf.window_base, window: &mut buf.stack_window };
+    let mut mem =
+        UserMemory { base: &mut buf.window_base, len: &mut buf.window_len, window: &mut buf.stack_window };
     let rule = if mapping.table == NO_TABLE || mapping.table != buf.cached_table_id {
         None
+    } else if pc == buf.last_pc {
+        // SAFETY: `last_rule` holds the bytes of an UnwindRule (8 bytes, plain integers).
+        Some(core::mem::transmute::<u64, UnwindRule>(buf.last_rule))
     } else {
-        lookup_rule(&buf.cached_table, pc.wrapping_sub(mapping.bias))
+        let found = lookup_rule(&buf.cached_table, pc.wrapping_sub(mapping.bias));
+        if let Some(r) = found {
+            buf.last_pc = pc;
+            buf.last_rule = core::mem::transmute::<UnwindRule, u64>(r);
+        }
+        found
     };
     let result = match rule {
         Some(r) if r.cfa != CfaKind::Gap as u8 => {
@@ -561,7 +576,8 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.walk_rip = ip;
     buf.walk_rsp = sp;
     buf.walk_exact = 1;
-    buf.window_base = NO_WINDOW;
+    buf.window_len = 0;
+    buf.last_pc = 0;
     buf.cached_mapping = MappingEntry::default();
     buf.cached_table_id = NO_TABLE;
     buf.table_frames = 0;
