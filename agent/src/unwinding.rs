@@ -217,7 +217,8 @@ impl TablePlan {
 
 /// Bytes of the three shared table arrays with these many values.
 fn array_bytes(pages: u64, chunks: u64, rules: u64) -> u64 {
-    pages * 8 + chunks * CHUNK_ENTRIES as u64 * 4 + rules * 8
+    // A rule record is 12 bytes; the kernel stores array values 8-aligned, so 16.
+    pages * 8 + chunks * CHUNK_ENTRIES as u64 * 4 + rules * 16
 }
 
 /// The free runs of one shared array: first fit, neighbours merged when a run is freed.
@@ -302,7 +303,7 @@ pub struct TableLoader {
     tables: Array<MapData, TableInfo>,
     pages: Array<MapData, [u8; 8]>,
     chunks: Array<MapData, [u32; CHUNK_ENTRIES]>,
-    rules: Array<MapData, [u8; 8]>,
+    rules: Array<MapData, [u8; 12]>,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
     pages_free: Extents,
     chunks_free: Extents,
@@ -323,7 +324,7 @@ impl TableLoader {
         let tables: Array<MapData, TableInfo> = Array::try_from(take(ebpf, TABLES_MAP)?)?;
         let pages: Array<MapData, [u8; 8]> = Array::try_from(take(ebpf, PAGES_MAP)?)?;
         let chunks: Array<MapData, [u32; CHUNK_ENTRIES]> = Array::try_from(take(ebpf, CHUNKS_MAP)?)?;
-        let rules: Array<MapData, [u8; 8]> = Array::try_from(take(ebpf, RULES_MAP)?)?;
+        let rules: Array<MapData, [u8; 12]> = Array::try_from(take(ebpf, RULES_MAP)?)?;
         let procs: BpfHashMap<MapData, u32, ProcMappings> = BpfHashMap::try_from(take(ebpf, PROCS_MAP)?)?;
         let cap = (pages.len(), chunks.len(), rules.len());
         let mut loader = TableLoader {
@@ -532,13 +533,14 @@ impl TableLoader {
             v[..chunk.len()].copy_from_slice(chunk);
             self.chunks.set(info.chunk_start + i as u32, v, 0)?;
         }
-        for (i, r) in t.rules().iter().enumerate() {
-            let mut v = [0u8; 8];
-            v[0] = r.cfa;
-            v[1] = r.rbp;
-            v[2] = r.rbp_slot as u8;
-            v[3] = r.aux as u8;
-            v[4..].copy_from_slice(&r.cfa_offset.to_le_bytes());
+        for (i, d) in t.dictionary().enumerate() {
+            let mut v = [0u8; 12];
+            v[0] = d.rule.cfa;
+            v[1] = d.rule.rbp;
+            v[2] = d.rule.rbp_slot as u8;
+            v[3] = d.rule.aux as u8;
+            v[4..8].copy_from_slice(&d.rule.cfa_offset.to_le_bytes());
+            v[8..].copy_from_slice(&d.run.0.to_le_bytes());
             self.rules.set(info.rule_start + i as u32, v, 0)?;
         }
         self.tables.set(id, info, 0)?;

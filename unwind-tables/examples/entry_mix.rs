@@ -7,21 +7,22 @@ fn main() {
         let mut single_rsp = 0;
         let mut rbp = 0;
         let mut other = 0;
-        let mut steps_hist = [0u32; 7];
+        let mut steps_hist = [0u32; 8];
         let mut prev_same = 0;
         for p in t.pages() {
             let mut prev: Option<u16> = None;
             for &raw in &t.entries()[p.first as usize..(p.first + p.count as u32) as usize] {
                 let e = Entry::decode(raw);
                 let r = t.rules()[e.rule as usize];
-                steps_hist[e.steps as usize] += 1;
+                let steps = t.runs()[e.rule as usize].steps();
+                steps_hist[steps as usize] += 1;
                 if prev == Some(e.rule) {
                     prev_same += 1;
                 }
                 prev = Some(e.rule);
                 match r.cfa_kind().unwrap() {
                     CfaKind::Gap => gap += 1,
-                    CfaKind::Rsp if e.steps > 0 => run += 1,
+                    CfaKind::Rsp if steps > 0 => run += 1,
                     CfaKind::Rsp => single_rsp += 1,
                     CfaKind::Rbp => rbp += 1,
                     _ => other += 1,

@@ -370,7 +370,7 @@ struct GroupOut {
     entries: Vec<u32>,
     /// Runs of `entries` by page: (absolute page number, count).
     page_runs: Vec<(u64, u32)>,
-    dict: Vec<UnwindRule>,
+    dict: Vec<(UnwindRule, Run)>,
     rows: u64,
     unsupported: [u64; 8],
     rbp_undefined: u64,
@@ -379,9 +379,7 @@ struct GroupOut {
 struct Open {
     start: u64,
     base: UnwindRule,
-    steps: u8,
-    pops: bool,
-    sizes: u8,
+    run: Run,
     restore: bool,
     /// Start of the last row in the run.
     last_row: u64,
@@ -393,14 +391,14 @@ struct Open {
 struct Builder<'c> {
     code: &'c Code<'c>,
     out: GroupOut,
-    index: HashMap<UnwindRule, u16>,
+    index: HashMap<(UnwindRule, Run), u16>,
     open: Option<Open>,
     /// Rule in effect at the end of the last row, and where that row ended.
     state: UnwindRule,
     last_end: Option<u64>,
     /// Page and restore bit of the last closed entry.
     last_closed: Option<(u64, bool)>,
-    last_rule: Option<(UnwindRule, u16)>,
+    last_rule: Option<((UnwindRule, Run), u16)>,
 }
 
 impl<'c> Builder<'c> {
@@ -417,7 +415,7 @@ impl<'c> Builder<'c> {
         }
     }
 
-    fn rule_id(&mut self, rule: UnwindRule) -> u16 {
+    fn rule_id(&mut self, rule: (UnwindRule, Run)) -> u16 {
         if let Some((r, i)) = self.last_rule {
             if r == rule {
                 return i;
@@ -436,15 +434,8 @@ impl<'c> Builder<'c> {
 
     fn close(&mut self) {
         if let Some(o) = self.open.take() {
-            let id = self.rule_id(o.base);
-            let e = Entry {
-                page_offset: (o.start & (PAGE_SIZE - 1)) as u16,
-                rule: id,
-                steps: o.steps,
-                pops: o.pops,
-                sizes: o.sizes,
-                restore: o.restore,
-            };
+            let id = self.rule_id((o.base, o.run));
+            let e = Entry { page_offset: (o.start & (PAGE_SIZE - 1)) as u16, rule: id, restore: o.restore };
             self.out.entries.push(e.encode());
             let page = o.start >> PAGE_SHIFT;
             match self.out.page_runs.last_mut() {
@@ -469,9 +460,7 @@ impl<'c> Builder<'c> {
         self.open = Some(Open {
             start,
             base: rule,
-            steps: 0,
-            pops: false,
-            sizes: 0,
+            run: Run::NONE,
             restore: false,
             last_row: start,
             before: self.state,
@@ -488,8 +477,8 @@ impl<'c> Builder<'c> {
             return false;
         }
         let dist = start - o.last_row;
-        if o.steps > 0
-            && o.pops
+        if o.run.steps() > 0
+            && o.run.pops()
             && o.may_restore
             && *rule == o.before
             && self.code.single_exit(o.last_row, start)
@@ -498,13 +487,7 @@ impl<'c> Builder<'c> {
             self.state = *rule;
             return true;
         }
-        if o.base.cfa != CfaKind::Rsp as u8
-            || rule.cfa != CfaKind::Rsp as u8
-            || u32::from(o.steps) >= MAX_RUN_STEPS
-        {
-            return false;
-        }
-        if dist != 1 && dist != 2 {
+        if o.base.cfa != CfaKind::Rsp as u8 || rule.cfa != CfaKind::Rsp as u8 {
             return false;
         }
         let delta = i64::from(rule.cfa_offset) - i64::from(self.state.cfa_offset);
@@ -513,9 +496,7 @@ impl<'c> Builder<'c> {
             -8 => true,
             _ => return false,
         };
-        if o.steps > 0 && dir_pops != o.pops {
-            return false;
-        }
+        let Some(run) = o.run.pushed(dist, dir_pops) else { return false };
         // rbp: during pushes rbp still holds the caller's value, so a base rule of
         // "unchanged" stays right while later rows say it was saved; during pops the saved
         // slot at CFA + k stays intact up to the return, so "saved at CFA + k" stays right
@@ -532,13 +513,9 @@ impl<'c> Builder<'c> {
         if !rbp_ok {
             return false;
         }
-        if dist == 2 {
-            o.sizes |= 1 << o.steps;
-        }
-        o.steps += 1;
-        o.pops = dir_pops;
+        o.run = run;
         o.last_row = start;
-        self.state = base.advanced(u32::from(o.steps), dir_pops);
+        self.state = run.final_rule(base);
         true
     }
 
@@ -1049,12 +1026,12 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
     let mut pages = vec![PageEntry::default(); npages as usize];
     let mut entries: Vec<u32> = Vec::with_capacity(total + total / 64 + 16);
     let mut dict = Dictionary::default();
-    dict.id(UnwindRule::GAP);
-    dict.id(UnwindRule::unsupported(Unsupported::DictionaryFull));
+    dict.id(UnwindRule::GAP, Run::NONE);
+    dict.id(UnwindRule::unsupported(Unsupported::DictionaryFull), Run::NONE);
     let mut state = UnwindRule::GAP;
     let mut next_page: u64 = 0;
     for o in outs {
-        let map: Vec<u16> = o.dict.iter().map(|r| dict.id(*r)).collect();
+        let map: Vec<u16> = o.dict.iter().map(|&(r, run)| dict.id(r, run)).collect();
         let pages_of = o.page_runs.iter().flat_map(|&(p, n)| std::iter::repeat_n(p, n as usize));
         for (abs_page, raw) in pages_of.zip(o.entries) {
             let page = abs_page - (base >> PAGE_SHIFT);
@@ -1062,13 +1039,13 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
             e.rule = map[e.rule as usize];
             while next_page <= page {
                 let p = &mut pages[next_page as usize];
-                p.start_rule = dict.id(state);
+                p.start_rule = dict.id(state, Run::NONE);
                 p.first = entries.len() as u32;
                 next_page += 1;
             }
             let p = &mut pages[page as usize];
-            let rule = dict.rules[e.rule as usize];
-            let after = if e.restore { state } else { e.final_rule(rule) };
+            let (rule, run) = dict.records[e.rule as usize];
+            let after = if e.restore { state } else { run.final_rule(rule) };
             // Two entries at one offset (a group's closing gap, then the next group's first
             // row): the later one holds.
             if p.count > 0 && entries.last().is_some_and(|l| Entry::decode(*l).page_offset == e.page_offset) {
@@ -1090,36 +1067,36 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
             state = after;
         }
     }
-    let rules = dict.rules;
+    let (rules, runs): (Vec<UnwindRule>, Vec<Run>) = dict.records.into_iter().unzip();
     let dict_full = dict.overflow;
     if dict_full > 0 {
         *stats.unsupported.entry(Unsupported::DictionaryFull.name()).or_default() += dict_full;
     }
     stats.entries = entries.len() as u64 - stats.padding_entries;
-    Ok(UnwindTable::from_parts(base, pages, entries, rules, stats))
+    Ok(UnwindTable::from_parts(base, pages, entries, rules, runs, stats))
 }
 
 #[derive(Default)]
 struct Dictionary {
-    rules: Vec<UnwindRule>,
-    index: HashMap<UnwindRule, u16>,
+    records: Vec<(UnwindRule, Run)>,
+    index: HashMap<(UnwindRule, Run), u16>,
     overflow: u64,
 }
 
 impl Dictionary {
-    /// The rule's index; past [`MAX_RULES`] rules, the index of the `DictionaryFull` rule
-    /// (always index 1), counted.
-    fn id(&mut self, rule: UnwindRule) -> u16 {
-        if let Some(&i) = self.index.get(&rule) {
+    /// The record's index; past [`MAX_RULES`] records, the index of the `DictionaryFull`
+    /// rule (always index 1), counted.
+    fn id(&mut self, rule: UnwindRule, run: Run) -> u16 {
+        if let Some(&i) = self.index.get(&(rule, run)) {
             return i;
         }
-        if self.rules.len() >= MAX_RULES {
+        if self.records.len() >= MAX_RULES {
             self.overflow += 1;
             return 1;
         }
-        let i = self.rules.len() as u16;
-        self.rules.push(rule);
-        self.index.insert(rule, i);
+        let i = self.records.len() as u16;
+        self.records.push((rule, run));
+        self.index.insert((rule, run), i);
         i
     }
 }

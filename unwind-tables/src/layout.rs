@@ -11,28 +11,40 @@
 //! pages     8 × n      PageEntry per 4 KiB page of address space
 //! entries   4 × m      packed u32 entries; a page's entries never straddle a chunk of
 //!                      CHUNK_ENTRIES, so an in-kernel lookup searches inside one map value
-//! rules     16 × r     UnwindRule dictionary
+//! rules     8 × r      UnwindRule dictionary
+//! runs      4 × r      Run of each dictionary record (record i = rules[i] + runs[i])
 //! ```
 //!
 //! An entry (u32) is:
 //!
 //! ```text
 //! bits  0..12  offset of the entry's first row in its page
-//! bits 12..22  rule index (dictionary)
-//! bits 22..25  run steps n (0..=5): n more rows follow, each after one push (+8) or pop
-//!              (−8) of 1 or 2 bytes; only for CFA = rsp + offset rules
-//! bit  25      run direction: 0 = CFA offset +8 per step (pushes), 1 = −8 (pops)
-//! bits 26..31  run step sizes: bit i set = step i+1 is 2 bytes after the previous row,
-//!              clear = 1 byte
+//! bits 12..24  dictionary record: a rule and the run that goes with it
+//! bits 24..31  zero
 //! bit  31      restore: one byte after the run's last row (a `ret`), the rule in effect
 //!              before this entry holds again (DW_CFA_restore_state after an epilogue);
 //!              only set when the previous entry of the page has no restore bit
 //! ```
 //!
+//! A run (u32) lets one entry stand for the rows of a prologue or an epilogue:
+//!
+//! ```text
+//! bits  0..3   steps n (0..=7): n more rows follow, each after one push (CFA offset +8)
+//!              or pop (−8); only for CFA = rsp + offset rules
+//! bit   3      direction: 0 = pushes, 1 = pops
+//! bits  4..25  step i (0-based) starts 1 + bits[4+3i .. 7+3i] bytes (1..=8) after the
+//!              previous row
+//! bits 25..32  zero
+//! ```
+//!
+//! Runs are shared through the dictionary: compilers emit few distinct prologue and
+//! epilogue shapes, so (rule, run) records stay in the thousands while one entry covers
+//! up to 8 rows.
+//!
 //! Lookup of pc: page = (pc − base) / 4096; binary search the page's entries for the last
-//! one starting at or before pc; none → the page's `start_rule`. Within a run the CFA
-//! offset is the rule's plus ±8 per step already passed; past a restore entry's `ret`, the
-//! rule is the one the previous entry ended in (or `start_rule`).
+//! one starting at or before pc; none → the page's `start_rule` (a record without run).
+//! Within a run the CFA offset is the rule's plus ±8 per step already passed; past a restore
+//! entry's `ret`, the rule is the one the previous entry ended in (or `start_rule`).
 
 /// Bytes of address space per page of the table.
 pub const PAGE_SIZE: u64 = 4096;
@@ -40,14 +52,16 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
 /// Entries per chunk: one BPF map value of 16 KiB.
 pub const CHUNK_ENTRIES: u32 = 4096;
-/// Most rules one table may have (10-bit index).
-pub const MAX_RULES: usize = 1 << 10;
+/// Most dictionary records (rule + run) one table may have (12-bit index).
+pub const MAX_RULES: usize = 1 << 12;
 /// Most run steps one entry can encode.
-pub const MAX_RUN_STEPS: u32 = 5;
+pub const MAX_RUN_STEPS: u32 = 7;
+/// Most bytes between two rows of a run.
+pub const MAX_RUN_STEP_BYTES: u64 = 8;
 /// `TableHeader::magic`.
 pub const MAGIC: [u8; 4] = *b"UWT1";
 /// `TableHeader::version`: bumped on any change to the layout or its meaning.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// How the canonical frame address (the caller's rsp) is found.
 #[repr(u8)]
@@ -228,46 +242,72 @@ impl UnwindRule {
 pub struct Entry {
     /// Offset of the first row in its page (0..4096).
     pub page_offset: u16,
-    /// Index into the rule dictionary.
+    /// Index of the dictionary record: the rule, and the run that follows it.
     pub rule: u16,
-    /// Extra rows that follow (0..=6).
-    pub steps: u8,
-    /// Direction of the run: true = pops (CFA offset −8 per step).
-    pub pops: bool,
-    /// Bit i set: step i+1 comes 2 bytes after the previous row, else 1 byte.
-    pub sizes: u8,
-    /// One byte after the last row, the rule before this entry holds again.
+    /// One byte after the run's last row, the rule before this entry holds again.
     pub restore: bool,
 }
 
 impl Entry {
     /// Packs into the u32 layout.
     pub const fn encode(&self) -> u32 {
-        (self.page_offset as u32 & 0xfff)
-            | ((self.rule as u32 & 0x3ff) << 12)
-            | ((self.steps as u32 & 0x7) << 22)
-            | ((self.pops as u32) << 25)
-            | ((self.sizes as u32 & 0x1f) << 26)
-            | ((self.restore as u32) << 31)
+        (self.page_offset as u32 & 0xfff) | ((self.rule as u32 & 0xfff) << 12) | ((self.restore as u32) << 31)
     }
     /// Unpacks from the u32 layout.
     pub const fn decode(v: u32) -> Self {
-        Entry {
-            page_offset: (v & 0xfff) as u16,
-            rule: ((v >> 12) & 0x3ff) as u16,
-            steps: ((v >> 22) & 0x7) as u8,
-            pops: (v >> 25) & 1 == 1,
-            sizes: ((v >> 26) & 0x1f) as u8,
-            restore: (v >> 31) == 1,
-        }
+        Entry { page_offset: (v & 0xfff) as u16, rule: ((v >> 12) & 0xfff) as u16, restore: (v >> 31) == 1 }
     }
-    /// How many run steps have taken effect at `page_offset` (≥ the entry's own offset).
-    pub const fn steps_at(&self, page_offset: u16) -> u32 {
-        let mut at = self.page_offset as u32;
+    /// True when `page_offset` lies past the restore point of a restore entry with `run`.
+    pub const fn restored_at(&self, page_offset: u16, run: Run) -> bool {
+        self.restore && page_offset as u32 > self.page_offset as u32 + run.length()
+    }
+}
+
+/// The rows that follow an entry's first: `steps` pushes or pops, each 1 to 8 bytes after
+/// the previous row (bit layout in the [module docs](self)).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Run(pub u32);
+
+impl Run {
+    /// No rows after the first.
+    pub const NONE: Run = Run(0);
+
+    /// Number of rows after the first.
+    pub const fn steps(self) -> u32 {
+        self.0 & 7
+    }
+    /// Direction: true = pops (CFA offset −8 per step).
+    pub const fn pops(self) -> bool {
+        (self.0 >> 3) & 1 == 1
+    }
+    /// Bytes from row `i` to row `i + 1` (1..=8).
+    pub const fn step_bytes(self, i: u32) -> u32 {
+        ((self.0 >> (4 + 3 * i)) & 7) + 1
+    }
+    /// True when no bit outside the layout is set.
+    pub const fn is_valid(self) -> bool {
+        self.0 >> (4 + 3 * MAX_RUN_STEPS) == 0
+            && (self.0 >> (4 + 3 * self.steps())) == 0
+            && (self.steps() > 0 || self.0 == 0)
+    }
+    /// The run with one more step `bytes` after its last row, in direction `pops`; `None`
+    /// when it is full, the distance does not fit, or the direction differs.
+    pub const fn pushed(self, bytes: u64, pops: bool) -> Option<Run> {
+        let n = self.steps();
+        if n >= MAX_RUN_STEPS || bytes == 0 || bytes > MAX_RUN_STEP_BYTES || (n > 0 && self.pops() != pops) {
+            return None;
+        }
+        Some(Run((self.0 & !0xf) | (n + 1) | ((pops as u32) << 3) | (((bytes as u32) - 1) << (4 + 3 * n))))
+    }
+    /// How many steps have taken effect at `page_offset`, for a run whose first row is at
+    /// `first` (≤ `page_offset`).
+    pub const fn steps_at(self, first: u16, page_offset: u16) -> u32 {
+        let mut at = first as u32;
         let mut i = 0;
-        let steps = if self.steps as u32 > MAX_RUN_STEPS { MAX_RUN_STEPS } else { self.steps as u32 };
+        let steps = self.steps();
         while i < steps {
-            at += if self.sizes >> i & 1 == 1 { 2 } else { 1 };
+            at += self.step_bytes(i);
             if at > page_offset as u32 {
                 return i;
             }
@@ -275,31 +315,41 @@ impl Entry {
         }
         steps
     }
-    /// True when `page_offset` lies past the restore point of a restore entry.
-    pub const fn restored_at(&self, page_offset: u16) -> bool {
-        self.restore && page_offset as u32 > self.page_offset as u32 + self.run_length()
-    }
-
-    /// The rule this entry ends in (before any restore).
-    pub const fn final_rule(&self, base: UnwindRule) -> UnwindRule {
-        if self.steps == 0 {
-            base
-        } else {
-            base.advanced(self.steps as u32, self.pops)
-        }
-    }
-
-    /// Bytes from the entry's first row to its last row.
-    pub const fn run_length(&self) -> u32 {
+    /// Bytes from the first row to the last.
+    pub const fn length(self) -> u32 {
         let mut len = 0;
         let mut i = 0;
-        while i < self.steps as u32 {
-            len += if self.sizes >> i & 1 == 1 { 2 } else { 1 };
+        while i < self.steps() {
+            len += self.step_bytes(i);
             i += 1;
         }
         len
     }
+    /// `base` after `steps` steps of this run.
+    pub const fn apply(self, base: UnwindRule, steps: u32) -> UnwindRule {
+        if steps == 0 {
+            base
+        } else {
+            base.advanced(steps, self.pops())
+        }
+    }
+    /// The rule the run ends in (before any restore).
+    pub const fn final_rule(self, base: UnwindRule) -> UnwindRule {
+        self.apply(base, self.steps())
+    }
 }
+
+/// A dictionary record as the in-kernel walker stores it: a rule and its run. 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DictEntry {
+    /// The rule at the entry's first row.
+    pub rule: UnwindRule,
+    /// The rows that follow.
+    pub run: Run,
+}
+
+const _: () = assert!(core::mem::size_of::<DictEntry>() == 12);
 
 /// Per-page index record.
 #[repr(C)]
@@ -352,6 +402,8 @@ pub struct TableView<'a> {
     pub entries: &'a [u32],
     /// Rule dictionary.
     pub rules: &'a [UnwindRule],
+    /// The run of each dictionary record.
+    pub runs: &'a [Run],
 }
 
 impl TableView<'_> {
@@ -368,17 +420,17 @@ impl TableView<'_> {
             return self.rules.get(page.start_rule as usize).copied();
         }
         let e = Entry::decode(entries[n - 1]);
-        if e.restored_at(offset) {
+        let run = *self.runs.get(e.rule as usize)?;
+        if e.restored_at(offset, run) {
             return if n >= 2 {
                 let prev = Entry::decode(entries[n - 2]);
-                Some(prev.final_rule(*self.rules.get(prev.rule as usize)?))
+                Some(self.runs.get(prev.rule as usize)?.final_rule(*self.rules.get(prev.rule as usize)?))
             } else {
                 self.rules.get(page.start_rule as usize).copied()
             };
         }
         let rule = *self.rules.get(e.rule as usize)?;
-        let steps = e.steps_at(offset);
-        Some(if steps == 0 { rule } else { rule.advanced(steps, e.pops) })
+        Some(run.apply(rule, run.steps_at(e.page_offset, offset)))
     }
 }
 

@@ -26,6 +26,7 @@ pub struct UnwindTable {
     pages: Vec<PageEntry>,
     entries: Vec<u32>,
     rules: Vec<UnwindRule>,
+    runs: Vec<Run>,
     stats: Stats,
 }
 
@@ -36,7 +37,14 @@ impl UnwindTable {
     }
 
     pub(crate) fn empty(stats: Stats) -> Self {
-        UnwindTable { base: 0, pages: Vec::new(), entries: Vec::new(), rules: vec![UnwindRule::GAP], stats }
+        UnwindTable {
+            base: 0,
+            pages: Vec::new(),
+            entries: Vec::new(),
+            rules: vec![UnwindRule::GAP],
+            runs: vec![Run::NONE],
+            stats,
+        }
     }
 
     pub(crate) fn from_parts(
@@ -44,9 +52,10 @@ impl UnwindTable {
         pages: Vec<PageEntry>,
         entries: Vec<u32>,
         rules: Vec<UnwindRule>,
+        runs: Vec<Run>,
         stats: Stats,
     ) -> Self {
-        UnwindTable { base, pages, entries, rules, stats }
+        UnwindTable { base, pages, entries, rules, runs, stats }
     }
 
     /// Statistics of the compilation.
@@ -56,7 +65,13 @@ impl UnwindTable {
 
     /// A view for lookups.
     pub fn view(&self) -> TableView<'_> {
-        TableView { base: self.base, pages: &self.pages, entries: &self.entries, rules: &self.rules }
+        TableView {
+            base: self.base,
+            pages: &self.pages,
+            entries: &self.entries,
+            rules: &self.rules,
+            runs: &self.runs,
+        }
     }
 
     /// The rule at file virtual address `pc`; `None` outside the covered range.
@@ -76,14 +91,22 @@ impl UnwindTable {
     pub fn entries(&self) -> &[u32] {
         &self.entries
     }
-    /// The rule dictionary.
+    /// The rules of the dictionary records.
     pub fn rules(&self) -> &[UnwindRule] {
         &self.rules
+    }
+    /// The runs of the dictionary records (record i = `rules()[i]` + `runs()[i]`).
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+    /// The dictionary records as the in-kernel walker stores them.
+    pub fn dictionary(&self) -> impl ExactSizeIterator<Item = DictEntry> + '_ {
+        self.rules.iter().zip(&self.runs).map(|(&rule, &run)| DictEntry { rule, run })
     }
 
     /// Bytes of the serialized table, everything included.
     pub fn byte_size(&self) -> usize {
-        HEADER_SIZE + self.pages.len() * 8 + self.entries.len() * 4 + self.rules.len() * 8
+        HEADER_SIZE + self.pages.len() * 8 + self.entries.len() * 4 + self.rules.len() * 12
     }
 
     /// Every entry as (start, end, rule) with file virtual addresses, runs expanded into
@@ -103,12 +126,12 @@ impl UnwindTable {
             let page = &self.entries[start..start + p.count as usize];
             for (i, &raw) in page.iter().enumerate() {
                 let e = Entry::decode(raw);
-                let rule = self.rules[e.rule as usize];
+                let (rule, run) = (self.rules[e.rule as usize], self.runs[e.rule as usize]);
                 let mut at = page_base.wrapping_add(u64::from(e.page_offset));
-                for step in 0..=u32::from(e.steps) {
-                    push(&mut out, at, if step == 0 { rule } else { rule.advanced(step, e.pops) });
-                    if step < u32::from(e.steps) {
-                        at = at.wrapping_add(if e.sizes >> step & 1 == 1 { 2 } else { 1 });
+                for step in 0..=run.steps() {
+                    push(&mut out, at, run.apply(rule, step));
+                    if step < run.steps() {
+                        at = at.wrapping_add(u64::from(run.step_bytes(step)));
                     }
                 }
                 if e.restore {
@@ -116,7 +139,7 @@ impl UnwindTable {
                         self.rules[p.start_rule as usize]
                     } else {
                         let prev = Entry::decode(page[i - 1]);
-                        prev.final_rule(self.rules[prev.rule as usize])
+                        self.runs[prev.rule as usize].final_rule(self.rules[prev.rule as usize])
                     };
                     push(&mut out, at.wrapping_add(1), before);
                 }
@@ -128,7 +151,7 @@ impl UnwindTable {
         out
     }
 
-    /// Serializes: header, pages, entries, rules (the layout in [`crate::layout`]).
+    /// Serializes: header, pages, entries, rules, runs (the layout in [`crate::layout`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.byte_size());
         let h = TableHeader {
@@ -161,6 +184,9 @@ impl UnwindTable {
             out.extend_from_slice(&[r.cfa, r.rbp, r.rbp_slot as u8, r.aux as u8]);
             out.extend_from_slice(&r.cfa_offset.to_le_bytes());
         }
+        for r in &self.runs {
+            out.extend_from_slice(&r.0.to_le_bytes());
+        }
         out
     }
 
@@ -183,7 +209,7 @@ impl UnwindTable {
             u32_at(20).ok_or(Error::Format("short"))? as usize,
             u32_at(24).ok_or(Error::Format("short"))? as usize,
         );
-        let need = HEADER_SIZE as u64 + np as u64 * 8 + ne as u64 * 4 + nr as u64 * 8;
+        let need = HEADER_SIZE as u64 + np as u64 * 8 + ne as u64 * 4 + nr as u64 * 12;
         if need != b.len() as u64 {
             return Err(Error::Format("length does not match the header"));
         }
@@ -227,15 +253,27 @@ impl UnwindTable {
             rules.push(r);
             o += 8;
         }
+        let mut runs = Vec::with_capacity(nr);
+        for _ in 0..nr {
+            let r = Run(u32_at(o).unwrap());
+            if !r.is_valid() {
+                return Err(Error::Format("bad run"));
+            }
+            runs.push(r);
+            o += 4;
+        }
         for p in &pages {
+            if runs[p.start_rule as usize] != Run::NONE {
+                return Err(Error::Format("page start rule with a run"));
+            }
             for &e in &entries[p.first as usize..p.first as usize + p.count as usize] {
                 let d = Entry::decode(e);
-                if d.rule as usize >= nr || u32::from(d.steps) > MAX_RUN_STEPS {
+                if d.rule as usize >= nr || e & 0x7f00_0000 != 0 {
                     return Err(Error::Format("entry out of range"));
                 }
             }
         }
         let stats = Stats { entries: pages.iter().map(|p| u64::from(p.count)).sum(), ..Stats::default() };
-        Ok(UnwindTable { base, pages, entries, rules, stats })
+        Ok(UnwindTable { base, pages, entries, rules, runs, stats })
     }
 }

@@ -2,15 +2,44 @@
 //! table was built from, serialization round-trips, and no bytes make the parsers panic.
 
 use proptest::prelude::*;
-use unwound_unwind_tables::layout::{CfaKind, Entry, RbpKind, UnwindRule, MAX_RUN_STEPS};
+use unwound_unwind_tables::layout::{CfaKind, Entry, RbpKind, Run, UnwindRule, MAX_RUN_STEPS};
 use unwound_unwind_tables::{compile_elf, table_from_rows, UnwindTable};
 
 proptest! {
     #[test]
-    fn entry_encoding_round_trips(off in 0u16..4096, rule in 0u16..1024, steps in 0u8..=MAX_RUN_STEPS as u8,
-                                  pops: bool, sizes in 0u8..32, restore: bool) {
-        let e = Entry { page_offset: off, rule, steps, pops, sizes, restore };
+    fn entry_encoding_round_trips(off in 0u16..4096, rule in 0u16..4096, restore: bool) {
+        let e = Entry { page_offset: off, rule, restore };
         prop_assert_eq!(Entry::decode(e.encode()), e);
+        prop_assert_eq!(e.encode() & 0x7f00_0000, 0);
+    }
+
+    #[test]
+    fn runs_keep_their_steps(pops: bool, bytes in prop::collection::vec(1u64..=8, 0..=MAX_RUN_STEPS as usize),
+                             first in 0u16..4000) {
+        let mut run = Run::NONE;
+        for &b in &bytes {
+            run = run.pushed(b, pops).unwrap();
+        }
+        prop_assert!(run.is_valid());
+        prop_assert_eq!(run.steps() as usize, bytes.len());
+        prop_assert_eq!(run.length() as u64, bytes.iter().sum::<u64>());
+        // The step count at each byte of the run is the number of rows started by then.
+        let mut row = u32::from(first);
+        for (i, &b) in bytes.iter().enumerate() {
+            prop_assert_eq!(run.steps_at(first, row as u16), i as u32);
+            prop_assert_eq!(run.step_bytes(i as u32) as u64, b);
+            row += b as u32;
+        }
+        prop_assert_eq!(run.steps_at(first, first + run.length() as u16), bytes.len() as u32);
+        // Full, too far or the other direction: no more steps.
+        prop_assert!(run.pushed(9, pops).is_none());
+        prop_assert!(run.pushed(0, pops).is_none());
+        if !bytes.is_empty() {
+            prop_assert!(run.pushed(1, !pops).is_none());
+        }
+        if bytes.len() == MAX_RUN_STEPS as usize {
+            prop_assert!(run.pushed(1, pops).is_none());
+        }
     }
 
     #[test]
@@ -48,6 +77,7 @@ proptest! {
         prop_assert_eq!(back.pages(), table.pages());
         prop_assert_eq!(back.entries(), table.entries());
         prop_assert_eq!(back.rules(), table.rules());
+        prop_assert_eq!(back.runs(), table.runs());
     }
 
     #[test]

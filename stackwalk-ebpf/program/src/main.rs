@@ -41,7 +41,8 @@ use unwound_stackwalk_abi::{
     WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
-    step, CfaKind, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT, PAGE_SIZE,
+    step, CfaKind, DictEntry, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT,
+    PAGE_SIZE,
 };
 
 /// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent
@@ -74,7 +75,7 @@ static PAGES: Array<PageEntry> = Array::with_max_entries(1, 0);
 #[map]
 static CHUNKS: Array<[u32; CHUNK_ENTRIES]> = Array::with_max_entries(1, 0);
 #[map]
-static RULES: Array<UnwindRule> = Array::with_max_entries(1, 0);
+static RULES: Array<DictEntry> = Array::with_max_entries(1, 0);
 
 /// The tail-call walker's continuation programs (kernels without `bpf_loop`).
 #[map]
@@ -242,12 +243,12 @@ impl Memory for UserMemory<'_> {
 }
 
 #[inline(always)]
-fn rule_at(rule_start: u32, index: u16) -> Option<UnwindRule> {
+fn record_at(rule_start: u32, index: u16) -> Option<DictEntry> {
     RULES.get(rule_start.wrapping_add(u32::from(index))).copied()
 }
 
 /// The unwind rule for file virtual address `vaddr` in table `t`: a page index lookup,
-/// one chunk lookup with a binary search inside it, and a rule lookup.
+/// one chunk lookup with a binary search inside it, and a rule record lookup.
 #[inline(always)]
 fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     let rel = vaddr.checked_sub(t.base)?;
@@ -262,7 +263,7 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     let start = (global % CHUNK_ENTRIES as u64) as u32;
     let count = u32::from(pe.count);
     if count == 0 {
-        return rule_at(t.rule_start, pe.start_rule);
+        return Some(record_at(t.rule_start, pe.start_rule)?.rule);
     }
     // Last entry with page_offset <= offset among chunk[start .. start + count]: a
     // branch-free binary search of at most 13 halvings (a page holds at most 4096
@@ -279,21 +280,20 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
         n -= half;
     }
     let idx = ((start + base) as usize) & (CHUNK_ENTRIES - 1);
-    if Entry::decode(*chunk.get(idx)?).page_offset > offset {
-        return rule_at(t.rule_start, pe.start_rule);
-    }
-    let lo = base + 1;
     let e = Entry::decode(*chunk.get(idx)?);
-    if e.restored_at(offset) {
-        if lo >= 2 {
-            let prev = Entry::decode(*chunk.get((idx.wrapping_sub(1)) & (CHUNK_ENTRIES - 1))?);
-            return Some(prev.final_rule(rule_at(t.rule_start, prev.rule)?));
-        }
-        return rule_at(t.rule_start, pe.start_rule);
+    if e.page_offset > offset {
+        return Some(record_at(t.rule_start, pe.start_rule)?.rule);
     }
-    let rule = rule_at(t.rule_start, e.rule)?;
-    let steps = e.steps_at(offset);
-    Some(if steps == 0 { rule } else { rule.advanced(steps, e.pops) })
+    let d = record_at(t.rule_start, e.rule)?;
+    if e.restored_at(offset, d.run) {
+        if base >= 1 {
+            let prev = Entry::decode(*chunk.get((idx.wrapping_sub(1)) & (CHUNK_ENTRIES - 1))?);
+            let p = record_at(t.rule_start, prev.rule)?;
+            return Some(p.run.final_rule(p.rule));
+        }
+        return Some(record_at(t.rule_start, pe.start_rule)?.rule);
+    }
+    Some(d.run.apply(d.rule, d.run.steps_at(e.page_offset, offset)))
 }
 
 /// One table (or frame-pointer fallback) step, called by `bpf_loop`. Returns 1 to stop.
