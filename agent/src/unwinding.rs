@@ -528,7 +528,7 @@ impl TableLoader {
             v[6..].copy_from_slice(&p.start_rule.to_le_bytes());
             self.pages.set(info.page_start + i as u32, v, 0)?;
         }
-        for (i, chunk) in t.entries().chunks(CHUNK_ENTRIES).enumerate() {
+        for (i, chunk) in t.entries().chunks().iter().enumerate() {
             let mut v = [0u32; CHUNK_ENTRIES];
             v[..chunk.len()].copy_from_slice(chunk);
             self.chunks.set(info.chunk_start + i as u32, v, 0)?;

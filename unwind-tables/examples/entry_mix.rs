@@ -11,7 +11,7 @@ fn main() {
         let mut prev_same = 0;
         for p in t.pages() {
             let mut prev: Option<u16> = None;
-            for &raw in &t.entries()[p.first as usize..(p.first + p.count as u32) as usize] {
+            for &raw in t.entries().page(p.first, p.count).unwrap() {
                 let e = Entry::decode(raw);
                 let r = t.rules()[e.rule as usize];
                 let steps = t.runs()[e.rule as usize].steps();

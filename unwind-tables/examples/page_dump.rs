@@ -7,7 +7,7 @@ fn main() {
     for i in pi.saturating_sub(1)..=pi {
         let p = t.pages()[i];
         println!("page {i} {:?} start_rule={:?}", p, t.rules()[p.start_rule as usize]);
-        for &raw in &t.entries()[p.first as usize..(p.first + p.count as u32) as usize] {
+        for &raw in t.entries().page(p.first, p.count).unwrap() {
             let e = Entry::decode(raw);
             println!(
                 "  {:x} {:?} {:?}",

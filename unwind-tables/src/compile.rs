@@ -1,14 +1,16 @@
 //! DWARF CFI → table.
 
 use rustc_hash::FxHashMap as HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::Path;
+use std::sync::Mutex;
 
 use gimli::{BaseAddresses, DebugFrame, EhFrame, EndianSlice, LittleEndian, UnwindSection};
 use object::{Object, ObjectSection, SectionFlags};
 use rayon::prelude::*;
 
 use crate::layout::*;
-use crate::{Error, Stats, UnwindTable};
+use crate::{Entries, Error, Stats, UnwindTable};
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -28,12 +30,12 @@ pub enum CfiSource {
     DebugFrame,
 }
 
-/// An FDE, 16 bytes: its CIE and instructions are found again from its record when it is
-/// evaluated (the list of every FDE is the largest buffer besides the output).
+/// An FDE, 8 bytes: its range end, CIE and instructions are found again from its record
+/// when it is evaluated (the list of every FDE is the largest buffer besides the output).
 #[derive(Clone, Copy, Debug)]
 struct Fde {
-    start: u64,
-    len: u32,
+    /// Start address minus the lowest executable section's address.
+    start: u32,
     /// Section offset of the FDE's record.
     rec: u32,
 }
@@ -46,20 +48,139 @@ impl Fde {
         Some(if eh_frame { (body as u32).wrapping_sub(id) } else { id })
     }
 
-    /// The FDE's instructions: section offsets `[start, end)`.
-    fn instructions(&self, data: &[u8], cie: &CieInfo) -> Option<(usize, usize)> {
+    /// The FDE's address range length and its instructions' section offsets `[start, end)`.
+    fn body(&self, data: &[u8], cie: &CieInfo) -> Option<(u64, usize, usize)> {
         let rec = self.rec as usize;
         let len32 = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
         let next = (rec + 4).checked_add(len32 as usize)?;
         let mut p = rec + 8;
         skip_encoded(data, &mut p, cie.encoding)?;
-        skip_encoded(data, &mut p, cie.encoding)?;
+        let range = read_range(data, &mut p, cie.encoding)?;
         if cie.augmented {
             let n = uleb(data, &mut p)?;
             p = p.checked_add(usize::try_from(n).ok()?)?;
         }
-        (p <= next && next <= data.len()).then_some((p, next))
+        (p <= next && next <= data.len()).then_some((range, p, next))
     }
+}
+
+/// The FDEs of a file in address order: the `.eh_frame_hdr` search table read in place
+/// when it lists exactly the section's FDEs (no copy at all), else a list built by scanning
+/// the records.
+enum FdeList<'a> {
+    Owned(Vec<Fde>),
+    /// `(initial location, FDE address)` pairs, `DW_EH_PE_datarel | sdata4` from the
+    /// header's address; every pair checked against its record before use.
+    Hdr {
+        table: &'a [u8],
+        hdr_addr: u64,
+        eh_addr: u64,
+        code_base: u64,
+    },
+}
+
+impl FdeList<'_> {
+    fn len(&self) -> usize {
+        match self {
+            FdeList::Owned(v) => v.len(),
+            FdeList::Hdr { table, .. } => table.len() / 8,
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<Fde> {
+        match self {
+            FdeList::Owned(v) => v.get(i).copied(),
+            FdeList::Hdr { table, hdr_addr, eh_addr, code_base } => {
+                let (loc, fde) = hdr_pair(table, i, *hdr_addr)?;
+                let start = u32::try_from(loc.checked_sub(*code_base)?).ok()?;
+                Some(Fde { start, rec: u32::try_from(fde.checked_sub(*eh_addr)?).ok()? })
+            }
+        }
+    }
+}
+
+/// Pair `i` of an `.eh_frame_hdr` search table (datarel sdata4).
+fn hdr_pair(table: &[u8], i: usize, hdr_addr: u64) -> Option<(u64, u64)> {
+    let b = table.get(i * 8..i * 8 + 8)?;
+    let loc = i32::from_le_bytes(b[..4].try_into().ok()?);
+    let fde = i32::from_le_bytes(b[4..].try_into().ok()?);
+    Some((hdr_addr.wrapping_add(loc as i64 as u64), hdr_addr.wrapping_add(fde as i64 as u64)))
+}
+
+/// The `.eh_frame_hdr` search table as the FDE list, when it can be trusted: version 1, a
+/// datarel sdata4 table, strictly increasing locations, as many pairs as the section has
+/// FDE records, and every pair pointing at an FDE record whose own start is the pair's
+/// location, inside the 4 GiB above `code_base`. Anything else: `None`, and the records
+/// are scanned instead (lld, for one, lists one FDE per address and drops the others).
+#[allow(clippy::too_many_arguments)]
+fn fdes_by_hdr<'a, S>(
+    hdr: &'a [u8],
+    hdr_addr: u64,
+    section: &S,
+    bases: &BaseAddresses,
+    data: &[u8],
+    eh_addr: u64,
+    code_base: u64,
+    cies: &mut HashMap<u32, Option<CieInfo>>,
+) -> Option<FdeList<'a>>
+where
+    S: UnwindSection<R<'a>>,
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    let &[version, ptr_enc, count_enc, table_enc] = hdr.first_chunk::<4>()?;
+    if version != 1 || count_enc != 0x03 || table_enc != 0x3b {
+        return None;
+    }
+    let mut p = 4;
+    skip_encoded(hdr, &mut p, ptr_enc)?;
+    let n = u32::from_le_bytes(hdr.get(p..p + 4)?.try_into().ok()?) as usize;
+    let table = hdr.get(p + 4..p + 4 + n.checked_mul(8)?)?;
+    // As many FDE records as pairs (CIE id 0; a zero length ends the section).
+    let mut fde_records = 0usize;
+    let mut at = 0usize;
+    while let Some(len) = data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) {
+        if len == 0 || len == 0xffff_ffff {
+            break;
+        }
+        let id = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
+        fde_records += usize::from(id != 0);
+        at = at.checked_add(4 + len as usize)?;
+    }
+    if fde_records != n || n > MAX_FDES {
+        return None;
+    }
+    let mut last = None;
+    for i in 0..n {
+        let (loc, fde) = hdr_pair(table, i, hdr_addr)?;
+        if last.is_some_and(|l| l >= loc) {
+            return None;
+        }
+        last = Some(loc);
+        u32::try_from(loc.checked_sub(code_base)?).ok()?;
+        let rec = usize::try_from(fde.checked_sub(eh_addr)?).ok()?;
+        let len = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
+        let body = rec + 4;
+        let next = body.checked_add(len as usize).filter(|&e| e <= data.len())?;
+        let id = u32::from_le_bytes(data.get(body..body + 4)?.try_into().ok()?);
+        if id == 0 || len == 0xffff_ffff {
+            return None;
+        }
+        let cie_off = (body as u32).wrapping_sub(id);
+        let c = (*cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize)))?;
+        let mut q = body + 4;
+        let field = eh_addr + q as u64;
+        let start = read_encoded(data, &mut q, c.encoding, field, bases, true)?;
+        let range = read_range(data, &mut q, c.encoding)?;
+        if start != loc || q > next || range == 0 || u32::try_from(range).is_err() {
+            return None;
+        }
+    }
+    Some(FdeList::Hdr { table, hdr_addr, eh_addr, code_base })
+}
+
+/// Reads an FDE's address range length (encoded like its start, never relative).
+fn read_range(data: &[u8], pos: &mut usize, encoding: u8) -> Option<u64> {
+    read_encoded(data, pos, encoding, 0, &BaseAddresses::default(), false)
 }
 
 /// Steps over a `DW_EH_PE_*` encoded value at `pos`.
@@ -164,6 +285,8 @@ pub fn compile_with(
             }
         }
     }
+    // FDE starts are stored relative to the lowest code address.
+    let code_base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
     let code = Code { ranges };
     let text = code_file.section_by_name(".text").map_or(0, |s| s.address());
     let got = code_file.section_by_name(".got").map_or(0, |s| s.address());
@@ -173,15 +296,27 @@ pub fn compile_with(
             let eh_data = eh.data().map_err(|e| Error::Elf(e.to_string()))?;
             let mut bases = BaseAddresses::default().set_eh_frame(eh.address()).set_text(text).set_got(got);
             let section = EhFrame::new(eh_data, LittleEndian);
-            if let Some(h) = cfi_file.section_by_name(".eh_frame_hdr") {
+            let hdr = cfi_file.section_by_name(".eh_frame_hdr");
+            if let Some(h) = &hdr {
                 bases = bases.set_eh_frame_hdr(h.address());
             }
-            // The FDE list comes from the records themselves, not from `.eh_frame_hdr`'s
-            // search table: linkers list only one FDE per start address there (lld keeps an
-            // empty one and drops the real one when several share an address).
             let mut cies = HashMap::default();
-            let (fdes, skipped) = fdes_by_scan(&section, &bases, eh_data, eh.address(), true, &mut cies)?;
-            build(eh_data, true, &cies, fdes, skipped, &code)
+            // The header's search table, read in place, when it lists exactly the records'
+            // FDEs; else the records themselves (linkers may list only one FDE per start
+            // address there: lld keeps an empty one and drops the real one).
+            let in_place = hdr.as_ref().and_then(|h| {
+                let d = h.data().ok()?;
+                fdes_by_hdr(d, h.address(), &section, &bases, eh_data, eh.address(), code_base, &mut cies)
+            });
+            let (fdes, skipped) = match in_place {
+                Some(list) => (list, 0),
+                None => {
+                    let (v, skipped) =
+                        fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies)?;
+                    (FdeList::Owned(v), skipped)
+                }
+            };
+            build(eh_data, true, &cies, fdes, skipped, code_base, &code)
         }
         CfiSource::DebugFrame => {
             let df = cfi_file.section_by_name(".debug_frame").ok_or(Error::NoCfi)?;
@@ -190,8 +325,9 @@ pub fn compile_with(
             section.set_address_size(8);
             let bases = BaseAddresses::default().set_text(text);
             let mut cies = HashMap::default();
-            let (fdes, skipped) = fdes_by_scan(&section, &bases, &data, df.address(), false, &mut cies)?;
-            build(&data, false, &cies, fdes, skipped, &code)
+            let (fdes, skipped) =
+                fdes_by_scan(&section, &bases, &data, df.address(), false, code_base, &mut cies)?;
+            build(&data, false, &cies, FdeList::Owned(fdes), skipped, code_base, &code)
         }
     }
 }
@@ -288,6 +424,7 @@ fn fdes_by_scan<'a, S>(
     data: &'a [u8],
     section_addr: u64,
     eh_frame: bool,
+    code_base: u64,
     cies: &mut HashMap<u32, Option<CieInfo>>,
 ) -> Result<(Vec<Fde>, u64), Error>
 where
@@ -338,16 +475,20 @@ where
                 let mut p = body + 4;
                 let field = section_addr + p as u64;
                 let start = read_encoded(data, &mut p, c.encoding, field, bases, true)?;
-                let range = read_encoded(data, &mut p, c.encoding, 0, bases, false)?;
+                let range = read_range(data, &mut p, c.encoding)?;
                 if c.augmented {
                     let n = uleb(data, &mut p)?;
                     p = p.checked_add(usize::try_from(n).ok()?)?;
                 }
                 start.checked_add(range)?;
-                (p <= next).then_some(Fde { start, len: u32::try_from(range).ok()?, rec: pos as u32 })
+                u32::try_from(range).ok()?;
+                // An FDE outside the 4 GiB above the lowest code section describes no code
+                // of this file.
+                let rel = start.checked_sub(code_base).and_then(|r| u32::try_from(r).ok());
+                (p <= next).then_some((rel.map(|rel| Fde { start: rel, rec: pos as u32 }), start, range))
             });
             match parsed {
-                Some(f) if f.len > 0 && f.start != 0 => {
+                Some((Some(f), start, range)) if range > 0 && start != 0 => {
                     out.push(f);
                     if out.len() > MAX_FDES {
                         return Err(Error::Limit("FDEs"));
@@ -363,14 +504,33 @@ where
     Ok((out, skipped))
 }
 
+/// Entries per block of a group's output: blocks are freed one by one as the table is
+/// assembled, so the group outputs and the table are never both whole.
+const GROUP_BLOCK: usize = 256;
+
+/// A run of a group's entries on one page: page number (< 2^44) in the high 44 bits, the
+/// count (≤ 4096 entries fit a page) in the low 20. 8 bytes where a tuple takes 16.
+#[derive(Clone, Copy)]
+struct PageRun(u64);
+
+impl PageRun {
+    fn page(self) -> u64 {
+        self.0 >> 20
+    }
+    fn count(self) -> usize {
+        (self.0 & 0xf_ffff) as usize
+    }
+}
+
 /// Output of one group of FDEs (contiguous in address order).
 #[derive(Default)]
 struct GroupOut {
-    /// (address of the row run's first byte, entry with a group-local rule index).
-    entries: Vec<u32>,
+    /// Entries naming records of the shared dictionary, in blocks of [`GROUP_BLOCK`].
+    entries: Vec<Vec<u32>>,
     /// Runs of `entries` by page: (absolute page number, count).
-    page_runs: Vec<(u64, u32)>,
-    dict: Vec<(UnwindRule, Run)>,
+    page_runs: Vec<PageRun>,
+    /// An entry on a page above [`PageRun`]'s range (only from arbitrary rows).
+    page_overflow: bool,
     rows: u64,
     unsupported: [u64; 8],
     rbp_undefined: u64,
@@ -388,10 +548,19 @@ struct Open {
     may_restore: bool,
 }
 
+/// FDEs evaluated by one task.
+const FDES_PER_GROUP: usize = 1024;
+
+/// Slots of a builder's cache of shared dictionary lookups.
+const DICT_CACHE: usize = 256;
+
 struct Builder<'c> {
     code: &'c Code<'c>,
     out: GroupOut,
-    index: HashMap<(UnwindRule, Run), u16>,
+    /// The table's records, shared by the groups (one copy, not one per group).
+    shared: &'c Mutex<Dictionary>,
+    /// Direct-mapped cache of `shared` lookups; id `u16::MAX` = empty.
+    cache: Vec<(UnwindRule, Run, u16)>,
     open: Option<Open>,
     /// Rule in effect at the end of the last row, and where that row ended.
     state: UnwindRule,
@@ -402,11 +571,12 @@ struct Builder<'c> {
 }
 
 impl<'c> Builder<'c> {
-    fn new(code: &'c Code<'c>) -> Self {
+    fn new(code: &'c Code<'c>, shared: &'c Mutex<Dictionary>) -> Self {
         Builder {
             code,
             out: GroupOut::default(),
-            index: HashMap::default(),
+            shared,
+            cache: vec![(UnwindRule::GAP, Run::NONE, u16::MAX); DICT_CACHE],
             open: None,
             state: UnwindRule::GAP,
             last_end: None,
@@ -421,14 +591,16 @@ impl<'c> Builder<'c> {
                 return i;
             }
         }
-        if let Some(&i) = self.index.get(&rule) {
-            self.last_rule = Some((rule, i));
-            return i;
-        }
-        let i = self.out.dict.len() as u16;
+        let slot = Dictionary::slot_of(rule.0, rule.1, DICT_CACHE - 1);
+        let c = self.cache[slot];
+        let i = if c.2 != u16::MAX && c.0 == rule.0 && c.1 == rule.1 {
+            c.2
+        } else {
+            let i = self.shared.lock().unwrap_or_else(|p| p.into_inner()).id(rule.0, rule.1);
+            self.cache[slot] = (rule.0, rule.1, i);
+            i
+        };
         self.last_rule = Some((rule, i));
-        self.out.dict.push(rule);
-        self.index.insert(rule, i);
         i
     }
 
@@ -436,11 +608,15 @@ impl<'c> Builder<'c> {
         if let Some(o) = self.open.take() {
             let id = self.rule_id((o.base, o.run));
             let e = Entry { page_offset: (o.start & (PAGE_SIZE - 1)) as u16, rule: id, restore: o.restore };
-            self.out.entries.push(e.encode());
+            if self.out.entries.last().is_none_or(|b| b.len() == GROUP_BLOCK) {
+                self.out.entries.push(Vec::with_capacity(GROUP_BLOCK));
+            }
+            self.out.entries.last_mut().unwrap().push(e.encode());
             let page = o.start >> PAGE_SHIFT;
             match self.out.page_runs.last_mut() {
-                Some((p, n)) if *p == page => *n += 1,
-                _ => self.out.page_runs.push((page, 1)),
+                Some(r) if r.page() == page => *r = PageRun(r.0 + 1),
+                _ if page >= 1 << 44 => self.out.page_overflow = true,
+                _ => self.out.page_runs.push(PageRun(page << 20 | 1)),
             }
             self.last_closed = Some((o.start >> PAGE_SHIFT, o.restore));
         }
@@ -809,17 +985,19 @@ fn decode(data: &[u8], pos: &mut usize, caf: u64, loc: u64) -> Option<gimli::Cal
 /// Runs an FDE's CFI program from its CIE's initial state, feeding rows to the builder.
 fn evaluate_fde(
     fde: &Fde,
+    code_base: u64,
     cie: &CieInfo,
     data: &[u8],
     stack: &mut Vec<State>,
     b: &mut Builder<'_>,
 ) -> Result<(), ()> {
-    let end = fde.start + u64::from(fde.len);
-    let mut loc = fde.start;
+    let (range, ins_start, ins_end) = fde.body(data, cie).ok_or(())?;
+    let start = code_base.checked_add(u64::from(fde.start)).ok_or(())?;
+    let end = start.checked_add(range).ok_or(())?;
+    let mut loc = start;
     let initial = cie.initial;
     let mut st = initial;
     stack.clear();
-    let (ins_start, ins_end) = fde.instructions(data, cie).ok_or(())?;
     let ins = data.get(ins_start..ins_end).ok_or(())?;
     let signal = cie.signal;
     let emit = |from: u64, to: u64, st: &State, b: &mut Builder<'_>| {
@@ -946,26 +1124,33 @@ fn build(
     data: &[u8],
     eh_frame: bool,
     cies: &HashMap<u32, Option<CieInfo>>,
-    fdes: Vec<Fde>,
+    fdes: FdeList<'_>,
     skipped: u64,
+    code_base: u64,
     code: &Code<'_>,
 ) -> Result<UnwindTable, Error> {
-    let threads = rayon::current_num_threads().max(1);
-    let groups = (threads * 8).min(fdes.len().max(1));
-    let per = fdes.len().div_ceil(groups.max(1)).max(1);
-    let mut outs: Vec<GroupOut> = fdes
-        .par_chunks(per)
-        .map(|chunk| {
-            let mut b = Builder::new(code);
+    // Groups of a fixed number of FDEs, not one per thread: the table (where a group ends,
+    // a gap entry is written) is then the same on every machine.
+    let n = fdes.len();
+    let per = FDES_PER_GROUP;
+    let shared = Mutex::new(Dictionary::new(MAX_RULES));
+    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per))
+        .into_par_iter()
+        .map(|g| {
+            let mut b = Builder::new(code, &shared);
             let mut stack = Vec::new();
-            for f in chunk {
+            for i in g * per..((g + 1) * per).min(n) {
+                let Some(f) = fdes.get(i) else { continue };
                 let Some(Some(cie)) = f.cie(data, eh_frame).and_then(|c| cies.get(&c)) else { continue };
-                if evaluate_fde(f, cie, data, &mut stack, &mut b).is_err() {
+                if evaluate_fde(&f, code_base, cie, data, &mut stack, &mut b).is_err() {
                     b.out.unsupported[Unsupported::Malformed as usize] += 1;
                 }
             }
             let mut out = b.finish();
-            out.entries.shrink_to_fit();
+            if let Some(b) = out.entries.last_mut() {
+                b.shrink_to_fit();
+            }
+            out.page_runs.shrink_to_fit();
             out
         })
         .collect();
@@ -973,7 +1158,7 @@ fn build(
     if let Some(first) = outs.first_mut() {
         first.unsupported[Unsupported::Malformed as usize] += skipped;
     }
-    stitch(outs)
+    stitch(outs, shared.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Builds a table from rows `(start, end, rule)` sorted by start (for JIT code or tests).
@@ -981,7 +1166,8 @@ fn build(
 /// entry.
 pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, Error> {
     let code = Code { ranges: Vec::new() };
-    let mut b = Builder::new(&code);
+    let shared = Mutex::new(Dictionary::new(MAX_RULES));
+    let mut b = Builder::new(&code, &shared);
     let mut last = 0;
     for &(start, end, rule) in rows {
         if start < last || end < start {
@@ -992,18 +1178,22 @@ pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, E
             b.row(start, end, rule);
         }
     }
-    stitch(vec![b.finish()])
+    let out = b.finish();
+    stitch(vec![out], shared.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Joins the groups' entries into one table: global rule dictionary, page index with
 /// start rules, chunk padding.
-fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
+fn stitch(outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, Error> {
     let mut stats = Stats::default();
     let (mut lo, mut hi) = (u64::MAX, 0u64);
     for o in &outs {
+        if o.page_overflow {
+            return Err(Error::Limit("address range"));
+        }
         if let (Some(f), Some(l)) = (o.page_runs.first(), o.page_runs.last()) {
-            lo = lo.min(f.0 << PAGE_SHIFT);
-            hi = hi.max(l.0 << PAGE_SHIFT);
+            lo = lo.min(f.page() << PAGE_SHIFT);
+            hi = hi.max(l.page() << PAGE_SHIFT);
         }
         stats.dwarf_rows += o.rows;
         for (i, n) in o.unsupported.iter().enumerate() {
@@ -1022,18 +1212,22 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
     if npages > u64::from(u32::MAX) {
         return Err(Error::Limit("address range"));
     }
-    let total: usize = outs.iter().map(|o| o.entries.len()).sum();
+    let total: usize = outs.iter().flat_map(|o| &o.entries).map(Vec::len).sum();
     let mut pages = vec![PageEntry::default(); npages as usize];
-    let mut entries: Vec<u32> = Vec::with_capacity(total + total / 64 + 16);
-    let mut dict = Dictionary::default();
-    dict.id(UnwindRule::GAP, Run::NONE);
-    dict.id(UnwindRule::unsupported(Unsupported::DictionaryFull), Run::NONE);
+    // Chunks are allocated as they fill, and each group's entries are freed once copied:
+    // the entries are never held twice.
+    let mut entries = Entries::default();
+    let mut remaining = total;
+    // Record ids were handed out in the groups' racing order: sorted, the table is the same
+    // on every run.
+    let map = dict.canonicalize(npages as usize);
     let mut state = UnwindRule::GAP;
     let mut next_page: u64 = 0;
     for o in outs {
-        let map: Vec<u16> = o.dict.iter().map(|&(r, run)| dict.id(r, run)).collect();
-        let pages_of = o.page_runs.iter().flat_map(|&(p, n)| std::iter::repeat_n(p, n as usize));
-        for (abs_page, raw) in pages_of.zip(o.entries) {
+        let pages_of = o.page_runs.iter().flat_map(|r| std::iter::repeat_n(r.page(), r.count()));
+        // Each block is freed once copied.
+        for (abs_page, raw) in pages_of.zip(o.entries.into_iter().flatten()) {
+            remaining = remaining.saturating_sub(1);
             let page = abs_page - (base >> PAGE_SHIFT);
             let mut e = Entry::decode(raw);
             e.rule = map[e.rule as usize];
@@ -1044,59 +1238,140 @@ fn stitch(outs: Vec<GroupOut>) -> Result<UnwindTable, Error> {
                 next_page += 1;
             }
             let p = &mut pages[page as usize];
-            let (rule, run) = dict.records[e.rule as usize];
+            let (rule, run) = (dict.rules[e.rule as usize], dict.runs[e.rule as usize]);
             let after = if e.restore { state } else { run.final_rule(rule) };
             // Two entries at one offset (a group's closing gap, then the next group's first
             // row): the later one holds.
-            if p.count > 0 && entries.last().is_some_and(|l| Entry::decode(*l).page_offset == e.page_offset) {
+            if p.count > 0 && entries.last().is_some_and(|l| Entry::decode(l).page_offset == e.page_offset) {
                 *entries.last_mut().unwrap() = e.encode();
                 state = after;
                 continue;
             }
             // A page's entries never straddle a chunk: move them to the next one if needed.
             if (p.first % CHUNK_ENTRIES) + u32::from(p.count) + 1 > CHUNK_ENTRIES {
-                let moved: Vec<u32> = entries.drain(p.first as usize..).collect();
-                let pad = CHUNK_ENTRIES - (entries.len() as u32 % CHUNK_ENTRIES);
-                stats.padding_entries += u64::from(pad);
-                entries.extend(std::iter::repeat_n(0u32, pad as usize));
+                let moved = entries.split_off(p.first as usize);
+                stats.padding_entries += entries.pad_chunk() as u64;
                 p.first = entries.len() as u32;
-                entries.extend(moved);
+                let hint = moved.len() + remaining + 1;
+                for m in moved {
+                    entries.push(m, hint);
+                }
             }
-            entries.push(e.encode());
+            entries.push(e.encode(), remaining + 1);
             p.count += 1;
             state = after;
         }
     }
-    let (rules, runs): (Vec<UnwindRule>, Vec<Run>) = dict.records.into_iter().unzip();
-    let dict_full = dict.overflow;
+    let Dictionary { mut rules, mut runs, slots, overflow: dict_full, .. } = dict;
+    drop(slots);
+    rules.shrink_to_fit();
+    runs.shrink_to_fit();
     if dict_full > 0 {
         *stats.unsupported.entry(Unsupported::DictionaryFull.name()).or_default() += dict_full;
     }
+    entries.shrink();
     stats.entries = entries.len() as u64 - stats.padding_entries;
     Ok(UnwindTable::from_parts(base, pages, entries, rules, runs, stats))
 }
 
+/// The table's dictionary while it is assembled: records as the table stores them, and an
+/// open-addressing index of 2-byte slots into them (a few KiB, where a hash map of the
+/// 12-byte keys would take as much as the records themselves).
 #[derive(Default)]
 struct Dictionary {
-    records: Vec<(UnwindRule, Run)>,
-    index: HashMap<(UnwindRule, Run), u16>,
+    rules: Vec<UnwindRule>,
+    runs: Vec<Run>,
+    /// Record index + 1 per slot, 0 = empty; the length is a power of two.
+    slots: Vec<u16>,
     overflow: u64,
+    limit: usize,
 }
 
 impl Dictionary {
+    /// A dictionary of at most `limit` records that starts with the gap rule (index 0) and
+    /// the `DictionaryFull` rule (index 1).
+    fn new(limit: usize) -> Self {
+        let mut d = Dictionary { limit, ..Dictionary::default() };
+        d.id(UnwindRule::GAP, Run::NONE);
+        d.id(UnwindRule::unsupported(Unsupported::DictionaryFull), Run::NONE);
+        d
+    }
+
+    /// Sorts the records (the gap and `DictionaryFull` rules stay first) and returns the
+    /// old index → new index map.
+    /// `room`: records expected to be added later (reserved now: growing by doubling would
+    /// hold both buffers and leave up to half of the new one empty).
+    fn canonicalize(&mut self, room: usize) -> Vec<u16> {
+        let n = self.rules.len();
+        let mut order: Vec<u16> = (0..n as u16).collect();
+        order[2.min(n)..].sort_unstable_by_key(|&i| (self.rules[i as usize], self.runs[i as usize]));
+        let cap = (n + room).min(self.limit.max(2));
+        let mut rules = Vec::with_capacity(cap);
+        rules.extend(order.iter().map(|&i| self.rules[i as usize]));
+        self.rules = rules;
+        let mut runs = Vec::with_capacity(cap);
+        runs.extend(order.iter().map(|&i| self.runs[i as usize]));
+        self.runs = runs;
+        let mut map = vec![0u16; n];
+        for (new, &old) in order.iter().enumerate() {
+            map[old as usize] = new as u16;
+        }
+        drop(order);
+        self.rebuild_slots(self.slots.len());
+        map
+    }
+
+    fn rebuild_slots(&mut self, len: usize) {
+        let mask = len.max(64) - 1;
+        let mut slots = vec![0u16; mask + 1];
+        for (r, (&rule, &run)) in self.rules.iter().zip(&self.runs).enumerate() {
+            let mut i = Self::slot_of(rule, run, mask);
+            while slots[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            slots[i] = r as u16 + 1;
+        }
+        self.slots = slots;
+    }
+
+    fn slot_of(rule: UnwindRule, run: Run, mask: usize) -> usize {
+        let mut h = rustc_hash::FxHasher::default();
+        (rule, run).hash(&mut h);
+        h.finish() as usize & mask
+    }
+
     /// The record's index; past [`MAX_RULES`] records, the index of the `DictionaryFull`
     /// rule (always index 1), counted.
     fn id(&mut self, rule: UnwindRule, run: Run) -> u16 {
-        if let Some(&i) = self.index.get(&(rule, run)) {
-            return i;
+        if self.slots.is_empty() {
+            self.slots = vec![0; 64];
         }
-        if self.records.len() >= MAX_RULES {
+        let mask = self.slots.len() - 1;
+        let mut i = Self::slot_of(rule, run, mask);
+        loop {
+            match self.slots[i] {
+                0 => break,
+                s => {
+                    let r = usize::from(s - 1);
+                    if self.rules[r] == rule && self.runs[r] == run {
+                        return r as u16;
+                    }
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        if self.rules.len() >= self.limit.max(2) {
             self.overflow += 1;
             return 1;
         }
-        let i = self.records.len() as u16;
-        self.records.push((rule, run));
-        self.index.insert((rule, run), i);
-        i
+        let id = self.rules.len() as u16;
+        self.rules.push(rule);
+        self.runs.push(run);
+        self.slots[i] = id + 1;
+        // At most half full: rebuild at twice the size.
+        if self.rules.len() * 2 > self.slots.len() {
+            self.rebuild_slots(self.slots.len() * 2);
+        }
+        id
     }
 }

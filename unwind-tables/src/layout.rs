@@ -391,30 +391,40 @@ pub struct TableHeader {
 pub const HEADER_SIZE: usize = core::mem::size_of::<TableHeader>();
 const _: () = assert!(HEADER_SIZE == 32);
 
-/// A borrowed view of the table's arrays, for lookups.
+/// A borrowed view of the table's arrays, for lookups. The entries are in chunks of
+/// [`CHUNK_ENTRIES`] (the last may be shorter); entry `i` is `chunks[i / CHUNK_ENTRIES]
+/// [i % CHUNK_ENTRIES]`, and no page's entries straddle two chunks.
 #[derive(Clone, Copy, Debug)]
-pub struct TableView<'a> {
+pub struct TableView<'a, C: AsRef<[u32]>> {
     /// File virtual address of page 0.
     pub base: u64,
     /// Page index.
     pub pages: &'a [PageEntry],
-    /// Packed entries.
-    pub entries: &'a [u32],
+    /// Packed entries, by chunk.
+    pub chunks: &'a [C],
     /// Rule dictionary.
     pub rules: &'a [UnwindRule],
     /// The run of each dictionary record.
     pub runs: &'a [Run],
 }
 
-impl TableView<'_> {
+/// The `count` entries from global index `first`, inside one chunk.
+pub fn page_entries<C: AsRef<[u32]>>(chunks: &[C], first: u32, count: u16) -> Option<&[u32]> {
+    if count == 0 {
+        return Some(&[]);
+    }
+    let off = first as usize % CHUNK_ENTRIES as usize;
+    chunks.get(first as usize / CHUNK_ENTRIES as usize)?.as_ref().get(off..off + count as usize)
+}
+
+impl<C: AsRef<[u32]>> TableView<'_, C> {
     /// The rule for file virtual address `pc`; `None` outside the table (or for an index
     /// that points outside the arrays, which a well-formed table never has).
     pub fn lookup(&self, pc: u64) -> Option<UnwindRule> {
         let rel = pc.checked_sub(self.base)?;
         let page = self.pages.get((rel >> PAGE_SHIFT) as usize)?;
         let offset = (rel & (PAGE_SIZE - 1)) as u16;
-        let start = page.first as usize;
-        let entries = self.entries.get(start..start + page.count as usize)?;
+        let entries = page_entries(self.chunks, page.first, page.count)?;
         let n = entries.partition_point(|&e| Entry::decode(e).page_offset <= offset);
         if n == 0 {
             return self.rules.get(page.start_rule as usize).copied();

@@ -34,7 +34,7 @@ pub mod walk;
 #[cfg(feature = "std")]
 pub use compile::{compile_elf, compile_file, compile_with, table_from_rows, CfiSource, MAX_FILE_SIZE};
 #[cfg(feature = "std")]
-pub use table::{Stats, UnwindTable};
+pub use table::{Entries, Stats, UnwindTable};
 
 /// What went wrong compiling or loading a table.
 #[cfg(feature = "std")]

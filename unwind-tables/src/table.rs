@@ -19,12 +19,87 @@ pub struct Stats {
     pub rbp_undefined: u64,
 }
 
+/// A table's entries in chunks of [`CHUNK_ENTRIES`] (the last may be shorter): the unit the
+/// in-kernel walker stores (one map value each), and what lets a table be assembled without
+/// holding a second copy of its entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    chunks: Vec<Vec<u32>>,
+    len: usize,
+}
+
+const CHUNK: usize = CHUNK_ENTRIES as usize;
+
+impl Entries {
+    /// Number of entries, padding included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The chunks: every one but the last holds exactly [`CHUNK_ENTRIES`] entries.
+    pub fn chunks(&self) -> &[Vec<u32>] {
+        &self.chunks
+    }
+    /// Entry `i` (global index, as `PageEntry::first` counts).
+    pub fn get(&self, i: usize) -> Option<u32> {
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK).copied()
+    }
+    /// The `count` entries of a page starting at global index `first`.
+    pub fn page(&self, first: u32, count: u16) -> Option<&[u32]> {
+        page_entries(&self.chunks, first, count)
+    }
+    /// Every entry in order, padding included.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.chunks.iter().flatten().copied()
+    }
+
+    /// Appends an entry; a new chunk gets room for `hint` entries (at most a chunk).
+    pub(crate) fn push(&mut self, v: u32, hint: usize) {
+        if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+            self.chunks.push(Vec::with_capacity(hint.clamp(1, CHUNK)));
+        }
+        self.chunks.last_mut().unwrap().push(v);
+        self.len += 1;
+    }
+    pub(crate) fn last(&self) -> Option<u32> {
+        self.chunks.last().and_then(|c| c.last()).copied()
+    }
+    pub(crate) fn last_mut(&mut self) -> Option<&mut u32> {
+        self.chunks.last_mut().and_then(|c| c.last_mut())
+    }
+    /// Removes the entries from global index `first` (inside the last chunk) to the end.
+    pub(crate) fn split_off(&mut self, first: usize) -> Vec<u32> {
+        let Some(last) = self.chunks.last_mut() else { return Vec::new() };
+        let start = self.len - last.len();
+        let moved = last.split_off(first.saturating_sub(start).min(last.len()));
+        self.len -= moved.len();
+        moved
+    }
+    /// Fills the last chunk with zero entries; returns how many.
+    pub(crate) fn pad_chunk(&mut self) -> usize {
+        let Some(last) = self.chunks.last_mut() else { return 0 };
+        let pad = CHUNK - last.len();
+        last.resize(CHUNK, 0);
+        self.len += pad;
+        pad
+    }
+    /// Drops the spare room of the last chunk.
+    pub(crate) fn shrink(&mut self) {
+        if let Some(last) = self.chunks.last_mut() {
+            last.shrink_to_fit();
+        }
+    }
+}
+
 /// A compiled unwind table for one ELF file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnwindTable {
     base: u64,
     pages: Vec<PageEntry>,
-    entries: Vec<u32>,
+    entries: Entries,
     rules: Vec<UnwindRule>,
     runs: Vec<Run>,
     stats: Stats,
@@ -40,7 +115,7 @@ impl UnwindTable {
         UnwindTable {
             base: 0,
             pages: Vec::new(),
-            entries: Vec::new(),
+            entries: Entries::default(),
             rules: vec![UnwindRule::GAP],
             runs: vec![Run::NONE],
             stats,
@@ -50,7 +125,7 @@ impl UnwindTable {
     pub(crate) fn from_parts(
         base: u64,
         pages: Vec<PageEntry>,
-        entries: Vec<u32>,
+        entries: Entries,
         rules: Vec<UnwindRule>,
         runs: Vec<Run>,
         stats: Stats,
@@ -64,11 +139,11 @@ impl UnwindTable {
     }
 
     /// A view for lookups.
-    pub fn view(&self) -> TableView<'_> {
+    pub fn view(&self) -> TableView<'_, Vec<u32>> {
         TableView {
             base: self.base,
             pages: &self.pages,
-            entries: &self.entries,
+            chunks: &self.entries.chunks,
             rules: &self.rules,
             runs: &self.runs,
         }
@@ -88,7 +163,7 @@ impl UnwindTable {
         &self.pages
     }
     /// The packed entries, padding included.
-    pub fn entries(&self) -> &[u32] {
+    pub fn entries(&self) -> &Entries {
         &self.entries
     }
     /// The rules of the dictionary records.
@@ -122,8 +197,7 @@ impl UnwindTable {
         for (pi, p) in self.pages.iter().enumerate() {
             // Wrapping: a table read from bytes may place its pages anywhere.
             let page_base = self.base.wrapping_add((pi as u64) << PAGE_SHIFT);
-            let start = p.first as usize;
-            let page = &self.entries[start..start + p.count as usize];
+            let Some(page) = self.entries.page(p.first, p.count) else { continue };
             for (i, &raw) in page.iter().enumerate() {
                 let e = Entry::decode(raw);
                 let (rule, run) = (self.rules[e.rule as usize], self.runs[e.rule as usize]);
@@ -177,7 +251,7 @@ impl UnwindTable {
             out.extend_from_slice(&p.count.to_le_bytes());
             out.extend_from_slice(&p.start_rule.to_le_bytes());
         }
-        for e in &self.entries {
+        for e in self.entries.iter() {
             out.extend_from_slice(&e.to_le_bytes());
         }
         for r in &self.rules {
@@ -233,9 +307,9 @@ impl UnwindTable {
             pages.push(p);
             o += 8;
         }
-        let mut entries = Vec::with_capacity(ne);
-        for _ in 0..ne {
-            entries.push(u32_at(o).unwrap());
+        let mut entries = Entries::default();
+        for i in 0..ne {
+            entries.push(u32_at(o).unwrap(), ne - i);
             o += 4;
         }
         let mut rules = Vec::with_capacity(nr);
@@ -266,7 +340,7 @@ impl UnwindTable {
             if runs[p.start_rule as usize] != Run::NONE {
                 return Err(Error::Format("page start rule with a run"));
             }
-            for &e in &entries[p.first as usize..p.first as usize + p.count as usize] {
+            for &e in entries.page(p.first, p.count).ok_or(Error::Format("page index out of range"))? {
                 let d = Entry::decode(e);
                 if d.rule as usize >= nr || e & 0x7f00_0000 != 0 {
                     return Err(Error::Format("entry out of range"));
