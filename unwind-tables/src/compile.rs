@@ -48,19 +48,21 @@ impl Fde {
         Some(if eh_frame { (body as u32).wrapping_sub(id) } else { id })
     }
 
-    /// The FDE's address range length and its instructions' section offsets `[start, end)`.
-    fn body(&self, data: &[u8], cie: &CieInfo) -> Option<(u64, usize, usize)> {
+    /// The FDE's start address as its record says, its range length and its instructions'
+    /// section offsets `[start, end)`.
+    fn body(&self, data: &[u8], cie: &CieInfo, sec: &SectionAt<'_>) -> Option<(u64, u64, usize, usize)> {
         let rec = self.rec as usize;
         let len32 = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
         let next = (rec + 4).checked_add(len32 as usize)?;
         let mut p = rec + 8;
-        skip_encoded(data, &mut p, cie.encoding)?;
+        let field = sec.addr + p as u64;
+        let start = read_encoded(data, &mut p, cie.encoding, field, sec.bases, true)?;
         let range = read_range(data, &mut p, cie.encoding)?;
         if cie.augmented {
             let n = uleb(data, &mut p)?;
             p = p.checked_add(usize::try_from(n).ok()?)?;
         }
-        (p <= next && next <= data.len()).then_some((range, p, next))
+        (p <= next && next <= data.len()).then_some((start, range, p, next))
     }
 }
 
@@ -107,11 +109,12 @@ fn hdr_pair(table: &[u8], i: usize, hdr_addr: u64) -> Option<(u64, u64)> {
     Some((hdr_addr.wrapping_add(loc as i64 as u64), hdr_addr.wrapping_add(fde as i64 as u64)))
 }
 
-/// The `.eh_frame_hdr` search table as the FDE list, when it can be trusted: version 1, a
-/// datarel sdata4 table, strictly increasing locations, as many pairs as the section has
-/// FDE records, and every pair pointing at an FDE record whose own start is the pair's
-/// location, inside the 4 GiB above `code_base`. Anything else: `None`, and the records
-/// are scanned instead (lld, for one, lists one FDE per address and drops the others).
+/// The `.eh_frame_hdr` search table as the FDE list, when its shape can be trusted:
+/// version 1, a datarel sdata4 table, strictly increasing locations inside the 4 GiB above
+/// `code_base`, and as many pairs as the section has FDE records. The CIEs are parsed here.
+/// Each pair is checked against its record when the FDE is evaluated (an FDE record whose
+/// own start is the pair's location); one that fails sends the whole file back to a scan of
+/// the records. `None`: scan (lld, for one, lists one FDE per address and drops others).
 #[allow(clippy::too_many_arguments)]
 fn fdes_by_hdr<'a, S>(
     hdr: &'a [u8],
@@ -143,7 +146,11 @@ where
             break;
         }
         let id = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
-        fde_records += usize::from(id != 0);
+        if id == 0 {
+            cies.entry(at as u32).or_insert_with(|| cie_info(section, bases, at));
+        } else {
+            fde_records += 1;
+        }
         at = at.checked_add(4 + len as usize)?;
     }
     if fde_records != n || n > MAX_FDES {
@@ -152,30 +159,19 @@ where
     let mut last = None;
     for i in 0..n {
         let (loc, fde) = hdr_pair(table, i, hdr_addr)?;
-        if last.is_some_and(|l| l >= loc) {
+        if last.is_some_and(|l| l >= loc) || loc < code_base || loc - code_base > u64::from(u32::MAX) {
             return None;
         }
         last = Some(loc);
-        u32::try_from(loc.checked_sub(code_base)?).ok()?;
-        let rec = usize::try_from(fde.checked_sub(eh_addr)?).ok()?;
-        let len = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
-        let body = rec + 4;
-        let next = body.checked_add(len as usize).filter(|&e| e <= data.len())?;
-        let id = u32::from_le_bytes(data.get(body..body + 4)?.try_into().ok()?);
-        if id == 0 || len == 0xffff_ffff {
-            return None;
-        }
-        let cie_off = (body as u32).wrapping_sub(id);
-        let c = (*cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize)))?;
-        let mut q = body + 4;
-        let field = eh_addr + q as u64;
-        let start = read_encoded(data, &mut q, c.encoding, field, bases, true)?;
-        let range = read_range(data, &mut q, c.encoding)?;
-        if start != loc || q > next || range == 0 || u32::try_from(range).is_err() {
-            return None;
-        }
+        fde.checked_sub(eh_addr).filter(|&r| r < data.len() as u64)?;
     }
     Some(FdeList::Hdr { table, hdr_addr, eh_addr, code_base })
+}
+
+/// Where a CFI section is, to read its pc-relative fields.
+struct SectionAt<'a> {
+    addr: u64,
+    bases: &'a BaseAddresses,
 }
 
 /// Reads an FDE's address range length (encoded like its start, never relative).
@@ -308,15 +304,16 @@ pub fn compile_with(
                 let d = h.data().ok()?;
                 fdes_by_hdr(d, h.address(), &section, &bases, eh_data, eh.address(), code_base, &mut cies)
             });
-            let (fdes, skipped) = match in_place {
-                Some(list) => (list, 0),
-                None => {
-                    let (v, skipped) =
-                        fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies)?;
-                    (FdeList::Owned(v), skipped)
+            let sec = SectionAt { addr: eh.address(), bases: &bases };
+            if let Some(list) = in_place {
+                if let Some(t) = build(eh_data, true, &cies, list, 0, code_base, &sec, &code)? {
+                    return Ok(t);
                 }
-            };
-            build(eh_data, true, &cies, fdes, skipped, code_base, &code)
+            }
+            let (v, skipped) =
+                fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies)?;
+            build(eh_data, true, &cies, FdeList::Owned(v), skipped, code_base, &sec, &code)?
+                .ok_or(Error::Dwarf("inconsistent FDE records".into()))
         }
         CfiSource::DebugFrame => {
             let df = cfi_file.section_by_name(".debug_frame").ok_or(Error::NoCfi)?;
@@ -327,7 +324,9 @@ pub fn compile_with(
             let mut cies = HashMap::default();
             let (fdes, skipped) =
                 fdes_by_scan(&section, &bases, &data, df.address(), false, code_base, &mut cies)?;
-            build(&data, false, &cies, FdeList::Owned(fdes), skipped, code_base, &code)
+            let sec = SectionAt { addr: df.address(), bases: &bases };
+            build(&data, false, &cies, FdeList::Owned(fdes), skipped, code_base, &sec, &code)?
+                .ok_or(Error::Dwarf("inconsistent FDE records".into()))
         }
     }
 }
@@ -982,23 +981,41 @@ fn decode(data: &[u8], pos: &mut usize, caf: u64, loc: u64) -> Option<gimli::Cal
     })
 }
 
+/// Why an FDE was not evaluated to its end.
+enum Failure {
+    /// Its CFI is malformed (counted; the rows before the fault are kept).
+    Malformed,
+    /// The header search table's pair does not match this record: scan the records.
+    NotListed,
+}
+
 /// Runs an FDE's CFI program from its CIE's initial state, feeding rows to the builder.
 fn evaluate_fde(
     fde: &Fde,
     code_base: u64,
     cie: &CieInfo,
     data: &[u8],
+    sec: &SectionAt<'_>,
     stack: &mut Vec<State>,
     b: &mut Builder<'_>,
-) -> Result<(), ()> {
-    let (range, ins_start, ins_end) = fde.body(data, cie).ok_or(())?;
-    let start = code_base.checked_add(u64::from(fde.start)).ok_or(())?;
-    let end = start.checked_add(range).ok_or(())?;
+) -> Result<(), Failure> {
+    let (start, range, ins_start, ins_end) = fde.body(data, cie, sec).ok_or(Failure::Malformed)?;
+    if code_base.checked_add(u64::from(fde.start)) != Some(start) {
+        // Only a header search table that does not match its records gets here.
+        return Err(Failure::NotListed);
+    }
+    if range == 0 || start == 0 {
+        return Ok(()); // describes no code (a scan leaves these out)
+    }
+    if range > u64::from(u32::MAX) {
+        return Err(Failure::NotListed);
+    }
+    let end = start.checked_add(range).ok_or(Failure::NotListed)?;
     let mut loc = start;
     let initial = cie.initial;
     let mut st = initial;
     stack.clear();
-    let ins = data.get(ins_start..ins_end).ok_or(())?;
+    let ins = data.get(ins_start..ins_end).ok_or(Failure::Malformed)?;
     let signal = cie.signal;
     let emit = |from: u64, to: u64, st: &State, b: &mut Builder<'_>| {
         if to > from {
@@ -1010,7 +1027,7 @@ fn evaluate_fde(
     while pos < ins.len() {
         let Some(i) = decode(ins, &mut pos, cie.code_align, loc) else {
             emit(loc, end, &st, b);
-            return Err(());
+            return Err(Failure::Malformed);
         };
         // Expressions are located relative to the instruction slice; make them section offsets.
         let i = match i {
@@ -1027,7 +1044,7 @@ fn evaluate_fde(
         if let gimli::CallFrameInstruction::SetLoc { address } = i {
             if address < loc || address > end {
                 emit(loc, end, &st, b);
-                return Err(());
+                return Err(Failure::Malformed);
             }
             emit(loc, address, &st, b);
             loc = address;
@@ -1035,7 +1052,7 @@ fn evaluate_fde(
         }
         if apply(&i, &mut st, &initial, stack, cie.code_align, cie.data_align).is_err() {
             emit(loc, end, &st, b);
-            return Err(());
+            return Err(Failure::Malformed);
         }
     }
     emit(loc, end, &st, b);
@@ -1120,6 +1137,7 @@ fn cfa_expression(e: &[u8]) -> Option<UnwindRule> {
     Some(r)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     data: &[u8],
     eh_frame: bool,
@@ -1127,8 +1145,11 @@ fn build(
     fdes: FdeList<'_>,
     skipped: u64,
     code_base: u64,
+    sec: &SectionAt<'_>,
     code: &Code<'_>,
-) -> Result<UnwindTable, Error> {
+) -> Result<Option<UnwindTable>, Error> {
+    let in_place = matches!(fdes, FdeList::Hdr { .. });
+    let not_listed = std::sync::atomic::AtomicBool::new(false);
     // Groups of a fixed number of FDEs, not one per thread: the table (where a group ends,
     // a gap entry is written) is then the same on every machine.
     let n = fdes.len();
@@ -1140,10 +1161,21 @@ fn build(
             let mut b = Builder::new(code, &shared);
             let mut stack = Vec::new();
             for i in g * per..((g + 1) * per).min(n) {
-                let Some(f) = fdes.get(i) else { continue };
-                let Some(Some(cie)) = f.cie(data, eh_frame).and_then(|c| cies.get(&c)) else { continue };
-                if evaluate_fde(&f, code_base, cie, data, &mut stack, &mut b).is_err() {
-                    b.out.unsupported[Unsupported::Malformed as usize] += 1;
+                if not_listed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let cie = fdes.get(i).and_then(|f| Some((f, f.cie(data, eh_frame)?)));
+                let Some((f, Some(cie))) = cie.map(|(f, c)| (f, cies.get(&c).copied().flatten())) else {
+                    if in_place {
+                        // A pair that names no FDE of a known CIE.
+                        not_listed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    continue;
+                };
+                match evaluate_fde(&f, code_base, &cie, data, sec, &mut stack, &mut b) {
+                    Ok(()) => {}
+                    Err(Failure::Malformed) => b.out.unsupported[Unsupported::Malformed as usize] += 1,
+                    Err(Failure::NotListed) => not_listed.store(true, std::sync::atomic::Ordering::Relaxed),
                 }
             }
             let mut out = b.finish();
@@ -1155,10 +1187,13 @@ fn build(
         })
         .collect();
     drop(fdes);
+    if not_listed.into_inner() {
+        return Ok(None);
+    }
     if let Some(first) = outs.first_mut() {
         first.unsupported[Unsupported::Malformed as usize] += skipped;
     }
-    stitch(outs, shared.into_inner().unwrap_or_else(|p| p.into_inner()))
+    stitch(outs, shared.into_inner().unwrap_or_else(|p| p.into_inner())).map(Some)
 }
 
 /// Builds a table from rows `(start, end, rule)` sorted by start (for JIT code or tests).

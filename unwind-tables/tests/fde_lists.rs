@@ -41,3 +41,29 @@ fn the_table_is_the_same_whatever_the_thread_count() {
     assert_eq!(one, compile(2));
     assert_eq!(one, compile(5));
 }
+
+#[test]
+fn a_header_table_that_does_not_match_its_records_is_not_used() {
+    use object::{Object, ObjectSection};
+    let good = std::fs::read(LIBC).unwrap();
+    let reference = compile_elf(&good).unwrap().to_bytes();
+    let (off, size) = {
+        let f = object::File::parse(&*good).unwrap();
+        let h = f.section_by_name(".eh_frame_hdr").unwrap();
+        let (o, s) = h.file_range().unwrap();
+        (o as usize, s as usize)
+    };
+    // Header: 4 bytes, eh_frame_ptr (sdata4), fde_count (udata4), then 8-byte pairs.
+    let table = off + 12;
+    assert!(size > 12 + 8 * 20);
+    for (a, b) in [(10usize, 11usize), (0, 19)] {
+        let mut bad = good.clone();
+        // Swap the FDE addresses of two pairs: the locations stay sorted, the records lie.
+        for k in 4..8 {
+            bad.swap(table + 8 * a + k, table + 8 * b + k);
+        }
+        assert_ne!(bad, good);
+        let t = compile_elf(&bad).unwrap();
+        assert_eq!(t.to_bytes(), reference, "pairs {a} and {b} swapped");
+    }
+}
