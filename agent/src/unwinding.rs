@@ -199,9 +199,11 @@ impl TablePlan {
             chunks += (c.table.entries().len() as u64).div_ceil(CHUNK_ENTRIES as u64);
             rules += c.table.rules().len() as u64;
         }
-        // Headroom split like an average table: 2% pages, 95% chunks, 3% rules by bytes.
-        let split =
-            |bytes: u64| (bytes / 50 / 8, bytes * 95 / 100 / (CHUNK_ENTRIES as u64 * 4), bytes * 3 / 100 / 8);
+        // Headroom split like the tables of a typical process: 5% pages, 80% chunks, 15%
+        // rule records (16 bytes each in the kernel) by bytes.
+        let split = |bytes: u64| {
+            (bytes * 5 / 100 / 8, bytes * 80 / 100 / (CHUNK_ENTRIES as u64 * 4), bytes * 15 / 100 / 16)
+        };
         let extra = split(headroom_mib << 20);
         let (mut pages, mut chunks, mut rules) =
             (pages + extra.0 + 1, chunks + extra.1 + 1, rules + extra.2 + 1);
