@@ -75,8 +75,19 @@ impl TableCache {
         }
         let table = crate::compile_elf(data)?;
         // A failed store costs only the next compile.
-        let _ = self.write(&file, &table);
+        if self.write(&file, &table).is_ok() {
+            self.remove_other_versions(&key);
+        }
         Ok((table, CacheOutcome::Compiled))
+    }
+
+    /// Deletes this key's files of older (or newer) format versions: they are never read.
+    fn remove_other_versions(&self, key: &str) {
+        for v in 1..FORMAT_VERSION.saturating_add(4) {
+            if v != FORMAT_VERSION {
+                let _ = std::fs::remove_file(self.dir.join(format!("{key}.v{v}.uwt.zst")));
+            }
+        }
     }
 
     fn read(&self, file: &Path) -> Option<UnwindTable> {

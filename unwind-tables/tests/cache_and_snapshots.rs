@@ -33,6 +33,15 @@ fn cache_hits_and_rebuilds_what_it_cannot_trust() {
     assert!(name.starts_with(&key) && key.len() == 40, "keyed by build-id: {name}");
     let good = std::fs::read(&files[0]).unwrap();
 
+    // A file of another format version is never read, and goes when the entry is rewritten.
+    let other =
+        dir.path().join(format!("{key}.v{}.uwt.zst", unwound_unwind_tables::layout::FORMAT_VERSION - 1));
+    std::fs::write(&other, b"an older format").unwrap();
+    std::fs::remove_file(&files[0]).unwrap();
+    assert_eq!(cache.get_or_compile(Path::new(LIBC)).unwrap().1, CacheOutcome::Compiled);
+    assert!(!other.exists(), "the old-version file is still there");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), good, "the rewritten entry differs");
+
     // Truncated, bit-flipped, or garbage: never trusted, rebuilt.
     for bad in [good[..good.len() / 2].to_vec(), flip(&good, good.len() / 2), b"garbage".to_vec()] {
         std::fs::write(&files[0], &bad).unwrap();
