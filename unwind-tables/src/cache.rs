@@ -81,12 +81,12 @@ impl TableCache {
         Ok((table, CacheOutcome::Compiled))
     }
 
-    /// Deletes this key's files of older (or newer) format versions: they are never read.
+    /// Deletes this key's files of older format versions: they are never read again. Newer
+    /// ones are left to the newer version that wrote them (two versions may share a cache
+    /// during an upgrade).
     fn remove_other_versions(&self, key: &str) {
-        for v in 1..FORMAT_VERSION.saturating_add(4) {
-            if v != FORMAT_VERSION {
-                let _ = std::fs::remove_file(self.dir.join(format!("{key}.v{v}.uwt.zst")));
-            }
+        for v in 1..FORMAT_VERSION {
+            let _ = std::fs::remove_file(self.dir.join(format!("{key}.v{v}.uwt.zst")));
         }
     }
 

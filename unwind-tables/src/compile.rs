@@ -493,6 +493,8 @@ where
                         return Err(Error::Limit("FDEs"));
                     }
                 }
+                // Outside the 4 GiB above the lowest code section: no code of this file.
+                Some((None, start, range)) if range > 0 && start != 0 => skipped += 1,
                 Some(_) => {}
                 None => skipped += 1,
             }
@@ -606,7 +608,10 @@ impl<'c> Builder<'c> {
     fn close(&mut self) {
         if let Some(o) = self.open.take() {
             let id = self.rule_id((o.base, o.run));
-            let e = Entry { page_offset: (o.start & (PAGE_SIZE - 1)) as u16, rule: id, restore: o.restore };
+            // A record that did not fit the dictionary (id 1, `DictionaryFull`) has no run,
+            // so it cannot place a restore point either.
+            let restore = o.restore && id != 1;
+            let e = Entry { page_offset: (o.start & (PAGE_SIZE - 1)) as u16, rule: id, restore };
             if self.out.entries.last().is_none_or(|b| b.len() == GROUP_BLOCK) {
                 self.out.entries.push(Vec::with_capacity(GROUP_BLOCK));
             }
@@ -672,22 +677,34 @@ impl<'c> Builder<'c> {
             _ => return false,
         };
         let Some(run) = o.run.pushed(dist, dir_pops) else { return false };
-        // rbp: during pushes rbp still holds the caller's value, so a base rule of
-        // "unchanged" stays right while later rows say it was saved; during pops the saved
-        // slot at CFA + k stays intact up to the return, so "saved at CFA + k" stays right
-        // after `pop rbp`.
-        let base = o.base;
+        // rbp: in a push run each row's rbp rule is kept exactly (the run records the step
+        // from which rbp is saved). In a pop run the saved slot at CFA + k stays intact up
+        // to the return, so "saved at CFA + k" stays right after `pop rbp`.
+        let (mut base, mut run) = (o.base, run);
+        let same_rbp = rule.rbp == self.state.rbp && rule.rbp_slot == self.state.rbp_slot;
         let rbp_ok = if dir_pops {
             base.rbp == RbpKind::AtCfa as u8
                 && ((rule.rbp == RbpKind::AtCfa as u8 && rule.rbp_slot == base.rbp_slot)
                     || rule.rbp == RbpKind::Unchanged as u8)
+        } else if same_rbp {
+            true
+        } else if base.rbp == RbpKind::Unchanged as u8
+            && self.state.rbp == RbpKind::Unchanged as u8
+            && rule.rbp == RbpKind::AtCfa as u8
+        {
+            // `push %rbp` partway through the run: saved from this step on, exactly as
+            // the rows say (the run never stands "unchanged" in for "saved").
+            base.rbp = rule.rbp;
+            base.rbp_slot = rule.rbp_slot;
+            run = run.with_rbp_from(run.steps());
+            true
         } else {
-            base.rbp == RbpKind::Unchanged as u8
-                && (rule.rbp == RbpKind::Unchanged as u8 || rule.rbp == RbpKind::AtCfa as u8)
+            false
         };
         if !rbp_ok {
             return false;
         }
+        o.base = base;
         o.run = run;
         o.last_row = start;
         self.state = run.final_rule(base);
@@ -1155,37 +1172,42 @@ fn build(
     let n = fdes.len();
     let per = FDES_PER_GROUP;
     let shared = Mutex::new(Dictionary::new(MAX_RULES));
-    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per))
-        .into_par_iter()
-        .map(|g| {
-            let mut b = Builder::new(code, &shared);
-            let mut stack = Vec::new();
-            for i in g * per..((g + 1) * per).min(n) {
-                if not_listed.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                let cie = fdes.get(i).and_then(|f| Some((f, f.cie(data, eh_frame)?)));
-                let Some((f, Some(cie))) = cie.map(|(f, c)| (f, cies.get(&c).copied().flatten())) else {
-                    if in_place {
-                        // A pair that names no FDE of a known CIE.
-                        not_listed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    continue;
-                };
-                match evaluate_fde(&f, code_base, &cie, data, sec, &mut stack, &mut b) {
-                    Ok(()) => {}
-                    Err(Failure::Malformed) => b.out.unsupported[Unsupported::Malformed as usize] += 1,
-                    Err(Failure::NotListed) => not_listed.store(true, std::sync::atomic::Ordering::Relaxed),
-                }
+    let group = |g: usize| {
+        let mut b = Builder::new(code, &shared);
+        let mut stack = Vec::new();
+        for i in g * per..((g + 1) * per).min(n) {
+            if not_listed.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
             }
-            let mut out = b.finish();
-            if let Some(b) = out.entries.last_mut() {
-                b.shrink_to_fit();
+            let cie = fdes.get(i).and_then(|f| Some((f, f.cie(data, eh_frame)?)));
+            let Some((f, Some(cie))) = cie.map(|(f, c)| (f, cies.get(&c).copied().flatten())) else {
+                if in_place {
+                    // A pair that names no FDE of a known CIE.
+                    not_listed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                continue;
+            };
+            match evaluate_fde(&f, code_base, &cie, data, sec, &mut stack, &mut b) {
+                Ok(()) => {}
+                Err(Failure::Malformed) => b.out.unsupported[Unsupported::Malformed as usize] += 1,
+                Err(Failure::NotListed) => not_listed.store(true, std::sync::atomic::Ordering::Relaxed),
             }
-            out.page_runs.shrink_to_fit();
-            out
-        })
-        .collect();
+        }
+        let mut out = b.finish();
+        if let Some(b) = out.entries.last_mut() {
+            b.shrink_to_fit();
+        }
+        out.page_runs.shrink_to_fit();
+        out
+    };
+    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per)).into_par_iter().map(group).collect();
+    if shared.lock().unwrap_or_else(|p| p.into_inner()).overflow > 0 {
+        // More records than the dictionary holds: which ones got in depended on the
+        // threads' order. Again in address order, so the table is the same on every run.
+        drop(outs);
+        *shared.lock().unwrap_or_else(|p| p.into_inner()) = Dictionary::new(MAX_RULES);
+        outs = (0..n.div_ceil(per)).map(group).collect();
+    }
     drop(fdes);
     if not_listed.into_inner() {
         return Ok(None);
@@ -1258,7 +1280,11 @@ fn stitch(outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, Erro
     let map = dict.canonicalize(npages as usize);
     let mut state = UnwindRule::GAP;
     let mut next_page: u64 = 0;
+    // Address of the last entry placed: a later group whose FDEs overlap an earlier one's
+    // (crafted or broken CFI) must not put entries out of order.
+    let mut last_at: Option<u64> = None;
     for o in outs {
+        let mut skipped_overlap = false;
         let pages_of = o.page_runs.iter().flat_map(|r| std::iter::repeat_n(r.page(), r.count()));
         // Each block is freed once copied.
         for (abs_page, raw) in pages_of.zip(o.entries.into_iter().flatten()) {
@@ -1266,6 +1292,17 @@ fn stitch(outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, Erro
             let page = abs_page - (base >> PAGE_SHIFT);
             let mut e = Entry::decode(raw);
             e.rule = map[e.rule as usize];
+            let at = (abs_page << PAGE_SHIFT) | u64::from(e.page_offset);
+            if last_at.is_some_and(|l| at < l) {
+                // The earlier group's rows win over an overlapping FDE's.
+                skipped_overlap = true;
+                continue;
+            }
+            if std::mem::take(&mut skipped_overlap) {
+                // Its restore point referred to an entry that was left out.
+                e.restore = false;
+            }
+            last_at = Some(at);
             while next_page <= page {
                 let p = &mut pages[next_page as usize];
                 p.start_rule = dict.id(state, Run::NONE);

@@ -19,8 +19,8 @@
 //!
 //! ```text
 //! bits  0..12  offset of the entry's first row in its page
-//! bits 12..24  dictionary record: a rule and the run that goes with it
-//! bits 24..31  zero
+//! bits 12..26  dictionary record: a rule and the run that goes with it
+//! bits 26..31  zero
 //! bit  31      restore: one byte after the run's last row (a `ret`), the rule in effect
 //!              before this entry holds again (DW_CFA_restore_state after an epilogue);
 //!              only set when the previous entry of the page has no restore bit
@@ -34,7 +34,10 @@
 //! bit   3      direction: 0 = pushes, 1 = pops
 //! bits  4..25  step i (0-based) starts 1 + bits[4+3i .. 7+3i] bytes (1..=8) after the
 //!              previous row
-//! bits 25..32  zero
+//! bits 25..28  rbp from (0..=steps, pushes only): with a rule whose rbp is saved, the
+//!              rows before this step still have rbp unchanged (a push run that saves rbp
+//!              partway: `push %rbp` is its step rbp-from)
+//! bits 28..32  zero
 //! ```
 //!
 //! Runs are shared through the dictionary: compilers emit few distinct prologue and
@@ -52,8 +55,11 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const PAGE_SHIFT: u32 = 12;
 /// Entries per chunk: one BPF map value of 16 KiB.
 pub const CHUNK_ENTRIES: u32 = 4096;
-/// Most dictionary records (rule + run) one table may have (12-bit index).
-pub const MAX_RULES: usize = 1 << 12;
+/// Most dictionary records (rule + run) one table may have (14-bit index). The largest
+/// GCC-built programs here (lto-dump, cc1) need more than 4096.
+pub const MAX_RULES: usize = 1 << 14;
+/// Entry bits that must be zero (26..31).
+pub const RESERVED_ENTRY_BITS: u32 = 0x7c00_0000;
 /// Most run steps one entry can encode.
 pub const MAX_RUN_STEPS: u32 = 7;
 /// Most bytes between two rows of a run.
@@ -61,7 +67,7 @@ pub const MAX_RUN_STEP_BYTES: u64 = 8;
 /// `TableHeader::magic`.
 pub const MAGIC: [u8; 4] = *b"UWT1";
 /// `TableHeader::version`: bumped on any change to the layout or its meaning.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// How the canonical frame address (the caller's rsp) is found.
 #[repr(u8)]
@@ -251,11 +257,13 @@ pub struct Entry {
 impl Entry {
     /// Packs into the u32 layout.
     pub const fn encode(&self) -> u32 {
-        (self.page_offset as u32 & 0xfff) | ((self.rule as u32 & 0xfff) << 12) | ((self.restore as u32) << 31)
+        (self.page_offset as u32 & 0xfff)
+            | ((self.rule as u32 & 0x3fff) << 12)
+            | ((self.restore as u32) << 31)
     }
     /// Unpacks from the u32 layout.
     pub const fn decode(v: u32) -> Self {
-        Entry { page_offset: (v & 0xfff) as u16, rule: ((v >> 12) & 0xfff) as u16, restore: (v >> 31) == 1 }
+        Entry { page_offset: (v & 0xfff) as u16, rule: ((v >> 12) & 0x3fff) as u16, restore: (v >> 31) == 1 }
     }
     /// True when `page_offset` lies past the restore point of a restore entry with `run`.
     pub const fn restored_at(&self, page_offset: u16, run: Run) -> bool {
@@ -285,10 +293,21 @@ impl Run {
     pub const fn step_bytes(self, i: u32) -> u32 {
         ((self.0 >> (4 + 3 * i)) & 7) + 1
     }
-    /// True when no bit outside the layout is set.
+    /// The step from which a saved rbp holds (see the [module docs](self)).
+    pub const fn rbp_from(self) -> u32 {
+        (self.0 >> 25) & 7
+    }
+    /// The run with rows before step `k` keeping rbp unchanged.
+    pub const fn with_rbp_from(self, k: u32) -> Run {
+        Run((self.0 & !(7 << 25)) | ((k & 7) << 25))
+    }
+    /// True when no bit outside the layout is set and the fields are consistent.
     pub const fn is_valid(self) -> bool {
-        self.0 >> (4 + 3 * MAX_RUN_STEPS) == 0
-            && (self.0 >> (4 + 3 * self.steps())) == 0
+        let dists = (self.0 >> 4) & ((1 << (3 * MAX_RUN_STEPS)) - 1);
+        self.0 >> 28 == 0
+            && dists >> (3 * self.steps()) == 0
+            && self.rbp_from() <= self.steps()
+            && !(self.pops() && self.rbp_from() > 0)
             && (self.steps() > 0 || self.0 == 0)
     }
     /// The run with one more step `bytes` after its last row, in direction `pops`; `None`
@@ -327,11 +346,12 @@ impl Run {
     }
     /// `base` after `steps` steps of this run.
     pub const fn apply(self, base: UnwindRule, steps: u32) -> UnwindRule {
-        if steps == 0 {
-            base
-        } else {
-            base.advanced(steps, self.pops())
+        let mut r = if steps == 0 { base } else { base.advanced(steps, self.pops()) };
+        if steps < self.rbp_from() && r.rbp == RbpKind::AtCfa as u8 {
+            r.rbp = RbpKind::Unchanged as u8;
+            r.rbp_slot = 0;
         }
+        r
     }
     /// The rule the run ends in (before any restore).
     pub const fn final_rule(self, base: UnwindRule) -> UnwindRule {

@@ -342,7 +342,7 @@ impl UnwindTable {
             }
             for &e in entries.page(p.first, p.count).ok_or(Error::Format("page index out of range"))? {
                 let d = Entry::decode(e);
-                if d.rule as usize >= nr || e & 0x7f00_0000 != 0 {
+                if d.rule as usize >= nr || e & RESERVED_ENTRY_BITS != 0 {
                     return Err(Error::Format("entry out of range"));
                 }
             }

@@ -127,8 +127,8 @@ fn agrees(ours: &UnwindRule, r: &Row) -> Result<(), String> {
     let rbp_ok = match (ours.rbp, theirs_slot, r.rbp.as_str()) {
         (x, Some(off), _) if x == RbpKind::AtCfa as u8 => ours.rbp_offset() == off,
         (x, None, "u" | "s") if x == RbpKind::Unchanged as u8 => true,
-        // Run equivalences (rsp-based CFA only).
-        (x, Some(_), _) if x == RbpKind::Unchanged as u8 && kind == CfaKind::Rsp => true,
+        // The pop-run equivalence (rsp-based CFA only): after `pop rbp` the saved slot still
+        // holds the caller's rbp up to the return. A push run keeps each row's rbp exactly.
         (x, None, "u") if x == RbpKind::AtCfa as u8 && kind == CfaKind::Rsp => true,
         (x, None, _) if x == RbpKind::Undefined as u8 => true,
         _ => false,
