@@ -282,26 +282,32 @@ impl Run {
     pub const NONE: Run = Run(0);
 
     /// Number of rows after the first.
+    #[inline]
     pub const fn steps(self) -> u32 {
         self.0 & 7
     }
     /// Direction: true = pops (CFA offset −8 per step).
+    #[inline]
     pub const fn pops(self) -> bool {
         (self.0 >> 3) & 1 == 1
     }
     /// Bytes from row `i` to row `i + 1` (1..=8).
+    #[inline]
     pub const fn step_bytes(self, i: u32) -> u32 {
         ((self.0 >> (4 + 3 * i)) & 7) + 1
     }
     /// The step from which a saved rbp holds (see the [module docs](self)).
+    #[inline]
     pub const fn rbp_from(self) -> u32 {
         (self.0 >> 25) & 7
     }
     /// The run with rows before step `k` keeping rbp unchanged.
+    #[inline]
     pub const fn with_rbp_from(self, k: u32) -> Run {
         Run((self.0 & !(7 << 25)) | ((k & 7) << 25))
     }
     /// True when no bit outside the layout is set and the fields are consistent.
+    #[inline]
     pub const fn is_valid(self) -> bool {
         let dists = (self.0 >> 4) & ((1 << (3 * MAX_RUN_STEPS)) - 1);
         self.0 >> 28 == 0
@@ -312,6 +318,7 @@ impl Run {
     }
     /// The run with one more step `bytes` after its last row, in direction `pops`; `None`
     /// when it is full, the distance does not fit, or the direction differs.
+    #[inline]
     pub const fn pushed(self, bytes: u64, pops: bool) -> Option<Run> {
         let n = self.steps();
         if n >= MAX_RUN_STEPS || bytes == 0 || bytes > MAX_RUN_STEP_BYTES || (n > 0 && self.pops() != pops) {
@@ -321,6 +328,7 @@ impl Run {
     }
     /// How many steps have taken effect at `page_offset`, for a run whose first row is at
     /// `first` (≤ `page_offset`).
+    #[inline]
     pub const fn steps_at(self, first: u16, page_offset: u16) -> u32 {
         let mut at = first as u32;
         let mut i = 0;
@@ -335,6 +343,7 @@ impl Run {
         steps
     }
     /// Bytes from the first row to the last.
+    #[inline]
     pub const fn length(self) -> u32 {
         let mut len = 0;
         let mut i = 0;
@@ -345,6 +354,7 @@ impl Run {
         len
     }
     /// `base` after `steps` steps of this run.
+    #[inline]
     pub const fn apply(self, base: UnwindRule, steps: u32) -> UnwindRule {
         let mut r = if steps == 0 { base } else { base.advanced(steps, self.pops()) };
         if steps < self.rbp_from() && r.rbp == RbpKind::AtCfa as u8 {
@@ -354,6 +364,7 @@ impl Run {
         r
     }
     /// The rule the run ends in (before any restore).
+    #[inline]
     pub const fn final_rule(self, base: UnwindRule) -> UnwindRule {
         self.apply(base, self.steps())
     }
