@@ -44,10 +44,7 @@ fn manifest_names_exist_in_the_fixture_binaries() {
 
 #[test]
 fn frame_pointer_fixtures_have_their_full_chain() {
-    if !bpf_available("frame_pointer_fixtures_have_their_full_chain") {
-        return;
-    }
-    let _guard = exclusive();
+    let Some((_guard, _)) = bpf_fixture_test("frame_pointer_fixtures_have_their_full_chain") else { return };
     let manifest = manifest();
     let (running, patterns) = start_every_fixture(&manifest);
     settle(manifest.fixture.iter().map(|f| f.settle_ms).max().unwrap_or(0).max(100));
@@ -157,10 +154,9 @@ fn every_fixture_has_its_full_chain(walker: &str, extra: &[&str]) -> AgentRun {
 
 #[test]
 fn table_walker_gives_every_fixture_its_full_chain() {
-    if !bpf_available("table_walker_gives_every_fixture_its_full_chain") {
+    let Some((_guard, _)) = bpf_fixture_test("table_walker_gives_every_fixture_its_full_chain") else {
         return;
-    }
-    let _guard = exclusive();
+    };
     every_fixture_has_its_full_chain("tables", &[]);
 }
 
@@ -169,10 +165,10 @@ fn table_walker_gives_every_fixture_its_full_chain() {
 /// (the 300-deep recursion needs 19 of them).
 #[test]
 fn the_tail_call_walker_gives_every_fixture_its_full_chain() {
-    if !bpf_available("the_tail_call_walker_gives_every_fixture_its_full_chain") {
+    let Some((_guard, _)) = bpf_fixture_test("the_tail_call_walker_gives_every_fixture_its_full_chain")
+    else {
         return;
-    }
-    let _guard = exclusive();
+    };
     let run = every_fixture_has_its_full_chain("tail calls", &["--walker", "tail-calls", "--json-summary"]);
     assert!(
         run.stdout.contains("\"walker\":\"on_cpu_sample_tail\""),
@@ -183,11 +179,9 @@ fn the_tail_call_walker_gives_every_fixture_its_full_chain() {
 
 #[test]
 fn a_process_started_after_the_agent_gets_tables() {
-    if !bpf_available("a_process_started_after_the_agent_gets_tables") {
+    let Some((_guard, dir)) = bpf_fixture_test("a_process_started_after_the_agent_gets_tables") else {
         return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    };
     let tmp = tempfile::tempdir().unwrap();
     // A unique process name, so the whole-machine profile can be searched for it.
     std::fs::copy(dir.join("chain_nofp"), tmp.path().join("late_chain")).unwrap();
@@ -260,11 +254,7 @@ fn own_stack_shares(stacks: &[Vec<String>], own: &[String]) -> BTreeMap<String, 
 
 #[test]
 fn stacks_agree_with_perf_dwarf_unwinding() {
-    if !bpf_available("stacks_agree_with_perf_dwarf_unwinding") {
-        return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    let Some((_guard, dir)) = bpf_fixture_test("stacks_agree_with_perf_dwarf_unwinding") else { return };
     let manifest = manifest();
     let chosen = ["chain", "cpp_chain", "rs_chain", "qsort", "signal", "plt"];
     let mut running = Vec::new();
@@ -362,11 +352,9 @@ fn stacks_agree_with_perf_dwarf_unwinding() {
 /// and the walker follows the new image without waiting for a periodic rescan.
 #[test]
 fn a_process_that_execs_keeps_both_programs_apart() {
-    if !bpf_available("a_process_that_execs_keeps_both_programs_apart") {
+    let Some((_guard, dir)) = bpf_fixture_test("a_process_that_execs_keeps_both_programs_apart") else {
         return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    };
     let second = dir.join("cpp_chain_nofp").display().to_string();
     let running = start(&dir, "exec_after_nofp", &["1500".to_string(), second]);
     settle(100);
@@ -425,11 +413,9 @@ fn json_u64(json: &str, key: &str) -> u64 {
 
 #[test]
 fn a_table_budget_evicts_the_tables_not_sampled() {
-    if !bpf_available("a_table_budget_evicts_the_tables_not_sampled") {
+    let Some((_guard, dir)) = bpf_fixture_test("a_table_budget_evicts_the_tables_not_sampled") else {
         return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    };
     // An idle process with large tables (python3, asleep: never sampled), then a busy one
     // built without frame pointers. 0.3 MiB of table maps hold the busy process's tables
     // (its program, libc, ld.so, the vDSO) but not python's as well.
@@ -473,11 +459,9 @@ fn a_table_budget_evicts_the_tables_not_sampled() {
 
 #[test]
 fn a_second_run_reads_its_tables_from_the_cache() {
-    if !bpf_available("a_second_run_reads_its_tables_from_the_cache") {
+    let Some((_guard, dir)) = bpf_fixture_test("a_second_run_reads_its_tables_from_the_cache") else {
         return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    };
     let busy = start(&dir, "chain_nofp", &[]);
     settle(200);
     let cache = tempfile::tempdir().unwrap();
@@ -509,11 +493,9 @@ fn a_second_run_reads_its_tables_from_the_cache() {
 
 #[test]
 fn copies_of_one_binary_share_a_table_by_build_id() {
-    if !bpf_available("copies_of_one_binary_share_a_table_by_build_id") {
+    let Some((_guard, dir)) = bpf_fixture_test("copies_of_one_binary_share_a_table_by_build_id") else {
         return;
-    }
-    let _guard = exclusive();
-    let dir = build_fixtures();
+    };
     // Two copies (two inodes, one build-id), as two containers would have them.
     let tmp = tempfile::tempdir().unwrap();
     for name in ["copy_a", "copy_b"] {

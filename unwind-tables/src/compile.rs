@@ -101,6 +101,26 @@ impl FdeList<'_> {
     }
 }
 
+/// The section offsets of a CFI section's records, found by their length fields. A zero
+/// length ends `.eh_frame` and is padding in `.debug_frame`; a 64-bit length (unsupported)
+/// ends the walk.
+fn record_offsets(data: &[u8], eh_frame: bool) -> impl Iterator<Item = usize> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || loop {
+        let len = u32::from_le_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?);
+        if len == 0 && !eh_frame {
+            at += 4;
+            continue;
+        }
+        if len == 0 || len == 0xffff_ffff {
+            return None;
+        }
+        let here = at;
+        at = at.saturating_add(4 + len as usize);
+        return Some(here);
+    })
+}
+
 /// Pair `i` of an `.eh_frame_hdr` search table (datarel sdata4).
 fn hdr_pair(table: &[u8], i: usize, hdr_addr: u64) -> Option<(u64, u64)> {
     let b = table.get(i * 8..i * 8 + 8)?;
@@ -140,18 +160,13 @@ where
     let table = hdr.get(p + 4..p + 4 + n.checked_mul(8)?)?;
     // As many FDE records as pairs (CIE id 0; a zero length ends the section).
     let mut fde_records = 0usize;
-    let mut at = 0usize;
-    while let Some(len) = data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) {
-        if len == 0 || len == 0xffff_ffff {
-            break;
-        }
+    for at in record_offsets(data, true) {
         let id = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
         if id == 0 {
             cies.entry(at as u32).or_insert_with(|| cie_info(section, bases, at));
         } else {
             fde_records += 1;
         }
-        at = at.checked_add(4 + len as usize)?;
     }
     if fde_records != n || n > MAX_FDES {
         return None;
@@ -432,19 +447,7 @@ where
 {
     // Counted first, so the list is allocated once at its size (growing it would hold the
     // old and the new buffer at once).
-    let mut records = 0usize;
-    let mut at = 0usize;
-    while let Some(len) = data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) {
-        if len == 0 && !eh_frame {
-            at += 4;
-            continue;
-        }
-        if len == 0 || len == 0xffff_ffff {
-            break;
-        }
-        records += 1;
-        at = at.saturating_add(4 + len as usize);
-    }
+    let records = record_offsets(data, eh_frame).count();
     let mut out = Vec::with_capacity(records.min(MAX_FDES + 1));
     let mut skipped = 0u64;
     let mut pos = 0usize;

@@ -134,6 +134,17 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The start of a test that loads BPF and runs fixtures: `None` when BPF is unavailable
+/// outside CI (with a printed reason; in CI it fails); else the lock that keeps such tests
+/// apart, and the built fixtures' directory.
+pub fn bpf_fixture_test(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, PathBuf)> {
+    if !bpf_available(test) {
+        return None;
+    }
+    let guard = exclusive();
+    Some((guard, build_fixtures()))
+}
+
 /// Records the given processes for `seconds` at `hz` into a folded file and returns it.
 pub fn record_folded(pids: &[u32], seconds: f64, hz: u32, dir: &Path) -> (Vec<FoldedStack>, AgentRun) {
     record_folded_with(pids, seconds, hz, dir, &[])

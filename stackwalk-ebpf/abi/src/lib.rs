@@ -155,7 +155,8 @@ pub const TABLES_MAP: &str = "TABLES";
 pub const PAGES_MAP: &str = "PAGES";
 /// Name of the array of entry chunks (`[u32; CHUNK_ENTRIES]`).
 pub const CHUNKS_MAP: &str = "CHUNKS";
-/// Name of the array of rules (`unwound_unwind_tables::layout::UnwindRule`).
+/// Name of the array of rule records (`unwound_unwind_tables::layout::DictEntry`: a rule
+/// and its run, 12 bytes).
 pub const RULES_MAP: &str = "RULES";
 /// Most executable mappings tracked per process.
 pub const MAX_MAPPINGS: usize = 256;

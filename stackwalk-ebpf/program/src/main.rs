@@ -182,9 +182,10 @@ unsafe extern "C" fn frame_pointer_step(_index: u64, _ctx: *mut core::ffi::c_voi
 }
 
 /// Reads the sampled process's stack for the shared step rule, through the per-CPU stack
-/// window: the first read in a page copies the whole page (one helper call, about as dear
-/// as an 8-byte read), and the frames in it are read from the copy. A page the window
-/// cannot copy, and a word across a page boundary, are read directly.
+/// window: the first read in a page copies the page from that address's cache line to its
+/// end (one helper call, about as dear as an 8-byte read), and the frames in it are read
+/// from the copy. A word that is not 8-aligned is read directly; a page that cannot be
+/// copied is a failed read.
 struct UserMemory<'a> {
     base: &'a mut u64,
     len: &'a mut u64,
