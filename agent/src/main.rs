@@ -3,6 +3,7 @@
 mod output;
 mod profile;
 mod record;
+mod sample_cost;
 mod symbolize;
 mod tables;
 mod unwinding;
@@ -28,6 +29,9 @@ enum Command {
     /// Turn addresses of an ELF file or a process into functions, source lines and inlined
     /// frames (DWARF, separate debuginfo, debuginfod; indexes cached zstd-compressed).
     Symbolize(symbolize::SymbolizeArgs),
+    /// Measure the kernel time each `cpu-clock` sample costs, whichever profiler takes it
+    /// (unwound, `perf record`, …): fentry/fexit on the sampling interrupt handler.
+    SampleCost(sample_cost::SampleCostArgs),
 }
 
 /// Output formats.
@@ -124,6 +128,7 @@ fn main() -> ExitCode {
         Command::Record(args) => record::run(&args),
         Command::Tables(args) => tables::run(&args),
         Command::Symbolize(args) => symbolize::run(&args),
+        Command::SampleCost(args) => sample_cost::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,7 +28,7 @@ use crate::WalkerKind;
 use crate::{Format, RecordArgs};
 
 /// The walker, built from `stackwalk-ebpf/` by `scripts/build-bpf.sh`.
-static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/stackwalk.bpf.o");
+pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/stackwalk.bpf.o");
 
 const POLL_INTERVAL_MS: i32 = 100;
 
@@ -221,7 +221,7 @@ fn output_dir(output: &Path) -> PathBuf {
 }
 
 /// Loading BPF and opening perf events needs CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN).
-fn check_privileges() -> anyhow::Result<()> {
+pub(crate) fn check_privileges() -> anyhow::Result<()> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
@@ -550,7 +550,7 @@ impl Session {
     }
 }
 
-fn raise_memlock_limit() {
+pub(crate) fn raise_memlock_limit() {
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup.
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer; failure is harmless on newer kernels.

@@ -521,3 +521,53 @@ fn copies_of_one_binary_share_a_table_by_build_id() {
         assert!(total >= 100 && good * 100 >= total * 95, "{name}: {good}/{total}; {json}");
     }
 }
+
+/// `unwound sample-cost` times every cpu-clock sample's interrupt handler. While the agent
+/// records alone, it must see the agent's samples (the kernel's own BPF statistics count
+/// them) and at least the kernel's measured BPF run time, since the program runs inside
+/// that handler.
+#[test]
+fn sample_cost_covers_the_walkers_own_run_time() {
+    let Some((_guard, dir)) = bpf_fixture_test("sample_cost_covers_the_walkers_own_run_time") else {
+        return;
+    };
+    let work = start(&dir, "chain_nofp", &[]);
+    settle(200);
+    let cost = std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
+        .args(["sample-cost", "--json", "--duration", "6"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run unwound sample-cost");
+    settle(500);
+    let out = tempfile::tempdir().unwrap();
+    let pid = work.pid().to_string();
+    let profile = out.path().join("p.folded");
+    let run = unwound(&[
+        "record",
+        "--pid",
+        &pid,
+        "--duration",
+        "2",
+        "--frequency",
+        "499",
+        "--bpf-stats",
+        "--json-summary",
+        "--output",
+        profile.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", run.stderr);
+    let cost = cost.wait_with_output().unwrap();
+    assert!(cost.status.success(), "{}", String::from_utf8_lossy(&cost.stderr));
+    let cost = String::from_utf8_lossy(&cost.stdout).to_string();
+    let json = summary_json(&run);
+    let (runs, bpf_ns) = (json_u64(json, "bpf_runs"), json_u64(json, "bpf_run_time_ns"));
+    let (samples, kernel_ns) = (json_u64(&cost, "samples"), json_u64(&cost, "kernel_ns"));
+    // Every program run is inside one timed handler; nothing else samples on this machine,
+    // give or take a sample per CPU at the edges.
+    assert!(runs >= 500, "{json}");
+    assert!(samples + 8 >= runs && samples <= runs + runs / 20 + 8, "sample-cost {cost}; agent {json}");
+    assert!(kernel_ns >= bpf_ns, "sample-cost {cost}; agent {json}");
+    // ... and the handler's own work around the program is small next to a walk.
+    assert!(kernel_ns <= bpf_ns * 4 + samples * 20_000, "sample-cost {cost}; agent {json}");
+}

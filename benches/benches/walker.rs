@@ -146,21 +146,73 @@ fn live_cpu(pid: u32) -> f64 {
     ns as f64 / 1e9
 }
 
+/// `unwound sample-cost`, started before a profiler so that it is an old process by the
+/// time the window opens: it times every cpu-clock sample's interrupt handler, whichever
+/// profiler takes it.
+struct SampleCost(Child);
+
+impl SampleCost {
+    fn start() -> Self {
+        let c = Command::new(agent())
+            .args(["sample-cost", "--json", "--duration", "600"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        SampleCost(c)
+    }
+
+    /// Asks for the totals so far (a JSON line on its stdout).
+    fn mark(&self) {
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(60));
+    }
+
+    /// (samples, kernel seconds) between the two marks.
+    fn window(self) -> (f64, f64) {
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
+        let out = String::from_utf8_lossy(&self.0.wait_with_output().unwrap().stdout).to_string();
+        let lines: Vec<&str> = out.lines().collect();
+        let (a, b) = (lines[0], lines[1]);
+        (field(b, "samples") - field(a, "samples"), (field(b, "kernel_ns") - field(a, "kernel_ns")) / 1e9)
+    }
+}
+
 fn overhead() {
     let secs = 8.0;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     println!("\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s");
     println!(
-        "{:<20} {:>13} {:>9} {:>14} {:>14} {:>13}",
-        "profiler", "iterations", "slowdown", "CPU in window", "CPU whole run", "+ lost CPU"
+        "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11}",
+        "profiler", "slowdown", "samples", "kernel/smp", "kernel", "process", "window", "whole run"
+    );
+    // A first run compiles the tables and debuginfo indexes it has not cached (after a
+    // rebuild, or the first time on a machine); the runs below read them from the caches.
+    let (kids, _) = throughput_run(3.0);
+    let j = record(&["--duration", "2"]);
+    finish(kids);
+    println!(
+        "  (warm-up: unwound's first run, 2 s, agent CPU {:.3} s: tables and debuginfo indexes cached)",
+        field(&j, "agent_cpu_seconds")
     );
     let (kids, _) = throughput_run(secs);
     let base = finish(kids);
-    println!("{:<20} {base:>13.0} {:>9} {:>14} {:>14} {:>13}", "none", "-", "-", "-", "-");
+    println!("{:<20} {:>9} (iterations: {base:.0})", "none", "-");
+    let row = |name: &str, slow: f64, (samples, kernel): (f64, f64), process: f64, whole: f64| {
+        println!(
+            "{name:<20} {:>8.2}% {samples:>8.0} {:>8.0}ns {kernel:>10.4}s {process:>10.4}s {:>10.4}s {whole:>10.4}s",
+            slow * 100.0,
+            kernel / samples.max(1.0) * 1e9,
+            kernel + process,
+        );
+    };
+    let mut totals = Vec::new();
     for hz in [99u32, 999] {
         // unwound, every CPU, tables for every process; the workload starts once the agent
         // is sampling, so start-up and the final symbolization are outside the window.
         let hz_s = hz.to_string();
+        let cost = SampleCost::start();
         let agent = Command::new(agent())
             .args([
                 "record",
@@ -168,7 +220,6 @@ fn overhead() {
                 &(secs + 3.0).to_string(),
                 "--frequency",
                 &hz_s,
-                "--bpf-stats",
                 "--json-summary",
                 "--output",
                 "/tmp/unwound-bench.pb.gz",
@@ -179,24 +230,18 @@ fn overhead() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         let before = live_cpu(agent.id());
+        cost.mark();
         let (kids, _) = throughput_run(secs);
         let n = finish(kids);
-        let in_window = live_cpu(agent.id()) - before;
+        cost.mark();
+        let process = live_cpu(agent.id()) - before;
+        let kernel = cost.window();
         let out = agent.wait_with_output().unwrap();
         let j = String::from_utf8_lossy(&out.stdout).to_string();
-        // BPF time is the whole run's (the workload's samples are nearly all of it): an
-        // upper bound for the window's.
-        let bpf = field(&j, "bpf_run_time_ns") / 1e9;
-        let slow = 1.0 - n / base;
-        println!(
-            "{:<20} {n:>13.0} {:>8.2}% {:>13.4}s {:>13.4}s {:>12.3}s",
-            format!("unwound {hz} Hz"),
-            slow * 100.0,
-            in_window + bpf,
-            field(&j, "agent_cpu_seconds") + bpf,
-            in_window + bpf + slow.max(0.0) * cpus * secs
-        );
+        let ours_whole = field(&j, "agent_cpu_seconds") + kernel.1;
+        row(&format!("unwound {hz} Hz"), 1.0 - n / base, kernel, process, ours_whole);
         // perf with DWARF stack copies, every CPU, the same window.
+        let cost = SampleCost::start();
         let perf = Command::new("perf")
             .args([
                 "record",
@@ -220,17 +265,14 @@ fn overhead() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(1000));
         let before = live_cpu(perf.id());
+        cost.mark();
         let (kids, _) = throughput_run(secs);
         let n = finish(kids);
-        let in_window = live_cpu(perf.id()) - before;
-        let whole = child_cpu(perf);
-        let slow = 1.0 - n / base;
-        println!(
-            "{:<20} {n:>13.0} {:>8.2}% {in_window:>13.4}s {whole:>13.4}s {:>12.3}s",
-            format!("perf dwarf {hz} Hz"),
-            slow * 100.0,
-            in_window + slow.max(0.0) * cpus * secs
-        );
+        cost.mark();
+        let process = live_cpu(perf.id()) - before;
+        let kernel = cost.window();
+        let perf_whole = child_cpu(perf) + kernel.1;
+        row(&format!("perf dwarf {hz} Hz"), 1.0 - n / base, kernel, process, perf_whole);
         // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
         // sample's stack copy: the step unwound does in the kernel while recording.
         let script = Command::new("perf")
@@ -239,33 +281,30 @@ fn overhead() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let unwind = child_cpu(script);
+        let perf_script = perf_whole + child_cpu(script);
         println!(
-            "{:<20} {:>13} {:>9} {:>14} {:>13.4}s {:>13}",
-            "  + perf script",
-            "",
-            "",
-            "",
-            whole + unwind,
-            ""
+            "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {perf_script:>10.4}s",
+            "  + perf script", "", "", "", "", "", ""
         );
+        totals.push((hz, ours_whole, perf_whole, perf_script));
     }
     let (kids, _) = throughput_run(secs);
     let again = finish(kids);
-    println!(
-        "{:<20} {again:>13.0} {:>8.2}% {:>14} {:>14} {:>13}",
-        "none (again)",
-        (1.0 - again / base) * 100.0,
-        "-",
-        "-",
-        "-"
-    );
-    println!("  CPU: unwound = agent threads + BPF run time (kernel statistics, whole run);");
-    println!("  perf = the perf process. In window: while the workload runs; whole run: with");
-    println!("  start-up and the final write (unwound: symbolization, pprof; perf: build-ids).");
-    println!("  + perf script: perf record's whole run plus `perf script` unwinding and");
-    println!("  symbolizing its samples into stacks (what unwound's whole run includes).");
-    println!("  + lost CPU: CPU in window plus the workload's lost throughput in CPU seconds.");
+    println!("{:<20} {:>8.2}% (iterations: {again:.0})", "none (again)", (1.0 - again / base) * 100.0);
+    for (hz, ours, perf, script) in totals {
+        println!(
+            "  {hz} Hz, whole run: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
+            ours / perf,
+            ours / script
+        );
+    }
+    println!("  kernel: every cpu-clock sample's interrupt handler while the workload ran, timed by");
+    println!("  `unwound sample-cost` (unwound: the walk in BPF; perf: its 8 KiB stack copies and");
+    println!("  output) - charged to the sampled tasks, not to the profiler's process.");
+    println!("  process: the profiler's own threads in the window; window = kernel + process.");
+    println!("  whole run: the process from start to exit (unwound: tables, symbolization, pprof;");
+    println!("  perf: build-ids) plus the window's kernel time; + perf script: perf's stacks exist");
+    println!("  only once `perf script` has unwound its stack copies, as unwound does while recording.");
 }
 
 fn memory() {
@@ -304,7 +343,16 @@ fn main() {
         eprintln!("the walker benchmarks load BPF programs: run as root");
         return;
     }
-    bpf_cost();
-    overhead();
-    memory();
+    // `cargo bench --bench walker -- overhead` runs one section (cost, overhead, memory).
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if run("cost") {
+        bpf_cost();
+    }
+    if run("overhead") {
+        overhead();
+    }
+    if run("memory") {
+        memory();
+    }
 }

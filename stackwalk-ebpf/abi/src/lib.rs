@@ -66,6 +66,17 @@ pub const TAIL_STEPS: u32 = 16;
 pub const EXEC_PROGRAM: &str = "on_exec";
 /// Name of the `sched:sched_process_exit` tracepoint program.
 pub const EXIT_PROGRAM: &str = "on_exit";
+/// Raw tracepoint `hrtimer_expire_entry` (`unwound sample-cost`): a `cpu-clock` sample's
+/// interrupt handler starts.
+pub const SAMPLE_COST_ENTER_PROGRAM: &str = "sample_cost_enter";
+/// Raw tracepoint `hrtimer_expire_exit`: adds the sample's kernel time to
+/// [`SAMPLE_COST_MAP`].
+pub const SAMPLE_COST_EXIT_PROGRAM: &str = "sample_cost_exit";
+/// Per-CPU `u64` slots: 0 the running sample's start, 1 total ns, 2 samples.
+pub const SAMPLE_COST_MAP: &str = "SAMPLE_COST";
+/// `u64` slots: 0 the address of `perf_swevent_hrtimer`, 1 the offset of `function` in
+/// `struct hrtimer`.
+pub const SAMPLE_COST_TARGET_MAP: &str = "SAMPLE_COST_TARGET";
 /// Capacity of [`PIDS_MAP`].
 pub const MAX_PIDS: u32 = 4096;
 

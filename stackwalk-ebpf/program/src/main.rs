@@ -688,6 +688,59 @@ fn process_event(flag: u32) {
     let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup());
 }
 
+/// Kernel time of every `cpu-clock` sample on this CPU, whoever takes it (this walker,
+/// `perf record`, another profiler): slot 0 the entry time of the sample in progress,
+/// 1 the total ns, 2 the count. Only `unwound sample-cost` attaches the two programs below.
+#[map]
+static SAMPLE_COST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Set by the agent: 0 the address of `perf_swevent_hrtimer` (the interrupt handler of
+/// every software `cpu-clock` sampling event), 1 the byte offset of `function` in
+/// `struct hrtimer` (from the kernel's BTF).
+#[map]
+static SAMPLE_COST_TARGET: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Raw tracepoint `hrtimer_expire_entry(struct hrtimer *, ktime_t *)`: an hrtimer's
+/// callback starts; when it is the sampling handler, the sample's kernel work starts here.
+#[raw_tracepoint(tracepoint = "hrtimer_expire_entry")]
+pub fn sample_cost_enter(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    let (Some(&target), Some(&offset), Some(start)) =
+        (SAMPLE_COST_TARGET.get(0), SAMPLE_COST_TARGET.get(1), SAMPLE_COST.get_ptr_mut(0))
+    else {
+        return 0;
+    };
+    // SAFETY: a probe read of kernel memory (the timer's callback pointer) that may fail.
+    let function = unsafe { bpf_probe_read_kernel((timer + offset) as *const u64) }.unwrap_or(0);
+    if target != 0 && function == target {
+        // SAFETY: a per-CPU slot; hard-irq context, so nothing else on this CPU runs here.
+        unsafe { *start = bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// Raw tracepoint `hrtimer_expire_exit(struct hrtimer *)`: adds a sample's kernel time
+/// (stack copies, BPF programs, output) to this CPU's total.
+#[raw_tracepoint(tracepoint = "hrtimer_expire_exit")]
+pub fn sample_cost_exit(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (Some(start), Some(total), Some(n)) =
+        (SAMPLE_COST.get_ptr_mut(0), SAMPLE_COST.get_ptr_mut(1), SAMPLE_COST.get_ptr_mut(2))
+    else {
+        return 0;
+    };
+    // SAFETY: per-CPU slots, as above.
+    unsafe {
+        if *start != 0 && now >= *start {
+            *total += now - *start;
+            *n += 1;
+        }
+        *start = 0;
+    }
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
