@@ -541,12 +541,17 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     buf.table_walk = 0;
 
-    let copied = bpf_get_stack(
-        ctx.as_ptr(),
-        buf.frames.as_mut_ptr() as *mut core::ffi::c_void,
-        (MAX_KERNEL_FRAMES * 8) as u32,
-        0,
-    );
+    // A sample that interrupted user code has no kernel stack: skip the helper.
+    let copied = if is_user_mode(&(*ctx.ctx).regs) {
+        0
+    } else {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.frames.as_mut_ptr() as *mut core::ffi::c_void,
+            (MAX_KERNEL_FRAMES * 8) as u32,
+            0,
+        )
+    };
     let mut kernel_len = 0usize;
     if copied < 0 {
         buf.header.flags |= FLAG_KERNEL_STACK_FAILED;
