@@ -241,6 +241,21 @@ impl Collector {
         self.stacks.keys().any(|k| !k.kernel.is_empty())
     }
 
+    /// Every distinct kernel address in the stacks, as looked up (return addresses one
+    /// byte back, like user frames).
+    pub fn kernel_addresses(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .stacks
+            .keys()
+            .flat_map(|k| {
+                k.kernel.iter().enumerate().map(|(i, &a)| if i == 0 { a } else { a.wrapping_sub(1) })
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Symbolizes every stack: user frames through `symbolizer` (DWARF lines and inlined
     /// frames, symbol tables otherwise), kernel frames through `kernel` (which may be
     /// empty when kernel symbols are unavailable).

@@ -86,20 +86,26 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let bpf_run = session.run_stats();
     drop(stats_guard);
 
+    let symbol_options = crate::symbolize::options(
+        args.symbol_cache_dir.clone(),
+        args.no_symbol_cache,
+        args.symbol_memory,
+        &args.debug_dirs,
+    );
     let kernel = if collector.has_kernel_frames() {
-        KernelSymbols::load().unwrap_or_else(|e| {
+        // Cached beside the debuginfo indexes (per boot and module set).
+        let loaded = match &symbol_options.cache_dir {
+            Some(dir) => KernelSymbols::load_cached(dir, &collector.kernel_addresses()),
+            None => KernelSymbols::load(),
+        };
+        loaded.unwrap_or_else(|e| {
             eprintln!("warning: kernel frames stay unsymbolized: {e}");
             KernelSymbols::default()
         })
     } else {
         KernelSymbols::default()
     };
-    let symbolizer = unwound_symbolize::Symbolizer::new(crate::symbolize::options(
-        args.symbol_cache_dir.clone(),
-        args.no_symbol_cache,
-        args.symbol_memory,
-        &args.debug_dirs,
-    ));
+    let symbolizer = unwound_symbolize::Symbolizer::new(symbol_options);
     let symbolize_started = Instant::now();
     let stacks = collector.symbolize(&kernel, &symbolizer);
     let symbolize_time = symbolize_started.elapsed();

@@ -24,7 +24,11 @@ pub struct Symbol<'a> {
 struct Entry {
     address: u64,
     size: u64,
+    /// The name as the symbol table has it (mangled).
     name: Box<str>,
+    /// Demangled on first lookup: most of a file's symbols are never looked up, and
+    /// demangling them all took a tenth of the agent's CPU.
+    demangled: std::sync::OnceLock<Box<str>>,
     file: Option<Arc<str>>,
 }
 
@@ -229,7 +233,13 @@ impl ElfSymbols {
                     continue;
                 }
             }
-            entries.push(Entry { address, size, name: demangle(&name).into_boxed_str(), file });
+            entries.push(Entry {
+                address,
+                size,
+                name: name.into_boxed_str(),
+                demangled: std::sync::OnceLock::new(),
+                file,
+            });
         }
         let segments = file
             .segments()
@@ -282,6 +292,11 @@ impl ElfSymbols {
         } else {
             self.entries.get(i + 1).is_none_or(|n| vaddr < n.address)
         };
-        covered.then_some(Symbol { name: &e.name, address: e.address, offset, file: e.file.as_deref() })
+        covered.then(|| Symbol {
+            name: e.demangled.get_or_init(|| demangle(&e.name).into_boxed_str()),
+            address: e.address,
+            offset,
+            file: e.file.as_deref(),
+        })
     }
 }

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::Error;
@@ -13,10 +14,26 @@ pub struct KernelSymbol<'a> {
     pub offset: u64,
 }
 
+/// Largest kallsyms text read (from `/proc` or a cache file): 256 MiB.
+const MAX_KALLSYMS: usize = 256 << 20;
+/// Magic and version of a cached symbol list.
+const CACHE_MAGIC: &[u8; 12] = b"unwound-ksy2";
+
+/// One symbol: address, name as a range of `names`, module index + 1 (0 = kernel image).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    addr: u64,
+    name: u32,
+    name_len: u32,
+    module: u32,
+}
+
 /// The running kernel's text symbols, from `/proc/kallsyms`.
 #[derive(Clone, Debug, Default)]
 pub struct KernelSymbols {
-    entries: Vec<(u64, Box<str>, Option<Box<str>>)>,
+    entries: Vec<Entry>,
+    names: String,
+    modules: Vec<Box<str>>,
 }
 
 impl KernelSymbols {
@@ -27,13 +44,74 @@ impl KernelSymbols {
 
     /// Reads a file in the format of `/proc/kallsyms`.
     pub fn load_from(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Io { path: PathBuf::from(path), source })?;
+        let text = read_capped(path)?;
         let syms = Self::parse(&text);
         if syms.entries.is_empty() && !text.is_empty() {
             return Err(Error::KernelAddressesHidden);
         }
         Ok(syms)
+    }
+
+    /// The symbols for `addresses`, from a cache in `cache_dir` when it covers them all,
+    /// else from `/proc/kallsyms` (then cached). Reading `/proc/kallsyms` costs tens of
+    /// milliseconds of kernel time (every line is formatted on each read); the cache
+    /// holds the kernel image's and modules' symbols, keyed by boot (`boot_id`) and the
+    /// loaded modules (`/proc/modules`, with their addresses). BPF programs and ftrace
+    /// trampolines come and go without changing either, so they are never cached: an
+    /// address outside the cached image and modules is read from `/proc/kallsyms`.
+    ///
+    /// ```no_run
+    /// let dir = std::env::temp_dir().join("unwound-kernel-doc");
+    /// let k = unwound_symbolize::KernelSymbols::load_cached(&dir, &[0xffffffff81000000])?;
+    /// println!("{:?}", k.lookup(0xffffffff81000000));
+    /// # Ok::<(), unwound_symbolize::Error>(())
+    /// ```
+    pub fn load_cached(cache_dir: &Path, addresses: &[u64]) -> Result<Self, Error> {
+        Self::load_cached_from(
+            Path::new("/proc/kallsyms"),
+            Path::new("/proc/modules"),
+            Path::new("/proc/sys/kernel/random/boot_id"),
+            cache_dir,
+            addresses,
+        )
+    }
+
+    /// [`KernelSymbols::load_cached`] with the sources named (for tests).
+    #[doc(hidden)]
+    pub fn load_cached_from(
+        kallsyms: &Path,
+        modules: &Path,
+        boot_id: &Path,
+        cache_dir: &Path,
+        addresses: &[u64],
+    ) -> Result<Self, Error> {
+        // A kernel built without module support has no /proc/modules.
+        let modules_text = match read_capped(modules) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Some(String::new())
+            }
+            other => other.ok(),
+        };
+        // Without a key nothing is cached: read the source.
+        let (Ok(boot), Some(modules_text)) = (read_capped(boot_id), modules_text) else {
+            return Self::load_from(kallsyms);
+        };
+        let key = fnv(boot.as_bytes(), modules_text.as_bytes());
+        let path = cache_dir.join(format!("kallsyms-{key:016x}.zst"));
+        if let Some(cached) = read_cache(&path) {
+            if addresses.iter().all(|&a| cached.covers(a)) {
+                return Ok(cached);
+            }
+        }
+        let text = read_capped(kallsyms)?;
+        let live = Self::parse(&text);
+        if live.entries.is_empty() && !text.is_empty() {
+            return Err(Error::KernelAddressesHidden);
+        }
+        let module_names = modules_text.lines().filter_map(|l| l.split(' ').next()).collect();
+        // A cache that cannot be written only costs the next run this read.
+        let _ = write_cache(&path, &live.cacheable(&module_names));
+        Ok(live)
     }
 
     /// Parses kallsyms text. Only text symbols (`t`/`T`, and `w`/`W`) with a non-zero
@@ -48,7 +126,9 @@ impl KernelSymbols {
     /// assert_eq!(k.lookup(0xffffffffc0000010).unwrap().module, Some("kvm"));
     /// ```
     pub fn parse(text: &str) -> Self {
-        let mut entries: Vec<(u64, Box<str>, Option<Box<str>>)> = Vec::new();
+        let mut syms = KernelSymbols::default();
+        syms.names.reserve(text.len() / 3);
+        let mut module_ids: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
         for line in text.lines() {
             let mut f = line.split_ascii_whitespace();
             let (Some(addr), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else { continue };
@@ -56,15 +136,32 @@ impl KernelSymbols {
                 continue;
             }
             let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
-            if addr == 0 {
+            if addr == 0
+                || name.len() > u32::MAX as usize
+                || syms.names.len() > (u32::MAX as usize - name.len())
+            {
                 continue;
             }
-            let module = f.next().map(|m| m.trim_start_matches('[').trim_end_matches(']').into());
-            entries.push((addr, name.into(), module));
+            let module = match f.next().map(|m| m.trim_start_matches('[').trim_end_matches(']')) {
+                None => 0,
+                Some(m) => *module_ids.entry(m).or_insert_with(|| {
+                    syms.modules.push(m.into());
+                    syms.modules.len() as u32
+                }),
+            };
+            syms.entries.push(Entry {
+                addr,
+                name: syms.names.len() as u32,
+                name_len: name.len() as u32,
+                module,
+            });
+            syms.names.push_str(name);
         }
-        entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        entries.dedup_by_key(|e| e.0);
-        KernelSymbols { entries }
+        let names = &syms.names;
+        let name_of = |e: &Entry| &names[e.name as usize..(e.name + e.name_len) as usize];
+        syms.entries.sort_unstable_by(|a, b| a.addr.cmp(&b.addr).then_with(|| name_of(a).cmp(name_of(b))));
+        syms.entries.dedup_by_key(|e| e.addr);
+        syms
     }
 
     /// Number of symbols.
@@ -79,8 +176,324 @@ impl KernelSymbols {
 
     /// The symbol at or before `addr`.
     pub fn lookup(&self, addr: u64) -> Option<KernelSymbol<'_>> {
-        let i = self.entries.partition_point(|e| e.0 <= addr).checked_sub(1)?;
-        let (start, name, module) = &self.entries[i];
-        Some(KernelSymbol { name, module: module.as_deref(), offset: addr - start })
+        let i = self.entries.partition_point(|e| e.addr <= addr).checked_sub(1)?;
+        let e = &self.entries[i];
+        Some(KernelSymbol {
+            name: &self.names[e.name as usize..(e.name + e.name_len) as usize],
+            module: e.module.checked_sub(1).map(|m| &*self.modules[m as usize]),
+            offset: addr - e.addr,
+        })
+    }
+
+    /// Whether `addr` lies between the first and last symbol of the kernel image or of one
+    /// module: then no symbol missing from a cached list (a BPF program, a trampoline)
+    /// can be the one at or before it.
+    fn covers(&self, addr: u64) -> bool {
+        let i = match self.entries.partition_point(|e| e.addr <= addr).checked_sub(1) {
+            Some(i) => i,
+            None => return false,
+        };
+        // The next symbol belongs to the same object: addr is inside that object's range.
+        self.entries.get(i + 1).is_some_and(|n| n.module == self.entries[i].module)
+    }
+
+    /// The symbols of the kernel image and of the modules in `modules` (not BPF programs
+    /// or trampolines, which kallsyms lists as pseudo-modules).
+    fn cacheable(&self, modules: &std::collections::HashSet<&str>) -> KernelSymbols {
+        let mut out = KernelSymbols::default();
+        let mut ids = vec![0u32; self.modules.len()];
+        for e in &self.entries {
+            let module = match e.module.checked_sub(1) {
+                None => 0,
+                Some(m) if !modules.contains(&*self.modules[m as usize]) => continue,
+                Some(m) => {
+                    if ids[m as usize] == 0 {
+                        out.modules.push(self.modules[m as usize].clone());
+                        ids[m as usize] = out.modules.len() as u32;
+                    }
+                    ids[m as usize]
+                }
+            };
+            let name = &self.names[e.name as usize..(e.name + e.name_len) as usize];
+            out.entries.push(Entry {
+                addr: e.addr,
+                name: out.names.len() as u32,
+                name_len: e.name_len,
+                module,
+            });
+            out.names.push_str(name);
+        }
+        out
+    }
+
+    /// The cache file's payload (before compression): counts, entries, names, modules.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(12 + self.entries.len() * 20 + self.names.len());
+        for n in [self.entries.len(), self.names.len(), self.modules.len()] {
+            b.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        for e in &self.entries {
+            b.extend_from_slice(&e.addr.to_le_bytes());
+            for v in [e.name, e.name_len, e.module] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b.extend_from_slice(self.names.as_bytes());
+        for m in &self.modules {
+            b.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            b.extend_from_slice(m.as_bytes());
+        }
+        b
+    }
+
+    /// Reads [`KernelSymbols::to_bytes`]; `None` on anything inconsistent.
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        let mut pos = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let s = b.get(pos..pos.checked_add(n)?)?;
+            pos += n;
+            Some(s)
+        };
+        let u32_of = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4 bytes"));
+        let (n, names_len, n_modules) =
+            (u32_of(take(4)?) as usize, u32_of(take(4)?) as usize, u32_of(take(4)?) as usize);
+        let raw = take(n.checked_mul(20)?)?;
+        let names = std::str::from_utf8(take(names_len)?).ok()?.to_owned();
+        let mut modules = Vec::with_capacity(n_modules.min(1 << 16));
+        for _ in 0..n_modules {
+            let len = u32_of(take(4)?) as usize;
+            modules.push(std::str::from_utf8(take(len)?).ok()?.into());
+        }
+        let mut entries = Vec::with_capacity(n);
+        for r in raw.chunks_exact(20) {
+            let e = Entry {
+                addr: u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+                name: u32_of(&r[8..12]),
+                name_len: u32_of(&r[12..16]),
+                module: u32_of(&r[16..20]),
+            };
+            let end = e.name.checked_add(e.name_len)? as usize;
+            let sorted = entries.last().is_none_or(|p: &Entry| p.addr < e.addr);
+            if !sorted
+                || end > names.len()
+                || !names.is_char_boundary(e.name as usize)
+                || !names.is_char_boundary(end)
+                || e.module as usize > modules.len()
+            {
+                return None;
+            }
+            entries.push(e);
+        }
+        Some(KernelSymbols { entries, names, modules })
+    }
+}
+
+/// A file's text, refusing more than [`MAX_KALLSYMS`] bytes.
+fn read_capped(path: &Path) -> Result<String, Error> {
+    use std::io::Read;
+    let io = |source| Error::Io { path: PathBuf::from(path), source };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_KALLSYMS as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() > MAX_KALLSYMS {
+        return Err(Error::TooLarge { path: path.to_path_buf(), size: text.len() as u64 });
+    }
+    Ok(text)
+}
+
+fn fnv(a: &[u8], b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &x in a.iter().chain([0u8].iter()).chain(b) {
+        h ^= u64::from(x);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// A cached list, or `None` when missing, damaged or not ours (then it is rebuilt).
+fn read_cache(path: &Path) -> Option<KernelSymbols> {
+    let bytes = std::fs::read(path).ok()?;
+    let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
+    let syms = KernelSymbols::from_bytes(&zstd::bulk::decompress(rest, MAX_KALLSYMS).ok()?)?;
+    (!syms.is_empty()).then_some(syms)
+}
+
+/// Writes the list beside its final path and renames it into place; other boots' lists
+/// in the directory are removed (never read again).
+fn write_cache(path: &Path, syms: &KernelSymbols) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".kallsyms-").tempfile_in(dir)?;
+    tmp.write_all(CACHE_MAGIC)?;
+    tmp.write_all(&zstd::bulk::compress(&syms.to_bytes(), 3)?)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    let keep = path.file_name();
+    for old in std::fs::read_dir(dir)?.flatten() {
+        let name = old.file_name();
+        let n = name.to_string_lossy();
+        if n.starts_with("kallsyms-") && n.ends_with(".zst") && Some(name.as_os_str()) != keep {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IMAGE: &str = "ffffffff81000000 T _stext\nffffffff81000100 t do_thing\nffffffff81000200 T other\n\
+                         ffffffff81000300 T _etext\n";
+    const MODULE: &str = "ffffffffc0001000 t mod_a\t[m1]\nffffffffc0001100 t mod_b\t[m1]\n";
+    const BPF: &str = "ffffffffc0005000 t bpf_prog_0123456789abcdef_walk\t[bpf]\n";
+
+    struct Sources {
+        dir: tempfile::TempDir,
+    }
+
+    impl Sources {
+        fn new(kallsyms: &str, modules: &str) -> Self {
+            let s = Sources { dir: tempfile::tempdir().unwrap() };
+            s.set("kallsyms", kallsyms);
+            s.set("modules", modules);
+            s.set("boot_id", "4b5c6d7e-0000-4000-8000-000000000001\n");
+            s
+        }
+        fn set(&self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join(name), text).unwrap();
+        }
+        fn load(&self, addresses: &[u64]) -> KernelSymbols {
+            let p = |n: &str| self.dir.path().join(n);
+            KernelSymbols::load_cached_from(
+                &p("kallsyms"),
+                &p("modules"),
+                &p("boot_id"),
+                &p("cache"),
+                addresses,
+            )
+            .unwrap()
+        }
+        fn cache_files(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(self.dir.path().join("cache"))
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        }
+    }
+
+    const M1: &str = "m1 16384 0 - Live 0xffffffffc0001000\n";
+
+    #[test]
+    fn a_second_load_reads_the_cache_when_it_covers_every_address() {
+        let s = Sources::new(&format!("{IMAGE}{MODULE}{BPF}"), M1);
+        let first = s.load(&[0xffffffff81000105]);
+        assert_eq!(first.lookup(0xffffffff81000105).unwrap().name, "do_thing");
+        assert_eq!(s.cache_files().len(), 1);
+        // The source changes behind the cache's back: a covered address still gets the
+        // cached name, proof that the cache was read.
+        s.set("kallsyms", &format!("{}{MODULE}{BPF}", IMAGE.replace("do_thing", "renamed")));
+        let second = s.load(&[0xffffffff81000105, 0xffffffffc0001050]);
+        assert_eq!(second.lookup(0xffffffff81000105).unwrap().name, "do_thing");
+        assert_eq!(second.lookup(0xffffffffc0001050).unwrap().module, Some("m1"));
+        // BPF programs are never cached.
+        assert!(second.lookup(0xffffffffc0005010).unwrap().name != "bpf_prog_0123456789abcdef_walk");
+    }
+
+    #[test]
+    fn an_address_the_cache_does_not_cover_is_read_from_the_source() {
+        let s = Sources::new(&format!("{IMAGE}{MODULE}{BPF}"), M1);
+        s.load(&[]);
+        s.set("kallsyms", &format!("{}{MODULE}{BPF}", IMAGE.replace("do_thing", "renamed")));
+        // In the BPF program: past the module's last symbol, so not covered.
+        let k = s.load(&[0xffffffffc0005010]);
+        assert_eq!(k.lookup(0xffffffffc0005010).unwrap().name, "bpf_prog_0123456789abcdef_walk");
+        assert_eq!(k.lookup(0xffffffff81000105).unwrap().name, "renamed");
+        // Past the image's last symbol is not covered either.
+        s.set("kallsyms", &format!("{}{MODULE}{BPF}", IMAGE.replace("do_thing", "again")));
+        assert_eq!(s.load(&[0xffffffff81000400]).lookup(0xffffffff81000105).unwrap().name, "again");
+    }
+
+    #[test]
+    fn new_modules_or_a_new_boot_start_a_new_cache() {
+        let s = Sources::new(&format!("{IMAGE}{MODULE}"), M1);
+        s.load(&[]);
+        let before = s.cache_files();
+        s.set("kallsyms", &format!("{}{MODULE}", IMAGE.replace("do_thing", "renamed")));
+        s.set("modules", &format!("{M1}m2 4096 0 - Live 0xffffffffc0009000\n"));
+        assert_eq!(s.load(&[0xffffffff81000105]).lookup(0xffffffff81000105).unwrap().name, "renamed");
+        let after = s.cache_files();
+        assert_eq!(after.len(), 1, "the old key's file is removed: {after:?}");
+        assert_ne!(before, after);
+        s.set("kallsyms", &format!("{}{MODULE}", IMAGE.replace("do_thing", "rebooted")));
+        s.set("boot_id", "4b5c6d7e-0000-4000-8000-000000000002\n");
+        assert_eq!(s.load(&[0xffffffff81000105]).lookup(0xffffffff81000105).unwrap().name, "rebooted");
+    }
+
+    #[test]
+    fn a_damaged_cache_is_rebuilt_not_trusted() {
+        let s = Sources::new(&format!("{IMAGE}{MODULE}"), M1);
+        s.load(&[]);
+        let file = s.dir.path().join("cache").join(&s.cache_files()[0]);
+        let good = std::fs::read(&file).unwrap();
+        s.set("kallsyms", &format!("{}{MODULE}", IMAGE.replace("do_thing", "renamed")));
+        for damaged in [good[..good.len() / 2].to_vec(), b"junk".to_vec(), Vec::new()] {
+            std::fs::write(&file, &damaged).unwrap();
+            assert_eq!(s.load(&[0xffffffff81000105]).lookup(0xffffffff81000105).unwrap().name, "renamed");
+            assert!(std::fs::read(&file).unwrap().starts_with(CACHE_MAGIC), "rewritten");
+        }
+    }
+
+    #[test]
+    fn the_cache_format_round_trips_and_rejects_damage() {
+        let k = KernelSymbols::parse(&format!("{IMAGE}{MODULE}{BPF}"));
+        let b = k.to_bytes();
+        let back = KernelSymbols::from_bytes(&b).unwrap();
+        for a in [0xffffffff81000000, 0xffffffff81000105, 0xffffffffc0001050, 0xffffffffc0005010, 1] {
+            assert_eq!(back.lookup(a), k.lookup(a), "at {a:#x}");
+        }
+        for len in 0..b.len() {
+            assert!(KernelSymbols::from_bytes(&b[..len]).is_none(), "truncated to {len}");
+        }
+        for i in 0..b.len() {
+            let mut d = b.clone();
+            d[i] ^= 0x80;
+            let _ = KernelSymbols::from_bytes(&d); // any answer but a panic
+        }
+    }
+
+    #[test]
+    fn hidden_addresses_are_an_error() {
+        let s = Sources::new("0000000000000000 T _stext\n0000000000000000 t do_thing\n", M1);
+        let p = |n: &str| s.dir.path().join(n);
+        let r =
+            KernelSymbols::load_cached_from(&p("kallsyms"), &p("modules"), &p("boot_id"), &p("cache"), &[1]);
+        assert!(matches!(r, Err(Error::KernelAddressesHidden)), "{r:?}");
+    }
+
+    /// On the running kernel (root only): cached lookups agree with a fresh read of
+    /// /proc/kallsyms for symbols spread over the kernel image.
+    #[test]
+    fn the_running_kernels_cached_symbols_agree_with_proc_kallsyms() {
+        let Ok(live) = KernelSymbols::load() else {
+            eprintln!("skipped: /proc/kallsyms hides addresses here (not root)");
+            return;
+        };
+        let image: Vec<u64> = live.entries.iter().filter(|e| e.module == 0).map(|e| e.addr + 1).collect();
+        let sample: Vec<u64> = image.iter().step_by(image.len() / 500 + 1).copied().collect();
+        let dir = tempfile::tempdir().unwrap();
+        let _ = KernelSymbols::load_cached(dir.path(), &sample).unwrap();
+        let cached = KernelSymbols::load_cached(dir.path(), &sample).unwrap();
+        let mut covered = 0;
+        for &a in &sample {
+            if cached.covers(a) {
+                covered += 1;
+            }
+            assert_eq!(cached.lookup(a), live.lookup(a), "at {a:#x}");
+        }
+        assert!(covered + 1 >= sample.len(), "{covered} of {} covered", sample.len());
     }
 }
