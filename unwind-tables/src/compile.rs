@@ -1045,6 +1045,55 @@ fn evaluate_fde(
     };
     let mut pos = 0usize;
     while pos < ins.len() {
+        // The three opcodes of nearly every row (advance_loc, def_cfa_offset, offset),
+        // decoded and applied in one step: the same effect as `decode` then `apply`, one
+        // unpredictable branch instead of two.
+        let op = ins[pos];
+        match op >> 6 {
+            1 => {
+                let address =
+                    u64::from(op & 0x3f).checked_mul(cie.code_align).and_then(|d| loc.checked_add(d));
+                match address {
+                    Some(a) if a <= end => {
+                        pos += 1;
+                        emit(loc, a, &st, b);
+                        loc = a;
+                        continue;
+                    }
+                    _ => {
+                        emit(loc, end, &st, b);
+                        return Err(Failure::Malformed);
+                    }
+                }
+            }
+            2 => {
+                let mut p = pos + 1;
+                let off = uleb(ins, &mut p)
+                    .and_then(|f| i64::try_from(f).ok())
+                    .and_then(|f| f.checked_mul(cie.data_align));
+                let Some(off) = off else {
+                    emit(loc, end, &st, b);
+                    return Err(Failure::Malformed);
+                };
+                pos = p;
+                if let Some(r) = st.reg_mut(u16::from(op & 0x3f)) {
+                    *r = Reg::AtCfa(off);
+                }
+                continue;
+            }
+            0 if op == 0x0e => {
+                let mut p = pos + 1;
+                let Some(off) = uleb(ins, &mut p).and_then(|o| i64::try_from(o).ok()) else {
+                    emit(loc, end, &st, b);
+                    return Err(Failure::Malformed);
+                };
+                pos = p;
+                st.cfa = Cfa::RegOffset(st.last_reg, off);
+                st.last_off = off;
+                continue;
+            }
+            _ => {}
+        }
         let Some(i) = decode(ins, &mut pos, cie.code_align, loc) else {
             emit(loc, end, &st, b);
             return Err(Failure::Malformed);
