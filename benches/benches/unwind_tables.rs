@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
-use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindContext, UnwindSection};
-use object::{Object, ObjectSection};
 
 struct Counting;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -48,33 +46,6 @@ const FILES: &[(&str, &str)] = &[
     ("libLLVM-22", "/usr/lib/llvm-22/lib/libLLVM.so.22.1"),
 ];
 
-/// The peers' starting point: every row of every FDE, one thread.
-fn gimli_rows(data: &[u8]) -> u64 {
-    let file = object::File::parse(data).unwrap();
-    let eh = file.section_by_name(".eh_frame").unwrap();
-    let section = EhFrame::new(eh.data().unwrap(), LittleEndian);
-    let mut bases = BaseAddresses::default().set_eh_frame(eh.address());
-    if let Some(t) = file.section_by_name(".text") {
-        bases = bases.set_text(t.address());
-    }
-    if let Some(g) = file.section_by_name(".got") {
-        bases = bases.set_got(g.address());
-    }
-    let mut ctx = Box::new(UnwindContext::new());
-    let mut entries = section.entries(&bases);
-    let mut rows = 0u64;
-    while let Ok(Some(e)) = entries.next() {
-        if let CieOrFde::Fde(partial) = e {
-            let Ok(fde) = partial.parse(|s, b, o| s.cie_from_offset(b, o)) else { continue };
-            let Ok(mut table) = fde.rows(&section, &bases, &mut ctx) else { continue };
-            while let Ok(Some(row)) = table.next_row() {
-                rows += std::hint::black_box(row.start_address()) & 1;
-            }
-        }
-    }
-    rows
-}
-
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("compile");
     g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
@@ -88,7 +59,9 @@ fn bench(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("unwound", name), &map, |b, m| {
             b.iter(|| unwound_unwind_tables::compile_elf(m).unwrap())
         });
-        g.bench_with_input(BenchmarkId::new("gimli_baseline", name), &map, |b, m| b.iter(|| gimli_rows(m)));
+        g.bench_with_input(BenchmarkId::new("gimli_baseline", name), &map, |b, m| {
+            b.iter(|| unwound_benches::gimli_rows(m))
+        });
         g.bench_with_input(BenchmarkId::new("readelf", name), path, |b, p| {
             b.iter(|| {
                 // readelf exits 1 after printing warnings about some files; its work is done.
