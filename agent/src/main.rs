@@ -30,7 +30,7 @@ enum Command {
     /// frames (DWARF, separate debuginfo, debuginfod; indexes cached zstd-compressed).
     Symbolize(symbolize::SymbolizeArgs),
     /// Measure the kernel time each `cpu-clock` sample costs, whichever profiler takes it
-    /// (unwound, `perf record`, …): fentry/fexit on the sampling interrupt handler.
+    /// (unwound, `perf record`, …): raw tracepoints around the sampling interrupt handler.
     SampleCost(sample_cost::SampleCostArgs),
 }
 

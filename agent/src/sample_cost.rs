@@ -5,7 +5,9 @@
 //! per CPU, the time of the callbacks that are `perf_swevent_hrtimer`, the interrupt
 //! handler of software `cpu-clock` events: the stack copies, BPF programs and output of
 //! every sampling event on that CPU. (The perf core is built without ftrace hooks, so
-//! fentry cannot attach to the handler itself.) This
+//! fentry cannot attach to the handler itself.) The kernel does not nest a program in
+//! itself on one CPU: a sample whose timer fires while `sample_cost_exit` runs for a soft
+//! hrtimer goes uncounted, a rare miss that makes the figures a slight undercount. This
 //! is the part of a profiler's cost that is charged to the sampled tasks, not to the
 //! profiler's own process: for `perf record --call-graph dwarf`, the copy of each sample's
 //! user stack; for unwound, the walk in the kernel.
@@ -75,9 +77,11 @@ pub fn run(args: &SampleCostArgs) -> anyhow::Result<()> {
         config.set(1, u64::from(offset), 0)?;
     }
     // The links live as long as `ebpf`: detached when it drops.
+    // The exit program first: an entry seen before it is attached would leave a start time
+    // for the next exit of any timer on that CPU.
     for (program, tracepoint) in [
-        (SAMPLE_COST_ENTER_PROGRAM, "hrtimer_expire_entry"),
         (SAMPLE_COST_EXIT_PROGRAM, "hrtimer_expire_exit"),
+        (SAMPLE_COST_ENTER_PROGRAM, "hrtimer_expire_entry"),
     ] {
         let p: &mut RawTracePoint = ebpf
             .program_mut(program)

@@ -58,6 +58,27 @@ fn bad_flag_is_rejected_with_usage() {
 }
 
 #[test]
+fn sample_cost_bad_values_and_no_privileges_are_clear() {
+    for d in ["0", "-1", "soon", "inf"] {
+        let run = unwound(&["sample-cost", &format!("--duration={d}")]);
+        assert_eq!(run.status.code(), Some(2), "{d}: {}", run.stderr);
+        assert!(run.stderr.contains("expected a positive number of seconds"), "{d}: {}", run.stderr);
+    }
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_unwound"))
+        .args(["sample-cost", "--duration", "1"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let run = AgentRun {
+        status: o.status,
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    };
+    assert!(one_error_line(&run).contains("needs root"), "{}", run.stderr);
+}
+
+#[test]
 fn without_privileges_it_says_how_to_fix() {
     if unsafe { libc::geteuid() } != 0 {
         // Already unprivileged: the agent itself must refuse.

@@ -534,7 +534,7 @@ fn sample_cost_covers_the_walkers_own_run_time() {
     let work = start(&dir, "chain_nofp", &[]);
     settle(200);
     let cost = std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
-        .args(["sample-cost", "--json", "--duration", "6"])
+        .args(["sample-cost", "--json", "--duration", "120"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -557,6 +557,8 @@ fn sample_cost_covers_the_walkers_own_run_time() {
         profile.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "{}", run.stderr);
+    // Stopped once the agent is done: its whole run lies inside the measurement.
+    unsafe { libc::kill(cost.id() as libc::pid_t, libc::SIGINT) };
     let cost = cost.wait_with_output().unwrap();
     assert!(cost.status.success(), "{}", String::from_utf8_lossy(&cost.stderr));
     let cost = String::from_utf8_lossy(&cost.stdout).to_string();
