@@ -1,16 +1,19 @@
 //! `unwound sample-cost`: the kernel time every `cpu-clock` sample costs on this machine,
-//! whichever profiler takes it (`unwound record`, `perf record`, another one).
+//! whichever profiler takes it (`unwound record`, `perf record`, another one). This is the
+//! part of a profiler's cost that is charged to the sampled tasks, not to the profiler's
+//! own process: for `perf record --call-graph dwarf`, the copy of each sample's user stack;
+//! for unwound, the walk in the kernel.
 //!
 //! Raw tracepoints around every hrtimer callback (`hrtimer_expire_entry`/`_exit`) add up,
 //! per CPU, the time of the callbacks that are `perf_swevent_hrtimer`, the interrupt
 //! handler of software `cpu-clock` events: the stack copies, BPF programs and output of
 //! every sampling event on that CPU. (The perf core is built without ftrace hooks, so
-//! fentry cannot attach to the handler itself.) The kernel does not nest a program in
-//! itself on one CPU: a sample whose timer fires while `sample_cost_exit` runs for a soft
-//! hrtimer goes uncounted, a rare miss that makes the figures a slight undercount. This
-//! is the part of a profiler's cost that is charged to the sampled tasks, not to the
-//! profiler's own process: for `perf record --call-graph dwarf`, the copy of each sample's
-//! user stack; for unwound, the walk in the kernel.
+//! fentry cannot attach to the handler itself.)
+//!
+//! What is counted is the handler's calls: one per sample, plus calls in which the kernel
+//! takes no sample (a timer firing on an idle CPU, for instance). The kernel does not nest
+//! a program in itself on one CPU, so a sample whose timer fires while `sample_cost_exit`
+//! runs for a soft hrtimer goes uncounted: a rare miss, a slight undercount.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -565,10 +565,11 @@ fn sample_cost_covers_the_walkers_own_run_time() {
     let json = summary_json(&run);
     let (runs, bpf_ns) = (json_u64(json, "bpf_runs"), json_u64(json, "bpf_run_time_ns"));
     let (samples, kernel_ns) = (json_u64(&cost, "samples"), json_u64(&cost, "kernel_ns"));
-    // Every program run is inside one timed handler; nothing else samples on this machine,
-    // give or take a sample per CPU at the edges.
+    // Every program run is inside one timed handler (give or take one per CPU at the
+    // edges). There can be more handler calls than runs: a timer that fires while its CPU
+    // is idle may take no sample, and the fixture keeps only one of the CPUs busy.
     assert!(runs >= 500, "{json}");
-    assert!(samples + 8 >= runs && samples <= runs + runs / 20 + 8, "sample-cost {cost}; agent {json}");
+    assert!(samples + 8 >= runs && samples <= 3 * runs + 8, "sample-cost {cost}; agent {json}");
     assert!(kernel_ns >= bpf_ns, "sample-cost {cost}; agent {json}");
     // ... and the handler's own work around the program is small next to a walk.
     assert!(kernel_ns <= bpf_ns * 4 + samples * 20_000, "sample-cost {cost}; agent {json}");
