@@ -64,43 +64,34 @@ fn sample_cost_bad_values_and_no_privileges_are_clear() {
         assert_eq!(run.status.code(), Some(2), "{d}: {}", run.stderr);
         assert!(run.stderr.contains("expected a positive number of seconds"), "{d}: {}", run.stderr);
     }
+    let run = unprivileged(&["sample-cost", "--duration", "1"]);
+    assert!(one_error_line(&run).contains("needs root"), "{}", run.stderr);
+}
+
+/// The agent run as nobody with no capabilities (directly when the tests already run so).
+fn unprivileged(args: &[&str]) -> AgentRun {
+    if unsafe { libc::geteuid() } != 0 {
+        return unwound(args);
+    }
     let o = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
         .arg(env!("CARGO_BIN_EXE_unwound"))
-        .args(["sample-cost", "--duration", "1"])
+        .args(args)
         .output()
         .expect("setpriv (util-linux)");
-    let run = AgentRun {
+    AgentRun {
         status: o.status,
         stdout: String::from_utf8_lossy(&o.stdout).into(),
         stderr: String::from_utf8_lossy(&o.stderr).into(),
-    };
-    assert!(one_error_line(&run).contains("needs root"), "{}", run.stderr);
+    }
 }
 
 #[test]
 fn without_privileges_it_says_how_to_fix() {
-    if unsafe { libc::geteuid() } != 0 {
-        // Already unprivileged: the agent itself must refuse.
-        let run = unwound(&["record", "--duration", "1", "--output", "/tmp/unwound-noroot.folded"]);
-        assert!(one_error_line(&run).contains("needs root"));
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let out = tmp.path().join("x.folded");
-    let o = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(env!("CARGO_BIN_EXE_unwound"))
-        .args(["record", "--duration", "1", "--output"])
-        .arg(&out)
-        .output()
-        .expect("setpriv (util-linux)");
-    let run = AgentRun {
-        status: o.status,
-        stdout: String::from_utf8_lossy(&o.stdout).into(),
-        stderr: String::from_utf8_lossy(&o.stderr).into(),
-    };
+    let run = unprivileged(&["record", "--duration", "1", "--output", out.to_str().unwrap()]);
     let line = one_error_line(&run);
     assert!(line.contains("needs root (or CAP_BPF and CAP_PERFMON)") && line.contains("sudo"), "{line}");
     assert!(!out.exists());
