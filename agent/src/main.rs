@@ -140,10 +140,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// A size in MiB that is a positive number.
-fn positive_mib(s: &str) -> Result<f64, String> {
+/// A finite number above zero, or an error naming `unit`.
+fn positive(s: &str, unit: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("expected a positive number of MiB, got {s:?}")),
+        _ => Err(format!("expected a positive number of {unit}, got {s:?}")),
     }
+}
+
+/// A size in MiB that is a positive number.
+fn positive_mib(s: &str) -> Result<f64, String> {
+    positive(s, "MiB")
+}
+
+/// A duration in seconds that is a positive number.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    positive(s, "seconds")
 }

@@ -247,9 +247,7 @@ impl Collector {
         let mut v: Vec<u64> = self
             .stacks
             .keys()
-            .flat_map(|k| {
-                k.kernel.iter().enumerate().map(|(i, &a)| if i == 0 { a } else { a.wrapping_sub(1) })
-            })
+            .flat_map(|k| k.kernel.iter().enumerate().map(|(i, &a)| lookup_address(i, a)))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -289,12 +287,11 @@ impl Collector {
                 frames.push(Frame::plain(INVALID_FRAME.into(), "[unknown]".into(), 0, false));
             }
             for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
-                // Return addresses point after the call; look up the call itself.
-                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                let lookup = lookup_address(i, addr);
                 frames.push(user_frame(process, lookup, &resolved));
             }
             for (i, &addr) in key.kernel.iter().enumerate().rev() {
-                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                let lookup = lookup_address(i, addr);
                 frames.push(kernel_frame(kernel, lookup));
             }
             *out.entry((key.pid, key.comm.clone(), frames)).or_default() += count;
@@ -331,7 +328,7 @@ impl Collector {
         for key in self.stacks.keys() {
             let Some(p) = self.processes.get(&(key.pid, key.generation)) else { continue };
             for (i, &addr) in key.user.iter().enumerate() {
-                let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                let lookup = lookup_address(i, addr);
                 let Some(m) = p.maps.find(lookup) else { continue };
                 let Some(Some(info)) = p.symbols.get(&m.start) else { continue };
                 if info.file.is_none() {
@@ -426,4 +423,14 @@ fn read_process_memory(pid: u32, addr: u64, len: u64) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, addr).ok()?;
     Some(buf)
+}
+
+/// The address looked up for frame `i` of a stack (innermost first): a return address
+/// (every frame but the innermost) points after its call, so the call itself, one byte back.
+fn lookup_address(i: usize, addr: u64) -> u64 {
+    if i == 0 {
+        addr
+    } else {
+        addr.wrapping_sub(1)
+    }
 }

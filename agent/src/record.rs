@@ -57,10 +57,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         args.frequency,
         args.duration
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handler")?;
-    }
+    let stop = stop_on_signals()?;
     let mut collector = Collector::new();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let mut ended_early = None;
@@ -554,6 +551,15 @@ impl Session {
             })
             .collect()
     }
+}
+
+/// A flag that SIGINT or SIGTERM sets (Ctrl-C stops early; the work so far is kept).
+pub(crate) fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handler")?;
+    }
+    Ok(stop)
 }
 
 pub(crate) fn raise_memlock_limit() {

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use anyhow::Context as _;
 use aya::maps::{Array, PerCpuArray};
 use aya::programs::RawTracePoint;
@@ -27,8 +26,9 @@ use aya::EbpfLoader;
 use unwound_stackwalk_abi::{
     SAMPLE_COST_ENTER_PROGRAM, SAMPLE_COST_EXIT_PROGRAM, SAMPLE_COST_MAP, SAMPLE_COST_TARGET_MAP,
 };
+use unwound_symbolize::KernelSymbols;
 
-use crate::record::{check_privileges, raise_memlock_limit, BPF_OBJECT};
+use crate::record::{check_privileges, raise_memlock_limit, stop_on_signals, BPF_OBJECT};
 
 /// The traced function: every software `cpu-clock` sample runs through it.
 const TRACED: &str = "perf_swevent_hrtimer";
@@ -36,19 +36,12 @@ const TRACED: &str = "perf_swevent_hrtimer";
 #[derive(clap::Args, Debug)]
 pub struct SampleCostArgs {
     /// How long to measure, in seconds (Ctrl-C stops early).
-    #[arg(short, long, default_value_t = 10.0, value_name = "SECONDS", value_parser = positive_seconds)]
+    #[arg(short, long, default_value_t = 10.0, value_name = "SECONDS", value_parser = crate::positive_seconds)]
     pub duration: f64,
     /// Print the totals as one JSON object (`samples`, `kernel_ns`, `ns_per_sample`,
     /// `seconds`) per line on stdout: at the end, and on each SIGUSR1.
     #[arg(long)]
     pub json: bool,
-}
-
-fn positive_seconds(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        _ => Err(format!("expected a positive number of seconds, got {s:?}")),
-    }
 }
 
 pub fn run(args: &SampleCostArgs) -> anyhow::Result<()> {
@@ -58,19 +51,10 @@ pub fn run(args: &SampleCostArgs) -> anyhow::Result<()> {
         .context("kernel BTF (/sys/kernel/btf/vmlinux) is needed to read timers")?;
     let offset = struct_member_offset(&btf, "hrtimer", "function")
         .context("the kernel's BTF has no struct hrtimer with a function member")?;
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").context("cannot read /proc/kallsyms")?;
-    let target = kallsyms
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (addr, _, name) = (f.next()?, f.next()?, f.next()?);
-            (name == TRACED && f.next().is_none()).then(|| u64::from_str_radix(addr, 16).ok())?
-        })
-        .next()
+    let target = KernelSymbols::load()
+        .context("cannot read kernel symbols")?
+        .address_of(TRACED)
         .with_context(|| format!("{TRACED} is not in /proc/kallsyms"))?;
-    if target == 0 {
-        bail!("/proc/kallsyms hides addresses (kernel.kptr_restrict); run as root");
-    }
     let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).context("cannot load unwound's BPF object")?;
     {
         let mut config: Array<_, u64> = Array::try_from(
@@ -93,10 +77,7 @@ pub fn run(args: &SampleCostArgs) -> anyhow::Result<()> {
         p.load().with_context(|| format!("the kernel refused the {tracepoint} program"))?;
         p.attach(tracepoint).with_context(|| format!("cannot attach to the {tracepoint} tracepoint"))?;
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot install signal handler")?;
-    }
+    let stop = stop_on_signals()?;
     let snapshot = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&snapshot))
         .context("cannot install signal handler")?;

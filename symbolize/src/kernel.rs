@@ -44,8 +44,12 @@ impl KernelSymbols {
 
     /// Reads a file in the format of `/proc/kallsyms`.
     pub fn load_from(path: &Path) -> Result<Self, Error> {
-        let text = read_capped(path)?;
-        let syms = Self::parse(&text);
+        Self::from_text(&read_capped(path)?)
+    }
+
+    /// [`KernelSymbols::parse`], where text without one usable address means hidden ones.
+    fn from_text(text: &str) -> Result<Self, Error> {
+        let syms = Self::parse(text);
         if syms.entries.is_empty() && !text.is_empty() {
             return Err(Error::KernelAddressesHidden);
         }
@@ -105,19 +109,14 @@ impl KernelSymbols {
             })
             .collect();
         let identity = modules.iter().map(|m| m.join(" ")).collect::<Vec<_>>().join("\n");
-        let key = fnv(boot.as_bytes(), identity.as_bytes());
+        let key = crate::fnv(boot.bytes().chain([0]).chain(identity.bytes()));
         let path = cache_dir.join(format!("kallsyms-{key:016x}.zst"));
         let cached = read_cache(&path);
-        if let Some(c) = &cached {
-            if addresses.iter().all(|&a| c.covers(a)) {
-                return Ok(cached.expect("just matched"));
-            }
+        match cached {
+            Some(c) if addresses.iter().all(|&a| c.covers(a)) => return Ok(c),
+            _ => {}
         }
-        let text = read_capped(kallsyms)?;
-        let live = Self::parse(&text);
-        if live.entries.is_empty() && !text.is_empty() {
-            return Err(Error::KernelAddressesHidden);
-        }
+        let live = Self::from_text(&read_capped(kallsyms)?)?;
         // A module still loading lists its init code too, in memory freed once it is live:
         // no cache then. A good cache stays as it is.
         let settled = modules.iter().all(|m| m.get(2) == Some(&"Live"));
@@ -191,27 +190,42 @@ impl KernelSymbols {
         self.entries.is_empty()
     }
 
+    /// The address of the text symbol `name` (the first, when several share it).
+    ///
+    /// ```
+    /// let k = unwound_symbolize::KernelSymbols::parse("ffffffff81000100 t do_thing\n");
+    /// assert_eq!(k.address_of("do_thing"), Some(0xffffffff81000100));
+    /// ```
+    pub fn address_of(&self, name: &str) -> Option<u64> {
+        self.entries.iter().find(|e| self.name_of(e) == name).map(|e| e.addr)
+    }
+
+    /// Index of the symbol at or before `addr`.
+    fn index_at(&self, addr: u64) -> Option<usize> {
+        self.entries.partition_point(|e| e.addr <= addr).checked_sub(1)
+    }
+
+    fn name_of(&self, e: &Entry) -> &str {
+        &self.names[e.name as usize..(e.name + e.name_len) as usize]
+    }
+
+    fn module_of(&self, e: &Entry) -> Option<&str> {
+        e.module.checked_sub(1).map(|m| &*self.modules[m as usize])
+    }
+
     /// The symbol at or before `addr`.
     pub fn lookup(&self, addr: u64) -> Option<KernelSymbol<'_>> {
-        let i = self.entries.partition_point(|e| e.addr <= addr).checked_sub(1)?;
-        let e = &self.entries[i];
-        Some(KernelSymbol {
-            name: &self.names[e.name as usize..(e.name + e.name_len) as usize],
-            module: e.module.checked_sub(1).map(|m| &*self.modules[m as usize]),
-            offset: addr - e.addr,
-        })
+        let e = &self.entries[self.index_at(addr)?];
+        Some(KernelSymbol { name: self.name_of(e), module: self.module_of(e), offset: addr - e.addr })
     }
 
     /// Whether `addr` lies between the first and last symbol of the kernel image or of one
     /// module: then no symbol missing from a cached list (a BPF program, a trampoline)
     /// can be the one at or before it.
     fn covers(&self, addr: u64) -> bool {
-        let i = match self.entries.partition_point(|e| e.addr <= addr).checked_sub(1) {
-            Some(i) => i,
-            None => return false,
-        };
         // The next symbol belongs to the same object: addr is inside that object's range.
-        self.entries.get(i + 1).is_some_and(|n| n.module == self.entries[i].module)
+        self.index_at(addr)
+            .is_some_and(|i| self.entries.get(i + 1).is_some_and(|n| n.module == self.entries[i].module))
     }
 
     /// The symbols of the kernel image and of the modules in `modules` (not BPF programs
@@ -231,7 +245,7 @@ impl KernelSymbols {
                     ids[m as usize]
                 }
             };
-            let name = &self.names[e.name as usize..(e.name + e.name_len) as usize];
+            let name = self.name_of(e);
             out.entries.push(Entry {
                 addr: e.addr,
                 name: out.names.len() as u32,
@@ -323,15 +337,6 @@ fn read_capped(path: &Path) -> Result<String, Error> {
         return Err(io(too_large));
     }
     Ok(text)
-}
-
-fn fnv(a: &[u8], b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &x in a.iter().chain([0u8].iter()).chain(b) {
-        h ^= u64::from(x);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 /// A cached list, or `None` when missing, damaged or not ours (then it is rebuilt).

@@ -44,6 +44,11 @@ mod symbolizer;
 pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError};
 pub use elf::{ElfSymbols, Symbol};
 pub use kernel::{KernelSymbol, KernelSymbols};
+
+/// 64-bit FNV-1a of `bytes`: cache keys (stable across runs and machines).
+fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
 pub use maps::{Mapping, ProcessMaps};
 pub use name::Name;
 pub use symbolizer::{

@@ -756,14 +756,7 @@ fn source_meta(s: &DebugSource) -> String {
 }
 
 fn fnv(values: &[u64]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for v in values {
-        for b in v.to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x100000001b3);
-        }
-    }
-    h
+    crate::fnv(values.iter().flat_map(|v| v.to_le_bytes()))
 }
 
 /// Largest perf map read.
