@@ -57,15 +57,13 @@ impl Entries {
     }
 
     /// Appends an entry; a new chunk gets room for `hint` entries (at most a chunk).
+    #[inline]
     pub(crate) fn push(&mut self, v: u32, hint: usize) {
         if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
             self.chunks.push(Vec::with_capacity(hint.clamp(1, CHUNK)));
         }
         self.chunks.last_mut().unwrap().push(v);
         self.len += 1;
-    }
-    pub(crate) fn last(&self) -> Option<u32> {
-        self.chunks.last().and_then(|c| c.last()).copied()
     }
     pub(crate) fn last_mut(&mut self) -> Option<&mut u32> {
         self.chunks.last_mut().and_then(|c| c.last_mut())
