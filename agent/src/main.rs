@@ -153,7 +153,15 @@ fn positive_mib(s: &str) -> Result<f64, String> {
     positive(s, "MiB")
 }
 
-/// A duration in seconds that is a positive number.
+/// A duration in seconds that is a positive number, at most a year (longer ones overflow
+/// the clock's arithmetic).
 fn positive_seconds(s: &str) -> Result<f64, String> {
-    positive(s, "seconds")
+    const YEAR: f64 = 365.0 * 86400.0;
+    positive(s, "seconds").and_then(|v| {
+        if v <= YEAR {
+            Ok(v)
+        } else {
+            Err(format!("expected at most a year ({YEAR} seconds), got {s:?}"))
+        }
+    })
 }

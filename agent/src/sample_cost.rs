@@ -12,8 +12,11 @@
 //!
 //! What is counted is the handler's calls: one per sample, plus calls in which the kernel
 //! takes no sample (a timer firing on an idle CPU, for instance). The kernel does not nest
-//! a program in itself on one CPU, so a sample whose timer fires while `sample_cost_exit`
-//! runs for a soft hrtimer goes uncounted: a rare miss, a slight undercount.
+//! a program in itself on one CPU, so a sample whose timer fires while one of the two
+//! programs runs for a soft hrtimer loses its entry or its exit: it goes uncounted (the
+//! exit counts only for the timer whose entry it saw, and any other exit clears a start
+//! left over), a rare miss and a slight undercount, never a stale start counted as a
+//! sample.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

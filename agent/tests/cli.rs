@@ -64,6 +64,12 @@ fn sample_cost_bad_values_and_no_privileges_are_clear() {
         assert_eq!(run.status.code(), Some(2), "{d}: {}", run.stderr);
         assert!(run.stderr.contains("expected a positive number of seconds"), "{d}: {}", run.stderr);
     }
+    // Past a year the clock's arithmetic would overflow: refused, not a panic.
+    for d in ["1e20", "31536001"] {
+        let run = unwound(&["sample-cost", "--duration", d]);
+        assert_eq!(run.status.code(), Some(2), "{d}: {}", run.stderr);
+        assert!(run.stderr.contains("expected at most a year"), "{d}: {}", run.stderr);
+    }
     let run = unprivileged(&["sample-cost", "--duration", "1"]);
     assert!(one_error_line(&run).contains("needs root"), "{}", run.stderr);
 }

@@ -533,12 +533,16 @@ fn sample_cost_covers_the_walkers_own_run_time() {
     };
     let work = start(&dir, "chain_nofp", &[]);
     settle(200);
-    let cost = std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
-        .args(["sample-cost", "--json", "--duration", "120"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run unwound sample-cost");
+    // Killed when dropped: a failed assertion must not leave its tracepoints attached.
+    let mut cost = Running {
+        child: std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
+            .args(["sample-cost", "--json", "--duration", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run unwound sample-cost"),
+        name: "sample-cost".into(),
+    };
     settle(500);
     let out = tempfile::tempdir().unwrap();
     let pid = work.pid().to_string();
@@ -558,10 +562,16 @@ fn sample_cost_covers_the_walkers_own_run_time() {
     ]);
     assert!(run.status.success(), "{}", run.stderr);
     // Stopped once the agent is done: its whole run lies inside the measurement.
-    unsafe { libc::kill(cost.id() as libc::pid_t, libc::SIGINT) };
-    let cost = cost.wait_with_output().unwrap();
-    assert!(cost.status.success(), "{}", String::from_utf8_lossy(&cost.stderr));
-    let cost = String::from_utf8_lossy(&cost.stdout).to_string();
+    unsafe { libc::kill(cost.pid() as libc::pid_t, libc::SIGINT) };
+    let read = |pipe: Option<&mut dyn std::io::Read>| {
+        let mut text = String::new();
+        pipe.map(|p| p.read_to_string(&mut text));
+        text
+    };
+    let stdout = read(cost.child.stdout.as_mut().map(|p| p as &mut dyn std::io::Read));
+    let stderr = read(cost.child.stderr.as_mut().map(|p| p as &mut dyn std::io::Read));
+    assert!(cost.child.wait().unwrap().success(), "{stderr}");
+    let cost = stdout;
     let json = summary_json(&run);
     let (runs, bpf_ns) = (json_u64(json, "bpf_runs"), json_u64(json, "bpf_run_time_ns"));
     let (samples, kernel_ns) = (json_u64(&cost, "samples"), json_u64(&cost, "kernel_ns"));

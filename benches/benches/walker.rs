@@ -149,33 +149,55 @@ fn live_cpu(pid: u32) -> f64 {
 /// `unwound sample-cost`, started before a profiler so that it is an old process by the
 /// time the window opens: it times every cpu-clock sample's interrupt handler, whichever
 /// profiler takes it.
-struct SampleCost(Child);
+/// `unwound sample-cost` running; killed when dropped (a panic must not leave its
+/// tracepoints attached).
+struct SampleCost(Option<Child>);
 
 impl SampleCost {
     fn start() -> Self {
         let c = Command::new(agent())
             .args(["sample-cost", "--json", "--duration", "600"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Its SIGUSR1 handler must be in place before the first mark.
         std::thread::sleep(Duration::from_millis(500));
-        SampleCost(c)
+        SampleCost(Some(c))
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.0.as_ref().map_or(0, |c| c.id() as libc::pid_t)
     }
 
     /// Asks for the totals so far (a JSON line on its stdout).
     fn mark(&self) {
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGUSR1) };
+        unsafe { libc::kill(self.pid(), libc::SIGUSR1) };
         std::thread::sleep(Duration::from_millis(60));
     }
 
-    /// (samples, kernel seconds) between the two marks.
-    fn window(self) -> (f64, f64) {
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
-        let out = String::from_utf8_lossy(&self.0.wait_with_output().unwrap().stdout).to_string();
-        let lines: Vec<&str> = out.lines().collect();
-        let (a, b) = (lines[0], lines[1]);
+    /// (samples, kernel seconds) between the two marks; NaN, with its error shown, when
+    /// sample-cost could not measure.
+    fn window(mut self) -> (f64, f64) {
+        unsafe { libc::kill(self.pid(), libc::SIGINT) };
+        let Some(child) = self.0.take() else { return (f64::NAN, f64::NAN) };
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let [a, b, ..] = lines[..] else {
+            eprintln!("sample-cost measured nothing: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return (f64::NAN, f64::NAN);
+        };
         (field(b, "samples") - field(a, "samples"), (field(b, "kernel_ns") - field(a, "kernel_ns")) / 1e9)
+    }
+}
+
+impl Drop for SampleCost {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -75,6 +75,7 @@ impl KernelSymbols {
             Path::new("/proc/kallsyms"),
             Path::new("/proc/modules"),
             Path::new("/proc/sys/kernel/random/boot_id"),
+            Path::new("/sys/module"),
             cache_dir,
             addresses,
         )
@@ -85,6 +86,7 @@ impl KernelSymbols {
         kallsyms: &Path,
         modules: &Path,
         boot_id: &Path,
+        sys_module: &Path,
         cache_dir: &Path,
         addresses: &[u64],
     ) -> Result<Self, Error> {
@@ -108,7 +110,16 @@ impl KernelSymbols {
                 [0, 1, 4, 5].iter().filter_map(|&i| f.get(i).copied()).collect()
             })
             .collect();
-        let identity = modules.iter().map(|m| m.join(" ")).collect::<Vec<_>>().join("\n");
+        // A module rebuilt and loaded again often has the same size and address: its build
+        // id (or, without one, its source version) tells the builds apart.
+        let identity = modules
+            .iter()
+            .map(|m| {
+                let build = m.first().map_or_else(Vec::new, |name| module_build(&sys_module.join(name)));
+                format!("{} {}", m.join(" "), build.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
         let key = crate::fnv(boot.bytes().chain([0]).chain(identity.bytes()));
         let path = cache_dir.join(format!("kallsyms-{key:016x}.zst"));
         let cached = read_cache(&path);
@@ -320,6 +331,18 @@ impl KernelSymbols {
 }
 
 /// A file's text, refusing more than [`MAX_KALLSYMS`] bytes.
+/// What tells one build of a loaded module from another: its build-id note, else its
+/// `srcversion`, else nothing (both are small; read capped).
+fn module_build(dir: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let read = |p: PathBuf| -> Option<Vec<u8>> {
+        let mut v = Vec::new();
+        std::fs::File::open(p).ok()?.take(4096).read_to_end(&mut v).ok()?;
+        Some(v)
+    };
+    read(dir.join("notes/.note.gnu.build-id")).or_else(|| read(dir.join("srcversion"))).unwrap_or_default()
+}
+
 fn read_capped(path: &Path) -> Result<String, Error> {
     use std::io::Read;
     let io = |source| Error::Io { path: PathBuf::from(path), source };
@@ -360,7 +383,14 @@ fn write_cache(path: &Path, syms: &KernelSymbols) -> std::io::Result<()> {
     for old in std::fs::read_dir(dir)?.flatten() {
         let name = old.file_name();
         let n = name.to_string_lossy();
-        if n.starts_with("kallsyms-") && n.ends_with(".zst") && Some(name.as_os_str()) != keep {
+        let stale = n.starts_with("kallsyms-") && n.ends_with(".zst") && Some(name.as_os_str()) != keep;
+        // A temporary file of a writer that died; another's in flight is seconds old.
+        let orphan = n.starts_with(".kallsyms-")
+            && old
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > std::time::Duration::from_secs(3600)));
+        if stale || orphan {
             let _ = std::fs::remove_file(old.path());
         }
     }
@@ -397,6 +427,7 @@ mod tests {
                 &p("kallsyms"),
                 &p("modules"),
                 &p("boot_id"),
+                &p("sys-module"),
                 &p("cache"),
                 addresses,
             )
@@ -412,6 +443,25 @@ mod tests {
     }
 
     const M1: &str = "m1 16384 0 - Live 0xffffffffc0001000\n";
+
+    #[test]
+    fn a_module_rebuilt_at_the_same_size_and_address_misses_the_cache() {
+        let s = Sources::new(&format!("{IMAGE}{MODULE}"), M1);
+        let notes = s.dir.path().join("sys-module/m1/notes");
+        std::fs::create_dir_all(&notes).unwrap();
+        std::fs::write(notes.join(".note.gnu.build-id"), b"build one").unwrap();
+        assert_eq!(s.load(&[0xffffffffc0001050]).lookup(0xffffffffc0001050).unwrap().name, "mod_a");
+        let first = s.cache_files();
+        assert_eq!(first.len(), 1);
+        // rmmod m1; insmod m1.ko of another build: the same /proc/modules line.
+        std::fs::write(notes.join(".note.gnu.build-id"), b"build two").unwrap();
+        s.set("kallsyms", &format!("{IMAGE}{}", MODULE.replace("mod_a", "mod_renamed")));
+        let after = s.load(&[0xffffffffc0001050]);
+        assert_eq!(after.lookup(0xffffffffc0001050).unwrap().name, "mod_renamed");
+        let second = s.cache_files();
+        assert_eq!(second.len(), 1, "the old key's file is replaced: {second:?}");
+        assert_ne!(first, second, "a second key");
+    }
 
     #[test]
     fn a_second_load_reads_the_cache_when_it_covers_every_address() {
@@ -511,8 +561,14 @@ mod tests {
     fn hidden_addresses_are_an_error() {
         let s = Sources::new("0000000000000000 T _stext\n0000000000000000 t do_thing\n", M1);
         let p = |n: &str| s.dir.path().join(n);
-        let r =
-            KernelSymbols::load_cached_from(&p("kallsyms"), &p("modules"), &p("boot_id"), &p("cache"), &[1]);
+        let r = KernelSymbols::load_cached_from(
+            &p("kallsyms"),
+            &p("modules"),
+            &p("boot_id"),
+            &p("sys-module"),
+            &p("cache"),
+            &[1],
+        );
         assert!(matches!(r, Err(Error::KernelAddressesHidden)), "{r:?}");
     }
 

@@ -214,14 +214,15 @@ struct Code<'a> {
 
 impl Code<'_> {
     fn bytes(&self, start: u64, end: u64) -> Option<&[u8]> {
-        let (base, data) = self.ranges.iter().find(|(b, d)| start >= *b && end <= b + d.len() as u64)?;
+        let (base, data) =
+            self.ranges.iter().find(|(b, d)| start >= *b && end >= start && end - b <= d.len() as u64)?;
         data.get((start - base) as usize..(end - base) as usize)
     }
     /// Asks the CPU to start loading the code bytes just below `end`, where the gap and
     /// epilogue checks read.
     #[inline]
     fn prefetch_before(&self, end: u64) {
-        if let Some((base, data)) = self.ranges.iter().find(|(b, d)| end > *b && end <= b + d.len() as u64) {
+        if let Some((base, data)) = self.ranges.iter().find(|(b, d)| end > *b && end - b <= d.len() as u64) {
             let at = (end - base) as usize;
             prefetch(data, at.wrapping_sub(1));
             prefetch(data, at.wrapping_sub(65));
@@ -266,6 +267,8 @@ impl Code<'_> {
 /// from memory: without this, each function costs a cache miss or two.
 #[inline]
 fn prefetch(data: &[u8], at: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
     #[cfg(target_arch = "x86_64")]
     if let Some(byte) = data.get(at) {
         // SAFETY: a prefetch is only a hint (SSE, always on x86-64): it reads nothing into
@@ -359,6 +362,12 @@ pub fn compile_with(
         }
         CfiSource::DebugFrame => {
             let df = cfi_file.section_by_name(".debug_frame").ok_or(Error::NoCfi)?;
+            // FDE records are located by 32-bit section offsets; a compressed section says
+            // its size before it is inflated.
+            let size = df.compressed_data().map_err(|e| Error::Elf(e.to_string()))?.uncompressed_size;
+            if size > u64::from(u32::MAX) {
+                return Err(Error::TooLarge { size });
+            }
             let data = df.uncompressed_data().map_err(|e| Error::Elf(e.to_string()))?;
             let mut section = DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
@@ -475,7 +484,7 @@ where
     // Counted first, so the list is allocated once at its size (growing it would hold the
     // old and the new buffer at once).
     let records = record_offsets(data, eh_frame).count();
-    let mut out = Vec::with_capacity(records.min(MAX_FDES + 1));
+    let mut out = Vec::with_capacity(records);
     // The walk is serial (each length leads to the next record) and does only that: it
     // lists the FDE records and parses each CIE once; the FDEs' address fields are read
     // in parallel below.
@@ -506,9 +515,8 @@ where
                 cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize));
                 last_cie = Some(cie_off);
             }
-            if out.len() == out.capacity() {
-                return Err(Error::Limit("FDEs"));
-            }
+            // At most one per record, and records are at least 8 bytes: bounded by the
+            // section. The limit is on the FDEs kept, checked below.
             out.push(Fde { start: 0, rec: pos as u32 });
         }
         pos = next;
@@ -1487,7 +1495,8 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                 while next_page <= page {
                     let p = &mut pages[next_page as usize];
                     p.start_rule = match last_start {
-                        Some((r, id)) if r == state => id,
+                        // Id 1 (the dictionary is full) is counted at every page, as before.
+                        Some((r, id)) if r == state && id != 1 => id,
                         _ => {
                             let id = dict.id(state, Run::NONE);
                             last_start = Some((state, id));
@@ -1605,7 +1614,7 @@ impl Dictionary {
             | u64::from(rule.cfa_offset as u32) << 32;
         let h =
             (bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(run.0)).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        (h >> 32) as usize & mask
+        (h >> 40) as usize & mask
     }
 
     /// The record's index; past [`MAX_RULES`] records, the index of the `DictionaryFull`

@@ -695,9 +695,10 @@ fn process_event(flag: u32) {
 
 /// Kernel time of every `cpu-clock` sample on this CPU, whoever takes it (this walker,
 /// `perf record`, another profiler): slot 0 the entry time of the sample in progress,
-/// 1 the total ns, 2 the count. Only `unwound sample-cost` attaches the two programs below.
+/// 1 the total ns, 2 the count, 3 the timer of the sample in progress. Only `unwound
+/// sample-cost` attaches the two programs below.
 #[map]
-static SAMPLE_COST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+static SAMPLE_COST: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
 
 /// Set by the agent: 0 the address of `perf_swevent_hrtimer` (the interrupt handler of
 /// every software `cpu-clock` sampling event), 1 the byte offset of `function` in
@@ -710,38 +711,54 @@ static SAMPLE_COST_TARGET: Array<u64> = Array::with_max_entries(2, 0);
 #[raw_tracepoint(tracepoint = "hrtimer_expire_entry")]
 pub fn sample_cost_enter(ctx: RawTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
-    let (Some(&target), Some(&offset), Some(start)) =
-        (SAMPLE_COST_TARGET.get(0), SAMPLE_COST_TARGET.get(1), SAMPLE_COST.get_ptr_mut(0))
-    else {
+    let (Some(&target), Some(&offset), Some(start), Some(owner)) = (
+        SAMPLE_COST_TARGET.get(0),
+        SAMPLE_COST_TARGET.get(1),
+        SAMPLE_COST.get_ptr_mut(0),
+        SAMPLE_COST.get_ptr_mut(3),
+    ) else {
         return 0;
     };
     // SAFETY: a probe read of kernel memory (the timer's callback pointer) that may fail.
     let function = unsafe { bpf_probe_read_kernel((timer + offset) as *const u64) }.unwrap_or(0);
     if target != 0 && function == target {
-        // SAFETY: a per-CPU slot; hard-irq context, so nothing else on this CPU runs here.
-        unsafe { *start = bpf_ktime_get_ns() };
+        // SAFETY: per-CPU slots; hard-irq context, so nothing else on this CPU runs here.
+        unsafe {
+            *owner = timer;
+            *start = bpf_ktime_get_ns();
+        }
     }
     0
 }
 
 /// Raw tracepoint `hrtimer_expire_exit(struct hrtimer *)`: adds a sample's kernel time
 /// (stack copies, BPF programs, output) to this CPU's total.
+/// Only the exit of the timer that started the sample counts: the sampling handler runs in
+/// hard-irq context, so no other hrtimer ends on this CPU between its entry and its exit,
+/// and any other exit finds a start left over from a missed exit (the kernel does not run
+/// this program inside itself) and clears it uncounted.
 #[raw_tracepoint(tracepoint = "hrtimer_expire_exit")]
-pub fn sample_cost_exit(_ctx: RawTracePointContext) -> i32 {
+pub fn sample_cost_exit(ctx: RawTracePointContext) -> i32 {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (Some(start), Some(total), Some(n)) =
-        (SAMPLE_COST.get_ptr_mut(0), SAMPLE_COST.get_ptr_mut(1), SAMPLE_COST.get_ptr_mut(2))
-    else {
+    let timer: u64 = ctx.arg(0);
+    let (Some(start), Some(total), Some(n), Some(owner)) = (
+        SAMPLE_COST.get_ptr_mut(0),
+        SAMPLE_COST.get_ptr_mut(1),
+        SAMPLE_COST.get_ptr_mut(2),
+        SAMPLE_COST.get_ptr_mut(3),
+    ) else {
         return 0;
     };
     // SAFETY: per-CPU slots, as above.
     unsafe {
-        if *start != 0 && now >= *start {
-            *total += now - *start;
-            *n += 1;
+        if *start != 0 {
+            if *owner == timer && now >= *start {
+                *total += now - *start;
+                *n += 1;
+            }
+            *start = 0;
         }
-        *start = 0;
     }
     0
 }
