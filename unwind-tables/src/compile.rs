@@ -382,6 +382,31 @@ pub fn compile_with(
     }
 }
 
+/// The CIEs already parsed, with the last one looked up kept at hand: most FDEs share their
+/// neighbour's CIE.
+struct CieLookup<'m> {
+    cies: &'m HashMap<u32, Option<CieInfo>>,
+    last: Option<(u32, Option<CieInfo>)>,
+}
+
+impl<'m> CieLookup<'m> {
+    fn new(cies: &'m HashMap<u32, Option<CieInfo>>) -> Self {
+        CieLookup { cies, last: None }
+    }
+    /// The CIE at section offset `off`; `None` when it is unknown or unusable.
+    #[inline]
+    fn get(&mut self, off: u32) -> Option<CieInfo> {
+        match self.last {
+            Some((o, info)) if o == off => info,
+            _ => {
+                let info = self.cies.get(&off).copied().flatten();
+                self.last = Some((off, info));
+                info
+            }
+        }
+    }
+}
+
 /// What an FDE needs from its CIE, parsed once per CIE.
 #[derive(Clone, Copy)]
 struct CieInfo {
@@ -528,7 +553,7 @@ where
         .par_chunks_mut(4096)
         .map(|chunk| {
             let mut skipped = 0u64;
-            let mut last: Option<(u32, Option<CieInfo>)> = None;
+            let mut lookup = CieLookup::new(cies);
             for f in chunk {
                 let pos = f.rec as usize;
                 let body = pos + 4;
@@ -536,15 +561,7 @@ where
                 let next = body + len32 as usize;
                 let id = u32::from_le_bytes(data[body..body + 4].try_into().unwrap());
                 let cie_off = if eh_frame { (body as u32).wrapping_sub(id) } else { id };
-                let info = match last {
-                    Some((off, info)) if off == cie_off => info,
-                    _ => {
-                        let info = cies.get(&cie_off).copied().flatten();
-                        last = Some((cie_off, info));
-                        info
-                    }
-                };
-                let parsed = info.and_then(|c| {
+                let parsed = lookup.get(cie_off).and_then(|c| {
                     let mut p = body + 4;
                     let field = section_addr + p as u64;
                     let start = read_encoded(data, &mut p, c.encoding, field, bases, true)?;
@@ -1322,7 +1339,7 @@ fn build(
     let group = |g: usize| {
         let mut b = Builder::new(code, &shared);
         let mut stack = Vec::new();
-        let mut last_cie: Option<(u32, Option<CieInfo>)> = None;
+        let mut lookup = CieLookup::new(cies);
         let end = ((g + 1) * per).min(n);
         for i in g * per..end {
             if not_listed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1336,16 +1353,7 @@ fn build(
                 prefetch(data, f.rec as usize + 64);
             }
             let cie = fdes.get(i).and_then(|f| Some((f, f.cie(data, eh_frame)?)));
-            // Most FDEs share their neighbour's CIE.
-            let cie = cie.map(|(f, c)| match last_cie {
-                Some((off, info)) if off == c => (f, info),
-                _ => {
-                    let info = cies.get(&c).copied().flatten();
-                    last_cie = Some((c, info));
-                    (f, info)
-                }
-            });
-            let Some((f, Some(cie))) = cie else {
+            let Some((f, Some(cie))) = cie.map(|(f, c)| (f, lookup.get(c))) else {
                 if in_place {
                     // A pair that names no FDE of a known CIE.
                     not_listed.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1443,11 +1451,9 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
     // Record ids were handed out in the groups' racing order: sorted, the table is the same
     // on every run. The groups' entries are renamed in place, in parallel.
     let map = dict.canonicalize(npages as usize);
-    const RULE_BITS: u32 = 0x3fff << 12;
     outs.par_iter_mut().flat_map(|o| o.entries.par_iter_mut()).for_each(|block| {
         for raw in block {
-            let old = ((*raw & RULE_BITS) >> 12) as usize;
-            *raw = (*raw & !RULE_BITS) | (u32::from(map[old]) << 12);
+            *raw = Entry::packed_with_rule(*raw, map[Entry::packed_rule(*raw) as usize]);
         }
     });
     drop(map);
@@ -1462,7 +1468,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
     // (crafted or broken CFI) must not put entries out of order.
     let mut last_at: Option<u64> = None;
     // Page offset of the last entry placed.
-    let mut last_off = 0u32;
+    let mut last_off = 0u16;
     for mut o in outs {
         let mut skipped_overlap = false;
         // Entry `k` of the group is `o.entries[k / GROUP_BLOCK][k % GROUP_BLOCK]`; each block
@@ -1482,7 +1488,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                 let Some(&raw) = block.get(k % GROUP_BLOCK) else { break 'runs };
                 k += 1;
                 remaining = remaining.saturating_sub(1);
-                let off = raw & 0xfff;
+                let off = Entry::decode(raw).page_offset;
                 let at = (abs_page << PAGE_SHIFT) | u64::from(off);
                 if last_at.is_some_and(|l| at < l) {
                     // The earlier group's rows win over an overlapping FDE's.
@@ -1490,7 +1496,11 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                     continue;
                 }
                 // Its restore point referred to an entry that was left out.
-                let raw = if std::mem::take(&mut skipped_overlap) { raw & !(1 << 31) } else { raw };
+                let raw = if std::mem::take(&mut skipped_overlap) {
+                    Entry { restore: false, ..Entry::decode(raw) }.encode()
+                } else {
+                    raw
+                };
                 last_at = Some(at);
                 while next_page <= page {
                     let p = &mut pages[next_page as usize];
@@ -1507,7 +1517,8 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                     next_page += 1;
                 }
                 let p = &mut pages[page as usize];
-                let after = if raw >> 31 == 1 { state } else { finals[((raw & RULE_BITS) >> 12) as usize] };
+                let e = Entry::decode(raw);
+                let after = if e.restore { state } else { finals[e.rule as usize] };
                 // Two entries at one offset (a group's closing gap, then the next group's
                 // first row): the later one holds.
                 if p.count > 0 && last_off == off {

@@ -593,3 +593,17 @@ pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step 
     };
     Step::Caller { regs: Registers { rip, rsp: cfa, rbp }, exact: false }
 }
+
+/// Packed entries edited in place, without unpacking (table assembly renames records).
+impl Entry {
+    /// The record index of a packed entry.
+    #[inline]
+    pub const fn packed_rule(v: u32) -> u16 {
+        ((v >> 12) & 0x3fff) as u16
+    }
+    /// A packed entry naming record `rule` instead.
+    #[inline]
+    pub const fn packed_with_rule(v: u32, rule: u16) -> u32 {
+        (v & !(0x3fff << 12)) | ((rule as u32 & 0x3fff) << 12)
+    }
+}
