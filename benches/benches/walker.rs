@@ -211,9 +211,13 @@ fn overhead() {
     );
     // A first run compiles the tables and debuginfo indexes it has not cached (after a
     // rebuild, or the first time on a machine); the runs below read them from the caches.
+    // `sample-cost` runs beside every measured run (it is the agent's own binary, large
+    // and with debuginfo), so it runs here too: else the first measured run pays for it.
+    let warm_cost = SampleCost::start();
     let (kids, _) = throughput_run(3.0);
     let j = record(&["--duration", "2"]);
     finish(kids);
+    drop(warm_cost);
     println!(
         "  (warm-up: unwound's first run, 2 s, agent CPU {:.3} s: tables and debuginfo indexes cached)",
         field(&j, "agent_cpu_seconds")
@@ -261,6 +265,7 @@ fn overhead() {
         let out = agent.wait_with_output().unwrap();
         let j = String::from_utf8_lossy(&out.stdout).to_string();
         let ours_whole = field(&j, "agent_cpu_seconds") + kernel.1;
+        let ours_window = kernel.1 + process;
         row(&format!("unwound {hz} Hz"), 1.0 - n / base, kernel, process, ours_whole);
         // perf with DWARF stack copies, every CPU, the same window.
         let cost = SampleCost::start();
@@ -294,6 +299,7 @@ fn overhead() {
         let process = live_cpu(perf.id()) - before;
         let kernel = cost.window();
         let perf_whole = child_cpu(perf) + kernel.1;
+        let perf_window = kernel.1 + process;
         row(&format!("perf dwarf {hz} Hz"), 1.0 - n / base, kernel, process, perf_whole);
         // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
         // sample's stack copy: the step unwound does in the kernel while recording.
@@ -308,16 +314,23 @@ fn overhead() {
             "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {perf_script:>10.4}s",
             "  + perf script", "", "", "", "", "", ""
         );
-        totals.push((hz, ours_whole, perf_whole, perf_script));
+        totals.push((hz, ours_whole, perf_whole, perf_script, ours_window, perf_window));
     }
     let (kids, _) = throughput_run(secs);
     let again = finish(kids);
     println!("{:<20} {:>8.2}% (iterations: {again:.0})", "none (again)", (1.0 - again / base) * 100.0);
-    for (hz, ours, perf, script) in totals {
+    for (hz, ours, perf, script, ours_window, perf_window) in totals {
         println!(
             "  {hz} Hz, whole run: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
             ours / perf,
             ours / script
+        );
+        // Without the fixed costs of starting and finishing (both sides): the window, with
+        // perf script's whole CPU charged to perf's window (its stacks are made there).
+        println!(
+            "  {hz} Hz, window: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
+            ours_window / perf_window,
+            ours_window / (perf_window + (script - perf))
         );
     }
     println!("  kernel: every cpu-clock sample's interrupt handler while the workload ran, timed by");

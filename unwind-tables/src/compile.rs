@@ -1475,10 +1475,64 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
         // is freed once copied.
         let mut k = 0usize;
         let mut block = Vec::new();
+        let group_len: usize = o.entries.iter().map(Vec::len).sum();
         'runs: for run in std::mem::take(&mut o.page_runs) {
             let abs_page = run.page();
             let page = abs_page - base_page;
-            for _ in 0..run.count() {
+            let count = run.count();
+            // The usual run, placed whole: a group's entries only rise (its builder sees to
+            // that), so a run that starts past every entry placed has none to skip or to
+            // merge, and its page needs one chunk check. Else entry by entry, below.
+            let first = if k.is_multiple_of(GROUP_BLOCK) {
+                o.entries.get(k / GROUP_BLOCK).and_then(|b| b.first())
+            } else {
+                block.get(k % GROUP_BLOCK)
+            };
+            let first_at = first.map(|&r| (abs_page << PAGE_SHIFT) | u64::from(Entry::decode(r).page_offset));
+            if !skipped_overlap
+                && count > 0
+                && k + count <= group_len
+                && first_at.is_some_and(|a| last_at.is_none_or(|l| a > l))
+            {
+                start_pages(
+                    &mut pages,
+                    &mut next_page,
+                    page,
+                    state,
+                    &mut last_start,
+                    &mut dict,
+                    entries.len(),
+                );
+                let p = &mut pages[page as usize];
+                stats.padding_entries += make_room(&mut entries, p, count, remaining);
+                // Copied a block's part at a time.
+                let end = k + count;
+                while k < end {
+                    if k.is_multiple_of(GROUP_BLOCK) {
+                        match o.entries.get_mut(k / GROUP_BLOCK) {
+                            Some(b) => block = std::mem::take(b),
+                            None => break 'runs,
+                        }
+                    }
+                    let lo = k % GROUP_BLOCK;
+                    let Some(part) = block.get(lo..(lo + end - k).min(block.len())).filter(|p| !p.is_empty())
+                    else {
+                        break 'runs;
+                    };
+                    entries.extend(part, remaining);
+                    k += part.len();
+                    remaining = remaining.saturating_sub(part.len());
+                    p.count += part.len() as u16;
+                    // An entry with a restore bit leaves the rule before it in effect.
+                    if let Some(&raw) = part.iter().rev().find(|&&r| !Entry::decode(r).restore) {
+                        state = finals[Entry::packed_rule(raw) as usize];
+                    }
+                    last_off = part.last().map_or(last_off, |&r| Entry::decode(r).page_offset);
+                    last_at = Some((abs_page << PAGE_SHIFT) | u64::from(last_off));
+                }
+                continue;
+            }
+            for _ in 0..count {
                 if k.is_multiple_of(GROUP_BLOCK) {
                     match o.entries.get_mut(k / GROUP_BLOCK) {
                         Some(b) => block = std::mem::take(b),
@@ -1502,20 +1556,15 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                     raw
                 };
                 last_at = Some(at);
-                while next_page <= page {
-                    let p = &mut pages[next_page as usize];
-                    p.start_rule = match last_start {
-                        // Id 1 (the dictionary is full) is counted at every page, as before.
-                        Some((r, id)) if r == state && id != 1 => id,
-                        _ => {
-                            let id = dict.id(state, Run::NONE);
-                            last_start = Some((state, id));
-                            id
-                        }
-                    };
-                    p.first = entries.len() as u32;
-                    next_page += 1;
-                }
+                start_pages(
+                    &mut pages,
+                    &mut next_page,
+                    page,
+                    state,
+                    &mut last_start,
+                    &mut dict,
+                    entries.len(),
+                );
                 let p = &mut pages[page as usize];
                 let e = Entry::decode(raw);
                 let after = if e.restore { state } else { finals[e.rule as usize] };
@@ -1528,16 +1577,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                     state = after;
                     continue;
                 }
-                // A page's entries never straddle a chunk: move them to the next one if needed.
-                if (p.first % CHUNK_ENTRIES) + u32::from(p.count) + 1 > CHUNK_ENTRIES {
-                    let moved = entries.split_off(p.first as usize);
-                    stats.padding_entries += entries.pad_chunk() as u64;
-                    p.first = entries.len() as u32;
-                    let hint = moved.len() + remaining + 1;
-                    for m in moved {
-                        entries.push(m, hint);
-                    }
-                }
+                stats.padding_entries += make_room(&mut entries, p, 1, remaining);
                 entries.push(raw, remaining + 1);
                 last_off = off;
                 p.count += 1;
@@ -1555,6 +1595,51 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
     entries.shrink();
     stats.entries = entries.len() as u64 - stats.padding_entries;
     Ok(UnwindTable::from_parts(base, pages, entries, rules, runs, stats))
+}
+
+/// Gives the pages up to `page` (from `next_page`) their start rule, `state`, and their
+/// first entry, `len` (the entries placed so far).
+#[inline]
+fn start_pages(
+    pages: &mut [PageEntry],
+    next_page: &mut u64,
+    page: u64,
+    state: UnwindRule,
+    last_start: &mut Option<(UnwindRule, u16)>,
+    dict: &mut Dictionary,
+    len: usize,
+) {
+    while *next_page <= page {
+        let p = &mut pages[*next_page as usize];
+        p.start_rule = match *last_start {
+            // Id 1 (the dictionary is full) is counted at every page, as before.
+            Some((r, id)) if r == state && id != 1 => id,
+            _ => {
+                let id = dict.id(state, Run::NONE);
+                *last_start = Some((state, id));
+                id
+            }
+        };
+        p.first = len as u32;
+        *next_page += 1;
+    }
+}
+
+/// A page's entries never straddle a chunk: when `more` entries would not fit the chunk of
+/// page `p`'s first entry, its entries move to the next chunk. Returns the padding added.
+#[inline]
+fn make_room(entries: &mut Entries, p: &mut PageEntry, more: usize, remaining: usize) -> u64 {
+    if (p.first % CHUNK_ENTRIES) as usize + usize::from(p.count) + more <= CHUNK_ENTRIES as usize {
+        return 0;
+    }
+    let moved = entries.split_off(p.first as usize);
+    let pad = entries.pad_chunk() as u64;
+    p.first = entries.len() as u32;
+    let hint = moved.len() + remaining + 1;
+    for m in moved {
+        entries.push(m, hint);
+    }
+    pad
 }
 
 /// The table's dictionary while it is assembled: records as the table stores them, and an

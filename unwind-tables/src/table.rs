@@ -65,6 +65,19 @@ impl Entries {
         self.chunks.last_mut().unwrap().push(v);
         self.len += 1;
     }
+    /// Appends entries in order, as [`push`](Self::push) one by one would.
+    pub(crate) fn extend(&mut self, mut vals: &[u32], hint: usize) {
+        while !vals.is_empty() {
+            if self.chunks.last().is_none_or(|c| c.len() == CHUNK) {
+                self.chunks.push(Vec::with_capacity(hint.clamp(1, CHUNK)));
+            }
+            let last = self.chunks.last_mut().unwrap();
+            let n = vals.len().min(CHUNK - last.len());
+            last.extend_from_slice(&vals[..n]);
+            self.len += n;
+            vals = &vals[n..];
+        }
+    }
     pub(crate) fn last_mut(&mut self) -> Option<&mut u32> {
         self.chunks.last_mut().and_then(|c| c.last_mut())
     }
