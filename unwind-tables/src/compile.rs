@@ -458,6 +458,12 @@ fn read_encoded(
     bases: &BaseAddresses,
     absolute: bool,
 ) -> Option<u64> {
+    if encoding == 0x1b {
+        // pcrel sdata4, what GCC and LLVM emit: the case below, read directly.
+        let v = i32::from_le_bytes(data.get(*pos..pos.checked_add(4)?)?.try_into().ok()?) as i64 as u64;
+        *pos += 4;
+        return Some(if absolute { field_addr.wrapping_add(v) } else { v });
+    }
     if encoding == 0xff || encoding & 0x80 != 0 {
         return None; // omitted or indirect: not in FDE address fields of sane files
     }
@@ -807,10 +813,14 @@ impl<'c> Builder<'c> {
         o.base = base;
         o.run = run;
         o.last_row = start;
-        self.state = run.final_rule(base);
+        // `run.final_rule(base)`, known without applying the run: this row's CFA, and the
+        // run's rbp rule (the row's own, but for "unchanged" after `pop %rbp` in a pop run).
+        self.state = UnwindRule { rbp: base.rbp, rbp_slot: base.rbp_slot, ..*rule };
+        debug_assert_eq!(self.state, run.final_rule(base));
         true
     }
 
+    #[inline(always)]
     fn row(&mut self, start: u64, end: u64, rule: UnwindRule) {
         self.out.rows += 1;
         let mut start = start;
@@ -1262,7 +1272,18 @@ fn sleb(bytes: &[u8], pos: &mut usize) -> Option<i64> {
     }
 }
 
+#[inline]
 fn uleb(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    // Nearly every operand fits one byte.
+    if let Some(&b) = bytes.get(*pos).filter(|&&b| b < 0x80) {
+        *pos += 1;
+        return Some(u64::from(b));
+    }
+    uleb_long(bytes, pos)
+}
+
+#[inline(never)]
+fn uleb_long(bytes: &[u8], pos: &mut usize) -> Option<u64> {
     let mut r: u64 = 0;
     let mut shift = 0;
     loop {
