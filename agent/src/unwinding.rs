@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
 use aya::{Ebpf, EbpfLoader};
 use object::{Object, ObjectSegment};
 use unwound_stackwalk_abi::{
@@ -18,6 +18,69 @@ use unwound_stackwalk_abi::{
 use unwound_symbolize::{Mapping, ProcessMaps};
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
+
+/// Writes `values` to slots `first..` of an array map: one `BPF_MAP_UPDATE_BATCH` call for
+/// all of them (a table has hundreds of pages and records: a syscall each was most of the
+/// cost of loading one), or one update per slot where the kernel has no batch updates.
+fn write_array<const N: usize>(
+    map: &mut Array<MapData, [u8; N]>,
+    first: u32,
+    values: &[[u8; N]],
+) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    if values.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<u32> = (0..values.len() as u32).map(|i| first + i).collect();
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
+        map_fd: map.map().fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` and `values` hold `count` keys and values of the map's sizes (an array
+    // of `[u8; N]` values, u32 keys) and outlive the call; the kernel reads them and writes
+    // only `attr.count`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // No batch updates in this kernel (524: the kernel's own ENOTSUPP): slot by slot.
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | 524) => {
+            for (k, v) in keys.iter().zip(values) {
+                map.set(*k, *v, 0)?;
+            }
+            Ok(())
+        }
+        _ => Err(anyhow::Error::new(err).context("cannot write unwind tables into the walker's maps")),
+    }
+}
 
 /// A compiled table and where its segments put file offsets.
 struct Compiled {
@@ -523,28 +586,38 @@ impl TableLoader {
             return Ok(None);
         };
         let info = TableInfo { base: t.base(), pages: npages, page_start, chunk_start, rule_start };
-        for (i, p) in t.pages().iter().enumerate() {
-            let mut v = [0u8; 8];
-            v[..4].copy_from_slice(&p.first.to_le_bytes());
-            v[4..6].copy_from_slice(&p.count.to_le_bytes());
-            v[6..].copy_from_slice(&p.start_rule.to_le_bytes());
-            self.pages.set(info.page_start + i as u32, v, 0)?;
-        }
+        let pages: Vec<[u8; 8]> = t
+            .pages()
+            .iter()
+            .map(|p| {
+                let mut v = [0u8; 8];
+                v[..4].copy_from_slice(&p.first.to_le_bytes());
+                v[4..6].copy_from_slice(&p.count.to_le_bytes());
+                v[6..].copy_from_slice(&p.start_rule.to_le_bytes());
+                v
+            })
+            .collect();
+        write_array(&mut self.pages, info.page_start, &pages)?;
+        drop(pages);
         for (i, chunk) in t.entries().chunks().iter().enumerate() {
             let mut v = [0u32; CHUNK_ENTRIES];
             v[..chunk.len()].copy_from_slice(chunk);
             self.chunks.set(info.chunk_start + i as u32, v, 0)?;
         }
-        for (i, d) in t.dictionary().enumerate() {
-            let mut v = [0u8; 12];
-            v[0] = d.rule.cfa;
-            v[1] = d.rule.rbp;
-            v[2] = d.rule.rbp_slot as u8;
-            v[3] = d.rule.aux as u8;
-            v[4..8].copy_from_slice(&d.rule.cfa_offset.to_le_bytes());
-            v[8..].copy_from_slice(&d.run.0.to_le_bytes());
-            self.rules.set(info.rule_start + i as u32, v, 0)?;
-        }
+        let rules: Vec<[u8; 12]> = t
+            .dictionary()
+            .map(|d| {
+                let mut v = [0u8; 12];
+                v[0] = d.rule.cfa;
+                v[1] = d.rule.rbp;
+                v[2] = d.rule.rbp_slot as u8;
+                v[3] = d.rule.aux as u8;
+                v[4..8].copy_from_slice(&d.rule.cfa_offset.to_le_bytes());
+                v[8..].copy_from_slice(&d.run.0.to_le_bytes());
+                v
+            })
+            .collect();
+        write_array(&mut self.rules, info.rule_start, &rules)?;
         self.tables.set(id, info, 0)?;
         let bytes = t.byte_size() as u64;
         self.resident.insert(
