@@ -117,3 +117,24 @@ fn snapshot_of_chain_with_frame_pointers() {
 fn snapshot_of_recursion_without_frame_pointers() {
     insta::assert_snapshot!(dump("recurse_nofp", &["main", "c_recurse", "c_recurse_leaf"]));
 }
+
+/// A file without a build-id is keyed by its content: every byte counts, wherever it is
+/// (lanes, tail), and so does the length; equal content gives the same key.
+#[test]
+fn a_file_without_build_id_is_keyed_by_every_byte() {
+    // Not ELF, so no build-id: 1000 bytes (31 full 32-byte blocks and an 8-byte tail).
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let key = TableCache::key(&data);
+    assert!(key.starts_with("c64-") && key.ends_with("-1000"), "{key}");
+    assert_eq!(TableCache::key(&data.clone()), key);
+    let mut seen = std::collections::HashSet::new();
+    for at in [0, 7, 8, 31, 32, 500, 991, 992, 999] {
+        let k = TableCache::key(&flip(&data, at));
+        assert_ne!(k, key, "byte {at} changed nothing");
+        assert!(seen.insert(k), "two different one-byte changes share a key");
+    }
+    let mut longer = data.clone();
+    longer.push(0);
+    assert_ne!(TableCache::key(&longer), key);
+    assert_ne!(TableCache::key(&data[..999]), key);
+}
