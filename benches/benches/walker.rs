@@ -201,13 +201,137 @@ impl Drop for SampleCost {
     }
 }
 
+/// One run of the workload under a profiler, as the overhead table shows it.
+#[derive(Clone, Copy, Default)]
+struct Profiled {
+    iterations: f64,
+    samples: f64,
+    /// Kernel time of the samples' interrupt handlers in the window.
+    kernel: f64,
+    /// The profiler's own threads in the window.
+    process: f64,
+    /// The profiler from start to exit, plus `kernel`.
+    whole: f64,
+    /// perf: `whole` plus `perf script`'s CPU (its stacks exist only then).
+    with_script: f64,
+    /// unwound: debuginfo indexes built for binaries seen for the first time, and the
+    /// symbolization time of the run.
+    indexed: f64,
+    symbolize: f64,
+}
+
+/// `unwound record` on every CPU (tables for every process) at `hz`; the workload starts
+/// once the agent is sampling, so start-up and the final symbolization are outside the
+/// window.
+fn profiled_unwound(hz: u32, secs: f64) -> Profiled {
+    let hz_s = hz.to_string();
+    let cost = SampleCost::start();
+    let agent = Command::new(agent())
+        .args([
+            "record",
+            "--duration",
+            &(secs + 3.0).to_string(),
+            "--frequency",
+            &hz_s,
+            "--json-summary",
+            "--output",
+            "/tmp/unwound-bench.pb.gz",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = live_cpu(agent.id());
+    cost.mark();
+    let (kids, _) = throughput_run(secs);
+    let iterations = finish(kids);
+    cost.mark();
+    let process = live_cpu(agent.id()) - before;
+    let (samples, kernel) = cost.window();
+    let out = agent.wait_with_output().unwrap();
+    let j = String::from_utf8_lossy(&out.stdout).to_string();
+    let whole = field(&j, "agent_cpu_seconds") + kernel;
+    Profiled {
+        iterations,
+        samples,
+        kernel,
+        process,
+        whole,
+        with_script: whole,
+        indexed: field(&j, "symbol_indexes_built"),
+        symbolize: field(&j, "symbolize_seconds"),
+    }
+}
+
+/// `perf record --call-graph dwarf -a` at `hz` over the same window, then `perf script`.
+fn profiled_perf(hz: u32, secs: f64) -> Profiled {
+    let hz_s = hz.to_string();
+    let cost = SampleCost::start();
+    let perf = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            &hz_s,
+            "--call-graph",
+            "dwarf",
+            "-a",
+            "-o",
+            "/tmp/unwound-bench-perf.data",
+            "--",
+            "sleep",
+            &(secs + 2.0).to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = live_cpu(perf.id());
+    cost.mark();
+    let (kids, _) = throughput_run(secs);
+    let iterations = finish(kids);
+    cost.mark();
+    let process = live_cpu(perf.id()) - before;
+    let (samples, kernel) = cost.window();
+    let whole = child_cpu(perf) + kernel;
+    // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
+    // sample's stack copy: the step unwound does in the kernel while recording.
+    let script = Command::new("perf")
+        .args(["script", "-i", "/tmp/unwound-bench-perf.data"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let with_script = whole + child_cpu(script);
+    Profiled { iterations, samples, kernel, process, whole, with_script, ..Profiled::default() }
+}
+
+/// A profiler's run of the workload at a rate, for a duration.
+type ProfiledRun = fn(u32, f64) -> Profiled;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn overhead() {
     let secs = 8.0;
+    // Rounds of (unwound 99, perf 99, unwound 999, perf 999) between runs without a
+    // profiler: this VM's speed drifts by a few percent over minutes, more than the
+    // effect measured, so each run is compared with the unprofiled runs on either side
+    // of its round and the medians over the rounds are shown.
+    let rounds = 3;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
-    println!("\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s");
     println!(
-        "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "profiler", "slowdown", "samples", "kernel/smp", "kernel", "process", "window", "whole run"
+        "\n2. Overhead: throughput_nofp on each of {cpus} CPUs for {secs} s, medians of {rounds} rounds"
     );
     // A first run compiles the tables and debuginfo indexes it has not cached (after a
     // rebuild, or the first time on a machine); the runs below read them from the caches.
@@ -222,124 +346,80 @@ fn overhead() {
         "  (warm-up: unwound's first run, 2 s, agent CPU {:.3} s: tables and debuginfo indexes cached)",
         field(&j, "agent_cpu_seconds")
     );
-    let (kids, _) = throughput_run(secs);
-    let base = finish(kids);
-    println!("{:<20} {:>9} (iterations: {base:.0})", "none", "-");
-    let row = |name: &str, slow: f64, (samples, kernel): (f64, f64), process: f64, whole: f64| {
+    let configs: [(&str, u32, ProfiledRun); 4] = [
+        ("unwound", 99, profiled_unwound),
+        ("perf dwarf", 99, profiled_perf),
+        ("unwound", 999, profiled_unwound),
+        ("perf dwarf", 999, profiled_perf),
+    ];
+    let mut none = vec![finish(throughput_run(secs).0)];
+    let mut runs: Vec<Vec<(Profiled, f64)>> = vec![Vec::new(); configs.len()];
+    for _ in 0..rounds {
+        let got: Vec<Profiled> = configs.iter().map(|(_, hz, f)| f(*hz, secs)).collect();
+        let after = finish(throughput_run(secs).0);
+        let base = (none.last().copied().unwrap_or(after) + after) / 2.0;
+        none.push(after);
+        for (i, p) in got.into_iter().enumerate() {
+            runs[i].push((p, 1.0 - p.iterations / base));
+        }
+    }
+    let (lo, hi) = none.iter().fold((f64::MAX, f64::MIN), |(l, h), &n| (l.min(n), h.max(n)));
+    println!(
+        "  without a profiler: {} runs, {:.0}..{:.0} iterations (spread {:.2}%)",
+        none.len(),
+        lo,
+        hi,
+        (hi / lo - 1.0) * 100.0
+    );
+    println!(
+        "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {:>11}  slowdown by round",
+        "profiler", "slowdown", "samples", "kernel/smp", "kernel", "process", "window", "whole run"
+    );
+    let mut medians = Vec::new();
+    for ((name, hz, _), r) in configs.iter().zip(&runs) {
+        let m = |f: fn(&Profiled) -> f64| median(r.iter().map(|(p, _)| f(p)).collect());
+        let slow = median(r.iter().map(|(_, s)| *s).collect());
+        let (samples, kernel, process, whole) =
+            (m(|p| p.samples), m(|p| p.kernel), m(|p| p.process), m(|p| p.whole));
+        let by_round: Vec<String> = r.iter().map(|(_, s)| format!("{:.2}%", s * 100.0)).collect();
         println!(
-            "{name:<20} {:>8.2}% {samples:>8.0} {:>8.0}ns {kernel:>10.4}s {process:>10.4}s {:>10.4}s {whole:>10.4}s",
+            "{:<20} {:>8.2}% {samples:>8.0} {:>8.0}ns {kernel:>10.4}s {process:>10.4}s {:>10.4}s {whole:>10.4}s  {}",
+            format!("{name} {hz} Hz"),
             slow * 100.0,
             kernel / samples.max(1.0) * 1e9,
             kernel + process,
+            by_round.join(" ")
         );
-    };
-    let mut totals = Vec::new();
-    for hz in [99u32, 999] {
-        // unwound, every CPU, tables for every process; the workload starts once the agent
-        // is sampling, so start-up and the final symbolization are outside the window.
-        let hz_s = hz.to_string();
-        let cost = SampleCost::start();
-        let agent = Command::new(agent())
-            .args([
-                "record",
-                "--duration",
-                &(secs + 3.0).to_string(),
-                "--frequency",
-                &hz_s,
-                "--json-summary",
-                "--output",
-                "/tmp/unwound-bench.pb.gz",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        let before = live_cpu(agent.id());
-        cost.mark();
-        let (kids, _) = throughput_run(secs);
-        let n = finish(kids);
-        cost.mark();
-        let process = live_cpu(agent.id()) - before;
-        let kernel = cost.window();
-        let out = agent.wait_with_output().unwrap();
-        let j = String::from_utf8_lossy(&out.stdout).to_string();
-        let ours_whole = field(&j, "agent_cpu_seconds") + kernel.1;
-        let ours_window = kernel.1 + process;
-        row(&format!("unwound {hz} Hz"), 1.0 - n / base, kernel, process, ours_whole);
-        // A binary first sampled in this run (the bench itself, say) has its debuginfo
-        // indexed now, once: part of the whole run, shown so it is not taken for the rate.
-        let built = field(&j, "symbol_indexes_built");
-        if built > 0.0 {
-            println!(
-                "  (this run indexed the debuginfo of {built} binaries seen for the first time: {:.3} s of symbolization)",
-                field(&j, "symbolize_seconds")
-            );
+        if *name == "perf dwarf" {
+            println!("{:<20} {:>75.4}s", "  + perf script", m(|p| p.with_script));
         }
-        // perf with DWARF stack copies, every CPU, the same window.
-        let cost = SampleCost::start();
-        let perf = Command::new("perf")
-            .args([
-                "record",
-                "-q",
-                "-e",
-                "cpu-clock",
-                "-F",
-                &hz_s,
-                "--call-graph",
-                "dwarf",
-                "-a",
-                "-o",
-                "/tmp/unwound-bench-perf.data",
-                "--",
-                "sleep",
-                &(secs + 2.0).to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1000));
-        let before = live_cpu(perf.id());
-        cost.mark();
-        let (kids, _) = throughput_run(secs);
-        let n = finish(kids);
-        cost.mark();
-        let process = live_cpu(perf.id()) - before;
-        let kernel = cost.window();
-        let perf_whole = child_cpu(perf) + kernel.1;
-        let perf_window = kernel.1 + process;
-        row(&format!("perf dwarf {hz} Hz"), 1.0 - n / base, kernel, process, perf_whole);
-        // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
-        // sample's stack copy: the step unwound does in the kernel while recording.
-        let script = Command::new("perf")
-            .args(["script", "-i", "/tmp/unwound-bench-perf.data"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let perf_script = perf_whole + child_cpu(script);
-        println!(
-            "{:<20} {:>9} {:>8} {:>10} {:>11} {:>11} {:>11} {perf_script:>10.4}s",
-            "  + perf script", "", "", "", "", "", ""
-        );
-        totals.push((hz, ours_whole, perf_whole, perf_script, ours_window, perf_window));
+        // A binary first sampled in a run (the bench itself, say) has its debuginfo
+        // indexed then, once: part of that whole run, shown so it is not taken for the rate.
+        for (i, (p, _)) in r.iter().enumerate() {
+            if p.indexed > 0.0 {
+                println!(
+                    "  (round {}: indexed the debuginfo of {} binaries seen for the first time, {:.3} s of symbolization)",
+                    i + 1,
+                    p.indexed,
+                    p.symbolize
+                );
+            }
+        }
+        medians.push((kernel + process, whole, m(|p| p.with_script)));
     }
-    let (kids, _) = throughput_run(secs);
-    let again = finish(kids);
-    println!("{:<20} {:>8.2}% (iterations: {again:.0})", "none (again)", (1.0 - again / base) * 100.0);
-    for (hz, ours, perf, script, ours_window, perf_window) in totals {
+    for (k, hz) in [(0usize, 99), (2, 999)] {
+        let ((ow, owhole, _), (pw, pwhole, pscript)) = (medians[k], medians[k + 1]);
         println!(
             "  {hz} Hz, whole run: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
-            ours / perf,
-            ours / script
+            owhole / pwhole,
+            owhole / pscript
         );
         // Without the fixed costs of starting and finishing (both sides): the window, with
         // perf script's whole CPU charged to perf's window (its stacks are made there).
         println!(
             "  {hz} Hz, window: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
-            ours_window / perf_window,
-            ours_window / (perf_window + (script - perf))
+            ow / pw,
+            ow / (pw + (pscript - pwhole))
         );
     }
     println!("  kernel: every cpu-clock sample's interrupt handler while the workload ran, timed by");
