@@ -73,6 +73,7 @@ impl TableCache {
         // A failed store costs only the next compile.
         if self.write(&file, &table).is_ok() {
             self.remove_other_versions(&key);
+            self.remove_retired_keys(&key);
         }
         Ok((table, CacheOutcome::Compiled))
     }
@@ -83,6 +84,23 @@ impl TableCache {
     fn remove_other_versions(&self, key: &str) {
         for v in 1..FORMAT_VERSION {
             let _ = std::fs::remove_file(self.dir.join(format!("{key}.v{v}.uwt.zst")));
+        }
+    }
+
+    /// Deletes the entries that files without a build-id had under the byte-wise FNV-1a
+    /// keys before (`fnv-HASH-LEN`), of the same length as `key`'s file: those names are
+    /// never read again, and computing the old hash to find the one would cost what the
+    /// new key saves. Another file of that length loses only an entry never read again.
+    fn remove_retired_keys(&self, key: &str) {
+        let Some(len) = key.strip_prefix("c64-").and_then(|k| k.rsplit('-').next()) else { return };
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return };
+        let tail = format!("-{len}.v");
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("fnv-") && name.contains(&tail) && name.ends_with(".uwt.zst") {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 
@@ -150,4 +168,27 @@ fn checksum(b: &[u8]) -> u64 {
         h = (h ^ u64::from_le_bytes(v)).wrapping_mul(0x100000001b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_hash;
+
+    /// The hash itself takes the length and every byte, also of inputs shorter than one
+    /// 32-byte block (the tail alone) and of zero bytes added at the end.
+    #[test]
+    fn content_hash_takes_every_byte_and_the_length() {
+        let data: Vec<u8> = (0..77u32).map(|i| (i * 13 % 256) as u8).collect();
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 77] {
+            let d = &data[..n];
+            let mut padded = d.to_vec();
+            padded.push(0);
+            assert_ne!(content_hash(d), content_hash(&padded), "a zero byte added to {n} bytes");
+            for at in 0..n {
+                let mut v = d.to_vec();
+                v[at] ^= 1;
+                assert_ne!(content_hash(d), content_hash(&v), "byte {at} of {n}");
+            }
+        }
+    }
 }

@@ -773,7 +773,9 @@ impl<'c> Builder<'c> {
             self.state = *rule;
             return true;
         }
-        if o.base.cfa != CfaKind::Rsp as u8 || rule.cfa != CfaKind::Rsp as u8 {
+        // (An addend is 0 in rules from DWARF; rows given to `table_from_rows` may set one,
+        // and a run keeps its first row's.)
+        if o.base.cfa != CfaKind::Rsp as u8 || rule.cfa != CfaKind::Rsp as u8 || rule.aux != o.base.aux {
             return false;
         }
         let delta = i64::from(rule.cfa_offset) - i64::from(self.state.cfa_offset);

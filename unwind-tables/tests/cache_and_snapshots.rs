@@ -138,3 +138,32 @@ fn a_file_without_build_id_is_keyed_by_every_byte() {
     assert_ne!(TableCache::key(&longer), key);
     assert_ne!(TableCache::key(&data[..999]), key);
 }
+
+/// An entry a file without a build-id had under the old FNV-1a key is deleted when the
+/// file's table is stored under its new key; other entries stay.
+#[test]
+fn old_content_keys_are_removed_when_the_new_one_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = TableCache::new(dir.path());
+    let elf = std::fs::read(LIBC).unwrap();
+    // libc without its build-id: the note's type (3, NT_GNU_BUILD_ID, after name and
+    // descriptor sizes 4 and 20) changed, so that no build-id is found.
+    let mut data = elf.clone();
+    let note = [4u8, 0, 0, 0, 20, 0, 0, 0, 3, 0, 0, 0, b'G', b'N', b'U', 0];
+    let pos = data.windows(note.len()).position(|w| w == note).expect("libc has a build-id note");
+    data[pos + 8] = 0x7f;
+    let key = TableCache::key(&data);
+    assert!(key.starts_with("c64-"), "{key}");
+    let len = data.len();
+    let v = unwound_unwind_tables::layout::FORMAT_VERSION;
+    let old_same = dir.path().join(format!("fnv-0123456789abcdef-{len}.v{v}.uwt.zst"));
+    let old_other = dir.path().join(format!("fnv-0123456789abcdef-{}.v{v}.uwt.zst", len + 1));
+    let unrelated = dir.path().join(format!("{}.v{v}.uwt.zst", "ab".repeat(20)));
+    for f in [&old_same, &old_other, &unrelated] {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let (_, outcome) = cache.get_or_compile_elf(&data).unwrap();
+    assert_eq!(outcome, CacheOutcome::Compiled);
+    assert!(!old_same.exists(), "the old key of a file this long is still there");
+    assert!(old_other.exists() && unrelated.exists(), "other entries were removed");
+}

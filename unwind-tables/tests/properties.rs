@@ -44,19 +44,22 @@ proptest! {
 
     #[test]
     fn lookup_equals_naive_search(
-        spec in prop::collection::vec((1u64..40, 0u8..6, prop::bool::ANY, 0u64..3), 1..400),
+        spec in prop::collection::vec((1u64..40, 0u8..6, prop::bool::ANY, 0u64..3, 0u8..8), 1..400),
         base in 0x1000u64..0x40_0000,
     ) {
         // Rows: lengths 1..40, CFA rsp+8·k (steps of ±8 are common, so runs form), an
-        // occasional rbp-based rule, gaps of 0 or ≥ 64 bytes.
+        // occasional rbp-based rule, gaps of 0 or ≥ 64 bytes; now and then an addend (`aux`)
+        // that DWARF never gives an rsp rule, which must still come back as given.
         let mut rows: Vec<(u64, u64, UnwindRule)> = Vec::new();
         let mut at = base;
-        for (len, k, rbp_based, gap) in spec {
+        for (len, k, rbp_based, gap, aux) in spec {
             if gap == 2 { at += 64 + len * 3; }
             let rule = if rbp_based {
                 UnwindRule::new(CfaKind::Rbp, 16, RbpKind::AtCfa, -2)
             } else {
-                UnwindRule::new(CfaKind::Rsp, 8 * (i32::from(k) + 1), RbpKind::Unchanged, 0)
+                let mut r = UnwindRule::new(CfaKind::Rsp, 8 * (i32::from(k) + 1), RbpKind::Unchanged, 0);
+                r.aux = if aux == 7 { 3 } else { 0 };
+                r
             };
             rows.push((at, at + len, rule));
             at += len;
