@@ -59,39 +59,59 @@ impl Drop for Killed {
 }
 
 fn bpf_cost() {
-    println!("\n1. BPF cost per sample (999 Hz, 4 s, one process, kernel BPF statistics)");
-    println!("{:>7} {:>11} {:>10} {:>12} {:>12}", "frames", "walker", "samples", "ns/sample", "ns/frame*");
-    let mut base: std::collections::HashMap<&str, f64> = Default::default();
-    for depth in [16u32, 64, 256] {
-        for (walker, bin, mode, flags) in [
-            ("fp", "recurse_fp", "same", vec!["--no-tables"]),
-            ("tables", "recurse_nofp", "same", vec!["--walker", "loop"]),
-            ("tables-4fn", "recurse_nofp", "mixed", vec!["--walker", "loop"]),
-            ("tail", "recurse_nofp", "same", vec!["--walker", "tail-calls"]),
-            ("tail-4fn", "recurse_nofp", "mixed", vec!["--walker", "tail-calls"]),
-        ] {
-            // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
-            let arg = (depth - 5).to_string();
-            let p = Killed(Command::new(fixture(bin)).args([arg.as_str(), mode]).spawn().unwrap());
-            std::thread::sleep(Duration::from_millis(200));
-            let pid = p.0.id().to_string();
-            let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
-            a.extend(flags.iter());
-            let j = record(&a);
-            let (runs, ns, emitted) =
-                (field(&j, "bpf_runs"), field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
-            let _ = runs;
-            let per_sample = ns / emitted;
-            let per_frame = if depth == 16 {
-                base.insert(walker, per_sample);
-                f64::NAN
-            } else {
-                (per_sample - base[walker]) / f64::from(depth - 16)
-            };
-            println!("{depth:>7} {walker:>11} {emitted:>10} {per_sample:>12.0} {per_frame:>12.1}");
+    // Interleaved rounds, medians shown: this VM's speed drifts over minutes.
+    let rounds = 3;
+    println!("\n1. BPF cost per sample (999 Hz, 4 s, one process, kernel BPF statistics), medians of {rounds} rounds");
+    println!(
+        "{:>7} {:>11} {:>10} {:>12} {:>12}  ns/frame* by round",
+        "frames", "walker", "samples", "ns/sample", "ns/frame*"
+    );
+    let walkers = [
+        ("fp", "recurse_fp", "same", vec!["--no-tables"]),
+        ("tables", "recurse_nofp", "same", vec!["--walker", "loop"]),
+        ("tables-4fn", "recurse_nofp", "mixed", vec!["--walker", "loop"]),
+        ("tail", "recurse_nofp", "same", vec!["--walker", "tail-calls"]),
+        ("tail-4fn", "recurse_nofp", "mixed", vec!["--walker", "tail-calls"]),
+    ];
+    let depths = [16u32, 64, 256];
+    // (depth, walker) → (samples, ns per sample) of each round.
+    let mut got: std::collections::HashMap<(u32, &str), Vec<(f64, f64)>> = Default::default();
+    for _ in 0..rounds {
+        for depth in depths {
+            for (walker, bin, mode, flags) in &walkers {
+                // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
+                let arg = (depth - 5).to_string();
+                let p = Killed(Command::new(fixture(bin)).args([arg.as_str(), mode]).spawn().unwrap());
+                std::thread::sleep(Duration::from_millis(200));
+                let pid = p.0.id().to_string();
+                let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
+                a.extend(flags.iter());
+                let j = record(&a);
+                let (ns, emitted) = (field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
+                got.entry((depth, walker)).or_default().push((emitted, ns / emitted));
+            }
         }
     }
-    println!("  * extra cost per frame over the 16-frame walk");
+    for depth in depths {
+        for (walker, ..) in &walkers {
+            let r = &got[&(depth, *walker)];
+            let per_sample = median(r.iter().map(|x| x.1).collect());
+            let samples = median(r.iter().map(|x| x.0).collect());
+            let (per_frame, by_round) = if depth == 16 {
+                (f64::NAN, String::new())
+            } else {
+                let base = &got[&(16, *walker)];
+                let frames = f64::from(depth - 16);
+                let each: Vec<String> =
+                    r.iter().zip(base).map(|(d, b)| format!("{:.1}", (d.1 - b.1) / frames)).collect();
+                ((per_sample - median(base.iter().map(|x| x.1).collect())) / frames, each.join(" "))
+            };
+            println!(
+                "{depth:>7} {walker:>11} {samples:>10.0} {per_sample:>12.0} {per_frame:>12.1}  {by_round}"
+            );
+        }
+    }
+    println!("  * extra cost per frame over the 16-frame walk (of the medians; by round: of that round's)");
     println!("  tables/tail: one function recursing (every frame's pc the same: the walker's");
     println!("  one-entry rule cache answers); -4fn: four functions on four pages calling each");
     println!("  other in a cycle (no two adjacent frames share a pc: every frame is looked up).");
@@ -354,13 +374,25 @@ fn overhead() {
     ];
     let mut none = vec![finish(throughput_run(secs).0)];
     let mut runs: Vec<Vec<(Profiled, f64)>> = vec![Vec::new(); configs.len()];
-    for _ in 0..rounds {
-        let got: Vec<Profiled> = configs.iter().map(|(_, hz, f)| f(*hz, secs)).collect();
+    for round in 0..rounds {
+        // Each round starts at another configuration, and each run is compared with the
+        // unprofiled throughput interpolated to its place between the round's two
+        // unprofiled runs: a steady drift then biases no configuration.
+        let order: Vec<usize> = (0..configs.len()).map(|i| (i + round) % configs.len()).collect();
+        let got: Vec<(usize, Profiled)> = order
+            .iter()
+            .map(|&c| {
+                let (_, hz, f) = configs[c];
+                (c, f(hz, secs))
+            })
+            .collect();
         let after = finish(throughput_run(secs).0);
-        let base = (none.last().copied().unwrap_or(after) + after) / 2.0;
+        let before = none.last().copied().unwrap_or(after);
         none.push(after);
-        for (i, p) in got.into_iter().enumerate() {
-            runs[i].push((p, 1.0 - p.iterations / base));
+        let slots = (configs.len() + 1) as f64;
+        for (place, (c, p)) in got.into_iter().enumerate() {
+            let base = before + (after - before) * (place + 1) as f64 / slots;
+            runs[c].push((p, 1.0 - p.iterations / base));
         }
     }
     let (lo, hi) = none.iter().fold((f64::MAX, f64::MIN), |(l, h), &n| (l.min(n), h.max(n)));
@@ -391,7 +423,7 @@ fn overhead() {
             by_round.join(" ")
         );
         if *name == "perf dwarf" {
-            println!("{:<20} {:>75.4}s", "  + perf script", m(|p| p.with_script));
+            println!("{:<20} {:>76.4}s", "  + perf script", m(|p| p.with_script));
         }
         // A binary first sampled in a run (the bench itself, say) has its debuginfo
         // indexed then, once: part of that whole run, shown so it is not taken for the rate.
@@ -405,10 +437,10 @@ fn overhead() {
                 );
             }
         }
-        medians.push((kernel + process, whole, m(|p| p.with_script)));
+        medians.push((kernel + process, whole, m(|p| p.with_script), m(|p| p.with_script - p.whole)));
     }
     for (k, hz) in [(0usize, 99), (2, 999)] {
-        let ((ow, owhole, _), (pw, pwhole, pscript)) = (medians[k], medians[k + 1]);
+        let ((ow, owhole, ..), (pw, pwhole, pscript, script)) = (medians[k], medians[k + 1]);
         println!(
             "  {hz} Hz, whole run: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
             owhole / pwhole,
@@ -419,7 +451,7 @@ fn overhead() {
         println!(
             "  {hz} Hz, window: unwound / perf record = {:.2}; unwound / (perf record + perf script) = {:.2}",
             ow / pw,
-            ow / (pw + (pscript - pwhole))
+            ow / (pw + script)
         );
     }
     println!("  kernel: every cpu-clock sample's interrupt handler while the workload ran, timed by");
