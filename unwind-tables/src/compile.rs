@@ -144,6 +144,7 @@ fn fdes_by_hdr<'a, S>(
     eh_addr: u64,
     code_base: u64,
     cies: &mut HashMap<u32, Option<CieInfo>>,
+    records: &mut Option<usize>,
 ) -> Option<FdeList<'a>>
 where
     S: UnwindSection<R<'a>>,
@@ -158,7 +159,7 @@ where
     let n = u32::from_le_bytes(hdr.get(p..p + 4)?.try_into().ok()?) as usize;
     let table = hdr.get(p + 4..p + 4 + n.checked_mul(8)?)?;
     // As many FDE records as pairs (CIE id 0; a zero length ends the section).
-    let mut fde_records = 0usize;
+    let (mut fde_records, mut all) = (0usize, 0usize);
     for at in record_offsets(data, true) {
         let id = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
         if id == 0 {
@@ -166,7 +167,10 @@ where
         } else {
             fde_records += 1;
         }
+        all += 1;
     }
+    // Counted: a scan after this need not count again.
+    *records = Some(all);
     if fde_records != n || n > MAX_FDES {
         return None;
     }
@@ -342,12 +346,23 @@ pub fn compile_with(
                 bases = bases.set_eh_frame_hdr(h.address());
             }
             let mut cies = HashMap::default();
+            let mut records = None;
             // The header's search table, read in place, when it lists exactly the records'
             // FDEs; else the records themselves (linkers may list only one FDE per start
             // address there: lld keeps an empty one and drops the real one).
             let in_place = hdr.as_ref().and_then(|h| {
                 let d = h.data().ok()?;
-                fdes_by_hdr(d, h.address(), &section, &bases, eh_data, eh.address(), code_base, &mut cies)
+                fdes_by_hdr(
+                    d,
+                    h.address(),
+                    &section,
+                    &bases,
+                    eh_data,
+                    eh.address(),
+                    code_base,
+                    &mut cies,
+                    &mut records,
+                )
             });
             let sec = SectionAt { addr: eh.address(), bases: &bases };
             if let Some(list) = in_place {
@@ -356,7 +371,7 @@ pub fn compile_with(
                 }
             }
             let (v, skipped) =
-                fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies)?;
+                fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies, records)?;
             build(eh_data, true, &cies, FdeList::Owned(v), skipped, code_base, &sec, &code)?
                 .ok_or(Error::Dwarf("inconsistent FDE records".into()))
         }
@@ -374,7 +389,7 @@ pub fn compile_with(
             let bases = BaseAddresses::default().set_text(text);
             let mut cies = HashMap::default();
             let (fdes, skipped) =
-                fdes_by_scan(&section, &bases, &data, df.address(), false, code_base, &mut cies)?;
+                fdes_by_scan(&section, &bases, &data, df.address(), false, code_base, &mut cies, None)?;
             let sec = SectionAt { addr: df.address(), bases: &bases };
             build(&data, false, &cies, FdeList::Owned(fdes), skipped, code_base, &sec, &code)?
                 .ok_or(Error::Dwarf("inconsistent FDE records".into()))
@@ -498,7 +513,9 @@ fn read_encoded(
 }
 
 /// Every FDE with a non-empty range, sorted by start address, found by walking the
-/// records' length fields; CIEs are parsed once each.
+/// records' length fields; CIEs are parsed once each. `records`: how many records the
+/// section has, when a walk before this counted them.
+#[allow(clippy::too_many_arguments)]
 fn fdes_by_scan<'a, S>(
     section: &S,
     bases: &BaseAddresses,
@@ -507,6 +524,7 @@ fn fdes_by_scan<'a, S>(
     eh_frame: bool,
     code_base: u64,
     cies: &mut HashMap<u32, Option<CieInfo>>,
+    records: Option<usize>,
 ) -> Result<(Vec<Fde>, u64), Error>
 where
     S: UnwindSection<R<'a>>,
@@ -514,7 +532,7 @@ where
 {
     // Counted first, so the list is allocated once at its size (growing it would hold the
     // old and the new buffer at once).
-    let records = record_offsets(data, eh_frame).count();
+    let records = records.unwrap_or_else(|| record_offsets(data, eh_frame).count());
     let mut out = Vec::with_capacity(records);
     // The walk is serial (each length leads to the next record) and does only that: it
     // lists the FDE records and parses each CIE once; the FDEs' address fields are read
@@ -607,7 +625,10 @@ where
     if out.len() > MAX_FDES {
         return Err(Error::Limit("FDEs"));
     }
-    out.par_sort_unstable_by_key(|f| (f.start, f.rec));
+    // Linkers write the records in address order, as a rule: checked first.
+    if !out.is_sorted_by_key(|f| (f.start, f.rec)) {
+        out.par_sort_unstable_by_key(|f| (f.start, f.rec));
+    }
     Ok((out, skipped))
 }
 
