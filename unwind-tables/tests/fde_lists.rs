@@ -67,3 +67,46 @@ fn a_header_table_that_does_not_match_its_records_is_not_used() {
         assert_eq!(t.to_bytes(), reference, "pairs {a} and {b} swapped");
     }
 }
+
+/// FDE records out of address order (functions placed by name, records left in source
+/// order): the scanned list is sorted, and gives the table the linker's header gives.
+#[test]
+fn records_out_of_address_order_give_the_header_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("order.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n\
+         __attribute__((noinline)) long zz_first(long n) { long s = 0; for (long i = 0; i < n; i++) s += i * i; printf(\"%ld\\n\", s); return s; }\n\
+         __attribute__((noinline)) long mm_second(long n) { return zz_first(n) + 1; }\n\
+         __attribute__((noinline)) long aa_third(long n) { return mm_second(n) * 3; }\n\
+         int main(int argc, char **argv) { (void)argv; return (int)aa_third(argc); }\n",
+    )
+    .unwrap();
+    let bin = dir.path().join("order");
+    let st = Command::new("gcc")
+        .args(["-O2", "-fomit-frame-pointer", "-ffunction-sections", "-Wl,--sort-section=name", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status();
+    assert!(st.unwrap().success(), "gcc failed");
+    // readelf lists the records in section order: their pc ranges must not be sorted.
+    let out = Command::new("readelf").args(["--debug-dump=frames"]).arg(&bin).output().unwrap();
+    let starts: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" FDE "))
+        .filter_map(|l| {
+            l.split("pc=").nth(1)?.split("..").next().and_then(|h| u64::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    assert!(starts.len() >= 5, "{starts:?}");
+    assert!(!starts.is_sorted(), "the records are in address order: {starts:?}");
+    let stripped = dir.path().join("order-no-hdr");
+    let st =
+        Command::new("objcopy").args(["--remove-section", ".eh_frame_hdr"]).arg(&bin).arg(&stripped).status();
+    assert!(st.unwrap().success(), "objcopy failed");
+    let with = compile_file(&bin).unwrap();
+    let without = compile_file(&stripped).unwrap();
+    assert!(with.stats().entries >= 5, "{:?}", with.stats());
+    assert_eq!(with.to_bytes(), without.to_bytes(), "scanned and header FDE lists differ");
+}
