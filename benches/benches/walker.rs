@@ -240,6 +240,20 @@ struct Profiled {
     symbolize: f64,
 }
 
+/// The window of a profiler `pid` started `settle_ms` before it opens: the workload's
+/// iterations, the profiler's CPU in it, and the samples and their kernel time.
+fn window(cost: SampleCost, pid: u32, settle_ms: u64, secs: f64) -> (f64, f64, f64, f64) {
+    std::thread::sleep(Duration::from_millis(settle_ms));
+    let before = live_cpu(pid);
+    cost.mark();
+    let (kids, _) = throughput_run(secs);
+    let iterations = finish(kids);
+    cost.mark();
+    let process = live_cpu(pid) - before;
+    let (samples, kernel) = cost.window();
+    (iterations, process, samples, kernel)
+}
+
 /// `unwound record` on every CPU (tables for every process) at `hz`; the workload starts
 /// once the agent is sampling, so start-up and the final symbolization are outside the
 /// window.
@@ -261,14 +275,7 @@ fn profiled_unwound(hz: u32, secs: f64) -> Profiled {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let before = live_cpu(agent.id());
-    cost.mark();
-    let (kids, _) = throughput_run(secs);
-    let iterations = finish(kids);
-    cost.mark();
-    let process = live_cpu(agent.id()) - before;
-    let (samples, kernel) = cost.window();
+    let (iterations, process, samples, kernel) = window(cost, agent.id(), 1500, secs);
     let out = agent.wait_with_output().unwrap();
     let j = String::from_utf8_lossy(&out.stdout).to_string();
     let whole = field(&j, "agent_cpu_seconds") + kernel;
@@ -309,14 +316,7 @@ fn profiled_perf(hz: u32, secs: f64) -> Profiled {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    let before = live_cpu(perf.id());
-    cost.mark();
-    let (kids, _) = throughput_run(secs);
-    let iterations = finish(kids);
-    cost.mark();
-    let process = live_cpu(perf.id()) - before;
-    let (samples, kernel) = cost.window();
+    let (iterations, process, samples, kernel) = window(cost, perf.id(), 1000, secs);
     let whole = child_cpu(perf) + kernel;
     // perf's stacks exist only once `perf script` (or `perf report`) has unwound each
     // sample's stack copy: the step unwound does in the kernel while recording.
