@@ -1506,8 +1506,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
         dict.rules.iter().zip(&dict.runs).map(|(&r, &run)| run.final_rule(r)).collect();
     let base_page = base >> PAGE_SHIFT;
     let mut state = UnwindRule::GAP;
-    let mut last_start: Option<(UnwindRule, u16)> = None;
-    let mut next_page: u64 = 0;
+    let mut starts = PageStarts { next: 0, last: None };
     // Address of the last entry placed: a later group whose FDEs overlap an earlier one's
     // (crafted or broken CFI) must not put entries out of order.
     let mut last_at: Option<u64> = None;
@@ -1515,11 +1514,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
     let mut last_off = 0u16;
     for mut o in outs {
         let mut skipped_overlap = false;
-        // Entry `k` of the group is `o.entries[k / GROUP_BLOCK][k % GROUP_BLOCK]`; each block
-        // is freed once copied.
-        let mut k = 0usize;
-        let mut block = Vec::new();
-        let group_len: usize = o.entries.iter().map(Vec::len).sum();
+        let mut group = GroupEntries::new(std::mem::take(&mut o.entries));
         'runs: for run in std::mem::take(&mut o.page_runs) {
             let abs_page = run.page();
             let page = abs_page - base_page;
@@ -1527,44 +1522,22 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
             // The usual run, placed whole: a group's entries only rise (its builder sees to
             // that), so a run that starts past every entry placed has none to skip or to
             // merge, and its page needs one chunk check. Else entry by entry, below.
-            let first = if k.is_multiple_of(GROUP_BLOCK) {
-                o.entries.get(k / GROUP_BLOCK).and_then(|b| b.first())
-            } else {
-                block.get(k % GROUP_BLOCK)
-            };
-            let first_at = first.map(|&r| (abs_page << PAGE_SHIFT) | u64::from(Entry::decode(r).page_offset));
+            let first_at =
+                group.peek().map(|r| (abs_page << PAGE_SHIFT) | u64::from(Entry::decode(r).page_offset));
             if !skipped_overlap
                 && count > 0
-                && k + count <= group_len
+                && group.left() >= count
                 && first_at.is_some_and(|a| last_at.is_none_or(|l| a > l))
             {
-                start_pages(
-                    &mut pages,
-                    &mut next_page,
-                    page,
-                    state,
-                    &mut last_start,
-                    &mut dict,
-                    entries.len(),
-                );
+                starts.fill(&mut pages, page, state, &mut dict, entries.len());
                 let p = &mut pages[page as usize];
                 stats.padding_entries += make_room(&mut entries, p, count, remaining);
                 // Copied a block's part at a time.
-                let end = k + count;
-                while k < end {
-                    if k.is_multiple_of(GROUP_BLOCK) {
-                        match o.entries.get_mut(k / GROUP_BLOCK) {
-                            Some(b) => block = std::mem::take(b),
-                            None => break 'runs,
-                        }
-                    }
-                    let lo = k % GROUP_BLOCK;
-                    let Some(part) = block.get(lo..(lo + end - k).min(block.len())).filter(|p| !p.is_empty())
-                    else {
-                        break 'runs;
-                    };
+                let mut left = count;
+                while left > 0 {
+                    let Some(part) = group.take(left) else { break 'runs };
                     entries.extend(part, remaining);
-                    k += part.len();
+                    left -= part.len();
                     remaining = remaining.saturating_sub(part.len());
                     p.count += part.len() as u16;
                     // An entry with a restore bit leaves the rule before it in effect.
@@ -1577,14 +1550,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                 continue;
             }
             for _ in 0..count {
-                if k.is_multiple_of(GROUP_BLOCK) {
-                    match o.entries.get_mut(k / GROUP_BLOCK) {
-                        Some(b) => block = std::mem::take(b),
-                        None => break 'runs,
-                    }
-                }
-                let Some(&raw) = block.get(k % GROUP_BLOCK) else { break 'runs };
-                k += 1;
+                let Some(&raw) = group.take(1).and_then(|p| p.first()) else { break 'runs };
                 remaining = remaining.saturating_sub(1);
                 let off = Entry::decode(raw).page_offset;
                 let at = (abs_page << PAGE_SHIFT) | u64::from(off);
@@ -1600,15 +1566,7 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
                     raw
                 };
                 last_at = Some(at);
-                start_pages(
-                    &mut pages,
-                    &mut next_page,
-                    page,
-                    state,
-                    &mut last_start,
-                    &mut dict,
-                    entries.len(),
-                );
+                starts.fill(&mut pages, page, state, &mut dict, entries.len());
                 let p = &mut pages[page as usize];
                 let e = Entry::decode(raw);
                 let after = if e.restore { state } else { finals[e.rule as usize] };
@@ -1641,31 +1599,78 @@ fn stitch(mut outs: Vec<GroupOut>, mut dict: Dictionary) -> Result<UnwindTable, 
     Ok(UnwindTable::from_parts(base, pages, entries, rules, runs, stats))
 }
 
-/// Gives the pages up to `page` (from `next_page`) their start rule, `state`, and their
-/// first entry, `len` (the entries placed so far).
-#[inline]
-fn start_pages(
-    pages: &mut [PageEntry],
-    next_page: &mut u64,
-    page: u64,
-    state: UnwindRule,
-    last_start: &mut Option<(UnwindRule, u16)>,
-    dict: &mut Dictionary,
+/// A group's entries, read in order in [`GROUP_BLOCK`] blocks, each block freed once read.
+struct GroupEntries {
+    blocks: Vec<Vec<u32>>,
+    /// The block being read, and the entries read so far.
+    block: Vec<u32>,
+    read: usize,
     len: usize,
-) {
-    while *next_page <= page {
-        let p = &mut pages[*next_page as usize];
-        p.start_rule = match *last_start {
-            // Id 1 (the dictionary is full) is counted at every page, as before.
-            Some((r, id)) if r == state && id != 1 => id,
-            _ => {
-                let id = dict.id(state, Run::NONE);
-                *last_start = Some((state, id));
-                id
-            }
-        };
-        p.first = len as u32;
-        *next_page += 1;
+}
+
+impl GroupEntries {
+    fn new(blocks: Vec<Vec<u32>>) -> Self {
+        let len = blocks.iter().map(Vec::len).sum();
+        GroupEntries { blocks, block: Vec::new(), read: 0, len }
+    }
+    /// Entries not read yet.
+    fn left(&self) -> usize {
+        self.len - self.read
+    }
+    /// The next entry, not read.
+    fn peek(&self) -> Option<u32> {
+        if self.read.is_multiple_of(GROUP_BLOCK) {
+            self.blocks.get(self.read / GROUP_BLOCK)?.first().copied()
+        } else {
+            self.block.get(self.read % GROUP_BLOCK).copied()
+        }
+    }
+    /// The next entries, at most `n`, from one block; `None` past the end.
+    fn take(&mut self, n: usize) -> Option<&[u32]> {
+        if self.read.is_multiple_of(GROUP_BLOCK) {
+            self.block = std::mem::take(self.blocks.get_mut(self.read / GROUP_BLOCK)?);
+        }
+        let lo = self.read % GROUP_BLOCK;
+        let part =
+            self.block.get(lo..lo.saturating_add(n).min(self.block.len())).filter(|p| !p.is_empty())?;
+        self.read += part.len();
+        Some(part)
+    }
+}
+
+/// The pages given their start rule and first entry so far, and the last start rule's
+/// record (most pages start in the rule of the page before).
+struct PageStarts {
+    next: u64,
+    last: Option<(UnwindRule, u16)>,
+}
+
+impl PageStarts {
+    /// Gives the pages up to `page` their start rule, `state`, and their first entry, `len`
+    /// (the entries placed so far).
+    #[inline]
+    fn fill(
+        &mut self,
+        pages: &mut [PageEntry],
+        page: u64,
+        state: UnwindRule,
+        dict: &mut Dictionary,
+        len: usize,
+    ) {
+        while self.next <= page {
+            let p = &mut pages[self.next as usize];
+            p.start_rule = match self.last {
+                // Id 1 (the dictionary is full) is counted at every page, as before.
+                Some((r, id)) if r == state && id != 1 => id,
+                _ => {
+                    let id = dict.id(state, Run::NONE);
+                    self.last = Some((state, id));
+                    id
+                }
+            };
+            p.first = len as u32;
+            self.next += 1;
+        }
     }
 }
 
