@@ -22,11 +22,7 @@ use unwound_unwind_tables::{compile_elf, UnwindTable};
 /// Writes `values` to slots `first..` of an array map: one `BPF_MAP_UPDATE_BATCH` call for
 /// all of them (a table has hundreds of pages and records: a syscall each was most of the
 /// cost of loading one), or one update per slot where the kernel has no batch updates.
-fn write_array<const N: usize>(
-    map: &mut Array<MapData, [u8; N]>,
-    first: u32,
-    values: &[[u8; N]],
-) -> anyhow::Result<()> {
+fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V]) -> anyhow::Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     if values.is_empty() {
@@ -55,9 +51,9 @@ fn write_array<const N: usize>(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `keys` and `values` hold `count` keys and values of the map's sizes (an array
-    // of `[u8; N]` values, u32 keys) and outlive the call; the kernel reads them and writes
-    // only `attr.count`.
+    // SAFETY: `keys` and `values` hold `count` keys and values of the map's sizes (u32 keys,
+    // values of the map's value type, contiguous) and outlive the call; the kernel reads
+    // them and writes only `attr.count`.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -599,11 +595,18 @@ impl TableLoader {
             .collect();
         write_array(&mut self.pages, info.page_start, &pages)?;
         drop(pages);
-        for (i, chunk) in t.entries().chunks().iter().enumerate() {
-            let mut v = [0u32; CHUNK_ENTRIES];
-            v[..chunk.len()].copy_from_slice(chunk);
-            self.chunks.set(info.chunk_start + i as u32, v, 0)?;
-        }
+        let chunks: Vec<[u32; CHUNK_ENTRIES]> = t
+            .entries()
+            .chunks()
+            .iter()
+            .map(|chunk| {
+                let mut v = [0u32; CHUNK_ENTRIES];
+                v[..chunk.len()].copy_from_slice(chunk);
+                v
+            })
+            .collect();
+        write_array(&mut self.chunks, info.chunk_start, &chunks)?;
+        drop(chunks);
         let rules: Vec<[u8; 12]> = t
             .dictionary()
             .map(|d| {
