@@ -47,6 +47,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         None
     };
     let mut session = Session::start(args)?;
+    let cpu_started = cpu_time();
     // The recording window starts once the walker is attached: compiling tables and
     // verifying the programs do not eat into --duration.
     let started = Instant::now();
@@ -77,6 +78,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         ended_early = Some("interrupted");
     }
     let recorded = started.elapsed();
+    let cpu_recorded = cpu_time();
     session.detach();
     session.drain(&mut collector, 0)?;
     let counters = session.counters()?;
@@ -120,7 +122,13 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         Format::Pprof => output::write_pprof(out, &stacks, &meta),
     })?;
 
-    let cpu = cpu_time().saturating_sub(cpu_before);
+    let cpu_end = cpu_time();
+    let cpu = cpu_end.saturating_sub(cpu_before);
+    let cpu_phases = [
+        cpu_started.saturating_sub(cpu_before),
+        cpu_recorded.saturating_sub(cpu_started),
+        cpu_end.saturating_sub(cpu_recorded),
+    ];
     let summary = Summary {
         counters,
         received: collector.samples,
@@ -129,6 +137,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         seconds: recorded.as_secs_f64(),
         cpus,
         agent_cpu: cpu,
+        cpu_phases,
         walker_programs: session.walker_programs.clone(),
         symbol_errors: collector.symbol_errors,
         execs: collector.execs,
@@ -627,6 +636,9 @@ struct Summary {
     seconds: f64,
     cpus: usize,
     agent_cpu: Duration,
+    /// The agent's CPU before sampling (tables, BPF load and verification), while
+    /// sampling, and after (symbolization, the profile).
+    cpu_phases: [Duration; 3],
     walker_programs: Vec<(&'static str, Option<u32>)>,
     symbol_errors: u64,
     execs: u64,
@@ -674,9 +686,12 @@ impl Summary {
             self.get(Counter::KernelThread),
         );
         eprintln!(
-            "unwound: agent CPU {:.3} s ({:.2}% of one CPU), peak RSS {} MiB; walker programs (verified instructions): {}{}",
+            "unwound: agent CPU {:.3} s ({:.2}% of one CPU; start-up {:.3} s, sampling {:.3} s, finish {:.3} s), peak RSS {} MiB; walker programs (verified instructions): {}{}",
             self.agent_cpu.as_secs_f64(),
             100.0 * self.agent_cpu.as_secs_f64() / self.seconds.max(1e-9),
+            self.cpu_phases[0].as_secs_f64(),
+            self.cpu_phases[1].as_secs_f64(),
+            self.cpu_phases[2].as_secs_f64(),
             max_rss_kib() / 1024,
             self.walker_programs
                 .iter()
@@ -737,6 +752,9 @@ impl Summary {
         fields.push(format!("\"seconds\":{:.3}", self.seconds));
         fields.push(format!("\"cpus\":{}", self.cpus));
         fields.push(format!("\"agent_cpu_seconds\":{:.4}", self.agent_cpu.as_secs_f64()));
+        for (name, d) in ["startup", "sampling", "finish"].iter().zip(self.cpu_phases) {
+            fields.push(format!("\"agent_{name}_cpu_seconds\":{:.4}", d.as_secs_f64()));
+        }
         fields.push(format!("\"agent_max_rss_kib\":{}", max_rss_kib()));
         fields.push(format!(
             "\"verified_instructions\":{}",

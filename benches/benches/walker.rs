@@ -238,6 +238,8 @@ struct Profiled {
     /// symbolization time of the run.
     indexed: f64,
     symbolize: f64,
+    /// unwound: the agent's CPU before, while and after sampling.
+    phases: [f64; 3],
 }
 
 /// The window of a profiler `pid` started `settle_ms` before it opens: the workload's
@@ -288,6 +290,7 @@ fn profiled_unwound(hz: u32, secs: f64) -> Profiled {
         with_script: whole,
         indexed: field(&j, "symbol_indexes_built"),
         symbolize: field(&j, "symbolize_seconds"),
+        phases: ["startup", "sampling", "finish"].map(|p| field(&j, &format!("agent_{p}_cpu_seconds"))),
     }
 }
 
@@ -424,6 +427,9 @@ fn overhead() {
         );
         if *name == "perf dwarf" {
             println!("{:<20} {:>76.4}s", "  + perf script", m(|p| p.with_script));
+        } else {
+            let [a, b, c] = [0, 1, 2].map(|i| median(r.iter().map(|(p, _)| p.phases[i]).collect()));
+            println!("  (agent CPU: start-up {a:.4} s, sampling {b:.4} s, finish {c:.4} s)");
         }
         // A binary first sampled in a run (the bench itself, say) has its debuginfo
         // indexed then, once: part of that whole run, shown so it is not taken for the rate.
@@ -463,6 +469,51 @@ fn overhead() {
     println!("  only once `perf script` has unwound its stack copies, as unwound does while recording.");
 }
 
+/// Whole runs of a longer recording, one per profiler and rate: with the overhead
+/// section's shorter ones, how the whole-run ratio moves with the recording's length (each
+/// profiler's fixed start-up and finish against its cost per second).
+fn long_runs() {
+    let secs: f64 =
+        std::env::var("UNWOUND_BENCH_LONG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60.0);
+    println!("\n2b. Whole runs of a {secs} s recording (throughput_nofp on every CPU), one run each");
+    let warm = record(&["--duration", "1"]);
+    drop(warm);
+    println!(
+        "{:<20} {:>11} {:>11} {:>14}  agent CPU: start-up, sampling, finish",
+        "profiler", "window", "whole run", "+ perf script"
+    );
+    let mut got = Vec::new();
+    for (name, hz, f) in [
+        ("unwound", 99, profiled_unwound as ProfiledRun),
+        ("perf dwarf", 99, profiled_perf),
+        ("unwound", 999, profiled_unwound),
+        ("perf dwarf", 999, profiled_perf),
+    ] {
+        let p = f(hz, secs);
+        let phases = if name == "unwound" {
+            format!("{:.4} s, {:.4} s, {:.4} s", p.phases[0], p.phases[1], p.phases[2])
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<20} {:>10.4}s {:>10.4}s {:>13.4}s  {phases}",
+            format!("{name} {hz} Hz"),
+            p.kernel + p.process,
+            p.whole,
+            p.with_script
+        );
+        got.push(p);
+    }
+    for (k, hz) in [(0usize, 99), (2, 999)] {
+        let (o, p) = (got[k], got[k + 1]);
+        println!(
+            "  {hz} Hz, whole {secs} s run: unwound / perf record = {:.3}; unwound / (perf record + perf script) = {:.3}",
+            o.whole / p.whole,
+            o.whole / p.with_script
+        );
+    }
+}
+
 fn memory() {
     println!("\n3. Agent memory with the tables of libc, libstdc++ and libLLVM-22 (a process mapping them)");
     let p = Killed(
@@ -499,7 +550,8 @@ fn main() {
         eprintln!("the walker benchmarks load BPF programs: run as root");
         return;
     }
-    // `cargo bench --bench walker -- overhead` runs one section (cost, overhead, memory).
+    // `cargo bench --bench walker -- overhead` runs one section (cost, overhead, long,
+    // memory).
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     if run("cost") {
@@ -507,6 +559,9 @@ fn main() {
     }
     if run("overhead") {
         overhead();
+    }
+    if run("long") {
+        long_runs();
     }
     if run("memory") {
         memory();
