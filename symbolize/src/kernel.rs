@@ -17,7 +17,12 @@ pub struct KernelSymbol<'a> {
 /// Largest kallsyms text read (from `/proc` or a cache file): 256 MiB.
 const MAX_KALLSYMS: usize = 256 << 20;
 /// Magic and version of a cached symbol list.
-const CACHE_MAGIC: &[u8; 12] = b"unwound-ksy2";
+const CACHE_MAGIC: &[u8; 12] = b"unwound-ksy3";
+/// Symbols per block of a cache file. Blocks are compressed apart, and a load decompresses
+/// only those its addresses fall in: a profile's kernel frames touch a few dozen of the
+/// kernel's hundred-odd blocks, and the whole list (5 MiB for 120,000 symbols) took
+/// longer to decompress than the rest of a short recording's finish.
+const CACHE_BLOCK: usize = 1024;
 
 /// One symbol: address, name as a range of `names`, module index + 1 (0 = kernel image).
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +39,9 @@ pub struct KernelSymbols {
     entries: Vec<Entry>,
     names: String,
     modules: Vec<Box<str>>,
+    /// For a list read in part from a cache, the address ranges it holds every symbol of
+    /// (sorted, apart); empty for a whole list.
+    spans: Vec<(u64, u64)>,
 }
 
 impl KernelSymbols {
@@ -122,7 +130,7 @@ impl KernelSymbols {
             .join("\n");
         let key = crate::fnv(boot.bytes().chain([0]).chain(identity.bytes()));
         let path = cache_dir.join(format!("kallsyms-{key:016x}.zst"));
-        let cached = read_cache(&path);
+        let cached = read_cache(&path, addresses);
         match cached {
             Some(c) if addresses.iter().all(|&a| c.covers(a)) => return Ok(c),
             _ => {}
@@ -213,6 +221,12 @@ impl KernelSymbols {
 
     /// Index of the symbol at or before `addr`.
     fn index_at(&self, addr: u64) -> Option<usize> {
+        if !self.spans.is_empty() {
+            let k = self.spans.partition_point(|s| s.0 <= addr).checked_sub(1)?;
+            if addr >= self.spans[k].1 {
+                return None; // in a part of the list not read
+            }
+        }
         self.entries.partition_point(|e| e.addr <= addr).checked_sub(1)
     }
 
@@ -237,6 +251,17 @@ impl KernelSymbols {
         // The next symbol belongs to the same object: addr is inside that object's range.
         self.index_at(addr)
             .is_some_and(|i| self.entries.get(i + 1).is_some_and(|n| n.module == self.entries[i].module))
+    }
+
+    /// Entries `range` as a list of their own (module numbers kept, no module names).
+    fn slice(&self, range: std::ops::Range<usize>) -> KernelSymbols {
+        let mut out = KernelSymbols::default();
+        for e in &self.entries[range] {
+            let name = self.name_of(e);
+            out.entries.push(Entry { name: out.names.len() as u32, ..*e });
+            out.names.push_str(name);
+        }
+        out
     }
 
     /// The symbols of the kernel image and of the modules in `modules` (not BPF programs
@@ -289,7 +314,14 @@ impl KernelSymbols {
     }
 
     /// Reads [`KernelSymbols::to_bytes`]; `None` on anything inconsistent.
+    #[cfg(test)]
     fn from_bytes(b: &[u8]) -> Option<Self> {
+        Self::from_bytes_with(b, 0)
+    }
+
+    /// [`KernelSymbols::from_bytes`] for one block of a cache file, whose entries may name
+    /// any of the file's `file_modules` modules.
+    fn from_bytes_with(b: &[u8], file_modules: usize) -> Option<Self> {
         let mut pos = 0usize;
         let mut take = |n: usize| -> Option<&[u8]> {
             let s = b.get(pos..pos.checked_add(n)?)?;
@@ -320,13 +352,13 @@ impl KernelSymbols {
                 || end > names.len()
                 || !names.is_char_boundary(e.name as usize)
                 || !names.is_char_boundary(end)
-                || e.module as usize > modules.len()
+                || e.module as usize > modules.len().max(file_modules)
             {
                 return None;
             }
             entries.push(e);
         }
-        Some(KernelSymbols { entries, names, modules })
+        Some(KernelSymbols { entries, names, modules, spans: Vec::new() })
     }
 }
 
@@ -363,11 +395,90 @@ fn read_capped(path: &Path) -> Result<String, Error> {
 }
 
 /// A cached list, or `None` when missing, damaged or not ours (then it is rebuilt).
-fn read_cache(path: &Path) -> Option<KernelSymbols> {
+/// The cached symbols of the blocks `addresses` fall in (and of the block after, where
+/// an address is at or past its block's last symbol: what follows it decides
+/// [`KernelSymbols::covers`]). `None` when the file is missing, of another version or
+/// damaged anywhere it is read.
+fn read_cache(path: &Path, addresses: &[u64]) -> Option<KernelSymbols> {
     let bytes = std::fs::read(path).ok()?;
     let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
-    let syms = KernelSymbols::from_bytes(&zstd::bulk::decompress(rest, MAX_KALLSYMS).ok()?)?;
-    (!syms.is_empty()).then_some(syms)
+    let mut pos = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = rest.get(pos..pos.checked_add(n)?)?;
+        pos += n;
+        Some(s)
+    };
+    let u32_at = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4 bytes")) as usize;
+    let u64_at = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes"));
+    let (n_blocks, n_modules) = (u32_at(take(4)?), u32_at(take(4)?));
+    let mut modules: Vec<Box<str>> = Vec::with_capacity(n_modules.min(1 << 16));
+    for _ in 0..n_modules {
+        let len = u32_at(take(4)?);
+        modules.push(std::str::from_utf8(take(len)?).ok()?.into());
+    }
+    // Each block's first and last symbol's address and its compressed length.
+    let mut blocks: Vec<(u64, u64, usize)> = Vec::with_capacity(n_blocks.min(1 << 20));
+    for _ in 0..n_blocks {
+        let (first, last, len) = (u64_at(take(8)?), u64_at(take(8)?), u32_at(take(4)?));
+        if first > last || blocks.last().is_some_and(|b| b.1 >= first) {
+            return None;
+        }
+        blocks.push((first, last, len));
+    }
+    let sum = crate::fnv(rest[..pos].iter().copied());
+    if rest.get(pos..pos + 8)? != sum.to_le_bytes() {
+        return None;
+    }
+    pos += 8;
+    // Where each block's bytes start, after the directory.
+    let mut at = Vec::with_capacity(blocks.len() + 1);
+    at.push(pos);
+    for b in &blocks {
+        at.push(at.last()?.checked_add(b.2)?);
+    }
+    if *at.last()? != rest.len() || blocks.is_empty() {
+        return None;
+    }
+    let mut wanted = vec![false; blocks.len()];
+    for &a in addresses {
+        let Some(k) = blocks.partition_point(|b| b.0 <= a).checked_sub(1) else { continue };
+        wanted[k] = true;
+        if a >= blocks[k].1 && k + 1 < blocks.len() {
+            wanted[k + 1] = true;
+        }
+    }
+    let mut z = zstd::bulk::Decompressor::new().ok()?;
+    let mut raw = Vec::new();
+    let mut out = KernelSymbols { modules, ..KernelSymbols::default() };
+    for (k, b) in blocks.iter().enumerate().filter(|(k, _)| wanted[*k]) {
+        // The frame says its size (as much as it may claim is capped): one buffer serves
+        // every block.
+        let src = &rest[at[k]..at[k + 1]];
+        let size = zstd::zstd_safe::get_frame_content_size(src).ok()??;
+        raw.clear();
+        raw.reserve(usize::try_from(size).ok().filter(|&n| n <= MAX_KALLSYMS)?);
+        z.decompress_to_buffer(src, &mut raw).ok()?;
+        let block = KernelSymbols::from_bytes_with(&raw, out.modules.len())?;
+        let (first, last) = (block.entries.first()?.addr, block.entries.last()?.addr);
+        if (first, last) != (b.0, b.1) || block.entries.len() > CACHE_BLOCK {
+            return None;
+        }
+        // Up to the next block's first symbol, every symbol is here.
+        let end = blocks.get(k + 1).map_or(u64::MAX, |n| n.0);
+        match out.spans.last_mut() {
+            Some(s) if s.1 == first => s.1 = end,
+            _ => out.spans.push((first, end)),
+        }
+        let base = u32::try_from(out.names.len()).ok()?;
+        out.entries.extend(block.entries.iter().map(|e| Entry { name: base + e.name, ..*e }));
+        out.names.push_str(&block.names);
+    }
+    u32::try_from(out.names.len()).ok()?;
+    if out.spans.is_empty() {
+        // No address needed a symbol: an empty list that covers nothing.
+        out.spans.push((0, 0));
+    }
+    Some(out)
 }
 
 /// Writes the list beside its final path and renames it into place; other boots' lists
@@ -376,8 +487,40 @@ fn write_cache(path: &Path, syms: &KernelSymbols) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".kallsyms-").tempfile_in(dir)?;
-    tmp.write_all(CACHE_MAGIC)?;
-    tmp.write_all(&zstd::bulk::compress(&syms.to_bytes(), 3)?)?;
+    let mut head = CACHE_MAGIC.to_vec();
+    let blocks = (0..syms.entries.len())
+        .step_by(CACHE_BLOCK)
+        .map(|i| {
+            let block = syms.slice(i..(i + CACHE_BLOCK).min(syms.entries.len()));
+            // With zstd's content checksum: a damaged block fails to decompress.
+            let mut z = zstd::bulk::Compressor::new(3)?;
+            z.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+            Ok((
+                block.entries[0].addr,
+                block.entries[block.entries.len() - 1].addr,
+                z.compress(&block.to_bytes())?,
+            ))
+        })
+        .collect::<std::io::Result<Vec<(u64, u64, Vec<u8>)>>>()?;
+    for n in [blocks.len(), syms.modules.len()] {
+        head.extend_from_slice(&(n as u32).to_le_bytes());
+    }
+    for m in &syms.modules {
+        head.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        head.extend_from_slice(m.as_bytes());
+    }
+    for (first, last, z) in &blocks {
+        head.extend_from_slice(&first.to_le_bytes());
+        head.extend_from_slice(&last.to_le_bytes());
+        head.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    }
+    // The directory's checksum closes it.
+    let sum = crate::fnv(head[CACHE_MAGIC.len()..].iter().copied());
+    head.extend_from_slice(&sum.to_le_bytes());
+    tmp.write_all(&head)?;
+    for (.., z) in &blocks {
+        tmp.write_all(z)?;
+    }
     tmp.persist(path).map_err(|e| e.error)?;
     let keep = path.file_name();
     for old in std::fs::read_dir(dir)?.flatten() {
@@ -555,6 +698,69 @@ mod tests {
             d[i] ^= 0x80;
             let _ = KernelSymbols::from_bytes(&d); // any answer but a panic
         }
+    }
+
+    /// A kernel image of `n` symbols 0x100 apart, `f{i}` at 0xffffffff81000000 + 0x100 i.
+    fn many(n: usize, prefix: &str) -> String {
+        (0..n).map(|i| format!("{:x} t {prefix}{i}\n", 0xffffffff81000000u64 + 0x100 * i as u64)).collect()
+    }
+
+    #[test]
+    fn a_cached_list_is_read_by_block_and_answers_only_where_it_was_read() {
+        let n = 5 * CACHE_BLOCK + 17;
+        let s = Sources::new(&many(n, "f"), "");
+        let at = |i: usize| 0xffffffff81000000u64 + 0x100 * i as u64;
+        s.load(&[]);
+        // Renamed behind the cache: names from the cache prove it was read.
+        s.set("kallsyms", &many(n, "g"));
+        // One address in block 1, one on block 2's last symbol (block 3 is then read for
+        // what follows it), one in block 5 (the last, short one; its last symbol has no
+        // successor, so that one address is read from the source).
+        let wanted = [at(CACHE_BLOCK + 5) + 3, at(3 * CACHE_BLOCK - 1) + 9, at(5 * CACHE_BLOCK + 2)];
+        let k = s.load(&wanted);
+        assert_eq!(k.lookup(wanted[0]).unwrap().name, format!("f{}", CACHE_BLOCK + 5));
+        assert_eq!(k.lookup(wanted[0]).unwrap().offset, 3);
+        assert_eq!(k.lookup(wanted[1]).unwrap().name, format!("f{}", 3 * CACHE_BLOCK - 1));
+        assert_eq!(k.lookup(wanted[2]).unwrap().name, format!("f{}", 5 * CACHE_BLOCK + 2));
+        assert!(k.covers(wanted[1]), "the next block was read");
+        // Blocks 0 and 4 were not read: no answer rather than a neighbour's.
+        assert_eq!(k.lookup(at(10)), None);
+        assert_eq!(k.lookup(at(4 * CACHE_BLOCK + 10)), None);
+        assert_eq!(k.len(), 4 * CACHE_BLOCK - CACHE_BLOCK + 17, "blocks 1, 2, 3 and 5");
+        // The last symbol of all is not covered (nothing follows it): the source answers.
+        let last = s.load(&[at(n - 1) + 1]);
+        assert_eq!(last.lookup(at(n - 1) + 1).unwrap().name, format!("g{}", n - 1));
+    }
+
+    #[test]
+    fn a_damaged_block_is_not_trusted() {
+        let n = 3 * CACHE_BLOCK;
+        let s = Sources::new(&many(n, "f"), "");
+        s.load(&[]);
+        let file = s.dir.path().join("cache").join(&s.cache_files()[0]);
+        let good = std::fs::read(&file).unwrap();
+        s.set("kallsyms", &many(n, "g"));
+        let a = 0xffffffff81000000u64 + 0x100 * (CACHE_BLOCK as u64 + 7);
+        // Bytes all over the file (magic, directory, blocks) flipped in turn: each answer
+        // is the cached name or the source's, never a damaged one.
+        // Every symbol of block 1 is looked up each time.
+        let block1: Vec<u64> =
+            (CACHE_BLOCK..2 * CACHE_BLOCK).map(|i| 0xffffffff81000000 + 0x100 * i as u64 + 1).collect();
+        for flip in (0..good.len()).step_by(5) {
+            let mut d = good.clone();
+            d[flip] ^= 0x41;
+            std::fs::write(&file, &d).unwrap();
+            let k = s.load(&block1);
+            for (j, &b) in block1.iter().enumerate() {
+                let name = k.lookup(b).unwrap().name;
+                let i = CACHE_BLOCK + j;
+                assert!(name == format!("f{i}") || name == format!("g{i}"), "byte {flip} flipped: {name}");
+            }
+        }
+        // Cut short: the directory no longer matches, the source answers, the file is rewritten.
+        std::fs::write(&file, &good[..good.len() - 1]).unwrap();
+        assert_eq!(s.load(&[a]).lookup(a).unwrap().name, format!("g{}", CACHE_BLOCK + 7));
+        assert!(std::fs::read(&file).unwrap().len() >= good.len() - 1);
     }
 
     #[test]
