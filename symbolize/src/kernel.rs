@@ -72,6 +72,10 @@ impl KernelSymbols {
     /// trampolines come and go without changing either, so they are never cached: an
     /// address outside the cached image and modules is read from `/proc/kallsyms`.
     ///
+    /// A list read from the cache holds only the blocks of symbols around `addresses`
+    /// (a few hundred microseconds instead of decompressing every symbol); an address
+    /// outside them finds no symbol rather than a wrong one.
+    ///
     /// ```no_run
     /// let dir = std::env::temp_dir().join("unwound-kernel-doc");
     /// let k = unwound_symbolize::KernelSymbols::load_cached(&dir, &[0xffffffff81000000])?;
