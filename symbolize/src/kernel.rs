@@ -398,7 +398,6 @@ fn read_capped(path: &Path) -> Result<String, Error> {
     Ok(text)
 }
 
-/// A cached list, or `None` when missing, damaged or not ours (then it is rebuilt).
 /// The cached symbols of the blocks `addresses` fall in (and of the block after, where
 /// an address is at or past its block's last symbol: what follows it decides
 /// [`KernelSymbols::covers`]). `None` when the file is missing, of another version or
