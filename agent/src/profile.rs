@@ -74,11 +74,28 @@ impl Frame {
     }
 }
 
-/// A mapped file: its symbols (segments, names) and an open descriptor, so its DWARF can be
-/// read at the end of recording even if the process has exited or the file was deleted.
+/// A mapped file: an open descriptor, so its symbols and DWARF can be read at the end of
+/// recording even if the process has exited or the file was deleted or replaced, and its
+/// symbols (segments, names) once read.
 pub struct FileInfo {
-    symbols: ElfSymbols,
+    /// Read from `file` when first needed: only files with sampled addresses are, and a
+    /// process maps many more (parsing every mapped file's symbol table when a process
+    /// was first seen took a tenth of the agent's CPU).
+    symbols: std::sync::OnceLock<Option<ElfSymbols>>,
     file: Option<std::fs::File>,
+}
+
+impl FileInfo {
+    fn symbols(&self) -> Option<&ElfSymbols> {
+        self.symbols
+            .get_or_init(|| self.file.as_ref().and_then(|f| ElfSymbols::open(fd_path(f)).ok()))
+            .as_ref()
+    }
+
+    /// Whether the file was opened but its symbols, once needed, could not be read.
+    fn unreadable(&self) -> bool {
+        self.file.is_some() && matches!(self.symbols.get(), Some(None))
+    }
 }
 
 /// A symbolized stack, root first.
@@ -115,7 +132,8 @@ pub struct Collector {
     pub execs: u64,
     pub exits: u64,
     pub malformed: u64,
-    pub symbol_errors: u64,
+    /// Mapped files that could not be opened (see [`Collector::symbol_errors`]).
+    open_errors: u64,
 }
 
 /// Root frame of a stack whose walk reached a return address outside executable memory.
@@ -211,7 +229,7 @@ impl Collector {
             if path.as_os_str() == "[vdso]" {
                 read_process_memory(pid, m.start, m.end - m.start)
                     .and_then(|bytes| ElfSymbols::from_bytes("[vdso]", &bytes).ok())
-                    .map(|symbols| FileInfo { symbols, file: None })
+                    .map(|symbols| FileInfo { symbols: Some(symbols).into(), file: None })
             } else {
                 None
             }
@@ -220,12 +238,10 @@ impl Collector {
             let via_root =
                 Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
             let opened = std::fs::File::open(&via_map_files).or_else(|_| std::fs::File::open(&via_root));
-            match opened.ok().and_then(|f| {
-                ElfSymbols::open(fd_path(&f)).ok().map(|symbols| FileInfo { symbols, file: Some(f) })
-            }) {
-                Some(s) => Some(s),
-                None => {
-                    self.symbol_errors += 1;
+            match opened {
+                Ok(f) => Some(FileInfo { symbols: std::sync::OnceLock::new(), file: Some(f) }),
+                Err(_) => {
+                    self.open_errors += 1;
                     None
                 }
             }
@@ -233,6 +249,12 @@ impl Collector {
         let loaded = loaded.map(Arc::new);
         self.files.insert(key, loaded.clone());
         loaded
+    }
+
+    /// Mapped files that could not be opened, or whose symbols, once needed, could not be
+    /// read.
+    pub fn symbol_errors(&self) -> u64 {
+        self.open_errors + self.files.values().flatten().filter(|f| f.unreadable()).count() as u64
     }
 
     /// Whether any stack has kernel frames (kernel symbols are read only then: reading
@@ -334,7 +356,7 @@ impl Collector {
                 if info.file.is_none() {
                     continue;
                 }
-                if let Some(v) = info.symbols.file_offset_to_vaddr(m.file_offset(lookup)) {
+                if let Some(v) = info.symbols().and_then(|s| s.file_offset_to_vaddr(m.file_offset(lookup))) {
                     wanted.entry(file_id(info)).or_insert_with(|| (info.clone(), Vec::new())).1.push(v);
                 }
             }
@@ -370,11 +392,11 @@ fn user_frame(process: Option<&ProcessInfo>, addr: u64, resolved: &Resolved) -> 
     let module = m.short_name();
     let offset = m.file_offset(addr);
     let info = p.symbols.get(&m.start).and_then(|s| s.as_ref());
-    let vaddr = info.and_then(|s| s.symbols.file_offset_to_vaddr(offset));
+    let vaddr = info.and_then(|s| s.symbols()?.file_offset_to_vaddr(offset));
     let (Some(info), Some(v)) = (info, vaddr) else {
         return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);
     };
-    let fallback = || info.symbols.lookup(v).map(|s| s.name.to_string());
+    let fallback = || info.symbols()?.lookup(v).map(|s| s.name.to_string());
     match resolved.get(&(file_id(info), v)) {
         Some(sym) => {
             let lines: Vec<SourceLine> = sym

@@ -139,7 +139,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         agent_cpu: cpu,
         cpu_phases,
         walker_programs: session.walker_programs.clone(),
-        symbol_errors: collector.symbol_errors,
+        symbol_errors: collector.symbol_errors(),
         execs: collector.execs,
         event_programs: session.event_instructions.clone(),
         exits: collector.exits,
