@@ -5,8 +5,9 @@
 //! executable file it maps is opened through `/proc/PID/map_files` — at that moment the
 //! process is alive, so a binary deleted or replaced on disk, or one inside a container, is
 //! still the one that ran. A file's symbols are read from that descriptor at the end, and
-//! only for files with sampled addresses. When a new stack holds an address outside the snapshot (a
-//! library loaded later), the snapshot is refreshed, at most once a second per process.
+//! only for files with sampled addresses. When a new stack holds an address outside the
+//! snapshot (a library loaded later), the snapshot is refreshed, at most once a second per
+//! process.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

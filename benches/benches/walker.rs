@@ -336,6 +336,15 @@ fn profiled_perf(hz: u32, secs: f64) -> Profiled {
 /// A profiler's run of the workload at a rate, for a duration.
 type ProfiledRun = fn(u32, f64) -> Profiled;
 
+/// The profilers and rates the overhead and long-run sections compare, each unwound run
+/// followed by perf's at the same rate.
+const PROFILERS: [(&str, u32, ProfiledRun); 4] = [
+    ("unwound", 99, profiled_unwound),
+    ("perf dwarf", 99, profiled_perf),
+    ("unwound", 999, profiled_unwound),
+    ("perf dwarf", 999, profiled_perf),
+];
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -369,30 +378,24 @@ fn overhead() {
         "  (warm-up: unwound's first run, 2 s, agent CPU {:.3} s: tables and debuginfo indexes cached)",
         field(&j, "agent_cpu_seconds")
     );
-    let configs: [(&str, u32, ProfiledRun); 4] = [
-        ("unwound", 99, profiled_unwound),
-        ("perf dwarf", 99, profiled_perf),
-        ("unwound", 999, profiled_unwound),
-        ("perf dwarf", 999, profiled_perf),
-    ];
     let mut none = vec![finish(throughput_run(secs).0)];
-    let mut runs: Vec<Vec<(Profiled, f64)>> = vec![Vec::new(); configs.len()];
+    let mut runs: Vec<Vec<(Profiled, f64)>> = vec![Vec::new(); PROFILERS.len()];
     for round in 0..rounds {
         // Each round starts at another configuration, and each run is compared with the
         // unprofiled throughput interpolated to its place between the round's two
         // unprofiled runs: a steady drift then biases no configuration.
-        let order: Vec<usize> = (0..configs.len()).map(|i| (i + round) % configs.len()).collect();
+        let order: Vec<usize> = (0..PROFILERS.len()).map(|i| (i + round) % PROFILERS.len()).collect();
         let got: Vec<(usize, Profiled)> = order
             .iter()
             .map(|&c| {
-                let (_, hz, f) = configs[c];
+                let (_, hz, f) = PROFILERS[c];
                 (c, f(hz, secs))
             })
             .collect();
         let after = finish(throughput_run(secs).0);
         let before = none.last().copied().unwrap_or(after);
         none.push(after);
-        let slots = (configs.len() + 1) as f64;
+        let slots = (PROFILERS.len() + 1) as f64;
         for (place, (c, p)) in got.into_iter().enumerate() {
             let base = before + (after - before) * (place + 1) as f64 / slots;
             runs[c].push((p, 1.0 - p.iterations / base));
@@ -411,7 +414,7 @@ fn overhead() {
         "profiler", "slowdown", "samples", "kernel/smp", "kernel", "process", "window", "whole run"
     );
     let mut medians = Vec::new();
-    for ((name, hz, _), r) in configs.iter().zip(&runs) {
+    for ((name, hz, _), r) in PROFILERS.iter().zip(&runs) {
         let m = |f: fn(&Profiled) -> f64| median(r.iter().map(|(p, _)| f(p)).collect());
         let slow = median(r.iter().map(|(_, s)| *s).collect());
         let (samples, kernel, process, whole) =
@@ -476,19 +479,14 @@ fn long_runs() {
     let secs: f64 =
         std::env::var("UNWOUND_BENCH_LONG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(60.0);
     println!("\n2b. Whole runs of a {secs} s recording (throughput_nofp on every CPU), one run each");
-    let warm = record(&["--duration", "1"]);
-    drop(warm);
+    // Caches warm when this section runs alone.
+    record(&["--duration", "1"]);
     println!(
         "{:<20} {:>11} {:>11} {:>14}  agent CPU: start-up, sampling, finish",
         "profiler", "window", "whole run", "+ perf script"
     );
     let mut got = Vec::new();
-    for (name, hz, f) in [
-        ("unwound", 99, profiled_unwound as ProfiledRun),
-        ("perf dwarf", 99, profiled_perf),
-        ("unwound", 999, profiled_unwound),
-        ("perf dwarf", 999, profiled_perf),
-    ] {
+    for (name, hz, f) in PROFILERS {
         let p = f(hz, secs);
         let phases = if name == "unwound" {
             format!("{:.4} s, {:.4} s, {:.4} s", p.phases[0], p.phases[1], p.phases[2])

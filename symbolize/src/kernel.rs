@@ -472,11 +472,12 @@ fn read_cache(path: &Path, addresses: &[u64]) -> Option<KernelSymbols> {
             Some(s) if s.1 == first => s.1 = end,
             _ => out.spans.push((first, end)),
         }
+        // Name offsets stay within u32 (the block's own are within its names).
         let base = u32::try_from(out.names.len()).ok()?;
+        u32::try_from(out.names.len() + block.names.len()).ok()?;
         out.entries.extend(block.entries.iter().map(|e| Entry { name: base + e.name, ..*e }));
         out.names.push_str(&block.names);
     }
-    u32::try_from(out.names.len()).ok()?;
     if out.spans.is_empty() {
         // No address needed a symbol: an empty list that covers nothing.
         out.spans.push((0, 0));
