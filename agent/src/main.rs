@@ -59,10 +59,19 @@ pub struct RecordArgs {
     /// Profile only this process (repeatable). Default: every process.
     #[arg(short, long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
-    /// How long to record, in seconds (fractions allowed). Ctrl-C stops early and still
-    /// writes the profile.
-    #[arg(short, long, default_value_t = 10.0, value_name = "SECONDS")]
-    pub duration: f64,
+    /// How long to record, in seconds (fractions allowed). Ctrl-C (or SIGTERM) stops
+    /// early and still writes the profile. Default: 10, or until stopped with `--every`.
+    #[arg(short, long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Continuous profiling: write a profile every SECONDS (at least 1), each holding the
+    /// samples of its own interval, until `--duration` ends or the agent is stopped. Each
+    /// file is named after `--output` with its interval's start (UTC) before the
+    /// extension: `-o cpu.pb.gz --every 60` writes `cpu-20261202T065000Z.pb.gz`, …
+    #[arg(long, value_name = "SECONDS", value_parser = interval_seconds)]
+    pub every: Option<f64>,
+    /// With `--every`: keep only the N newest profiles this run wrote, deleting older ones.
+    #[arg(long, value_name = "N", requires = "every", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep: Option<u64>,
     /// Samples per second on each CPU.
     #[arg(short = 'F', long, default_value_t = 99, value_name = "HZ")]
     pub frequency: u64,
@@ -146,6 +155,17 @@ fn positive(s: &str, unit: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("expected a positive number of {unit}, got {s:?}")),
     }
+}
+
+/// A profile interval: at least a second (files are named to the second), at most a year.
+fn interval_seconds(s: &str) -> Result<f64, String> {
+    positive_seconds(s).and_then(|v| {
+        if v >= 1.0 {
+            Ok(v)
+        } else {
+            Err(format!("expected at least 1 second, got {s:?}"))
+        }
+    })
 }
 
 /// A size in MiB that is a positive number.

@@ -253,6 +253,36 @@ impl Collector {
         loaded
     }
 
+    /// Forgets the stacks counted so far (once they are written), and what only they
+    /// needed: the mappings of processes that have exited or exec'ed since, and mapped
+    /// files no process still known maps. Counters (`samples`, `execs`, …) keep running.
+    pub fn end_interval(&mut self) {
+        self.stacks = HashMap::new();
+        let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+        let mut dead = std::collections::HashSet::new();
+        let generations = &self.generations;
+        self.processes.retain(|&(pid, generation), _| {
+            let current = generations.get(&pid).copied().unwrap_or(0) == generation;
+            let live = !dead.contains(&pid) && alive(pid);
+            if !live {
+                dead.insert(pid);
+            }
+            current && live
+        });
+        self.generations.retain(|pid, _| !dead.contains(pid) && alive(*pid));
+        let open_errors = &mut self.open_errors;
+        self.files.retain(|_, f| match f {
+            Some(f) if Arc::strong_count(f) > 1 => true,
+            Some(f) => {
+                // Still counted in `symbol_errors` once forgotten.
+                *open_errors += u64::from(f.unreadable());
+                false
+            }
+            // Kept, so that a file that cannot be opened is tried and counted once.
+            None => true,
+        });
+    }
+
     /// Mapped files that could not be opened, or whose symbols, once needed, could not be
     /// read.
     pub fn symbol_errors(&self) -> u64 {

@@ -51,20 +51,34 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     // The recording window starts once the walker is attached: compiling tables and
     // verifying the programs do not eat into --duration.
     let started = Instant::now();
+    let started_wall = SystemTime::now();
     let cpus = session.cpus;
+    let duration = record_duration(args);
+    let every = args.every.map(Duration::from_secs_f64);
     eprintln!(
-        "unwound: sampling {} at {} Hz on {cpus} CPUs for {:.1} s (Ctrl-C stops early)",
+        "unwound: sampling {} at {} Hz on {cpus} CPUs {}{} (Ctrl-C stops{})",
         describe_targets(&args.pids),
         args.frequency,
-        args.duration
+        duration.map_or("until stopped".to_string(), |d| format!("for {:.1} s", d.as_secs_f64())),
+        every.map_or(String::new(), |e| format!(", a profile every {:.0} s", e.as_secs_f64())),
+        if every.is_some() { "" } else { " early" },
     );
     let stop = stop_on_signals()?;
     let mut collector = Collector::new();
-    let deadline = started + Duration::from_secs_f64(args.duration);
+    let mut writer = ProfileWriter::new(args, format);
+    let deadline = duration.map(|d| started + d);
     let mut ended_early = None;
     let mut last_refresh = Instant::now();
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-        session.drain(&mut collector, POLL_INTERVAL_MS)?;
+    // The current profile's start. With --every, profiles start on a fixed grid from the
+    // recording's start, whatever each write took.
+    let mut interval = (started, started_wall);
+    while deadline.is_none_or(|d| Instant::now() < d) && !stop.load(Ordering::Relaxed) {
+        // Woken at the next interval's end or the deadline, whichever is first.
+        let wake = [deadline, every.map(|e| interval.0 + e)].into_iter().flatten().min();
+        let wait = wake.map_or(POLL_INTERVAL_MS, |w| {
+            w.saturating_duration_since(Instant::now()).as_millis().clamp(1, POLL_INTERVAL_MS as u128) as i32
+        });
+        session.drain(&mut collector, wait)?;
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             session.prune_exited();
             last_refresh = Instant::now();
@@ -73,11 +87,23 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
             ended_early = Some("every selected process exited");
             break;
         }
+        if let Some(e) = every.filter(|&e| Instant::now() >= interval.0 + e) {
+            // Samples taken meanwhile wait in the ring buffer for the next profile.
+            let path = interval_path(&args.output, interval.1);
+            if let Err(err) = writer.write(&collector, &path, e, interval.1) {
+                // The agent keeps recording; this interval's profile is lost and counted.
+                eprintln!("error: {}", err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
+                writer.failed += 1;
+            }
+            collector.end_interval();
+            interval = (interval.0 + e, interval.1 + e);
+        }
     }
     if stop.load(Ordering::Relaxed) {
         ended_early = Some("interrupted");
     }
-    let recorded = started.elapsed();
+    let ended = Instant::now();
+    let recorded = ended - started;
     let cpu_recorded = cpu_time();
     session.detach();
     session.drain(&mut collector, 0)?;
@@ -85,42 +111,17 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let bpf_run = session.run_stats();
     drop(stats_guard);
 
-    let symbol_options = crate::symbolize::options(
-        args.symbol_cache_dir.clone(),
-        args.no_symbol_cache,
-        args.symbol_memory,
-        &args.debug_dirs,
-    );
-    let kernel = if collector.has_kernel_frames() {
-        // Cached beside the debuginfo indexes (per boot and module set).
-        let loaded = match &symbol_options.cache_dir {
-            Some(dir) => KernelSymbols::load_cached(dir, &collector.kernel_addresses()),
-            None => KernelSymbols::load(),
-        };
-        loaded.unwrap_or_else(|e| {
-            eprintln!("warning: kernel frames stay unsymbolized: {e}");
-            KernelSymbols::default()
-        })
+    if every.is_some() {
+        // Like every other interval's: a profile that cannot be written is counted, and the
+        // run's summary still printed.
+        let path = interval_path(&args.output, interval.1);
+        if let Err(err) = writer.write(&collector, &path, ended - interval.0, interval.1) {
+            eprintln!("error: {}", err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
+            writer.failed += 1;
+        }
     } else {
-        KernelSymbols::default()
-    };
-    let symbolizer = unwound_symbolize::Symbolizer::new(symbol_options);
-    let symbolize_started = Instant::now();
-    let stacks = collector.symbolize(&kernel, &symbolizer);
-    let symbolize_time = symbolize_started.elapsed();
-    let meta = ProfileMeta {
-        frequency: args.frequency,
-        duration_ns: recorded.as_nanos() as u64,
-        start_unix_ns: SystemTime::now()
-            .checked_sub(recorded)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as i64),
-    };
-    write_atomically(&args.output, |out| match format {
-        Format::Folded => output::write_folded(out, &stacks),
-        Format::Svg => output::write_svg(out, &stacks, &meta),
-        Format::Pprof => output::write_pprof(out, &stacks, &meta),
-    })?;
+        writer.write(&collector, &args.output, ended - interval.0, interval.1)?;
+    }
 
     let cpu_end = cpu_time();
     let cpu = cpu_end.saturating_sub(cpu_before);
@@ -133,7 +134,10 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         counters,
         received: collector.samples,
         malformed: collector.malformed,
-        stacks: stacks.len(),
+        stacks: writer.stacks,
+        profiles: writer.written.clone(),
+        profiles_written: writer.count,
+        profiles_failed: writer.failed,
         seconds: recorded.as_secs_f64(),
         cpus,
         agent_cpu: cpu,
@@ -143,16 +147,158 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         execs: collector.execs,
         event_programs: session.event_instructions.clone(),
         exits: collector.exits,
-        symbolize_time,
-        symbol_stats: symbolizer.stats(),
+        symbolize_time: writer.symbolize_time,
+        symbol_stats: writer.symbolizer.stats(),
         bpf_run,
         tables: session.tables.as_ref().map(|t| t.stats.clone()),
     };
-    summary.print(&args.output, ended_early);
+    summary.print(ended_early);
     if args.json_summary {
         println!("{}", summary.json());
     }
+    if writer.failed > 0 {
+        bail!("{} of {} profiles could not be written", writer.failed, writer.failed + writer.count);
+    }
     Ok(())
+}
+
+/// How long to record: `--duration`, else 10 s, or until stopped with `--every`.
+fn record_duration(args: &RecordArgs) -> Option<Duration> {
+    match (args.duration, args.every) {
+        (Some(d), _) => Some(Duration::from_secs_f64(d)),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    }
+}
+
+/// Symbolizes what a collector holds and writes it as one profile; the symbolizer (and
+/// its decompressed debuginfo) is kept from one profile to the next.
+struct ProfileWriter {
+    format: Format,
+    symbolizer: unwound_symbolize::Symbolizer,
+    kernel_cache: Option<PathBuf>,
+    keep: Option<usize>,
+    /// Profiles written, oldest first (those deleted by `--keep` left out), and how many
+    /// were written in all.
+    written: Vec<PathBuf>,
+    count: u64,
+    /// Profiles that could not be written.
+    failed: u64,
+    /// Stacks over every profile written.
+    stacks: usize,
+    symbolize_time: Duration,
+    frequency: u64,
+}
+
+impl ProfileWriter {
+    fn new(args: &RecordArgs, format: Format) -> Self {
+        let options = crate::symbolize::options(
+            args.symbol_cache_dir.clone(),
+            args.no_symbol_cache,
+            args.symbol_memory,
+            &args.debug_dirs,
+        );
+        ProfileWriter {
+            format,
+            kernel_cache: options.cache_dir.clone(),
+            symbolizer: unwound_symbolize::Symbolizer::new(options),
+            keep: args.keep.map(|k| usize::try_from(k).unwrap_or(usize::MAX)),
+            written: Vec::new(),
+            count: 0,
+            failed: 0,
+            stacks: 0,
+            symbolize_time: Duration::ZERO,
+            frequency: args.frequency,
+        }
+    }
+
+    /// Writes `collector`'s stacks to `path`: a profile of `length` from `start`.
+    fn write(
+        &mut self,
+        collector: &Collector,
+        path: &Path,
+        length: Duration,
+        start: SystemTime,
+    ) -> anyhow::Result<()> {
+        let kernel = if collector.has_kernel_frames() {
+            // Cached beside the debuginfo indexes (per boot and module set); only the
+            // blocks holding these addresses are read.
+            let loaded = match &self.kernel_cache {
+                Some(dir) => KernelSymbols::load_cached(dir, &collector.kernel_addresses()),
+                None => KernelSymbols::load(),
+            };
+            loaded.unwrap_or_else(|e| {
+                eprintln!("warning: kernel frames stay unsymbolized: {e}");
+                KernelSymbols::default()
+            })
+        } else {
+            KernelSymbols::default()
+        };
+        let symbolize_started = Instant::now();
+        let stacks = collector.symbolize(&kernel, &self.symbolizer);
+        self.symbolize_time += symbolize_started.elapsed();
+        let meta = ProfileMeta {
+            frequency: self.frequency,
+            duration_ns: length.as_nanos() as u64,
+            start_unix_ns: start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
+        };
+        write_atomically(path, |out| match self.format {
+            Format::Folded => output::write_folded(out, &stacks),
+            Format::Svg => output::write_svg(out, &stacks, &meta),
+            Format::Pprof => output::write_pprof(out, &stacks, &meta),
+        })?;
+        self.stacks += stacks.len();
+        self.written.push(path.to_path_buf());
+        self.count += 1;
+        if let Some(keep) = self.keep {
+            while self.written.len() > keep {
+                let old = self.written.remove(0);
+                if let Err(e) = std::fs::remove_file(&old) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        eprintln!("warning: cannot delete old profile {}: {e}", old.display());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `output` with the interval's start time (UTC, to the second) before its extension:
+/// `dir/cpu.pb.gz` → `dir/cpu-20261202T065000Z.pb.gz`; a name taken already gets `-2`, `-3`…
+fn interval_path(output: &Path, start: SystemTime) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // The extension starts at the first dot that does not start the name (`.pb.gz`).
+    let (stem, ext) = match name.char_indices().skip(1).find(|&(_, c)| c == '.') {
+        Some((i, _)) => name.split_at(i),
+        None => (name.as_str(), ""),
+    };
+    let secs = start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let stamp = utc_stamp(secs);
+    let dir = output_dir(output);
+    let mut path = dir.join(format!("{stem}-{stamp}{ext}"));
+    let mut n = 2;
+    while path.exists() {
+        path = dir.join(format!("{stem}-{stamp}-{n}{ext}"));
+        n += 1;
+    }
+    path
+}
+
+/// `YYYYMMDDTHHMMSSZ` for seconds since the Unix epoch (proleptic Gregorian calendar).
+fn utc_stamp(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days to a civil date, counting in 400-year eras of 146,097 days from 0000-03-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 /// False once the process is gone or a zombie (exited, not yet reaped by its parent).
@@ -191,8 +337,10 @@ fn resolve_format(output: &Path, format: Option<Format>) -> anyhow::Result<Forma
 }
 
 fn check_args(args: &RecordArgs) -> anyhow::Result<()> {
-    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 365.0 * 86400.0) {
-        bail!("--duration must be a positive number of seconds, got {}", args.duration);
+    if let Some(d) = args.duration {
+        if !(d.is_finite() && d > 0.0 && d <= 365.0 * 86400.0) {
+            bail!("--duration must be a positive number of seconds, at most a year, got {d}");
+        }
     }
     let max_rate = std::fs::read_to_string("/proc/sys/kernel/perf_event_max_sample_rate")
         .ok()
@@ -632,7 +780,12 @@ struct Summary {
     counters: Vec<(Counter, u64)>,
     received: u64,
     malformed: u64,
+    /// Stacks over every profile written.
     stacks: usize,
+    /// Profiles written and kept, oldest first; profiles that could not be written.
+    profiles: Vec<PathBuf>,
+    profiles_written: u64,
+    profiles_failed: u64,
     seconds: f64,
     cpus: usize,
     agent_cpu: Duration,
@@ -655,7 +808,7 @@ impl Summary {
         self.counters.iter().find(|(k, _)| *k == c).map_or(0, |(_, v)| *v)
     }
 
-    fn print(&self, output: &Path, ended_early: Option<&str>) {
+    fn print(&self, ended_early: Option<&str>) {
         let fired = self.get(Counter::Samples);
         let mut dropped: Vec<String> = self
             .counters
@@ -670,11 +823,27 @@ impl Summary {
         if let Some(why) = ended_early {
             eprintln!("unwound: stopped after {:.1} s: {why}", self.seconds);
         }
+        let wrote = match self.profiles.as_slice() {
+            [one] if self.profiles_written == 1 => one.display().to_string(),
+            [first, .., last] if self.profiles_written == self.profiles.len() as u64 => {
+                format!("{} profiles, {} … {}", self.profiles_written, first.display(), last.display())
+            }
+            [first, ..] => format!(
+                "{} profiles, the newest {} kept: {} … {}",
+                self.profiles_written,
+                self.profiles.len(),
+                first.display(),
+                self.profiles.last().unwrap_or(first).display()
+            ),
+            [] => "no profile".to_string(),
+        };
+        let failed = match self.profiles_failed {
+            0 => String::new(),
+            n => format!(" ({n} could not be written)"),
+        };
         eprintln!(
-            "unwound: wrote {} — {} samples in {} stacks; dropped: {dropped}",
-            output.display(),
-            self.received,
-            self.stacks
+            "unwound: wrote {wrote}{failed} — {} samples in {} stacks; dropped: {dropped}",
+            self.received, self.stacks
         );
         eprintln!(
             "unwound: {fired} perf samples fired ({:.1}/s per CPU; idle {}, other processes {}); user walks truncated {}, ended at a bad frame pointer {}; kernel threads {}",
@@ -749,6 +918,8 @@ impl Summary {
         fields.push(format!("\"received\":{}", self.received));
         fields.push(format!("\"malformed_record\":{}", self.malformed));
         fields.push(format!("\"stacks\":{}", self.stacks));
+        fields.push(format!("\"profiles\":{}", self.profiles_written));
+        fields.push(format!("\"profiles_failed\":{}", self.profiles_failed));
         fields.push(format!("\"seconds\":{:.3}", self.seconds));
         fields.push(format!("\"cpus\":{}", self.cpus));
         fields.push(format!("\"agent_cpu_seconds\":{:.4}", self.agent_cpu.as_secs_f64()));
@@ -782,5 +953,42 @@ impl Summary {
             fields.push(format!("\"bpf_runs\":{runs},\"bpf_run_time_ns\":{ns}"));
         }
         format!("{{{}}}", fields.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_agree_with_date() {
+        // Epoch, leap days (2000 is a leap year, 2100 is not), year ends, far future.
+        for secs in
+            [0u64, 951_782_400, 951_868_799, 4_107_542_400, 1_798_761_599, 1_796_196_600, 32_503_680_000]
+        {
+            let out = std::process::Command::new("date")
+                .args(["-u", "-d", &format!("@{secs}"), "+%Y%m%dT%H%M%SZ"])
+                .output()
+                .expect("run date");
+            let want = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert_eq!(utc_stamp(secs), want, "at {secs}");
+        }
+    }
+
+    #[test]
+    fn interval_names_keep_the_extension_and_never_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = UNIX_EPOCH + Duration::from_secs(1_796_194_200); // 2026-12-02T06:50:00Z
+        let name = |out: &str| {
+            interval_path(&dir.path().join(out), at).file_name().unwrap().to_string_lossy().into_owned()
+        };
+        assert_eq!(name("cpu.pb.gz"), "cpu-20261202T065000Z.pb.gz");
+        assert_eq!(name("flame.svg"), "flame-20261202T065000Z.svg");
+        assert_eq!(name("plain"), "plain-20261202T065000Z");
+        assert_eq!(name(".hidden.folded"), ".hidden-20261202T065000Z.folded");
+        std::fs::write(dir.path().join("cpu-20261202T065000Z.pb.gz"), b"").unwrap();
+        assert_eq!(name("cpu.pb.gz"), "cpu-20261202T065000Z-2.pb.gz");
+        std::fs::write(dir.path().join("cpu-20261202T065000Z-2.pb.gz"), b"").unwrap();
+        assert_eq!(name("cpu.pb.gz"), "cpu-20261202T065000Z-3.pb.gz");
     }
 }

@@ -51,6 +51,22 @@ fn bad_values_are_one_clear_line() {
 }
 
 #[test]
+fn bad_interval_flags_are_rejected_with_usage() {
+    for (args, want) in [
+        (vec!["--every", "0.5"], "invalid value '0.5' for '--every <SECONDS>': expected at least 1 second"),
+        (vec!["--every", "0"], "expected a positive number of seconds"),
+        (vec!["--keep", "3"], "the following required arguments were not provided:\n  --every <SECONDS>"),
+        (vec!["--every", "60", "--keep", "0"], "invalid value '0' for '--keep <N>'"),
+    ] {
+        let mut full = vec!["record", "--output", "/tmp/x.folded"];
+        full.extend(args.iter().copied());
+        let run = unwound(&full);
+        assert_eq!(run.status.code(), Some(2), "{full:?}: {}", run.stderr);
+        assert!(run.stderr.contains(want), "{full:?}: {}", run.stderr);
+    }
+}
+
+#[test]
 fn bad_flag_is_rejected_with_usage() {
     let run = unwound(&["record", "--no-such-flag", "--output", "/tmp/x.folded"]);
     assert_eq!(run.status.code(), Some(2));

@@ -205,6 +205,79 @@ fn a_process_started_after_the_agent_gets_tables() {
     assert!(good * 100 >= total * 95, "{good}/{total}");
 }
 
+#[test]
+fn continuous_profiles_hold_their_own_intervals() {
+    let Some((_guard, dir)) = bpf_fixture_test("continuous_profiles_hold_their_own_intervals") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // Unique process names: one process for the first interval or two, another after it.
+    for name in ["early_chain", "late_chain"] {
+        std::fs::copy(dir.join("chain_nofp"), tmp.path().join(name)).unwrap();
+    }
+    let stamp_now = || {
+        let out = std::process::Command::new("date").args(["-u", "+%Y%m%dT%H%M%SZ"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let before = stamp_now();
+    let early = start(tmp.path(), "early_chain", &[]);
+    let out = tmp.path().join("cpu.folded");
+    let agent = std::process::Command::new(env!("CARGO_BIN_EXE_unwound"))
+        .args(["record", "--every", "1", "--keep", "4", "--duration", "4.5", "--frequency", "199"])
+        .args(["--json-summary", "--output"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    settle(1800);
+    drop(early);
+    let late = start(tmp.path(), "late_chain", &[]);
+    let output = agent.wait_with_output().unwrap();
+    drop(late);
+    let after = stamp_now();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let run = AgentRun {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into(),
+        stderr: stderr.to_string(),
+    };
+    let json = summary_json(&run);
+    // Four whole intervals and the last half second; the oldest deleted by --keep.
+    assert_eq!(json_u64(json, "profiles"), 5, "{stderr}");
+    let mut files: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cpu-") && n.ends_with(".folded"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 4, "--keep 4 left {files:?}");
+    for f in &files {
+        let stamp = &f["cpu-".len()..f.len() - ".folded".len()];
+        assert!(before.as_str() <= stamp && stamp <= after.as_str(), "{f} not within {before}..{after}");
+    }
+    let profiles: Vec<Vec<FoldedStack>> =
+        files.iter().map(|f| parse_folded(&std::fs::read_to_string(tmp.path().join(f)).unwrap())).collect();
+    let counts: Vec<((u64, u64), (u64, u64))> = profiles
+        .iter()
+        .map(|p| (c_chain_counts(p, "early_chain"), c_chain_counts(p, "late_chain")))
+        .collect();
+    eprintln!("(early total, full), (late total, full) per kept profile: {counts:?}\n{stderr}");
+    // The first process was stopped at least a second before the last two intervals began:
+    // were a profile to hold more than its own interval, they would show it.
+    for ((early, _), _) in &counts[2..] {
+        assert_eq!(*early, 0, "a later profile holds samples of a process that had exited: {counts:?}");
+    }
+    let late: u64 = counts[1..].iter().map(|(_, (late, _))| late).sum();
+    assert!(late >= 60, "too few samples of the process started later: {counts:?}");
+    for (_, (late, good)) in &counts[1..] {
+        assert!(good * 100 >= late * 95, "late_chain: {good}/{late} with the full chain: {profiles:?}");
+    }
+    let kept: u64 = profiles.iter().flatten().map(|s| s.count).sum();
+    assert!(kept <= json_u64(json, "received"), "kept profiles hold more samples than were taken");
+}
+
 /// Each sample's (pid, frames root first) from `perf script --no-inline -F pid,ip,sym`.
 fn perf_stacks(text: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
