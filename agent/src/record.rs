@@ -92,7 +92,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
             let path = interval_path(&args.output, interval.1);
             if let Err(err) = writer.write(&collector, &path, e, interval.1) {
                 // The agent keeps recording; this interval's profile is lost and counted.
-                eprintln!("error: {}", err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
+                eprintln!("{}", crate::error_line(&err));
                 writer.failed += 1;
             }
             collector.end_interval();
@@ -116,7 +116,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         // run's summary still printed.
         let path = interval_path(&args.output, interval.1);
         if let Err(err) = writer.write(&collector, &path, ended - interval.0, interval.1) {
-            eprintln!("error: {}", err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": "));
+            eprintln!("{}", crate::error_line(&err));
             writer.failed += 1;
         }
     } else {
@@ -910,6 +910,11 @@ impl Summary {
             st.blocks_evicted,
             st.resident_bytes / 1024,
         );
+        if st.debuginfod_errors > 0 {
+            eprintln!(
+                "unwound: a debuginfod request failed (DEBUGINFOD_URLS); the servers were not asked again in this run"
+            );
+        }
     }
 
     fn json(&self) -> String {
@@ -936,12 +941,13 @@ impl Summary {
         fields.push(format!("\"exec_events\":{},\"exit_events\":{}", self.execs, self.exits));
         let st = &self.symbol_stats;
         fields.push(format!(
-            "\"symbolize_seconds\":{:.4},\"symbol_indexes_built\":{},\"symbol_cache_hits\":{},\"symbol_cache_rebuilt\":{},\"symbol_blocks_evicted\":{}",
+            "\"symbolize_seconds\":{:.4},\"symbol_indexes_built\":{},\"symbol_cache_hits\":{},\"symbol_cache_rebuilt\":{},\"symbol_blocks_evicted\":{},\"debuginfod_errors\":{}",
             self.symbolize_time.as_secs_f64(),
             st.indexes_built,
             st.cache_hits,
             st.cache_rebuilt,
-            st.blocks_evicted
+            st.blocks_evicted,
+            st.debuginfod_errors
         ));
         if let Some(t) = &self.tables {
             fields.push(format!(

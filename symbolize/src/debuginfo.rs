@@ -48,6 +48,10 @@ pub struct Debuginfod {
     pub max_size: u64,
     /// Where downloaded files are kept, by build-id.
     pub cache_dir: PathBuf,
+    /// How long a build-id that no server has is not asked for again: a marker
+    /// `{build-id}.miss` in `cache_dir` keeps the answer across runs (elfutils' client keeps
+    /// misses for 600 s). Zero asks every time.
+    pub miss_ttl: Duration,
 }
 
 /// Why a debuginfod fetch failed.
@@ -99,7 +103,7 @@ pub fn hex(id: &[u8]) -> String {
 
 impl Debuginfod {
     /// A client for the servers in `DEBUGINFOD_URLS` (space separated), or `None` when the
-    /// variable is unset or empty. 10 s timeout, 2 GiB cap.
+    /// variable is unset or empty. 10 s timeout, 2 GiB cap, misses kept 10 minutes.
     pub fn from_env(cache_dir: impl Into<PathBuf>) -> Option<Self> {
         let urls: Vec<String> = std::env::var("DEBUGINFOD_URLS")
             .ok()?
@@ -111,6 +115,7 @@ impl Debuginfod {
             timeout: Duration::from_secs(10),
             max_size: 2 << 30,
             cache_dir: cache_dir.into(),
+            miss_ttl: Duration::from_secs(600),
         })
     }
 
@@ -121,7 +126,35 @@ impl Debuginfod {
         if dest.exists() && file_build_id(&dest).as_deref() == Some(build_id) {
             return Ok(dest);
         }
-        self.download(build_id, id, dest)
+        let miss = self.cache_dir.join(format!("{id}.miss"));
+        if self.recent_miss(&miss) {
+            return Err(DebuginfodError::NotFound(id));
+        }
+        let got = self.download(build_id, id, dest);
+        match &got {
+            // Every server answered "not found": remembered (best effort; a marker that
+            // cannot be written only means asking again).
+            Err(DebuginfodError::NotFound(_))
+                if !self.miss_ttl.is_zero() && std::fs::create_dir_all(&self.cache_dir).is_ok() =>
+            {
+                let _ = File::create(&miss);
+            }
+            Ok(_) => {
+                let _ = std::fs::remove_file(&miss);
+            }
+            _ => {}
+        }
+        got
+    }
+
+    /// Whether the marker says no server had the file less than `miss_ttl` ago (a marker
+    /// dated in the future is not trusted).
+    fn recent_miss(&self, marker: &Path) -> bool {
+        if self.miss_ttl.is_zero() {
+            return false;
+        }
+        let Ok(modified) = std::fs::metadata(marker).and_then(|m| m.modified()) else { return false };
+        std::time::SystemTime::now().duration_since(modified).is_ok_and(|age| age < self.miss_ttl)
     }
 
     #[cfg(not(feature = "debuginfod"))]

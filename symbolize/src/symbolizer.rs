@@ -166,6 +166,9 @@ pub struct Stats {
     pub blocks_evicted: u64,
     /// Bytes of decompressed blocks in memory now.
     pub resident_bytes: u64,
+    /// debuginfod requests that failed (connection, timeout, server error); after the first,
+    /// this symbolizer asks the servers no more.
+    pub debuginfod_errors: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -256,6 +259,9 @@ pub struct Symbolizer {
     lru: Mutex<Lru>,
     next_id: AtomicU64,
     stats: Mutex<Stats>,
+    /// A debuginfod request failed: the servers are down or unreachable, and each further
+    /// request would wait out the timeout again.
+    debuginfod_down: std::sync::atomic::AtomicBool,
 }
 
 impl Symbolizer {
@@ -268,6 +274,7 @@ impl Symbolizer {
             lru: Mutex::new(Lru { blocks: lru::LruCache::unbounded(), bytes: 0 }),
             next_id: AtomicU64::new(1),
             stats: Mutex::new(Stats::default()),
+            debuginfod_down: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -652,9 +659,18 @@ impl Symbolizer {
         }
         let mut source = debuginfo::find_separate(obj, path, &self.options.debug_dirs);
         if source.is_none() {
-            if let (Some(d), Some(id)) = (&self.options.debuginfod, obj.build_id().ok().flatten()) {
-                if let Ok(p) = d.fetch(id) {
-                    source = Some(DebugSource::Debuginfod(p));
+            let down = self.debuginfod_down.load(Ordering::Relaxed);
+            if let (Some(d), Some(id), false) =
+                (&self.options.debuginfod, obj.build_id().ok().flatten(), down)
+            {
+                match d.fetch(id) {
+                    Ok(p) => source = Some(DebugSource::Debuginfod(p)),
+                    Err(debuginfo::DebuginfodError::Request { .. }) => {
+                        self.debuginfod_down.store(true, Ordering::Relaxed);
+                        self.stats.lock().expect("stats lock").debuginfod_errors += 1;
+                    }
+                    // Not found, too large, the wrong file: an answer about this file only.
+                    Err(_) => {}
                 }
             }
         }

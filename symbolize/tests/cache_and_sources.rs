@@ -209,6 +209,7 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
         timeout: Duration::from_secs(5),
         max_size: 1 << 30,
         cache_dir: dir.path().join("downloads"),
+        miss_ttl: Duration::from_secs(600),
     };
     let s = Symbolizer::new(Options { debuginfod: Some(client.clone()), ..opts(None) });
     assert!(matches!(s.debug_source(&stripped).unwrap(), DebugSource::Debuginfod(_)));
@@ -238,6 +239,90 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     }
     let s = Symbolizer::new(Options { debuginfod: Some(bad), ..opts(None) });
     assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::None);
+}
+
+/// Requests a python `http.server` logged (one line each) for `id`.
+fn requests_for(log: &Path, id: &str) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(id)).count()
+}
+
+#[test]
+fn debuginfod_misses_are_remembered_and_a_dead_server_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = fixture("chain_nofp");
+    let id_bytes = build_id(&full);
+    let id = unwound_symbolize::build_id_hex(&id_bytes);
+    // A server that has nothing: every request is a 404, and logged.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let log = dir.path().join("requests.log");
+    let port = free_port();
+    let _server = Kill(
+        Command::new("python3")
+            .args(["-u", "-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .arg(&empty)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while !ureq_get_ok(&format!("{base}/")) {
+        assert!(started.elapsed() < Duration::from_secs(20), "python http.server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let client = Debuginfod {
+        urls: vec![base],
+        timeout: Duration::from_secs(5),
+        max_size: 1 << 20,
+        cache_dir: dir.path().join("downloads"),
+        miss_ttl: Duration::from_secs(600),
+    };
+    let not_found = |c: &Debuginfod| matches!(c.fetch(&id_bytes), Err(unwound_symbolize::DebuginfodError::NotFound(ref got)) if *got == id);
+    assert!(not_found(&client));
+    assert_eq!(requests_for(&log, &id), 1);
+    // Asked again (as by the next run): answered from the marker, the server not asked.
+    assert!(not_found(&client));
+    assert_eq!(requests_for(&log, &id), 1, "a remembered miss was asked for again");
+    assert!(client.cache_dir.join(format!("{id}.miss")).exists());
+    // Without a time to keep misses, and once it has passed, the server is asked again.
+    assert!(not_found(&Debuginfod { miss_ttl: Duration::ZERO, ..client.clone() }));
+    assert_eq!(requests_for(&log, &id), 2);
+    let brief = Debuginfod { miss_ttl: Duration::from_millis(300), ..client.clone() };
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(not_found(&brief));
+    assert_eq!(requests_for(&log, &id), 3, "an expired miss was not asked for again");
+
+    // A server that takes connections and never answers: the first lookup waits out the
+    // timeout, and the symbolizer asks no more after that.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_base = format!("http://{}", hang.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in hang.incoming().flatten() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(conn);
+        }
+    });
+    let dead = Debuginfod {
+        urls: vec![hang_base],
+        timeout: Duration::from_millis(500),
+        cache_dir: dir.path().join("downloads-dead"),
+        ..client
+    };
+    let s = Symbolizer::new(Options { debuginfod: Some(dead), ..opts(None) });
+    // Two stripped binaries with different build-ids.
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    objcopy(&["--strip-debug"], &full, &a);
+    objcopy(&["--strip-debug"], &fixture("cpp_chain_nofp"), &b);
+    assert_ne!(build_id(&a), build_id(&b));
+    assert_eq!(s.debug_source(&a).unwrap(), DebugSource::None);
+    assert_eq!(s.debug_source(&b).unwrap(), DebugSource::None);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the dead server was asked again");
+    assert_eq!(s.stats().debuginfod_errors, 1);
 }
 
 #[test]
