@@ -129,18 +129,23 @@ pub struct RecordArgs {
     /// always searched). debuginfod servers come from `DEBUGINFOD_URLS`.
     #[arg(long = "debug-dir", value_name = "DIR")]
     pub debug_dirs: Vec<PathBuf>,
+    /// A command to run and profile, after `--`: its process and threads are sampled (not
+    /// processes it starts), until it exits or `--duration` ends; unwound then exits with
+    /// the command's status.
+    #[arg(last = true, value_name = "COMMAND", conflicts_with = "pids")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Record(args) => record::run(&args),
-        Command::Tables(args) => tables::run(&args),
-        Command::Symbolize(args) => symbolize::run(&args),
-        Command::SampleCost(args) => sample_cost::run(&args),
+        Command::Tables(args) => tables::run(&args).map(|()| 0),
+        Command::Symbolize(args) => symbolize::run(&args).map(|()| 0),
+        Command::SampleCost(args) => sample_cost::run(&args).map(|()| 0),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("{}", error_line(&e));
             ExitCode::FAILURE

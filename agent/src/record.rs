@@ -32,7 +32,8 @@ pub(crate) static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/stackw
 
 const POLL_INTERVAL_MS: i32 = 100;
 
-pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
+/// Records as `args` say; the exit status is 0, or the profiled command's.
+pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     let format = resolve_format(&args.output, args.format)?;
     check_args(args)?;
     check_privileges()?;
@@ -47,6 +48,18 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         None
     };
     let mut session = Session::start(args)?;
+    // The command starts once the walker is attached, so its first samples are taken.
+    let mut command = match args.command.split_first() {
+        Some((program, rest)) => {
+            let child = std::process::Command::new(program)
+                .args(rest)
+                .spawn()
+                .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+            session.follow(child.id())?;
+            Some(child)
+        }
+        None => None,
+    };
     let cpu_started = cpu_time();
     // The recording window starts once the walker is attached: compiling tables and
     // verifying the programs do not eat into --duration.
@@ -55,11 +68,17 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let cpus = session.cpus;
     let duration = record_duration(args);
     let every = args.every.map(Duration::from_secs_f64);
+    let targets = match (&command, args.command.first()) {
+        (Some(c), Some(program)) => format!("{} (pid {})", program.to_string_lossy(), c.id()),
+        _ => describe_targets(&args.pids),
+    };
     eprintln!(
-        "unwound: sampling {} at {} Hz on {cpus} CPUs {}{} (Ctrl-C stops{})",
-        describe_targets(&args.pids),
+        "unwound: sampling {targets} at {} Hz on {cpus} CPUs {}{} (Ctrl-C stops{})",
         args.frequency,
-        duration.map_or("until stopped".to_string(), |d| format!("for {:.1} s", d.as_secs_f64())),
+        duration.map_or(
+            if command.is_some() { "until it exits" } else { "until stopped" }.to_string(),
+            |d| format!("for {:.1} s", d.as_secs_f64())
+        ),
         every.map_or(String::new(), |e| format!(", a profile every {:.0} s", e.as_secs_f64())),
         if every.is_some() { "" } else { " early" },
     );
@@ -68,6 +87,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     let mut writer = ProfileWriter::new(args, format);
     let deadline = duration.map(|d| started + d);
     let mut ended_early = None;
+    let mut exit_status = None;
     let mut last_refresh = Instant::now();
     // The current profile's start. With --every, profiles start on a fixed grid from the
     // recording's start, whatever each write took.
@@ -86,6 +106,13 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
         if !args.pids.is_empty() && args.pids.iter().all(|&p| !process_alive(p)) {
             ended_early = Some("every selected process exited");
             break;
+        }
+        if let Some(c) = command.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                exit_status = Some(status);
+                ended_early = Some("the command exited");
+                break;
+            }
         }
         if let Some(e) = every.filter(|&e| Instant::now() >= interval.0 + e) {
             // Samples taken meanwhile wait in the ring buffer for the next profile.
@@ -159,15 +186,29 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<()> {
     if writer.failed > 0 {
         bail!("{} of {} profiles could not be written", writer.failed, writer.failed + writer.count);
     }
-    Ok(())
+    if let (Some(c), None) = (&command, exit_status) {
+        eprintln!("unwound: the command (pid {}) is still running", c.id());
+    }
+    Ok(exit_status.map_or(0, exit_code))
 }
 
-/// How long to record: `--duration`, else 10 s, or until stopped with `--every`.
+/// A child's status as a shell reports it: its exit code, or 128 + the signal that ended it.
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => (128 + sig) as u8,
+        (None, None) => 1,
+    }
+}
+
+/// How long to record: `--duration`, else 10 s, or until stopped with `--every`, or until
+/// the command exits.
 fn record_duration(args: &RecordArgs) -> Option<Duration> {
-    match (args.duration, args.every) {
-        (Some(d), _) => Some(Duration::from_secs_f64(d)),
-        (None, Some(_)) => None,
-        (None, None) => Some(Duration::from_secs(10)),
+    match args.duration {
+        Some(d) => Some(Duration::from_secs_f64(d)),
+        None if args.every.is_some() || !args.command.is_empty() => None,
+        None => Some(Duration::from_secs(10)),
     }
 }
 
@@ -402,7 +443,8 @@ pub(crate) fn check_privileges() -> anyhow::Result<()> {
 
 /// Every process to walk with tables: the selected ones, or all with a user address space.
 fn table_targets(args: &RecordArgs) -> Vec<u32> {
-    if !args.pids.is_empty() {
+    if !args.pids.is_empty() || !args.command.is_empty() {
+        // A command's process gets its tables from its first samples, once it has exec'ed.
         return args.pids.clone();
     }
     let me = std::process::id();
@@ -514,7 +556,7 @@ impl Session {
             let mut config: Array<_, WalkerConfig> =
                 Array::try_from(ebpf.map_mut(CONFIG_MAP).context("BPF object has no CONFIG map")?)?;
             let value = WalkerConfig {
-                filter_pids: u32::from(!args.pids.is_empty()),
+                filter_pids: u32::from(!args.pids.is_empty() || !args.command.is_empty()),
                 max_user_frames: args.max_frames,
             };
             config.set(0, value, 0).context("cannot configure the walker")?;
@@ -582,10 +624,38 @@ impl Session {
         })
     }
 
+    /// Samples `pid` too (the pid filter is on), and gives it tables from its first samples.
+    fn follow(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut pids: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut(PIDS_MAP).context("BPF object has no PIDS map")?)?;
+        pids.insert(pid, 1, 0).context("cannot add the command to the pid filter")?;
+        self.selected.push(pid);
+        // The program and its loader get tables before its first samples rather than
+        // after them. `spawn` returns while the kernel may still be mapping the new image
+        // (a vfork parent is released when the old address space is dropped), so this
+        // waits, briefly, for the mapping the kernel makes last: the vDSO of the new image.
+        // Not counted against the rate limit: the libraries the loader maps next come from
+        // the first samples that reach them.
+        let own = std::fs::read_link("/proc/self/exe").ok();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < deadline {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            if exe.is_none() || (exe != own && maps.contains("[vdso]")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        self.refresh(pid);
+        Ok(())
+    }
+
     /// A sample came from a process without tables, or from a pc outside its known
     /// mappings (a library loaded since): re-read its maps now, at most every 200 ms.
     fn refresh_one(&mut self, pid: u32) {
-        let Some(tables) = self.tables.as_mut() else { return };
+        if self.tables.is_none() {
+            return;
+        }
         if !self.selected.is_empty() && !self.selected.contains(&pid) {
             return;
         }
@@ -594,6 +664,12 @@ impl Session {
             return;
         }
         self.recent.insert(pid, now);
+        self.refresh(pid);
+    }
+
+    /// Re-reads `pid`'s maps and gives its new mappings tables.
+    fn refresh(&mut self, pid: u32) {
+        let Some(tables) = self.tables.as_mut() else { return };
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
         if self.known.get(&pid) == Some(&text) && !tables.lost_tables(pid) {
             return;

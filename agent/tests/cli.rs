@@ -51,12 +51,13 @@ fn bad_values_are_one_clear_line() {
 }
 
 #[test]
-fn bad_interval_flags_are_rejected_with_usage() {
+fn bad_flag_combinations_are_rejected_with_usage() {
     for (args, want) in [
         (vec!["--every", "0.5"], "invalid value '0.5' for '--every <SECONDS>': expected at least 1 second"),
         (vec!["--every", "0"], "expected a positive number of seconds"),
         (vec!["--keep", "3"], "the following required arguments were not provided:\n  --every <SECONDS>"),
         (vec!["--every", "60", "--keep", "0"], "invalid value '0' for '--keep <N>'"),
+        (vec!["--pid", "1", "--", "true"], "'--pid <PID>' cannot be used with '[COMMAND]...'"),
     ] {
         let mut full = vec!["record", "--output", "/tmp/x.folded"];
         full.extend(args.iter().copied());

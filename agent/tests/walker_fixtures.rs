@@ -206,6 +206,55 @@ fn a_process_started_after_the_agent_gets_tables() {
 }
 
 #[test]
+fn a_command_is_run_and_profiled_until_it_exits() {
+    let Some((_guard, dir)) = bpf_fixture_test("a_command_is_run_and_profiled_until_it_exits") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cmd.folded");
+    let program = dir.join("throughput_nofp");
+    let out_arg = out.display().to_string();
+    let program_arg = program.display().to_string();
+    // Something else busy at the same time, which the command's profile must leave out.
+    let _other = start(&dir, "chain_nofp", &[]);
+    let run = unwound(&[
+        "record",
+        "--frequency",
+        "499",
+        "--json-summary",
+        "--output",
+        &out_arg,
+        "--",
+        &program_arg,
+        "2",
+    ]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(run.stderr.contains("the command exited"), "{}", run.stderr);
+    let json = summary_json(&run);
+    let seconds: f64 = json.split("\"seconds\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!((1.5..4.0).contains(&seconds), "recorded {seconds} s of a 2 s command");
+    let stacks = parse_folded(&std::fs::read_to_string(&out).unwrap());
+    let others: Vec<&FoldedStack> = stacks.iter().filter(|s| s.process != "throughput_nofp").collect();
+    assert!(others.is_empty(), "samples of other processes: {others:?}");
+    // main → tp_a → … → tp_e, from the fixture's source; the walk starts with its first
+    // samples, before the process has tables, so a few may fall short.
+    let chain = expand(&["main", "tp_a", "tp_b", "tp_c", "tp_d", "tp_e"].map(String::from));
+    let total: u64 = stacks.iter().map(|s| s.count).sum();
+    let good: u64 = stacks.iter().filter(|s| matches_leaf(&s.user, &chain)).map(|s| s.count).sum();
+    eprintln!("throughput_nofp as a command: {good}/{total} samples with the full chain");
+    assert!(total >= 300, "only {total} samples in 2 s at 499 Hz");
+    let short: Vec<&FoldedStack> = stacks.iter().filter(|s| !matches_leaf(&s.user, &chain)).collect();
+    assert!(good * 100 >= total * 95, "{good}/{total} with the full chain; the others: {short:?}");
+
+    // The command's exit status is unwound's, and a signal's is 128 + its number.
+    let out2 = tmp.path().join("exit.folded").display().to_string();
+    let run = unwound(&["record", "--output", &out2, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(run.status.code(), Some(3), "{}", run.stderr);
+    let run = unwound(&["record", "--output", &out2, "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(run.status.code(), Some(128 + 15), "{}", run.stderr);
+}
+
+#[test]
 fn continuous_profiles_hold_their_own_intervals() {
     let Some((_guard, dir)) = bpf_fixture_test("continuous_profiles_hold_their_own_intervals") else {
         return;
