@@ -259,17 +259,11 @@ impl Collector {
     pub fn end_interval(&mut self) {
         self.stacks = HashMap::new();
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
-        let mut dead = std::collections::HashSet::new();
+        self.generations.retain(|&pid, _| alive(pid));
         let generations = &self.generations;
         self.processes.retain(|&(pid, generation), _| {
-            let current = generations.get(&pid).copied().unwrap_or(0) == generation;
-            let live = !dead.contains(&pid) && alive(pid);
-            if !live {
-                dead.insert(pid);
-            }
-            current && live
+            generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
-        self.generations.retain(|pid, _| !dead.contains(pid) && alive(*pid));
         let open_errors = &mut self.open_errors;
         self.files.retain(|_, f| match f {
             Some(f) if Arc::strong_count(f) > 1 => true,

@@ -116,12 +116,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         }
         if let Some(e) = every.filter(|&e| Instant::now() >= interval.0 + e) {
             // Samples taken meanwhile wait in the ring buffer for the next profile.
-            let path = interval_path(&args.output, interval.1);
-            if let Err(err) = writer.write(&collector, &path, e, interval.1) {
-                // The agent keeps recording; this interval's profile is lost and counted.
-                eprintln!("{}", crate::error_line(&err));
-                writer.failed += 1;
-            }
+            writer.write_interval(&collector, &args.output, e, interval.1);
             collector.end_interval();
             interval = (interval.0 + e, interval.1 + e);
         }
@@ -139,13 +134,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     drop(stats_guard);
 
     if every.is_some() {
-        // Like every other interval's: a profile that cannot be written is counted, and the
-        // run's summary still printed.
-        let path = interval_path(&args.output, interval.1);
-        if let Err(err) = writer.write(&collector, &path, ended - interval.0, interval.1) {
-            eprintln!("{}", crate::error_line(&err));
-            writer.failed += 1;
-        }
+        // Like every other interval's: the run's summary is printed even if it failed.
+        writer.write_interval(&collector, &args.output, ended - interval.0, interval.1);
     } else {
         writer.write(&collector, &args.output, ended - interval.0, interval.1)?;
     }
@@ -250,6 +240,16 @@ impl ProfileWriter {
             stacks: 0,
             symbolize_time: Duration::ZERO,
             frequency: args.frequency,
+        }
+    }
+
+    /// Writes one interval's profile, named after `output` and `start`; a profile that
+    /// cannot be written is reported and counted, and recording goes on.
+    fn write_interval(&mut self, collector: &Collector, output: &Path, length: Duration, start: SystemTime) {
+        let path = interval_path(output, start);
+        if let Err(err) = self.write(collector, &path, length, start) {
+            eprintln!("{}", crate::error_line(&err));
+            self.failed += 1;
         }
     }
 
@@ -441,10 +441,18 @@ pub(crate) fn check_privileges() -> anyhow::Result<()> {
     )
 }
 
+/// Lets the walker sample `pid` while its pid filter is on.
+fn add_to_pid_filter(ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
+    let mut pids: BpfHashMap<_, u32, u8> =
+        BpfHashMap::try_from(ebpf.map_mut(PIDS_MAP).context("BPF object has no PIDS map")?)?;
+    pids.insert(pid, 1, 0).context("cannot add the pid filter")?;
+    Ok(())
+}
+
 /// Every process to walk with tables: the selected ones, or all with a user address space.
 fn table_targets(args: &RecordArgs) -> Vec<u32> {
     if !args.pids.is_empty() || !args.command.is_empty() {
-        // A command's process gets its tables from its first samples, once it has exec'ed.
+        // A command's process gets its tables once it has exec'ed (`Session::follow`).
         return args.pids.clone();
     }
     let me = std::process::id();
@@ -562,10 +570,8 @@ impl Session {
             config.set(0, value, 0).context("cannot configure the walker")?;
         }
         {
-            let mut pids: BpfHashMap<_, u32, u8> =
-                BpfHashMap::try_from(ebpf.map_mut(PIDS_MAP).context("BPF object has no PIDS map")?)?;
-            for pid in &args.pids {
-                pids.insert(pid, 1, 0).context("cannot add the pid filter")?;
+            for &pid in &args.pids {
+                add_to_pid_filter(&mut ebpf, pid)?;
             }
         }
         let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).context("BPF object has no SAMPLES map")?)?;
@@ -624,11 +630,9 @@ impl Session {
         })
     }
 
-    /// Samples `pid` too (the pid filter is on), and gives it tables from its first samples.
+    /// Samples `pid` too (the pid filter is on) and gives it tables.
     fn follow(&mut self, pid: u32) -> anyhow::Result<()> {
-        let mut pids: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(self.ebpf.map_mut(PIDS_MAP).context("BPF object has no PIDS map")?)?;
-        pids.insert(pid, 1, 0).context("cannot add the command to the pid filter")?;
+        add_to_pid_filter(&mut self.ebpf, pid)?;
         self.selected.push(pid);
         // The program and its loader get tables before its first samples rather than
         // after them. `spawn` returns while the kernel may still be mapping the new image
