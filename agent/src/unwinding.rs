@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
 use aya::{Ebpf, EbpfLoader};
 use object::{Object, ObjectSegment};
 use unwound_stackwalk_abi::{
-    MappingEntry, ProcMappings, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, MAX_MAPPINGS, MAX_TABLES, NO_TABLE,
-    PAGES_MAP, PROCS_MAP, RULES_MAP, TABLES_MAP,
+    MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, MAX_MAPPINGS,
+    MAX_TABLES, NO_TABLE, PAGES_MAP, PROCS_MAP, RULES_MAP, RULE_CACHE_SLOTS, TABLES_MAP,
 };
 use unwound_symbolize::{Mapping, ProcessMaps};
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
@@ -125,7 +125,10 @@ pub struct TableStats {
     pub bytes: u64,
     /// Peak of `bytes`.
     pub peak_bytes: u64,
+    /// Kernel memory of the table maps (what `--table-memory` bounds).
     pub map_bytes: u64,
+    /// Kernel memory of the walker's per-CPU rule cache (fixed: slots × CPUs).
+    pub rule_cache_bytes: u64,
 }
 
 /// Tables compiled before the walker is loaded, to size its arrays.
@@ -373,6 +376,8 @@ pub struct TableLoader {
     /// Sample counter, and the tick of each process's last sample.
     tick: u64,
     sampled: HashMap<u32, u64>,
+    /// Last generation written to a process entry.
+    generation: u32,
     pub stats: TableStats,
 }
 
@@ -406,10 +411,15 @@ impl TableLoader {
             walked: HashMap::new(),
             tick: 0,
             sampled: HashMap::new(),
+            generation: 0,
             stats: plan.stats,
         };
         loader.stats.map_bytes =
             array_bytes(u64::from(cap.0), u64::from(cap.1), u64::from(cap.2)) + u64::from(MAX_TABLES) * 24;
+        // The walker's per-CPU rule cache: fixed, outside the table budget.
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
+        loader.stats.rule_cache_bytes =
+            cpus * u64::from(RULE_CACHE_SLOTS) * std::mem::size_of::<RuleCacheSlot>() as u64;
         for (pid, maps, _) in plan.procs {
             loader.add_process(pid, &maps)?;
         }
@@ -473,10 +483,17 @@ impl TableLoader {
         Ok(())
     }
 
+    /// A generation no process entry has had (the walker's cached rules of an entry are
+    /// keyed by its generation, so each write makes them stale).
+    fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.generation
+    }
+
     fn write_process(&mut self, pid: u32, entries: &[MappingEntry]) -> anyhow::Result<()> {
         let mut value = ProcMappings {
             count: entries.len() as u32,
-            reserved: 0,
+            generation: self.next_generation(),
             mappings: [MappingEntry::default(); MAX_MAPPINGS],
         };
         value.mappings[..entries.len()].copy_from_slice(entries);

@@ -157,7 +157,18 @@ fn table_walker_gives_every_fixture_its_full_chain() {
     let Some((_guard, _)) = bpf_fixture_test("table_walker_gives_every_fixture_its_full_chain") else {
         return;
     };
-    every_fixture_has_its_full_chain("tables", &[]);
+    let run = every_fixture_has_its_full_chain("tables", &["--json-summary"]);
+    // The fixtures repeat their frames from sample to sample: after its first sample a
+    // process's frames come from the walker's per-CPU rule cache (and the chains above are
+    // still complete, so the cached rules are the right ones).
+    let json = summary_json(&run);
+    // (A recursion's repeated frames are answered by the walk's own last-pc cache instead.)
+    let (hits, frames, walks) =
+        (json_u64(json, "rule_cache_hits"), json_u64(json, "table_frames"), json_u64(json, "table_walks"));
+    eprintln!("rule cache: {hits} hits, {frames} table frames, {walks} table walks");
+    assert!(hits <= frames, "more cache hits than table frames: {json}");
+    assert!(hits >= 2 * walks, "the rule cache answered {hits} frames of {walks} walks: {json}");
+    assert!(json_u64(json, "rule_cache_bytes") > 0, "rule cache memory not reported: {json}");
 }
 
 /// The walker for kernels without `bpf_loop` (forced here: this kernel has it): the same

@@ -33,12 +33,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    Counter, MappingEntry, ProcMappings, SampleBuffer, SampleHeader, TableInfo, WalkerConfig, CHUNK_ENTRIES,
-    COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER,
-    FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS,
-    MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS,
-    TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS, WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS,
-    WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+    rule_cache_slot, Counter, MappingEntry, ProcMappings, RuleCacheSlot, SampleBuffer, SampleHeader,
+    TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
+    FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
+    MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
+    RULE_CACHE_SLOTS, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
+    WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
+    WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
     step, CfaKind, DictEntry, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT,
@@ -65,6 +66,12 @@ static SCRATCH: PerCpuArray<SampleBuffer> = PerCpuArray::with_max_entries(1, 0);
 /// pid → executable mappings, for processes walked with unwind tables. Not preallocated.
 #[map]
 static PROCS: HashMap<u32, ProcMappings> = HashMap::with_max_entries(MAX_PROCS, BPF_F_NO_PREALLOC);
+
+/// Rules found lately, per CPU (see `RULE_CACHE_MAP`): a steady workload's samples repeat
+/// the same return addresses, and a slot read costs one cache line where the mapping search
+/// and the table lookup touch five or six, cold at low sampling rates.
+#[map]
+static RULE_CACHE: PerCpuArray<RuleCacheSlot> = PerCpuArray::with_max_entries(RULE_CACHE_SLOTS, 0);
 
 #[map]
 static TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
@@ -196,7 +203,10 @@ impl UserMemory<'_> {
     /// The word at 8-aligned `addr`, from the window, refilled first when it does not hold
     /// `addr`: with `addr`'s page from `addr`'s cache line to the page's end (the stack
     /// below `addr` is not needed; callers' frames are above).
-    #[inline(always)]
+    // Not inlined: a subprogram of its own keeps the refill's helper call (which clobbers
+    // r1-r5) out of the callers' register allocation; inlined into the table step, LLVM
+    // stored a clobbered register on the failed-refill path (the verifier refused it).
+    #[inline(never)]
     fn windowed(&mut self, addr: u64) -> Option<u64> {
         let mut off = addr.wrapping_sub(*self.base);
         if off >= *self.len {
@@ -297,86 +307,134 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     Some(d.run.apply(d.rule, d.run.steps_at(e.page_offset, offset)))
 }
 
-/// One table (or frame-pointer fallback) step, called by `bpf_loop`. Returns 1 to stop.
-unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
-    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
-    let buf = &mut *buf;
-    let pc = if buf.walk_exact != 0 { buf.walk_rip } else { buf.walk_rip.wrapping_sub(1) };
+/// The rule of `pc` from the sampled process's mappings and tables (the walk's mapping and
+/// table caches first): `Ok(None)` when its mapping has no table, `Err` when no mapping
+/// holds it.
+#[inline(always)]
+unsafe fn find_rule(buf: &mut SampleBuffer, pc: u64) -> Result<Option<UnwindRule>, ()> {
     if !(buf.cached_mapping.start <= pc && pc < buf.cached_mapping.end) {
-        let Some(procs) = PROCS.get_ptr(buf.header.pid) else {
-            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-            return 1;
-        };
+        let Some(procs) = PROCS.get_ptr(buf.header.pid) else { return Err(()) };
         let procs = &*procs;
         // The mapping that holds pc: branch-free binary search over the sorted starts.
         let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
         if mapped == 0 {
-            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-            return 1;
+            return Err(());
         }
         let (mut base, mut n) = (0u32, mapped);
         for _ in 0..9 {
             let half = n / 2;
-            let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else { return 1 };
+            let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else {
+                return Err(());
+            };
             let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
             base += (i64::from(half) * le) as u32;
             n -= half;
         }
         let found =
             procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
-        let Some(m) = found else {
-            buf.header.walk_end = WALK_UNKNOWN_MAPPING;
-            return 1;
-        };
-        buf.cached_mapping = *m;
+        let Some(m) = found else { return Err(()) };
+        // Field by field: a whole-struct copy becomes a call to a memcpy subprogram, after
+        // which LLVM may read a register the call clobbered (the verifier refuses it).
+        buf.cached_mapping.start = m.start;
+        buf.cached_mapping.end = m.end;
+        buf.cached_mapping.bias = m.bias;
+        buf.cached_mapping.table = m.table;
     }
     let mapping = buf.cached_mapping;
     if mapping.table != NO_TABLE && mapping.table != buf.cached_table_id {
         match TABLES.get(mapping.table) {
             Some(t) => {
-                buf.cached_table = *t;
+                buf.cached_table.base = t.base;
+                buf.cached_table.pages = t.pages;
+                buf.cached_table.page_start = t.page_start;
+                buf.cached_table.chunk_start = t.chunk_start;
+                buf.cached_table.rule_start = t.rule_start;
                 buf.cached_table_id = mapping.table;
             }
             None => buf.cached_table_id = NO_TABLE,
         }
     }
-    let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
-    let mut mem =
-        UserMemory { base: &mut buf.window_base, len: &mut buf.window_len, window: &mut buf.stack_window };
-    let rule = if mapping.table == NO_TABLE || mapping.table != buf.cached_table_id {
-        None
-    } else if pc == buf.last_pc {
+    if mapping.table == NO_TABLE || mapping.table != buf.cached_table_id {
+        return Ok(None);
+    }
+    Ok(lookup_rule(&buf.cached_table, pc.wrapping_sub(mapping.bias)))
+}
+
+/// One table (or frame-pointer fallback) step, called by `bpf_loop`. Returns 1 to stop.
+unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let buf = &mut *buf;
+    let pc = if buf.walk_exact != 0 { buf.walk_rip } else { buf.walk_rip.wrapping_sub(1) };
+    let (pid, generation) = (buf.header.pid, buf.generation);
+    // Recursion repeats a pc within one walk (`last_pc`); a steady workload repeats its
+    // frames from sample to sample (the per-CPU rule cache, probed and filled with separate
+    // lookups so no map pointer stays live across the table search).
+    let key = rule_cache_slot(pid, pc);
+    let rule = if pc == buf.last_pc {
         // SAFETY: `last_rule` holds the bytes of an UnwindRule (8 bytes, plain integers).
         Some(core::mem::transmute::<u64, UnwindRule>(buf.last_rule))
     } else {
-        let found = lookup_rule(&buf.cached_table, pc.wrapping_sub(mapping.bias));
+        let hit = match RULE_CACHE.get(key) {
+            Some(c) if c.pc == pc && c.pid == pid && c.generation == generation => Some(c.rule),
+            _ => None,
+        };
+        let found = match hit {
+            Some(raw) => {
+                buf.rule_cache_hits += 1;
+                Some(core::mem::transmute::<u64, UnwindRule>(raw))
+            }
+            None => match find_rule(buf, pc) {
+                Ok(Some(r)) => {
+                    if let Some(c) = RULE_CACHE.get_ptr_mut(key) {
+                        (*c).pc = pc;
+                        (*c).pid = pid;
+                        (*c).generation = generation;
+                        (*c).rule = core::mem::transmute::<UnwindRule, u64>(r);
+                    }
+                    Some(r)
+                }
+                Ok(None) => None,
+                Err(()) => {
+                    buf.header.walk_end = WALK_UNKNOWN_MAPPING;
+                    return 1;
+                }
+            },
+        };
         if let Some(r) = found {
             buf.last_pc = pc;
             buf.last_rule = core::mem::transmute::<UnwindRule, u64>(r);
         }
         found
     };
-    let result = match rule {
-        Some(r) if r.cfa != CfaKind::Gap as u8 => {
-            buf.table_frames += 1;
-            step(&r, &regs, &mut mem)
-        }
-        // No unwind information for this pc (JIT code, stripped CFI): a frame-pointer step.
-        _ => {
-            buf.fallback_frames += 1;
-            let fp = regs.rbp;
-            match mem.read_u64_pair(fp) {
-                Some([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
-                    if ret == 0 {
-                        Step::End
-                    } else {
-                        Step::Caller {
-                            regs: Registers { rip: ret, rsp: fp + 16, rbp: next_fp },
-                            exact: false,
+    let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
+    let result = {
+        let mut mem = UserMemory {
+            base: &mut buf.window_base,
+            len: &mut buf.window_len,
+            window: &mut buf.stack_window,
+        };
+        match rule {
+            Some(r) if r.cfa != CfaKind::Gap as u8 => {
+                buf.table_frames += 1;
+                step(&r, &regs, &mut mem)
+            }
+            // No unwind information for this pc (JIT code, stripped CFI): a frame-pointer step.
+            _ => {
+                buf.fallback_frames += 1;
+                let fp = regs.rbp;
+                match mem.read_u64_pair(fp) {
+                    Some([next_fp, ret]) if fp != 0 && fp & 7 == 0 && fp >= regs.rsp => {
+                        if ret == 0 {
+                            Step::End
+                        } else {
+                            Step::Caller {
+                                regs: Registers { rip: ret, rsp: fp + 16, rbp: next_fp },
+                                exact: false,
+                            }
                         }
                     }
+                    _ => Step::Failed(StepError::NoRule),
                 }
-                _ => Step::Failed(StepError::NoRule),
             }
         }
     };
@@ -588,11 +646,13 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.cached_table_id = NO_TABLE;
     buf.table_frames = 0;
     buf.fallback_frames = 0;
+    buf.rule_cache_hits = 0;
     buf.walk_index = kernel_len as u32 + 1;
     buf.walk_budget = budget.saturating_sub(1);
-    if PROCS.get_ptr(pid).is_some() {
+    if let Some(p) = PROCS.get_ptr(pid) {
         count(Counter::TableWalks);
         buf.table_walk = 1;
+        buf.generation = (*p).generation;
         Some((buf, Walk::Tables(budget)))
     } else {
         Some((buf, Walk::FramePointers(budget)))
@@ -605,6 +665,7 @@ unsafe fn finish(buf: &mut SampleBuffer) {
     if buf.table_walk != 0 {
         add(Counter::TableFrames, u64::from(buf.table_frames));
         add(Counter::FallbackFrames, u64::from(buf.fallback_frames));
+        add(Counter::RuleCacheHits, u64::from(buf.rule_cache_hits));
         match buf.header.walk_end {
             WALK_COMPLETE => count(Counter::TableWalkComplete),
             // Truncation is counted below, from the flag every truncated walk sets.
