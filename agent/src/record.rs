@@ -566,6 +566,8 @@ impl Session {
             let value = WalkerConfig {
                 filter_pids: u32::from(!args.pids.is_empty() || !args.command.is_empty()),
                 max_user_frames: args.max_frames,
+                follow_processes: u32::from(tables.is_some()),
+                reserved: 0,
             };
             config.set(0, value, 0).context("cannot configure the walker")?;
         }

@@ -299,8 +299,11 @@ pub struct SampleBuffer {
     pub fallback_frames: u32,
     /// Frames of this walk whose rule came from [`RULE_CACHE_MAP`].
     pub rule_cache_hits: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// [`WalkerConfig::follow_processes`] of this sample's run.
+    pub follow_processes: u32,
+    /// Kept from sample to sample (this CPU's): when a record last woke the agent because
+    /// it needs the agent (a pc outside the known mappings, a process without tables).
+    pub needs_agent_woken_ns: u64,
     /// Table walk cache: id of `cached_table` (`NO_TABLE` when empty).
     pub cached_table_id: u32,
     /// Table walk cache: the mapping of the previous frame (consecutive frames are often in
@@ -346,6 +349,11 @@ pub struct WalkerConfig {
     pub filter_pids: u32,
     /// Most user frames to walk, at most [`MAX_USER_FRAMES`].
     pub max_user_frames: u32,
+    /// Non-zero: the agent gives processes tables as they appear, so a sample of a process
+    /// without tables (or of a pc outside its known mappings) wakes it early.
+    pub follow_processes: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// Indices of the per-CPU event counters in [`COUNTERS_MAP`].

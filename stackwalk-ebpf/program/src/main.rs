@@ -94,6 +94,8 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const RING_BYTES: u32 = 4 << 20;
 const RING_WAKEUP_BYTES: u64 = (RING_BYTES / 4) as u64;
+/// Least time between two wakeups of the agent for records it must act on, per CPU.
+const NEEDS_AGENT_WAKE_NS: u64 = 10_000_000;
 
 const RECORD_CAPACITY: usize = HEADER_SIZE + MAX_FRAMES * 8;
 
@@ -583,6 +585,7 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
         return None;
     }
     let max_user = config.max_user_frames;
+    let follow = config.follow_processes;
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         count(Counter::DroppedNoScratch);
         return None;
@@ -647,6 +650,7 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.table_frames = 0;
     buf.fallback_frames = 0;
     buf.rule_cache_hits = 0;
+    buf.follow_processes = follow;
     buf.walk_index = kernel_len as u32 + 1;
     buf.walk_budget = budget.saturating_sub(1);
     if let Some(p) = PROCS.get_ptr(pid) {
@@ -689,8 +693,19 @@ unsafe fn finish(buf: &mut SampleBuffer) {
     if len > RECORD_CAPACITY {
         len = RECORD_CAPACITY;
     }
+    // A record the agent must act on (a pc outside the process's known mappings: dlopen;
+    // a process it has not seen: started since) wakes it now, not at its next 100 ms
+    // poll, at most every 10 ms per CPU: until it has re-read the process's maps, every
+    // sample of that code is incomplete.
+    let needs_agent = buf.header.walk_end == WALK_UNKNOWN_MAPPING
+        || (buf.follow_processes != 0 && buf.table_walk == 0 && buf.header.flags & FLAG_NO_USER == 0);
+    let mut wakeup = ring_wakeup();
+    if needs_agent && buf.header.time_ns.wrapping_sub(buf.needs_agent_woken_ns) >= NEEDS_AGENT_WAKE_NS {
+        buf.needs_agent_woken_ns = buf.header.time_ns;
+        wakeup = BPF_RB_FORCE_WAKEUP;
+    }
     let bytes = core::slice::from_raw_parts(buf as *const SampleBuffer as *const u8, len);
-    match SAMPLES.output::<[u8]>(bytes, ring_wakeup()) {
+    match SAMPLES.output::<[u8]>(bytes, wakeup) {
         Ok(()) => count(Counter::Emitted),
         Err(_) => count(Counter::DroppedRingFull),
     }
