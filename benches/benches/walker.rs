@@ -296,25 +296,20 @@ fn profiled_unwound(hz: u32, secs: f64) -> Profiled {
 
 /// `perf record --call-graph dwarf -a` at `hz` over the same window, then `perf script`.
 fn profiled_perf(hz: u32, secs: f64) -> Profiled {
+    profiled_perf_with(hz, secs, &["--call-graph", "dwarf"])
+}
+
+fn profiled_perf_no_stack(hz: u32, secs: f64) -> Profiled {
+    profiled_perf_with(hz, secs, &[])
+}
+
+fn profiled_perf_with(hz: u32, secs: f64, stacks: &[&str]) -> Profiled {
     let hz_s = hz.to_string();
     let cost = SampleCost::start();
     let perf = Command::new("perf")
-        .args([
-            "record",
-            "-q",
-            "-e",
-            "cpu-clock",
-            "-F",
-            &hz_s,
-            "--call-graph",
-            "dwarf",
-            "-a",
-            "-o",
-            "/tmp/unwound-bench-perf.data",
-            "--",
-            "sleep",
-            &(secs + 2.0).to_string(),
-        ])
+        .args(["record", "-q", "-e", "cpu-clock", "-F", &hz_s])
+        .args(stacks)
+        .args(["-a", "-o", "/tmp/unwound-bench-perf.data", "--", "sleep", &(secs + 2.0).to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -338,11 +333,15 @@ type ProfiledRun = fn(u32, f64) -> Profiled;
 
 /// The profilers and rates the overhead and long-run sections compare, each unwound run
 /// followed by perf's at the same rate.
-const PROFILERS: [(&str, u32, ProfiledRun); 4] = [
+const PROFILERS: [(&str, u32, ProfiledRun); 6] = [
     ("unwound", 99, profiled_unwound),
     ("perf dwarf", 99, profiled_perf),
     ("unwound", 999, profiled_unwound),
     ("perf dwarf", 999, profiled_perf),
+    // The floor every cpu-clock sampler pays on this machine: the sampling interrupt with
+    // no stack taken at all (perf's own sample record only).
+    ("perf no stack", 99, profiled_perf_no_stack),
+    ("perf no stack", 999, profiled_perf_no_stack),
 ];
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -414,6 +413,7 @@ fn overhead() {
         "profiler", "slowdown", "samples", "kernel/smp", "kernel", "process", "window", "whole run"
     );
     let mut medians = Vec::new();
+    let mut per_sample = Vec::new();
     for ((name, hz, _), r) in PROFILERS.iter().zip(&runs) {
         let m = |f: fn(&Profiled) -> f64| median(r.iter().map(|(p, _)| f(p)).collect());
         let slow = median(r.iter().map(|(_, s)| *s).collect());
@@ -428,7 +428,7 @@ fn overhead() {
             kernel + process,
             by_round.join(" ")
         );
-        if *name == "perf dwarf" {
+        if name.starts_with("perf") {
             println!("{:<20} {:>76.4}s", "  + perf script", m(|p| p.with_script));
         } else {
             let [a, b, c] = [0, 1, 2].map(|i| median(r.iter().map(|(p, _)| p.phases[i]).collect()));
@@ -447,6 +447,17 @@ fn overhead() {
             }
         }
         medians.push((kernel + process, whole, m(|p| p.with_script), m(|p| p.with_script - p.whole)));
+        per_sample.push(kernel / samples.max(1.0) * 1e9);
+    }
+    // Above the floor: what taking the stack costs each profiler per sample.
+    for (k, hz) in [(0usize, 99), (2, 999)] {
+        let floor = per_sample[4 + k / 2];
+        println!(
+            "  {hz} Hz, kernel per sample above the no-stack floor ({floor:.0} ns): unwound {:.0} ns, perf dwarf {:.0} ns (ratio {:.2})",
+            per_sample[k] - floor,
+            per_sample[k + 1] - floor,
+            (per_sample[k] - floor) / (per_sample[k + 1] - floor)
+        );
     }
     for (k, hz) in [(0usize, 99), (2, 999)] {
         let ((ow, owhole, ..), (pw, pwhole, pscript, script)) = (medians[k], medians[k + 1]);
