@@ -205,33 +205,44 @@ impl UserMemory<'_> {
     /// The word at 8-aligned `addr`, from the window, refilled first when it does not hold
     /// `addr`: with `addr`'s page from `addr`'s cache line to the page's end (the stack
     /// below `addr` is not needed; callers' frames are above).
-    // Not inlined: a subprogram of its own keeps the refill's helper call (which clobbers
-    // r1-r5) out of the callers' register allocation; inlined into the table step, LLVM
-    // stored a clobbered register on the failed-refill path (the verifier refused it).
-    #[inline(never)]
+    #[inline(always)]
     fn windowed(&mut self, addr: u64) -> Option<u64> {
         let mut off = addr.wrapping_sub(*self.base);
         if off >= *self.len {
-            let start = addr & !63;
-            // 64..=4096 bytes, and visibly so to the verifier.
-            let len = STACK_WINDOW_BYTES - (start & (STACK_WINDOW_BYTES - 1));
-            // SAFETY: the destination is the window, at least `len` bytes long.
-            let r = unsafe {
-                aya_ebpf::helpers::generated::bpf_probe_read_user(
-                    self.window.as_mut_ptr() as *mut core::ffi::c_void,
-                    len as u32,
-                    start as *const core::ffi::c_void,
-                )
-            };
-            if r != 0 {
-                *self.len = 0;
+            if !self.refill(addr) {
                 return None;
             }
-            *self.base = start;
-            *self.len = len;
-            off = addr - start;
+            off = addr.wrapping_sub(*self.base);
         }
         self.window.get(((off >> 3) as usize) & (STACK_WINDOW_WORDS - 1)).copied()
+    }
+
+    /// Copies `addr`'s page into the window, from `addr`'s cache line; false (and an empty
+    /// window) when it cannot be read.
+    // Not inlined: a subprogram of its own keeps the helper call (which clobbers r1-r5)
+    // out of the callers' register allocation; inlined into the table step, LLVM stored a
+    // clobbered register on the failed-refill path (the verifier refused it). Reads from
+    // the window stay inline: the call is paid once per page, not per frame.
+    #[inline(never)]
+    fn refill(&mut self, addr: u64) -> bool {
+        let start = addr & !63;
+        // 64..=4096 bytes, and visibly so to the verifier.
+        let len = STACK_WINDOW_BYTES - (start & (STACK_WINDOW_BYTES - 1));
+        // SAFETY: the destination is the window, at least `len` bytes long.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                self.window.as_mut_ptr() as *mut core::ffi::c_void,
+                len as u32,
+                start as *const core::ffi::c_void,
+            )
+        };
+        if r != 0 {
+            *self.len = 0;
+            return false;
+        }
+        *self.base = start;
+        *self.len = len;
+        true
     }
 }
 
