@@ -382,11 +382,11 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
     // Recursion repeats a pc within one walk (`last_pc`); a steady workload repeats its
     // frames from sample to sample (the per-CPU rule cache, probed and filled with separate
     // lookups so no map pointer stays live across the table search).
-    let key = rule_cache_slot(pid, pc);
     let rule = if pc == buf.last_pc {
         // SAFETY: `last_rule` holds the bytes of an UnwindRule (8 bytes, plain integers).
         Some(core::mem::transmute::<u64, UnwindRule>(buf.last_rule))
     } else {
+        let key = rule_cache_slot(pid, pc);
         let hit = match RULE_CACHE.get(key) {
             Some(c) if c.pc == pc && c.pid == pid && c.generation == generation => Some(c.rule),
             _ => None,
@@ -420,6 +420,8 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         found
     };
     let regs = Registers { rip: buf.walk_rip, rsp: buf.walk_rsp, rbp: buf.walk_fp };
+    // The window's borrow ends with this block: written flat, LLVM stores a register that
+    // a helper call clobbered and the verifier refuses the program ("R4 !read_ok").
     let result = {
         let mut mem = UserMemory {
             base: &mut buf.window_base,
