@@ -100,25 +100,218 @@ impl FdeList<'_> {
     }
 }
 
-/// The section offsets of a CFI section's records, found by their length fields. A zero
-/// length ends `.eh_frame` and is padding in `.debug_frame`; a 64-bit length (unsupported)
-/// ends the walk.
-fn record_offsets(data: &[u8], eh_frame: bool) -> impl Iterator<Item = usize> + '_ {
-    let mut at = 0usize;
-    std::iter::from_fn(move || loop {
-        let len = u32::from_le_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?);
-        if len == 0 && !eh_frame {
-            at += 4;
-            continue;
-        }
-        if len == 0 || len == 0xffff_ffff {
-            return None;
-        }
-        let here = at;
-        at = at.saturating_add(4 + len as usize);
-        return Some(here);
-    })
+/// The records of a CFI section, found by their length fields, with each FDE's address
+/// fields read on the way (the record is in cache then).
+#[derive(Default)]
+struct Records {
+    /// Every FDE with a non-empty range in the file's code, in section order.
+    fdes: Vec<Fde>,
+    /// FDE records of any kind (a header search table that lists as many can be used).
+    fde_records: usize,
+    /// FDE records left out as malformed or as outside the file's code.
+    skipped: u64,
+    /// Every CIE an FDE names, parsed once; `None` when unusable.
+    cies: HashMap<u32, Option<CieInfo>>,
+    /// Why the walk stopped before the section's end, and where.
+    fault: Option<(usize, Fault)>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// A 64-bit length (unsupported).
+    Dwarf64,
+    /// A record longer than the rest of the section (counted as an FDE record when it is
+    /// one).
+    PastEnd,
+}
+
+/// How a walk over part of a section ended.
+enum Walk {
+    /// At the first record at or after the part's end.
+    At(usize),
+    /// At the section's end or its terminator.
+    End,
+    /// At a record it cannot step over (recorded in [`Records::fault`]).
+    Fault,
+}
+
+/// A CFI section whose records are walked.
+struct Section<'w, S> {
+    section: &'w S,
+    bases: &'w BaseAddresses,
+    data: &'w [u8],
+    addr: u64,
+    eh_frame: bool,
+    /// The lowest code address (FDE starts are kept relative to it).
+    code_base: u64,
+}
+
+impl<'a, S> Section<'_, S>
+where
+    S: UnwindSection<R<'a>> + Sync,
+    S::Offset: gimli::UnwindOffset<usize>,
+{
+    /// Walks the records from offset `from` while before `to`, appending them to `out`. A
+    /// zero length ends `.eh_frame` and is padding in `.debug_frame`.
+    fn walk(&self, from: usize, to: usize, out: &mut Records) -> Walk {
+        let data = self.data;
+        let mut pos = from;
+        let mut last: Option<(u32, Option<CieInfo>)> = None;
+        while pos < to {
+            let (Some(len), Some(id)) = (read_u32(data, pos), read_u32(data, pos + 4)) else {
+                return Walk::End;
+            };
+            if len == 0 {
+                if self.eh_frame {
+                    return Walk::End; // terminator
+                }
+                pos += 4;
+                continue;
+            }
+            if len == 0xffff_ffff {
+                out.fault = Some((pos, Fault::Dwarf64));
+                return Walk::Fault;
+            }
+            let body = pos + 4;
+            let Some(next) = body.checked_add(len as usize).filter(|&n| n <= data.len()) else {
+                out.fde_records += usize::from(id != self.cie_id());
+                out.fault = Some((pos, Fault::PastEnd));
+                return Walk::Fault;
+            };
+            if id != self.cie_id() {
+                out.fde_records += 1;
+                let cie_off = if self.eh_frame { (body as u32).wrapping_sub(id) } else { id };
+                let cie = match last {
+                    Some((o, info)) if o == cie_off => info,
+                    _ => {
+                        let info = *out
+                            .cies
+                            .entry(cie_off)
+                            .or_insert_with(|| cie_info(self.section, self.bases, cie_off as usize));
+                        last = Some((cie_off, info));
+                        info
+                    }
+                };
+                match cie.and_then(|c| self.fde_range(c, body, next)) {
+                    Some((Some(rel), start, range)) if range > 0 && start != 0 => {
+                        // At most one per 8 bytes of a section below 4 GiB: bounded by the
+                        // section. The limit is on the whole list, checked after the walk.
+                        out.fdes.push(Fde { start: rel, rec: pos as u32 })
+                    }
+                    // Outside the 4 GiB above the lowest code section: no code of this file.
+                    Some((None, start, range)) if range > 0 && start != 0 => out.skipped += 1,
+                    Some(_) => {} // describes no code
+                    None => out.skipped += 1,
+                }
+            }
+            pos = next;
+        }
+        Walk::At(pos)
+    }
+
+    /// How many FDE records the section has, counted by a walk over their length fields
+    /// alone (to allocate their list once).
+    fn count_fdes(&self) -> usize {
+        let mut n = 0;
+        let mut pos = 0usize;
+        while let (Some(len), Some(id)) = (read_u32(self.data, pos), read_u32(self.data, pos + 4)) {
+            if len == 0 && self.eh_frame || len == 0xffff_ffff {
+                break;
+            }
+            n += usize::from(len != 0 && id != self.cie_id());
+            pos = pos.saturating_add(if len == 0 { 4 } else { 4 + len as usize });
+        }
+        n
+    }
+
+    fn cie_id(&self) -> u32 {
+        if self.eh_frame {
+            0
+        } else {
+            0xffff_ffff
+        }
+    }
+
+    /// An FDE's start relative to the code base (`None` outside the 4 GiB above it), its
+    /// start and its range, from the record body at `body` ending at `next`.
+    fn fde_range(&self, c: CieInfo, body: usize, next: usize) -> Option<(Option<u32>, u64, u64)> {
+        let data = self.data;
+        let mut p = body + 4;
+        let field = self.addr + p as u64;
+        let start = read_encoded(data, &mut p, c.encoding, field, self.bases, true)?;
+        let range = read_range(data, &mut p, c.encoding)?;
+        if c.augmented {
+            let n = uleb(data, &mut p)?;
+            p = p.checked_add(usize::try_from(n).ok()?)?;
+        }
+        start.checked_add(range)?;
+        u32::try_from(range).ok()?;
+        let rel = start.checked_sub(self.code_base).and_then(|r| u32::try_from(r).ok());
+        (p <= next).then_some((rel, start, range))
+    }
+
+    /// Every record of the section, walked in parts in parallel when `hints` (offsets that
+    /// may start records: the header search table's FDE pointers) give places to start.
+    /// Each part must end exactly where the next starts, which makes that start a record
+    /// the serial walk reaches too; when one does not, the section is walked again
+    /// serially. The result is the serial walk's either way. `expected`: about how many
+    /// FDEs the section has (for the lists' capacity), when known.
+    fn records(&self, mut hints: Vec<u32>, expected: usize) -> Records {
+        let len = self.data.len();
+        hints.retain(|&h| h > 0 && (h as usize) < len);
+        hints.sort_unstable();
+        hints.dedup();
+        let mut bounds = Vec::with_capacity(hints.len() + 2);
+        bounds.push(0);
+        bounds.extend(hints.iter().map(|&h| h as usize));
+        bounds.push(len);
+        let parts = bounds.len() - 1;
+        let per_part = expected.min(MAX_FDES).div_ceil(parts) + expected / (parts * 32);
+        let walked: Vec<(Records, Walk)> = bounds
+            .par_windows(2)
+            .map(|w| {
+                let mut r = Records { fdes: Vec::with_capacity(per_part), ..Records::default() };
+                let walk = self.walk(w[0], w[1], &mut r);
+                (r, walk)
+            })
+            .collect();
+        let mut all = Records {
+            fdes: Vec::with_capacity(walked.iter().map(|p| p.0.fdes.len()).sum()),
+            ..Records::default()
+        };
+        for ((r, walk), w) in walked.into_iter().zip(bounds.windows(2)) {
+            all.fdes.extend_from_slice(&r.fdes);
+            drop(r.fdes);
+            all.fde_records += r.fde_records;
+            all.skipped += r.skipped;
+            all.cies.extend(r.cies);
+            match walk {
+                Walk::At(p) if p == w[1] => {}
+                Walk::At(_) if w[1] == len => break,
+                Walk::At(_) => {
+                    // Overshot the next part's start: that hint is no record of this walk.
+                    drop(all);
+                    let mut r = Records::default();
+                    self.walk(0, len, &mut r);
+                    return r;
+                }
+                Walk::End => break,
+                Walk::Fault => {
+                    all.fault = r.fault;
+                    break;
+                }
+            }
+        }
+        all
+    }
+}
+
+fn read_u32(data: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(*data.get(at..at.checked_add(4)?)?.first_chunk()?))
+}
+
+/// Parts a walk over a section's records is split into, at most.
+const RECORD_PARTS: usize = 16;
 
 /// Pair `i` of an `.eh_frame_hdr` search table (datarel sdata4).
 fn hdr_pair(table: &[u8], i: usize, hdr_addr: u64) -> Option<(u64, u64)> {
@@ -128,28 +321,9 @@ fn hdr_pair(table: &[u8], i: usize, hdr_addr: u64) -> Option<(u64, u64)> {
     Some((hdr_addr.wrapping_add(loc as i64 as u64), hdr_addr.wrapping_add(fde as i64 as u64)))
 }
 
-/// The `.eh_frame_hdr` search table as the FDE list, when its shape can be trusted:
-/// version 1, a datarel sdata4 table, strictly increasing locations inside the 4 GiB above
-/// `code_base`, and as many pairs as the section has FDE records. The CIEs are parsed here.
-/// Each pair is checked against its record when the FDE is evaluated (an FDE record whose
-/// own start is the pair's location); one that fails sends the whole file back to a scan of
-/// the records. `None`: scan (lld, for one, lists one FDE per address and drops others).
-#[allow(clippy::too_many_arguments)]
-fn fdes_by_hdr<'a, S>(
-    hdr: &'a [u8],
-    hdr_addr: u64,
-    section: &S,
-    bases: &BaseAddresses,
-    data: &[u8],
-    eh_addr: u64,
-    code_base: u64,
-    cies: &mut HashMap<u32, Option<CieInfo>>,
-    records: &mut Option<usize>,
-) -> Option<FdeList<'a>>
-where
-    S: UnwindSection<R<'a>>,
-    S::Offset: gimli::UnwindOffset<usize>,
-{
+/// The `.eh_frame_hdr` search table (pairs of datarel sdata4 values), when the header is
+/// version 1 and has one.
+fn hdr_table(hdr: &[u8]) -> Option<&[u8]> {
     let &[version, ptr_enc, count_enc, table_enc] = hdr.first_chunk::<4>()?;
     if version != 1 || count_enc != 0x03 || table_enc != 0x3b {
         return None;
@@ -157,21 +331,40 @@ where
     let mut p = 4;
     skip_encoded(hdr, &mut p, ptr_enc)?;
     let n = u32::from_le_bytes(hdr.get(p..p + 4)?.try_into().ok()?) as usize;
-    let table = hdr.get(p + 4..p + 4 + n.checked_mul(8)?)?;
-    // As many FDE records as pairs (CIE id 0; a zero length ends the section).
-    let (mut fde_records, mut all) = (0usize, 0usize);
-    for at in record_offsets(data, true) {
-        let id = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
-        if id == 0 {
-            cies.entry(at as u32).or_insert_with(|| cie_info(section, bases, at));
-        } else {
-            fde_records += 1;
-        }
-        all += 1;
+    hdr.get(p + 4..p + 4 + n.checked_mul(8)?)
+}
+
+/// Up to `RECORD_PARTS - 1` FDE record offsets named by the search table, spread over it:
+/// where a parallel walk of the records may start its parts.
+fn hdr_hints(table: &[u8], hdr_addr: u64, eh_addr: u64) -> Vec<u32> {
+    let n = table.len() / 8;
+    if n < 4 * RECORD_PARTS {
+        return Vec::new();
     }
-    // Counted: a scan after this need not count again.
-    *records = Some(all);
-    if fde_records != n || n > MAX_FDES {
+    (1..RECORD_PARTS)
+        .filter_map(|k| {
+            let (_, fde) = hdr_pair(table, k * n / RECORD_PARTS, hdr_addr)?;
+            u32::try_from(fde.checked_sub(eh_addr)?).ok()
+        })
+        .collect()
+}
+
+/// The `.eh_frame_hdr` search table as the FDE list, when its shape can be trusted:
+/// strictly increasing locations inside the 4 GiB above `code_base`, and as many pairs as
+/// the section has FDE records. Each pair is checked against its record when the FDE is
+/// evaluated (an FDE record whose own start is the pair's location); one that fails sends
+/// the whole file back to a scan of the records. `None`: scan (lld, for one, lists one FDE
+/// per address and drops others).
+fn fdes_by_hdr<'a>(
+    table: &'a [u8],
+    hdr_addr: u64,
+    records: &Records,
+    data: &[u8],
+    eh_addr: u64,
+    code_base: u64,
+) -> Option<FdeList<'a>> {
+    let n = table.len() / 8;
+    if records.fde_records != n || n > MAX_FDES {
         return None;
     }
     let mut last = None;
@@ -345,33 +538,35 @@ pub fn compile_with(
             if let Some(h) = &hdr {
                 bases = bases.set_eh_frame_hdr(h.address());
             }
-            let mut cies = HashMap::default();
-            let mut records = None;
             // The header's search table, read in place, when it lists exactly the records'
             // FDEs; else the records themselves (linkers may list only one FDE per start
             // address there: lld keeps an empty one and drops the real one).
-            let in_place = hdr.as_ref().and_then(|h| {
-                let d = h.data().ok()?;
-                fdes_by_hdr(
-                    d,
-                    h.address(),
-                    &section,
-                    &bases,
-                    eh_data,
-                    eh.address(),
-                    code_base,
-                    &mut cies,
-                    &mut records,
-                )
-            });
+            let table = hdr.as_ref().and_then(|h| Some((hdr_table(h.data().ok()?)?, h.address())));
+            let hints = table.map_or_else(Vec::new, |(t, a)| hdr_hints(t, a, eh.address()));
+            let walker = Section {
+                section: &section,
+                bases: &bases,
+                data: eh_data,
+                addr: eh.address(),
+                eh_frame: true,
+                code_base,
+            };
+            let expected = table.map_or_else(|| walker.count_fdes(), |(t, _)| t.len() / 8);
+            let mut records = walker.records(hints, expected);
+            let cies = std::mem::take(&mut records.cies);
             let sec = SectionAt { addr: eh.address(), bases: &bases };
-            if let Some(list) = in_place {
+            if let Some(list) =
+                table.and_then(|(t, a)| fdes_by_hdr(t, a, &records, eh_data, eh.address(), code_base))
+            {
+                // Not held while the table is built; walked again in the rare case of a
+                // search table that does not match its records.
+                drop(records);
                 if let Some(t) = build(eh_data, true, &cies, list, 0, code_base, &sec, &code)? {
                     return Ok(t);
                 }
+                records = walker.records(Vec::new(), expected);
             }
-            let (v, skipped) =
-                fdes_by_scan(&section, &bases, eh_data, eh.address(), true, code_base, &mut cies, records)?;
+            let (v, skipped) = fdes_by_scan(records)?;
             build(eh_data, true, &cies, FdeList::Owned(v), skipped, code_base, &sec, &code)?
                 .ok_or(Error::Dwarf("inconsistent FDE records".into()))
         }
@@ -387,9 +582,17 @@ pub fn compile_with(
             let mut section = DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
             let bases = BaseAddresses::default().set_text(text);
-            let mut cies = HashMap::default();
-            let (fdes, skipped) =
-                fdes_by_scan(&section, &bases, &data, df.address(), false, code_base, &mut cies, None)?;
+            let walker = Section {
+                section: &section,
+                bases: &bases,
+                data: &data,
+                addr: df.address(),
+                eh_frame: false,
+                code_base,
+            };
+            let mut records = walker.records(Vec::new(), walker.count_fdes());
+            let cies = std::mem::take(&mut records.cies);
+            let (fdes, skipped) = fdes_by_scan(records)?;
             let sec = SectionAt { addr: df.address(), bases: &bases };
             build(&data, false, &cies, FdeList::Owned(fdes), skipped, code_base, &sec, &code)?
                 .ok_or(Error::Dwarf("inconsistent FDE records".into()))
@@ -512,116 +715,20 @@ fn read_encoded(
     Some(base.wrapping_add(raw))
 }
 
-/// Every FDE with a non-empty range, sorted by start address, found by walking the
-/// records' length fields; CIEs are parsed once each. `records`: how many records the
-/// section has, when a walk before this counted them.
-#[allow(clippy::too_many_arguments)]
-fn fdes_by_scan<'a, S>(
-    section: &S,
-    bases: &BaseAddresses,
-    data: &'a [u8],
-    section_addr: u64,
-    eh_frame: bool,
-    code_base: u64,
-    cies: &mut HashMap<u32, Option<CieInfo>>,
-    records: Option<usize>,
-) -> Result<(Vec<Fde>, u64), Error>
-where
-    S: UnwindSection<R<'a>>,
-    S::Offset: gimli::UnwindOffset<usize>,
-{
-    // Counted first, so the list is allocated once at its size (growing it would hold the
-    // old and the new buffer at once).
-    let records = records.unwrap_or_else(|| record_offsets(data, eh_frame).count());
-    let mut out = Vec::with_capacity(records);
-    // The walk is serial (each length leads to the next record) and does only that: it
-    // lists the FDE records and parses each CIE once; the FDEs' address fields are read
-    // in parallel below.
-    let mut last_cie = None;
-    let mut pos = 0usize;
-    while pos + 8 <= data.len() {
-        let len32 = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap());
-        if len32 == 0 {
-            if eh_frame {
-                break; // terminator
-            }
-            pos += 4;
-            continue;
+/// Every FDE of `records` with a non-empty range, sorted by start address, and how many
+/// were left out as malformed; an error when the walk over the records stopped at one it
+/// could not step over.
+fn fdes_by_scan(records: Records) -> Result<(Vec<Fde>, u64), Error> {
+    match records.fault {
+        Some((_, Fault::Dwarf64)) => {
+            return Err(Error::Dwarf("64-bit DWARF CFI records are not supported".into()))
         }
-        if len32 == 0xffff_ffff {
-            return Err(Error::Dwarf("64-bit DWARF CFI records are not supported".into()));
+        Some((pos, Fault::PastEnd)) => {
+            return Err(Error::Dwarf(format!("record at {pos:#x} runs past the section end")))
         }
-        let body = pos + 4;
-        let next = body.checked_add(len32 as usize).filter(|&n| n <= data.len());
-        let Some(next) = next else {
-            return Err(Error::Dwarf(format!("record at {pos:#x} runs past the section end")));
-        };
-        let id = u32::from_le_bytes(data[body..body + 4].try_into().unwrap());
-        let is_cie = if eh_frame { id == 0 } else { id == 0xffff_ffff };
-        if !is_cie {
-            let cie_off = if eh_frame { (body as u32).wrapping_sub(id) } else { id };
-            if last_cie != Some(cie_off) {
-                cies.entry(cie_off).or_insert_with(|| cie_info(section, bases, cie_off as usize));
-                last_cie = Some(cie_off);
-            }
-            // At most one per record, and records are at least 8 bytes: bounded by the
-            // section. The limit is on the FDEs kept, checked below.
-            out.push(Fde { start: 0, rec: pos as u32 });
-        }
-        pos = next;
+        None => {}
     }
-    // An FDE left out is marked with this record offset, then removed.
-    const DROP: u32 = u32::MAX;
-    let cies: &HashMap<u32, Option<CieInfo>> = cies;
-    let skipped: u64 = out
-        .par_chunks_mut(4096)
-        .map(|chunk| {
-            let mut skipped = 0u64;
-            let mut lookup = CieLookup::new(cies);
-            for f in chunk {
-                let pos = f.rec as usize;
-                let body = pos + 4;
-                let len32 = u32::from_le_bytes(data[pos..body].try_into().unwrap());
-                let next = body + len32 as usize;
-                let id = u32::from_le_bytes(data[body..body + 4].try_into().unwrap());
-                let cie_off = if eh_frame { (body as u32).wrapping_sub(id) } else { id };
-                let parsed = lookup.get(cie_off).and_then(|c| {
-                    let mut p = body + 4;
-                    let field = section_addr + p as u64;
-                    let start = read_encoded(data, &mut p, c.encoding, field, bases, true)?;
-                    let range = read_range(data, &mut p, c.encoding)?;
-                    if c.augmented {
-                        let n = uleb(data, &mut p)?;
-                        p = p.checked_add(usize::try_from(n).ok()?)?;
-                    }
-                    start.checked_add(range)?;
-                    u32::try_from(range).ok()?;
-                    // An FDE outside the 4 GiB above the lowest code section describes no
-                    // code of this file.
-                    let rel = start.checked_sub(code_base).and_then(|r| u32::try_from(r).ok());
-                    (p <= next).then_some((rel, start, range))
-                });
-                f.rec = match parsed {
-                    Some((Some(rel), start, range)) if range > 0 && start != 0 => {
-                        f.start = rel;
-                        f.rec
-                    }
-                    // Outside the 4 GiB above the lowest code section: no code of this file.
-                    Some((None, start, range)) if range > 0 && start != 0 => {
-                        skipped += 1;
-                        DROP
-                    }
-                    Some(_) => DROP,
-                    None => {
-                        skipped += 1;
-                        DROP
-                    }
-                };
-            }
-            skipped
-        })
-        .sum();
-    out.retain(|f| f.rec != DROP);
+    let mut out = records.fdes;
     if out.len() > MAX_FDES {
         return Err(Error::Limit("FDEs"));
     }
@@ -629,7 +736,7 @@ where
     if !out.is_sorted_by_key(|f| (f.start, f.rec)) {
         out.par_sort_unstable_by_key(|f| (f.start, f.rec));
     }
-    Ok((out, skipped))
+    Ok((out, records.skipped))
 }
 
 /// Entries per block of a group's output: blocks are freed one by one as the table is
@@ -1136,7 +1243,7 @@ fn decode(data: &[u8], pos: &mut usize, caf: u64, loc: u64) -> Option<gimli::Cal
 enum Fast {
     /// `advance_loc` to this address (at most the FDE's end).
     Advance(u64),
-    /// `offset` or `def_cfa_offset`, applied to the state.
+    /// Another of its opcodes, applied to the state.
     Applied,
     /// Malformed operands, or an advance past the FDE's end.
     Malformed,
@@ -1144,23 +1251,38 @@ enum Fast {
     Other,
 }
 
-/// The three opcodes of nearly every row (`advance_loc`, `offset`, `def_cfa_offset`),
-/// decoded and applied in one step: the same effect as [`decode`] then [`apply`] (tested
-/// against them), one unpredictable branch instead of two.
+/// The opcodes of nearly every row (`advance_loc`, `advance_loc1`, `advance_loc2`,
+/// `offset`, `def_cfa_offset`, `restore`, `nop`), decoded and applied in one step: the same effect as
+/// [`decode`] then [`apply`] (tested against them), one unpredictable branch instead of two.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn fast_step(ins: &[u8], pos: &mut usize, loc: u64, end: u64, st: &mut State, caf: u64, daf: i64) -> Fast {
+fn fast_step(
+    ins: &[u8],
+    pos: &mut usize,
+    loc: u64,
+    end: u64,
+    st: &mut State,
+    initial: &State,
+    caf: u64,
+    daf: i64,
+) -> Fast {
     let Some(&op) = ins.get(*pos) else { return Fast::Other };
+    let advance = |pos: &mut usize, delta: u64, len: usize| match delta
+        .checked_mul(caf)
+        .and_then(|d| loc.checked_add(d))
+    {
+        Some(a) if a <= end => {
+            *pos += len;
+            Fast::Advance(a)
+        }
+        _ => Fast::Malformed,
+    };
     match op >> 6 {
-        1 => match u64::from(op & 0x3f).checked_mul(caf).and_then(|d| loc.checked_add(d)) {
-            Some(a) if a <= end => {
-                *pos += 1;
-                Fast::Advance(a)
-            }
-            _ => Fast::Malformed,
-        },
+        1 => advance(pos, u64::from(op & 0x3f), 1),
         2 => {
             let mut p = *pos + 1;
-            let off = uleb(ins, &mut p).and_then(|f| i64::try_from(f).ok()).and_then(|f| f.checked_mul(daf));
+            let off =
+                uleb_inline(ins, &mut p).and_then(|f| i64::try_from(f).ok()).and_then(|f| f.checked_mul(daf));
             let Some(off) = off else { return Fast::Malformed };
             *pos = p;
             if let Some(r) = st.reg_mut(u16::from(op & 0x3f)) {
@@ -1168,17 +1290,40 @@ fn fast_step(ins: &[u8], pos: &mut usize, loc: u64, end: u64, st: &mut State, ca
             }
             Fast::Applied
         }
-        0 if op == 0x0e => {
-            let mut p = *pos + 1;
-            let Some(off) = uleb(ins, &mut p).and_then(|o| i64::try_from(o).ok()) else {
-                return Fast::Malformed;
-            };
-            *pos = p;
-            st.cfa = Cfa::RegOffset(st.last_reg, off);
-            st.last_off = off;
+        3 => {
+            *pos += 1;
+            match op & 0x3f {
+                6 => st.rbp = initial.rbp,
+                16 => st.ra = initial.ra,
+                _ => {}
+            }
             Fast::Applied
         }
-        _ => Fast::Other,
+        _ => match op {
+            0x00 => {
+                *pos += 1;
+                Fast::Applied
+            }
+            0x02 => match ins.get(*pos + 1) {
+                Some(&d) => advance(pos, u64::from(d), 2),
+                None => Fast::Malformed,
+            },
+            0x03 => match ins.get(*pos + 1..*pos + 3) {
+                Some(d) => advance(pos, u64::from(u16::from_le_bytes([d[0], d[1]])), 3),
+                None => Fast::Malformed,
+            },
+            0x0e => {
+                let mut p = *pos + 1;
+                let Some(off) = uleb_inline(ins, &mut p).and_then(|o| i64::try_from(o).ok()) else {
+                    return Fast::Malformed;
+                };
+                *pos = p;
+                st.cfa = Cfa::RegOffset(st.last_reg, off);
+                st.last_off = off;
+                Fast::Applied
+            }
+            _ => Fast::Other,
+        },
     }
 }
 
@@ -1226,7 +1371,7 @@ fn evaluate_fde(
     };
     let mut pos = 0usize;
     while pos < ins.len() {
-        match fast_step(ins, &mut pos, loc, end, &mut st, cie.code_align, cie.data_align) {
+        match fast_step(ins, &mut pos, loc, end, &mut st, &initial, cie.code_align, cie.data_align) {
             Fast::Advance(a) => {
                 emit(loc, a, &st, b);
                 loc = a;
@@ -1297,6 +1442,12 @@ fn sleb(bytes: &[u8], pos: &mut usize) -> Option<i64> {
 
 #[inline]
 fn uleb(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    uleb_inline(bytes, pos)
+}
+
+/// [`uleb`], always inlined: for the hot loop.
+#[inline(always)]
+fn uleb_inline(bytes: &[u8], pos: &mut usize) -> Option<u64> {
     // Nearly every operand fits one byte.
     if let Some(&b) = bytes.get(*pos).filter(|&&b| b < 0x80) {
         *pos += 1;
@@ -1837,7 +1988,7 @@ mod tests {
             let initial = state(kind.rotate_left(3), 8);
             let before = state(kind, off);
             let (mut fast, mut fast_pos) = (before, 0usize);
-            let got = fast_step(&ins, &mut fast_pos, loc, end, &mut fast, caf, daf);
+            let got = fast_step(&ins, &mut fast_pos, loc, end, &mut fast, &initial, caf, daf);
             if got == Fast::Other {
                 prop_assert_eq!((fast_pos, fast), (0, before));
                 return Ok(());
@@ -1860,6 +2011,95 @@ mod tests {
             if got != Fast::Malformed {
                 prop_assert_eq!((fast_pos, fast), (slow_pos, slow));
             }
+        }
+    }
+
+    /// A `.eh_frame` of CIEs and FDEs (pcrel sdata4 addresses) at address `addr`, from a
+    /// plan of records: `None` a CIE, `Some((start, range, padding))` an FDE of the last
+    /// CIE; then `tail` appended as is. Returns the bytes and each record's offset.
+    fn eh_frame(addr: u64, plan: &[Option<(u32, u32, u8)>], tail: &[u8]) -> (Vec<u8>, Vec<usize>) {
+        let (mut d, mut offs, mut cie) = (Vec::new(), Vec::new(), None);
+        for rec in plan {
+            let at = d.len();
+            offs.push(at);
+            let mut body = Vec::new();
+            match *rec {
+                None => {
+                    cie = Some(at);
+                    // id 0, version 1, "zR", code 1, data -8, ra 16, aug 1: pcrel|sdata4;
+                    // def_cfa rsp+8, offset ra at cfa-8.
+                    body.extend([0, 0, 0, 0, 1, b'z', b'R', 0, 1, 0x78, 16, 1, 0x1b, 0x0c, 7, 8, 0x90, 1]);
+                }
+                Some((start, range, pad)) => {
+                    let Some(c) = cie else { continue };
+                    body.extend(((at + 4 - c) as u32).to_le_bytes());
+                    let field = addr + at as u64 + 8;
+                    body.extend((u64::from(start).wrapping_sub(field) as u32).to_le_bytes());
+                    body.extend(range.to_le_bytes());
+                    // aug 0; advance 1; def_cfa_offset 16; padding nops.
+                    body.extend([0, 0x41, 0x0e, 16]);
+                    body.extend(std::iter::repeat_n(0, usize::from(pad)));
+                }
+            }
+            d.extend((body.len() as u32).to_le_bytes());
+            d.extend(body);
+        }
+        d.extend_from_slice(tail);
+        (d, offs)
+    }
+
+    fn records_of(data: &[u8], addr: u64, hints: Vec<u32>) -> Records {
+        let section = EhFrame::new(data, LittleEndian);
+        let bases = BaseAddresses::default().set_eh_frame(addr);
+        let s = Section { section: &section, bases: &bases, data, addr, eh_frame: true, code_base: 0x1000 };
+        if hints.is_empty() {
+            let mut r = Records::default();
+            s.walk(0, data.len(), &mut r);
+            r
+        } else {
+            s.records(hints, 0)
+        }
+    }
+
+    /// What a walk found, comparable: FDEs, FDE records, skipped, fault, CIEs.
+    type Summary = (Vec<(u32, u32)>, usize, u64, Option<(usize, Fault)>, usize);
+
+    fn summary(r: &Records) -> Summary {
+        (r.fdes.iter().map(|f| (f.start, f.rec)).collect(), r.fde_records, r.skipped, r.fault, r.cies.len())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// The walk in parallel parts, from any hints (record starts, offsets inside
+        /// records, past the end), finds what one serial walk finds: the same FDEs, counts,
+        /// CIEs and fault, also over a section ending in a terminator, a 64-bit length or a
+        /// record running past its end.
+        #[test]
+        fn parallel_walk_is_the_serial_walk(
+            plan in proptest::collection::vec(
+                prop_oneof![1 => Just(None), 12 => (0x1000u32..0x9000, 0u32..64, 0u8..9).prop_map(Some)],
+                1..80,
+            ),
+            tail in prop_oneof![
+                Just(vec![]),
+                Just(vec![0, 0, 0, 0, 9, 9, 9, 9]),
+                Just(vec![0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]),
+                Just(vec![0x40, 0, 0, 0, 1, 0, 0, 0]),
+            ],
+            picks in proptest::collection::vec((any::<bool>(), any::<prop::sample::Index>(), 0u32..40), 1..20),
+        ) {
+            let addr = 0x2_0000;
+            let mut plan = plan;
+            plan.insert(0, None);
+            let (data, offs) = eh_frame(addr, &plan, &tail);
+            let serial = records_of(&data, addr, Vec::new());
+            // Record starts, or offsets a little past them (inside a record, or past the end).
+            let hints = picks
+                .iter()
+                .map(|&(exact, i, d)| (i.get(&offs) + if exact { 0 } else { d as usize }) as u32)
+                .collect();
+            let parallel = records_of(&data, addr, hints);
+            prop_assert_eq!(summary(&parallel), summary(&serial));
         }
     }
 }
