@@ -158,6 +158,9 @@ where
         let mut pos = from;
         let mut last: Option<(u32, Option<CieInfo>)> = None;
         while pos < to {
+            // Each record's length leads to the next: the next lines are asked for ahead,
+            // or every record waits for memory.
+            prefetch(data, pos + WALK_AHEAD);
             let (Some(len), Some(id)) = (read_u32(data, pos), read_u32(data, pos + 4)) else {
                 return Walk::End;
             };
@@ -267,6 +270,7 @@ where
         bounds.push(len);
         let parts = bounds.len() - 1;
         let per_part = expected.min(MAX_FDES).div_ceil(parts) + expected / (parts * 32);
+        let t0 = std::time::Instant::now();
         let walked: Vec<(Records, Walk)> = bounds
             .par_windows(2)
             .map(|w| {
@@ -275,6 +279,7 @@ where
                 (r, walk)
             })
             .collect();
+        eprintln!("par {:?} {:?}", t0.elapsed(), walked.iter().map(|w| w.0.fdes.len()).collect::<Vec<_>>());
         let mut all = Records {
             fdes: Vec::with_capacity(walked.iter().map(|p| p.0.fdes.len()).sum()),
             ..Records::default()
@@ -309,6 +314,9 @@ where
 fn read_u32(data: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(*data.get(at..at.checked_add(4)?)?.first_chunk()?))
 }
+
+/// How far ahead of a walk over the records their bytes are prefetched.
+const WALK_AHEAD: usize = 512;
 
 /// Parts a walk over a section's records is split into, at most.
 const RECORD_PARTS: usize = 16;
@@ -786,16 +794,24 @@ struct Open {
 /// FDEs evaluated by one task.
 const FDES_PER_GROUP: usize = 1024;
 
-/// Slots of a builder's cache of shared dictionary lookups.
-const DICT_CACHE: usize = 256;
+/// Slots of a thread's cache of shared dictionary lookups (16 bytes each).
+const DICT_CACHE: usize = 4096;
+
+/// A direct-mapped cache of shared dictionary lookups: `(rule, run, id)`, id `u16::MAX` =
+/// empty. Kept by a thread from group to group (ids never change while the groups run).
+type DictCache = Vec<(UnwindRule, Run, u16)>;
+
+fn dict_cache() -> DictCache {
+    vec![(UnwindRule::GAP, Run::NONE, u16::MAX); DICT_CACHE]
+}
 
 struct Builder<'c> {
     code: &'c Code<'c>,
     out: GroupOut,
     /// The table's records, shared by the groups (one copy, not one per group).
     shared: &'c Mutex<Dictionary>,
-    /// Direct-mapped cache of `shared` lookups; id `u16::MAX` = empty.
-    cache: Vec<(UnwindRule, Run, u16)>,
+    /// Cache of `shared` lookups.
+    cache: DictCache,
     open: Option<Open>,
     /// Rule in effect at the end of the last row, and where that row ended.
     state: UnwindRule,
@@ -806,12 +822,12 @@ struct Builder<'c> {
 }
 
 impl<'c> Builder<'c> {
-    fn new(code: &'c Code<'c>, shared: &'c Mutex<Dictionary>) -> Self {
+    fn new(code: &'c Code<'c>, shared: &'c Mutex<Dictionary>, cache: DictCache) -> Self {
         Builder {
             code,
             out: GroupOut::default(),
             shared,
-            cache: vec![(UnwindRule::GAP, Run::NONE, u16::MAX); DICT_CACHE],
+            cache,
             open: None,
             state: UnwindRule::GAP,
             last_end: None,
@@ -977,12 +993,13 @@ impl<'c> Builder<'c> {
         self.open_new(start, rule);
     }
 
-    fn finish(mut self) -> GroupOut {
+    /// The group's output, and the cache for the next group.
+    fn finish(mut self) -> (GroupOut, DictCache) {
         if let Some(end) = self.last_end {
             self.open_new(end, UnwindRule::GAP);
         }
         self.close();
-        self.out
+        (self.out, self.cache)
     }
 }
 
@@ -1531,8 +1548,8 @@ fn build(
     let n = fdes.len();
     let per = FDES_PER_GROUP;
     let shared = Mutex::new(Dictionary::new(MAX_RULES));
-    let group = |g: usize| {
-        let mut b = Builder::new(code, &shared);
+    let group = |cache: &mut DictCache, g: usize| {
+        let mut b = Builder::new(code, &shared, std::mem::take(cache));
         let mut stack = Vec::new();
         let mut lookup = CieLookup::new(cies);
         let end = ((g + 1) * per).min(n);
@@ -1561,20 +1578,22 @@ fn build(
                 Err(Failure::NotListed) => not_listed.store(true, std::sync::atomic::Ordering::Relaxed),
             }
         }
-        let mut out = b.finish();
+        let (mut out, c) = b.finish();
+        *cache = c;
         if let Some(b) = out.entries.last_mut() {
             b.shrink_to_fit();
         }
         out.page_runs.shrink_to_fit();
         out
     };
-    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per)).into_par_iter().map(group).collect();
+    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per)).into_par_iter().map_init(dict_cache, group).collect();
     if shared.lock().unwrap_or_else(|p| p.into_inner()).overflow > 0 {
         // More records than the dictionary holds: which ones got in depended on the
         // threads' order. Again in address order, so the table is the same on every run.
         drop(outs);
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Dictionary::new(MAX_RULES);
-        outs = (0..n.div_ceil(per)).map(group).collect();
+        let mut cache = dict_cache();
+        outs = (0..n.div_ceil(per)).map(|g| group(&mut cache, g)).collect();
     }
     drop(fdes);
     if not_listed.into_inner() {
@@ -1592,7 +1611,7 @@ fn build(
 pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, Error> {
     let code = Code { ranges: Vec::new() };
     let shared = Mutex::new(Dictionary::new(MAX_RULES));
-    let mut b = Builder::new(&code, &shared);
+    let mut b = Builder::new(&code, &shared, dict_cache());
     let mut last = 0;
     for &(start, end, rule) in rows {
         if start < last || end < start {
@@ -1603,7 +1622,7 @@ pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, E
             b.row(start, end, rule);
         }
     }
-    let out = b.finish();
+    let (out, _) = b.finish();
     stitch(vec![out], shared.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
