@@ -270,7 +270,6 @@ where
         bounds.push(len);
         let parts = bounds.len() - 1;
         let per_part = expected.min(MAX_FDES).div_ceil(parts) + expected / (parts * 32);
-        let t0 = std::time::Instant::now();
         let walked: Vec<(Records, Walk)> = bounds
             .par_windows(2)
             .map(|w| {
@@ -279,7 +278,6 @@ where
                 (r, walk)
             })
             .collect();
-        eprintln!("par {:?} {:?}", t0.elapsed(), walked.iter().map(|w| w.0.fdes.len()).collect::<Vec<_>>());
         let mut all = Records {
             fdes: Vec::with_capacity(walked.iter().map(|p| p.0.fdes.len()).sum()),
             ..Records::default()
@@ -387,6 +385,19 @@ fn fdes_by_hdr<'a>(
     Some(FdeList::Hdr { table, hdr_addr, eh_addr, code_base })
 }
 
+/// The bytes of NOP and trap padding sequences (`nop`, `int3`, the prefixes, opcode and
+/// ModRM bytes of multi-byte `nopw`/`nopl`), as a bitmap: bit `b & 63` of word `b >> 6`.
+const PADDING_BYTES: [u64; 4] = {
+    let mut map = [0u64; 4];
+    let bytes = [0x90u8, 0xcc, 0x66, 0x2e, 0x0f, 0x1f, 0x00, 0x40, 0x44, 0x80, 0x84];
+    let mut i = 0;
+    while i < bytes.len() {
+        map[(bytes[i] >> 6) as usize] |= 1 << (bytes[i] & 63);
+        i += 1;
+    }
+    map
+};
+
 /// Where a CFI section is, to read its pc-relative fields.
 struct SectionAt<'a> {
     addr: u64,
@@ -459,9 +470,7 @@ impl Code<'_> {
             return false;
         }
         match self.bytes(start, end) {
-            Some(b) => b.iter().all(|x| {
-                matches!(x, 0x90 | 0xcc | 0x66 | 0x2e | 0x0f | 0x1f | 0x00 | 0x40 | 0x44 | 0x80 | 0x84)
-            }),
+            Some(b) => b.iter().all(|&x| PADDING_BYTES[usize::from(x >> 6)] & (1 << (x & 63)) != 0),
             None => end - start < 16,
         }
     }
@@ -1260,8 +1269,13 @@ fn decode(data: &[u8], pos: &mut usize, caf: u64, loc: u64) -> Option<gimli::Cal
 enum Fast {
     /// `advance_loc` to this address (at most the FDE's end).
     Advance(u64),
-    /// Another of its opcodes, applied to the state.
+    /// `def_cfa_offset`, applied: only the CFA and its last offset changed.
+    CfaOffset,
+    /// A rule for rbp or the return address, applied.
     Applied,
+    /// Applied with no effect on the CFA, rbp or the return address (`nop`, another
+    /// register's rule).
+    Unaffected,
     /// Malformed operands, or an advance past the FDE's end.
     Malformed,
     /// Another opcode: left to `decode` and `apply`; `pos` is unchanged.
@@ -1302,24 +1316,27 @@ fn fast_step(
                 uleb_inline(ins, &mut p).and_then(|f| i64::try_from(f).ok()).and_then(|f| f.checked_mul(daf));
             let Some(off) = off else { return Fast::Malformed };
             *pos = p;
-            if let Some(r) = st.reg_mut(u16::from(op & 0x3f)) {
-                *r = Reg::AtCfa(off);
+            match st.reg_mut(u16::from(op & 0x3f)) {
+                Some(r) => {
+                    *r = Reg::AtCfa(off);
+                    Fast::Applied
+                }
+                None => Fast::Unaffected,
             }
-            Fast::Applied
         }
         3 => {
             *pos += 1;
-            match op & 0x3f {
-                6 => st.rbp = initial.rbp,
-                16 => st.ra = initial.ra,
-                _ => {}
+            match u16::from(op & 0x3f) {
+                RBP => st.rbp = initial.rbp,
+                RA => st.ra = initial.ra,
+                _ => return Fast::Unaffected,
             }
             Fast::Applied
         }
         _ => match op {
             0x00 => {
                 *pos += 1;
-                Fast::Applied
+                Fast::Unaffected
             }
             0x02 => match ins.get(*pos + 1) {
                 Some(&d) => advance(pos, u64::from(d), 2),
@@ -1337,7 +1354,7 @@ fn fast_step(
                 *pos = p;
                 st.cfa = Cfa::RegOffset(st.last_reg, off);
                 st.last_off = off;
-                Fast::Applied
+                Fast::CfaOffset
             }
             _ => Fast::Other,
         },
@@ -1386,21 +1403,53 @@ fn evaluate_fde(
             b.row(from, to.min(end), rule);
         }
     };
+    // The rule of `st` while it is a plain one (CFA = rsp or rbp + offset, nothing counted
+    // when converted), kept up to date through `def_cfa_offset`; `None`: convert `st` again.
+    let mut known: Option<UnwindRule> = None;
     let mut pos = 0usize;
     while pos < ins.len() {
         match fast_step(ins, &mut pos, loc, end, &mut st, &initial, cie.code_align, cie.data_align) {
             Fast::Advance(a) => {
-                emit(loc, a, &st, b);
+                if a > loc {
+                    let rule = match known {
+                        Some(r) => r,
+                        None => {
+                            let r = convert_state(&st, data, signal, &mut b.out);
+                            let plain = matches!(st.cfa, Cfa::RegOffset(..))
+                                && (r.cfa == CfaKind::Rsp as u8 || r.cfa == CfaKind::Rbp as u8)
+                                && st.rbp != Reg::Other;
+                            known = plain.then_some(r);
+                            r
+                        }
+                    };
+                    debug_assert_eq!(rule, convert_state(&st, data, signal, &mut GroupOut::default()));
+                    b.row(loc, a, rule);
+                }
                 loc = a;
                 continue;
             }
-            Fast::Applied => continue,
+            Fast::CfaOffset => {
+                known = known.and_then(|r| {
+                    let Cfa::RegOffset(reg, off) = st.cfa else { return None };
+                    let kind = if reg == RSP { CfaKind::Rsp } else { CfaKind::Rbp };
+                    (r.cfa == kind as u8 && (reg == RSP || reg == RBP))
+                        .then(|| i32::try_from(off).ok().map(|cfa_offset| UnwindRule { cfa_offset, ..r }))
+                        .flatten()
+                });
+                continue;
+            }
+            Fast::Applied => {
+                known = None;
+                continue;
+            }
+            Fast::Unaffected => continue,
             Fast::Malformed => {
                 emit(loc, end, &st, b);
                 return Err(Failure::Malformed);
             }
             Fast::Other => {}
         }
+        known = None;
         let Some(i) = decode(ins, &mut pos, cie.code_align, loc) else {
             emit(loc, end, &st, b);
             return Err(Failure::Malformed);
@@ -2012,6 +2061,19 @@ mod tests {
                 prop_assert_eq!((fast_pos, fast), (0, before));
                 return Ok(());
             }
+            // What the verdict promises was left alone.
+            match got {
+                Fast::Unaffected => prop_assert_eq!((fast.cfa, fast.rbp, fast.ra), (before.cfa, before.rbp, before.ra)),
+                Fast::CfaOffset => {
+                    prop_assert_eq!((fast.rbp, fast.ra, fast.last_reg), (before.rbp, before.ra, before.last_reg));
+                    prop_assert_eq!(fast.cfa, Cfa::RegOffset(fast.last_reg, fast.last_off));
+                }
+                _ => {}
+            }
+            let got = match got {
+                Fast::CfaOffset | Fast::Unaffected => Fast::Applied,
+                other => other,
+            };
             let (mut slow, mut slow_pos) = (before, 0usize);
             let want = match decode(&ins, &mut slow_pos, caf, loc) {
                 None => Fast::Malformed,
