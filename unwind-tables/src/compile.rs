@@ -65,11 +65,44 @@ impl Fde {
     }
 }
 
+/// A list of FDEs kept as the parts a walk found them in (joined, the parts and the whole
+/// would be held at once).
+#[derive(Default)]
+struct Parts {
+    parts: Vec<Vec<Fde>>,
+    /// Where each part ends in the whole list.
+    ends: Vec<usize>,
+}
+
+impl Parts {
+    fn push(&mut self, mut part: Vec<Fde>) {
+        if !part.is_empty() {
+            part.shrink_to_fit();
+            self.ends.push(self.len() + part.len());
+            self.parts.push(part);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    fn get(&self, i: usize) -> Option<Fde> {
+        let k = self.ends.partition_point(|&e| e <= i);
+        let start = if k == 0 { 0 } else { self.ends[k - 1] };
+        self.parts.get(k)?.get(i - start).copied()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Fde> {
+        self.parts.iter().flatten()
+    }
+}
+
 /// The FDEs of a file in address order: the `.eh_frame_hdr` search table read in place
 /// when it lists exactly the section's FDEs (no copy at all), else a list built by scanning
 /// the records.
 enum FdeList<'a> {
-    Owned(Vec<Fde>),
+    Owned(Parts),
     /// `(initial location, FDE address)` pairs, `DW_EH_PE_datarel | sdata4` from the
     /// header's address; every pair checked against its record before use.
     Hdr {
@@ -83,14 +116,14 @@ enum FdeList<'a> {
 impl FdeList<'_> {
     fn len(&self) -> usize {
         match self {
-            FdeList::Owned(v) => v.len(),
+            FdeList::Owned(p) => p.len(),
             FdeList::Hdr { table, .. } => table.len() / 8,
         }
     }
 
     fn get(&self, i: usize) -> Option<Fde> {
         match self {
-            FdeList::Owned(v) => v.get(i).copied(),
+            FdeList::Owned(p) => p.get(i),
             FdeList::Hdr { table, hdr_addr, eh_addr, code_base } => {
                 let (loc, fde) = hdr_pair(table, i, *hdr_addr)?;
                 let start = u32::try_from(loc.checked_sub(*code_base)?).ok()?;
@@ -104,8 +137,10 @@ impl FdeList<'_> {
 /// fields read on the way (the record is in cache then).
 #[derive(Default)]
 struct Records {
-    /// Every FDE with a non-empty range in the file's code, in section order.
+    /// Every FDE with a non-empty range in the file's code, in section order: in a part's
+    /// walk; the whole walk's are in `parts`.
     fdes: Vec<Fde>,
+    parts: Parts,
     /// FDE records of any kind (a header search table that lists as many can be used).
     fde_records: usize,
     /// FDE records left out as malformed or as outside the file's code.
@@ -278,13 +313,9 @@ where
                 (r, walk)
             })
             .collect();
-        let mut all = Records {
-            fdes: Vec::with_capacity(walked.iter().map(|p| p.0.fdes.len()).sum()),
-            ..Records::default()
-        };
+        let mut all = Records::default();
         for ((r, walk), w) in walked.into_iter().zip(bounds.windows(2)) {
-            all.fdes.extend_from_slice(&r.fdes);
-            drop(r.fdes);
+            all.parts.push(r.fdes);
             all.fde_records += r.fde_records;
             all.skipped += r.skipped;
             all.cies.extend(r.cies);
@@ -294,8 +325,9 @@ where
                 Walk::At(_) => {
                     // Overshot the next part's start: that hint is no record of this walk.
                     drop(all);
-                    let mut r = Records::default();
+                    let mut r = Records { fdes: Vec::with_capacity(per_part), ..Records::default() };
                     self.walk(0, len, &mut r);
+                    r.parts.push(std::mem::take(&mut r.fdes));
                     return r;
                 }
                 Walk::End => break,
@@ -735,7 +767,7 @@ fn read_encoded(
 /// Every FDE of `records` with a non-empty range, sorted by start address, and how many
 /// were left out as malformed; an error when the walk over the records stopped at one it
 /// could not step over.
-fn fdes_by_scan(records: Records) -> Result<(Vec<Fde>, u64), Error> {
+fn fdes_by_scan(records: Records) -> Result<(Parts, u64), Error> {
     match records.fault {
         Some((_, Fault::Dwarf64)) => {
             return Err(Error::Dwarf("64-bit DWARF CFI records are not supported".into()))
@@ -745,15 +777,22 @@ fn fdes_by_scan(records: Records) -> Result<(Vec<Fde>, u64), Error> {
         }
         None => {}
     }
-    let mut out = records.fdes;
+    let out = records.parts;
     if out.len() > MAX_FDES {
         return Err(Error::Limit("FDEs"));
     }
     // Linkers write the records in address order, as a rule: checked first.
-    if !out.is_sorted_by_key(|f| (f.start, f.rec)) {
-        out.par_sort_unstable_by_key(|f| (f.start, f.rec));
+    if out.iter().is_sorted_by_key(|f| (f.start, f.rec)) {
+        return Ok((out, records.skipped));
     }
-    Ok((out, records.skipped))
+    let mut all = Vec::with_capacity(out.len());
+    for p in out.parts {
+        all.extend_from_slice(&p);
+    }
+    all.par_sort_unstable_by_key(|f| (f.start, f.rec));
+    let mut sorted = Parts::default();
+    sorted.push(all);
+    Ok((sorted, records.skipped))
 }
 
 /// Entries per block of a group's output: blocks are freed one by one as the table is
@@ -803,15 +842,19 @@ struct Open {
 /// FDEs evaluated by one task.
 const FDES_PER_GROUP: usize = 1024;
 
-/// Slots of a thread's cache of shared dictionary lookups (16 bytes each).
+/// Slots of a thread's cache of shared dictionary lookups (16 bytes each), at most: a file
+/// gets one slot per 32 FDEs, at least [`MIN_DICT_CACHE`] (a small file's distinct rules
+/// are few, and its table is smaller than a large cache).
 const DICT_CACHE: usize = 4096;
+const MIN_DICT_CACHE: usize = 256;
 
 /// A direct-mapped cache of shared dictionary lookups: `(rule, run, id)`, id `u16::MAX` =
 /// empty. Kept by a thread from group to group (ids never change while the groups run).
 type DictCache = Vec<(UnwindRule, Run, u16)>;
 
-fn dict_cache() -> DictCache {
-    vec![(UnwindRule::GAP, Run::NONE, u16::MAX); DICT_CACHE]
+fn dict_cache(fdes: usize) -> DictCache {
+    let slots = (fdes / 32).next_power_of_two().clamp(MIN_DICT_CACHE, DICT_CACHE);
+    vec![(UnwindRule::GAP, Run::NONE, u16::MAX); slots]
 }
 
 struct Builder<'c> {
@@ -851,7 +894,7 @@ impl<'c> Builder<'c> {
                 return i;
             }
         }
-        let slot = Dictionary::slot_of(rule.0, rule.1, DICT_CACHE - 1);
+        let slot = Dictionary::slot_of(rule.0, rule.1, self.cache.len() - 1);
         let c = self.cache[slot];
         let i = if c.2 != u16::MAX && c.0 == rule.0 && c.1 == rule.1 {
             c.2
@@ -1635,13 +1678,14 @@ fn build(
         out.page_runs.shrink_to_fit();
         out
     };
-    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per)).into_par_iter().map_init(dict_cache, group).collect();
+    let mut outs: Vec<GroupOut> =
+        (0..n.div_ceil(per)).into_par_iter().map_init(|| dict_cache(n), group).collect();
     if shared.lock().unwrap_or_else(|p| p.into_inner()).overflow > 0 {
         // More records than the dictionary holds: which ones got in depended on the
         // threads' order. Again in address order, so the table is the same on every run.
         drop(outs);
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Dictionary::new(MAX_RULES);
-        let mut cache = dict_cache();
+        let mut cache = dict_cache(n);
         outs = (0..n.div_ceil(per)).map(|g| group(&mut cache, g)).collect();
     }
     drop(fdes);
@@ -1660,7 +1704,7 @@ fn build(
 pub fn table_from_rows(rows: &[(u64, u64, UnwindRule)]) -> Result<UnwindTable, Error> {
     let code = Code { ranges: Vec::new() };
     let shared = Mutex::new(Dictionary::new(MAX_RULES));
-    let mut b = Builder::new(&code, &shared, dict_cache());
+    let mut b = Builder::new(&code, &shared, dict_cache(rows.len()));
     let mut last = 0;
     for &(start, end, rule) in rows {
         if start < last || end < start {
@@ -2146,7 +2190,8 @@ mod tests {
     type Summary = (Vec<(u32, u32)>, usize, u64, Option<(usize, Fault)>, usize);
 
     fn summary(r: &Records) -> Summary {
-        (r.fdes.iter().map(|f| (f.start, f.rec)).collect(), r.fde_records, r.skipped, r.fault, r.cies.len())
+        let fdes = r.fdes.iter().chain(r.parts.iter()).map(|f| (f.start, f.rec)).collect();
+        (fdes, r.fde_records, r.skipped, r.fault, r.cies.len())
     }
 
     proptest! {
@@ -2181,6 +2226,24 @@ mod tests {
                 .collect();
             let parallel = records_of(&data, addr, hints);
             prop_assert_eq!(summary(&parallel), summary(&serial));
+        }
+    }
+
+    proptest! {
+        /// An FDE list kept in parts reads like the parts joined.
+        #[test]
+        fn parts_read_like_one_list(sizes in proptest::collection::vec(0usize..20, 0..12)) {
+            let mut parts = Parts::default();
+            let mut whole = Vec::new();
+            for (k, &n) in sizes.iter().enumerate() {
+                let part: Vec<Fde> = (0..n).map(|i| Fde { start: (k * 100 + i) as u32, rec: i as u32 }).collect();
+                whole.extend_from_slice(&part);
+                parts.push(part);
+            }
+            prop_assert_eq!(parts.len(), whole.len());
+            for i in 0..whole.len() + 3 {
+                prop_assert_eq!(parts.get(i).map(|f| (f.start, f.rec)), whole.get(i).map(|f| (f.start, f.rec)));
+            }
         }
     }
 }
