@@ -137,9 +137,7 @@ impl FdeList<'_> {
 /// fields read on the way (the record is in cache then).
 #[derive(Default)]
 struct Records {
-    /// Every FDE with a non-empty range in the file's code, in section order: in a part's
-    /// walk; the whole walk's are in `parts`.
-    fdes: Vec<Fde>,
+    /// Every FDE with a non-empty range in the file's code, in section order.
     parts: Parts,
     /// FDE records of any kind (a header search table that lists as many can be used).
     fde_records: usize,
@@ -186,9 +184,10 @@ where
     S: UnwindSection<R<'a>> + Sync,
     S::Offset: gimli::UnwindOffset<usize>,
 {
-    /// Walks the records from offset `from` while before `to`, appending them to `out`. A
-    /// zero length ends `.eh_frame` and is padding in `.debug_frame`.
-    fn walk(&self, from: usize, to: usize, out: &mut Records) -> Walk {
+    /// Walks the records from offset `from` while before `to`, appending the FDEs to `fdes`
+    /// and the rest of what it finds to `out`. A zero length ends `.eh_frame` and is
+    /// padding in `.debug_frame`.
+    fn walk(&self, from: usize, to: usize, out: &mut Records, fdes: &mut Vec<Fde>) -> Walk {
         let data = self.data;
         let mut pos = from;
         let mut last: Option<(u32, Option<CieInfo>)> = None;
@@ -234,7 +233,7 @@ where
                     Some((Some(rel), start, range)) if range > 0 && start != 0 => {
                         // At most one per 8 bytes of a section below 4 GiB: bounded by the
                         // section. The limit is on the whole list, checked after the walk.
-                        out.fdes.push(Fde { start: rel, rec: pos as u32 })
+                        fdes.push(Fde { start: rel, rec: pos as u32 })
                     }
                     // Outside the 4 GiB above the lowest code section: no code of this file.
                     Some((None, start, range)) if range > 0 && start != 0 => out.skipped += 1,
@@ -305,17 +304,17 @@ where
         bounds.push(len);
         let parts = bounds.len() - 1;
         let per_part = expected.min(MAX_FDES).div_ceil(parts) + expected / (parts * 32);
-        let walked: Vec<(Records, Walk)> = bounds
+        let walked: Vec<(Records, Vec<Fde>, Walk)> = bounds
             .par_windows(2)
             .map(|w| {
-                let mut r = Records { fdes: Vec::with_capacity(per_part), ..Records::default() };
-                let walk = self.walk(w[0], w[1], &mut r);
-                (r, walk)
+                let (mut r, mut fdes) = (Records::default(), Vec::with_capacity(per_part));
+                let walk = self.walk(w[0], w[1], &mut r, &mut fdes);
+                (r, fdes, walk)
             })
             .collect();
         let mut all = Records::default();
-        for ((r, walk), w) in walked.into_iter().zip(bounds.windows(2)) {
-            all.parts.push(r.fdes);
+        for ((r, fdes, walk), w) in walked.into_iter().zip(bounds.windows(2)) {
+            all.parts.push(fdes);
             all.fde_records += r.fde_records;
             all.skipped += r.skipped;
             all.cies.extend(r.cies);
@@ -325,9 +324,9 @@ where
                 Walk::At(_) => {
                     // Overshot the next part's start: that hint is no record of this walk.
                     drop(all);
-                    let mut r = Records { fdes: Vec::with_capacity(per_part), ..Records::default() };
-                    self.walk(0, len, &mut r);
-                    r.parts.push(std::mem::take(&mut r.fdes));
+                    let (mut r, mut fdes) = (Records::default(), Vec::with_capacity(per_part));
+                    self.walk(0, len, &mut r, &mut fdes);
+                    r.parts.push(fdes);
                     return r;
                 }
                 Walk::End => break,
@@ -1484,11 +1483,13 @@ fn evaluate_fde(
             }
             Fast::CfaOffset => {
                 known = known.and_then(|r| {
-                    let Cfa::RegOffset(reg, off) = st.cfa else { return None };
-                    let kind = if reg == RSP { CfaKind::Rsp } else { CfaKind::Rbp };
-                    (r.cfa == kind as u8 && (reg == RSP || reg == RBP))
-                        .then(|| i32::try_from(off).ok().map(|cfa_offset| UnwindRule { cfa_offset, ..r }))
-                        .flatten()
+                    let (kind, off) = match st.cfa {
+                        Cfa::RegOffset(RSP, off) => (CfaKind::Rsp, off),
+                        Cfa::RegOffset(RBP, off) => (CfaKind::Rbp, off),
+                        _ => return None,
+                    };
+                    let cfa_offset = i32::try_from(off).ok()?;
+                    (r.cfa == kind as u8).then_some(UnwindRule { cfa_offset, ..r })
                 });
                 continue;
             }
@@ -2185,8 +2186,9 @@ mod tests {
         let bases = BaseAddresses::default().set_eh_frame(addr);
         let s = Section { section: &section, bases: &bases, data, addr, eh_frame: true, code_base: 0x1000 };
         if hints.is_empty() {
-            let mut r = Records::default();
-            s.walk(0, data.len(), &mut r);
+            let (mut r, mut fdes) = (Records::default(), Vec::new());
+            s.walk(0, data.len(), &mut r, &mut fdes);
+            r.parts.push(fdes);
             r
         } else {
             s.records(hints, 0)
@@ -2197,7 +2199,7 @@ mod tests {
     type Summary = (Vec<(u32, u32)>, usize, u64, Option<(usize, Fault)>, usize);
 
     fn summary(r: &Records) -> Summary {
-        let fdes = r.fdes.iter().chain(r.parts.iter()).map(|f| (f.start, f.rec)).collect();
+        let fdes = r.parts.iter().map(|f| (f.start, f.rec)).collect();
         (fdes, r.fde_records, r.skipped, r.fault, r.cies.len())
     }
 
