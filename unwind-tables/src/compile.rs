@@ -728,6 +728,7 @@ where
 }
 
 /// Reads a `DW_EH_PE_*` encoded pointer at `pos`; `field_addr` is its address (for pcrel).
+#[inline(always)]
 fn read_encoded(
     data: &[u8],
     pos: &mut usize,
@@ -742,6 +743,19 @@ fn read_encoded(
         *pos += 4;
         return Some(if absolute { field_addr.wrapping_add(v) } else { v });
     }
+    read_encoded_other(data, pos, encoding, field_addr, bases, absolute)
+}
+
+/// [`read_encoded`] for the encodings other than pcrel sdata4.
+#[inline(never)]
+fn read_encoded_other(
+    data: &[u8],
+    pos: &mut usize,
+    encoding: u8,
+    field_addr: u64,
+    bases: &BaseAddresses,
+    absolute: bool,
+) -> Option<u64> {
     if encoding == 0xff || encoding & 0x80 != 0 {
         return None; // omitted or indirect: not in FDE address fields of sane files
     }
