@@ -318,7 +318,7 @@ impl Run {
     }
     /// The run with one more step `bytes` after its last row, in direction `pops`; `None`
     /// when it is full, the distance does not fit, or the direction differs.
-    #[inline]
+    #[inline(always)]
     pub const fn pushed(self, bytes: u64, pops: bool) -> Option<Run> {
         let n = self.steps();
         if n >= MAX_RUN_STEPS || bytes == 0 || bytes > MAX_RUN_STEP_BYTES || (n > 0 && self.pops() != pops) {
