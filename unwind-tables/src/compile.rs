@@ -96,6 +96,20 @@ impl Parts {
     fn iter(&self) -> impl Iterator<Item = &Fde> {
         self.parts.iter().flatten()
     }
+
+    /// FDEs `from..to` appended to `out` (one search for the first part, not one per FDE).
+    fn extend_range(&self, from: usize, to: usize, out: &mut Vec<Option<Fde>>) {
+        let mut k = self.ends.partition_point(|&e| e <= from);
+        let mut i = from;
+        while i < to {
+            let (Some(part), Some(&end)) = (self.parts.get(k), self.ends.get(k)) else { return };
+            let start = end - part.len();
+            let upto = to.min(end);
+            out.extend(part[i - start..upto - start].iter().copied().map(Some));
+            i = upto;
+            k += 1;
+        }
+    }
 }
 
 /// The FDEs of a file in address order: the `.eh_frame_hdr` search table read in place
@@ -118,6 +132,15 @@ impl FdeList<'_> {
         match self {
             FdeList::Owned(p) => p.len(),
             FdeList::Hdr { table, .. } => table.len() / 8,
+        }
+    }
+
+    /// FDEs `from..to` (each `None` where the list has no usable FDE) into `out`, cleared.
+    fn range(&self, from: usize, to: usize, out: &mut Vec<Option<Fde>>) {
+        out.clear();
+        match self {
+            FdeList::Owned(p) => p.extend_range(from, to, out),
+            FdeList::Hdr { .. } => out.extend((from..to).map(|i| self.get(i))),
         }
     }
 
@@ -1678,23 +1701,24 @@ fn build(
     let n = fdes.len();
     let per = FDES_PER_GROUP;
     let shared = Mutex::new(Dictionary::new(MAX_RULES));
-    let group = |cache: &mut DictCache, g: usize| {
+    let group = |(cache, list): &mut (DictCache, Vec<Option<Fde>>), g: usize| {
         let mut b = Builder::new(code, &shared, std::mem::take(cache));
         let mut stack = Vec::new();
         let mut lookup = CieLookup::new(cies);
         let end = ((g + 1) * per).min(n);
-        for i in g * per..end {
+        fdes.range(g * per, end, list);
+        for i in 0..list.len() {
             if not_listed.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
             // Where FDE i + AHEAD starts, FDE i + AHEAD - 1 ends or its padding does.
             const AHEAD: usize = 4;
-            if let Some(f) = fdes.get(i + AHEAD).filter(|_| i + AHEAD < end) {
+            if let Some(&Some(f)) = list.get(i + AHEAD) {
                 code.prefetch_before(code_base + u64::from(f.start));
                 prefetch(data, f.rec as usize);
                 prefetch(data, f.rec as usize + 64);
             }
-            let cie = fdes.get(i).and_then(|f| Some((f, f.cie(data, eh_frame)?)));
+            let cie = list[i].and_then(|f| Some((f, f.cie(data, eh_frame)?)));
             let Some((f, Some(cie))) = cie.map(|(f, c)| (f, lookup.get(c))) else {
                 if in_place {
                     // A pair that names no FDE of a known CIE.
@@ -1716,15 +1740,15 @@ fn build(
         out.page_runs.shrink_to_fit();
         out
     };
-    let mut outs: Vec<GroupOut> =
-        (0..n.div_ceil(per)).into_par_iter().map_init(|| dict_cache(n), group).collect();
+    let state = || (dict_cache(n), Vec::with_capacity(per));
+    let mut outs: Vec<GroupOut> = (0..n.div_ceil(per)).into_par_iter().map_init(state, group).collect();
     if shared.lock().unwrap_or_else(|p| p.into_inner()).overflow > 0 {
         // More records than the dictionary holds: which ones got in depended on the
         // threads' order. Again in address order, so the table is the same on every run.
         drop(outs);
         *shared.lock().unwrap_or_else(|p| p.into_inner()) = Dictionary::new(MAX_RULES);
-        let mut cache = dict_cache(n);
-        outs = (0..n.div_ceil(per)).map(|g| group(&mut cache, g)).collect();
+        let mut s = state();
+        outs = (0..n.div_ceil(per)).map(|g| group(&mut s, g)).collect();
     }
     drop(fdes);
     if not_listed.into_inner() {
@@ -2298,7 +2322,11 @@ mod tests {
     proptest! {
         /// An FDE list kept in parts reads like the parts joined.
         #[test]
-        fn parts_read_like_one_list(sizes in proptest::collection::vec(0usize..20, 0..12)) {
+        fn parts_read_like_one_list(
+            sizes in proptest::collection::vec(0usize..20, 0..12),
+            from in 0usize..250,
+            len in 0usize..60,
+        ) {
             let mut parts = Parts::default();
             let mut whole = Vec::new();
             for (k, &n) in sizes.iter().enumerate() {
@@ -2310,6 +2338,14 @@ mod tests {
             for i in 0..whole.len() + 3 {
                 prop_assert_eq!(parts.get(i).map(|f| (f.start, f.rec)), whole.get(i).map(|f| (f.start, f.rec)));
             }
+            // A range, as a group reads it: the FDEs of the whole list from `from`, up to
+            // `from + len` or the list's end.
+            let mut range = vec![None];
+            FdeList::Owned(parts).range(from, from + len, &mut range);
+            let expected: Vec<_> =
+                whole.iter().skip(from).take(len).map(|f| (f.start, f.rec)).collect();
+            let got: Vec<_> = range.iter().map(|f| f.map(|f| (f.start, f.rec))).collect();
+            prop_assert_eq!(got, expected.into_iter().map(Some).collect::<Vec<_>>());
         }
     }
 }
