@@ -53,16 +53,30 @@ impl Fde {
         let rec = self.rec as usize;
         let len32 = u32::from_le_bytes(data.get(rec..rec + 4)?.try_into().ok()?);
         let next = (rec + 4).checked_add(len32 as usize)?;
-        let mut p = rec + 8;
-        let field = sec.addr + p as u64;
-        let start = read_encoded(data, &mut p, cie.encoding, field, sec.bases, true)?;
-        let range = read_range(data, &mut p, cie.encoding)?;
-        if cie.augmented {
-            let n = uleb(data, &mut p)?;
-            p = p.checked_add(usize::try_from(n).ok()?)?;
-        }
+        let (start, range, p) = fde_fields(data, rec + 8, cie, sec.addr, sec.bases)?;
         (p <= next && next <= data.len()).then_some((start, range, p, next))
     }
+}
+
+/// An FDE record's address fields, read from `at` (just past its CIE pointer) in a section
+/// at `sec_addr`: its start, its range length, and where its instructions begin.
+#[inline(always)]
+fn fde_fields(
+    data: &[u8],
+    at: usize,
+    cie: &CieInfo,
+    sec_addr: u64,
+    bases: &BaseAddresses,
+) -> Option<(u64, u64, usize)> {
+    let mut p = at;
+    let field = sec_addr + p as u64;
+    let start = read_encoded(data, &mut p, cie.encoding, field, bases, true)?;
+    let range = read_range(data, &mut p, cie.encoding)?;
+    if cie.augmented {
+        let n = uleb(data, &mut p)?;
+        p = p.checked_add(usize::try_from(n).ok()?)?;
+    }
+    Some((start, range, p))
 }
 
 /// A list of FDEs kept as the parts a walk found them in (joined, the parts and the whole
@@ -85,12 +99,6 @@ impl Parts {
 
     fn len(&self) -> usize {
         self.ends.last().copied().unwrap_or(0)
-    }
-
-    fn get(&self, i: usize) -> Option<Fde> {
-        let k = self.ends.partition_point(|&e| e <= i);
-        let start = if k == 0 { 0 } else { self.ends[k - 1] };
-        self.parts.get(k)?.get(i - start).copied()
     }
 
     fn iter(&self) -> impl Iterator<Item = &Fde> {
@@ -140,18 +148,11 @@ impl FdeList<'_> {
         out.clear();
         match self {
             FdeList::Owned(p) => p.extend_range(from, to, out),
-            FdeList::Hdr { .. } => out.extend((from..to).map(|i| self.get(i))),
-        }
-    }
-
-    fn get(&self, i: usize) -> Option<Fde> {
-        match self {
-            FdeList::Owned(p) => p.get(i),
-            FdeList::Hdr { table, hdr_addr, eh_addr, code_base } => {
+            FdeList::Hdr { table, hdr_addr, eh_addr, code_base } => out.extend((from..to).map(|i| {
                 let (loc, fde) = hdr_pair(table, i, *hdr_addr)?;
                 let start = u32::try_from(loc.checked_sub(*code_base)?).ok()?;
                 Some(Fde { start, rec: u32::try_from(fde.checked_sub(*eh_addr)?).ok()? })
-            }
+            })),
         }
     }
 }
@@ -295,15 +296,7 @@ where
     /// An FDE's start relative to the code base (`None` outside the 4 GiB above it), its
     /// start and its range, from the record body at `body` ending at `next`.
     fn fde_range(&self, c: CieInfo, body: usize, next: usize) -> Option<(Option<u32>, u64, u64)> {
-        let data = self.data;
-        let mut p = body + 4;
-        let field = self.addr + p as u64;
-        let start = read_encoded(data, &mut p, c.encoding, field, self.bases, true)?;
-        let range = read_range(data, &mut p, c.encoding)?;
-        if c.augmented {
-            let n = uleb(data, &mut p)?;
-            p = p.checked_add(usize::try_from(n).ok()?)?;
-        }
+        let (start, range, p) = fde_fields(self.data, body + 4, &c, self.addr, self.bases)?;
         start.checked_add(range)?;
         u32::try_from(range).ok()?;
         let rel = start.checked_sub(self.code_base).and_then(|r| u32::try_from(r).ok());
@@ -2335,13 +2328,19 @@ mod tests {
                 parts.push(part);
             }
             prop_assert_eq!(parts.len(), whole.len());
+            let list = FdeList::Owned(parts);
+            let mut range = vec![None];
+            // Each FDE alone, and none past the end.
             for i in 0..whole.len() + 3 {
-                prop_assert_eq!(parts.get(i).map(|f| (f.start, f.rec)), whole.get(i).map(|f| (f.start, f.rec)));
+                list.range(i, i + 1, &mut range);
+                prop_assert_eq!(
+                    range.first().copied().flatten().map(|f| (f.start, f.rec)),
+                    whole.get(i).map(|f| (f.start, f.rec))
+                );
             }
             // A range, as a group reads it: the FDEs of the whole list from `from`, up to
             // `from + len` or the list's end.
-            let mut range = vec![None];
-            FdeList::Owned(parts).range(from, from + len, &mut range);
+            list.range(from, from + len, &mut range);
             let expected: Vec<_> =
                 whole.iter().skip(from).take(len).map(|f| (f.start, f.rec)).collect();
             let got: Vec<_> = range.iter().map(|f| f.map(|f| (f.start, f.rec))).collect();
