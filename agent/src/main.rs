@@ -92,10 +92,6 @@ pub struct RecordArgs {
     /// (older kernels), or `auto`: `bpf_loop` when the kernel accepts it.
     #[arg(long, value_enum, default_value_t = WalkerKind::Auto)]
     pub walker: WalkerKind,
-    /// Room, in MiB, kept in the walker's table maps for tables of processes and libraries
-    /// that appear while recording.
-    #[arg(long, default_value_t = 16, value_name = "MIB")]
-    pub table_headroom: u64,
     /// Where compiled unwind tables are cached, by build-id (zstd). Default:
     /// `$XDG_CACHE_HOME/unwound/tables`.
     #[arg(long, value_name = "DIR")]

@@ -546,8 +546,9 @@ impl Session {
             Some(plan)
         };
         let mut loader = EbpfLoader::new();
+        let table_budget = (args.table_memory * (1u64 << 20) as f64) as u64;
         if let Some(p) = &plan {
-            p.size_loader(&mut loader, args.table_headroom, (args.table_memory * (1u64 << 20) as f64) as u64);
+            p.size_loader(&mut loader, table_budget);
         }
         let mut ebpf = loader.load(BPF_OBJECT).map_err(|e| {
             anyhow!("the kernel refused unwound's BPF maps: {e} (a kernel ≥ 5.17 with BTF is needed)")
@@ -556,7 +557,7 @@ impl Session {
         let tables = match plan {
             Some(p) => {
                 known = p.maps_texts();
-                Some(TableLoader::new(&mut ebpf, p)?)
+                Some(TableLoader::new(&mut ebpf, p, table_budget)?)
             }
             None => None,
         };
@@ -968,7 +969,7 @@ impl Summary {
         );
         if let Some(t) = &self.tables {
             eprintln!(
-                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (+ {} KiB of per-CPU rule cache); evicted {}, did not fit {}, could not compile {}",
+                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, could not compile {}",
                 t.tables,
                 t.processes,
                 t.cache_hits,
@@ -976,6 +977,9 @@ impl Summary {
                 t.bytes / 1024,
                 t.peak_bytes / 1024,
                 t.map_bytes / 1024,
+                t.peak_map_bytes / 1024,
+                t.segments_created,
+                t.segments_dropped,
                 t.rule_cache_bytes / 1024,
                 t.evicted,
                 t.full,
@@ -1034,8 +1038,8 @@ impl Summary {
         ));
         if let Some(t) = &self.tables {
             fields.push(format!(
-                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"rule_cache_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{},\"table_cache_hits\":{},\"table_build_id_shares\":{}",
-                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.rule_cache_bytes, t.compile_failures, t.full, t.evicted, t.cache_hits, t.shared_by_build_id
+                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_map_peak_bytes\":{},\"table_segments_created\":{},\"table_segments_dropped\":{},\"rule_cache_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{},\"table_cache_hits\":{},\"table_build_id_shares\":{}",
+                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.peak_map_bytes, t.segments_created, t.segments_dropped, t.rule_cache_bytes, t.compile_failures, t.full, t.evicted, t.cache_hits, t.shared_by_build_id
             ));
         }
         if let Some((runs, ns)) = self.bpf_run {

@@ -8,12 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
+use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, IterableMap as _, MapData};
 use aya::{Ebpf, EbpfLoader};
 use object::{Object, ObjectSegment};
 use unwound_stackwalk_abi::{
-    MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, MAX_MAPPINGS,
-    MAX_TABLES, NO_TABLE, PAGES_MAP, PROCS_MAP, RULES_MAP, RULE_CACHE_SLOTS, TABLES_MAP,
+    MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, CHUNK_SEGMENT,
+    MAX_MAPPINGS, MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP, RULES_MAP, RULE_CACHE_SLOTS,
+    RULE_SEGMENT, TABLES_MAP,
 };
 use unwound_symbolize::{Mapping, ProcessMaps};
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
@@ -125,8 +126,14 @@ pub struct TableStats {
     pub bytes: u64,
     /// Peak of `bytes`.
     pub peak_bytes: u64,
-    /// Kernel memory of the table maps (what `--table-memory` bounds).
+    /// Kernel memory of the table maps now: the segments held, the outer arrays and the
+    /// table directory (`--table-memory` bounds the first two).
     pub map_bytes: u64,
+    /// Peak of `map_bytes`.
+    pub peak_map_bytes: u64,
+    /// Segments of the table arrays created and dropped while recording.
+    pub segments_created: u64,
+    pub segments_dropped: u64,
     /// Kernel memory of the walker's per-CPU rule cache (fixed: slots × CPUs).
     pub rule_cache_bytes: u64,
 }
@@ -251,38 +258,186 @@ impl TablePlan {
         self.procs.iter().map(|(pid, _, text)| (*pid, text.clone())).collect()
     }
 
-    /// Sizes the walker's table arrays: what the plan needs plus room for tables compiled
-    /// while recording (new processes, libraries loaded later), at most `budget` bytes in
-    /// all. Tables beyond the budget evict the least recently sampled ones.
-    pub fn size_loader(&self, loader: &mut EbpfLoader<'_>, headroom_mib: u64, budget: u64) {
-        let (mut pages, mut chunks, mut rules) = (0u64, 0u64, 0u64);
-        for c in self.files.values().flatten() {
-            pages += c.table.pages().len() as u64;
-            chunks += (c.table.entries().len() as u64).div_ceil(CHUNK_ENTRIES as u64);
-            rules += c.table.rules().len() as u64;
+    /// Sizes the walker's segmented table arrays for a memory budget of `budget` bytes:
+    /// each outer array gets slots for the whole budget in its own segments (which of the
+    /// three the tables need most varies), and the budget is enforced on the segments
+    /// actually held (see [`TableLoader`]).
+    pub fn size_loader(&self, loader: &mut EbpfLoader<'_>, budget: u64) {
+        for (name, seg) in [
+            (PAGES_MAP, PAGE_SEGMENT_BYTES),
+            (CHUNKS_MAP, CHUNK_SEGMENT_BYTES),
+            (RULES_MAP, RULE_SEGMENT_BYTES),
+        ] {
+            loader.map_max_entries(name, outer_slots(budget, seg));
         }
-        // Headroom split like the tables of a typical process: 5% pages, 80% chunks, 15%
-        // rule records (16 bytes each in the kernel) by bytes.
-        let split = |bytes: u64| {
-            (bytes * 5 / 100 / 8, bytes * 80 / 100 / (CHUNK_ENTRIES as u64 * 4), bytes * 15 / 100 / 16)
-        };
-        let extra = split(headroom_mib << 20);
-        let (mut pages, mut chunks, mut rules) =
-            (pages + extra.0 + 1, chunks + extra.1 + 1, rules + extra.2 + 1);
-        if array_bytes(pages, chunks, rules) > budget {
-            (pages, chunks, rules) = split(budget);
-            (pages, chunks, rules) = (pages.max(1), chunks.max(1), rules.max(1));
-        }
-        loader.map_max_entries(PAGES_MAP, pages.min(u64::from(u32::MAX)) as u32);
-        loader.map_max_entries(CHUNKS_MAP, chunks.min(u64::from(u32::MAX)) as u32);
-        loader.map_max_entries(RULES_MAP, rules.min(u64::from(u32::MAX)) as u32);
     }
 }
 
-/// Bytes of the three shared table arrays with these many values.
-fn array_bytes(pages: u64, chunks: u64, rules: u64) -> u64 {
-    // A rule record is 12 bytes; the kernel stores array values 8-aligned, so 16.
-    pages * 8 + chunks * CHUNK_ENTRIES as u64 * 4 + rules * 16
+/// Kernel bytes of one segment of each table array (values are stored 8-aligned).
+const PAGE_SEGMENT_BYTES: u64 = PAGE_SEGMENT as u64 * 8;
+const CHUNK_SEGMENT_BYTES: u64 = CHUNK_SEGMENT as u64 * CHUNK_ENTRIES as u64 * 4;
+const RULE_SEGMENT_BYTES: u64 = RULE_SEGMENT as u64 * 16;
+
+/// Slots of an outer array of `seg`-byte segments for a `budget`: enough for the budget
+/// in this array alone, at least one, and few enough that every value index fits a u32.
+fn outer_slots(budget: u64, seg: u64) -> u32 {
+    budget.div_ceil(seg).clamp(1, 1 << 19) as u32
+}
+
+/// `BPF_MAP_DELETE_ELEM` on an array of maps (aya 0.14's `ArrayOfMaps` has no removal):
+/// the slot is emptied and the inner map freed once the walker no longer reads it.
+fn clear_slot(outer: &MapData, slot: u32) -> std::io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    /// `union bpf_attr`'s element member.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = ElemAttr {
+        map_fd: outer.fd().as_fd().as_raw_fd() as u32,
+        pad: 0,
+        key: &slot as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: `key` points at a u32 key (the outer array's key size) that outlives the
+    // call; the kernel only reads the attribute and the key.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The segments of `seg` values that `[first, first + n)` touches: (slot, its first value
+/// in the segment, how many of its values are in it).
+fn segment_parts(seg: u32, first: u32, n: u32) -> impl Iterator<Item = (usize, u32, u32)> {
+    let end = first.saturating_add(n);
+    let slots = if n == 0 { 0..0 } else { first / seg..end.div_ceil(seg) };
+    slots.map(move |s| {
+        let (lo, hi) = ((s * seg).max(first), s.saturating_add(1).saturating_mul(seg).min(end));
+        (s as usize, lo - s * seg, hi - lo)
+    })
+}
+
+/// One of the walker's segmented table arrays: value `i` is value `i % seg` of the inner
+/// array in slot `i / seg` of an array of maps. Runs of values are taken first-fit from
+/// the whole index space; a segment is created when a run first lands in it and dropped
+/// when its last run is freed, so the kernel holds only what the tables loaded need.
+struct Segmented<V: aya::Pod> {
+    /// The array of maps (always `Map::ArrayOfMaps`).
+    outer: aya::maps::Map,
+    slots: u32,
+    /// Values per segment.
+    seg: u32,
+    /// Kernel bytes per segment.
+    seg_bytes: u64,
+    free: Extents,
+    /// Values in use in each segment.
+    used: Vec<u32>,
+    /// Whether each slot holds a segment.
+    held: Vec<bool>,
+    /// Segments held.
+    live: u64,
+    created: u64,
+    dropped: u64,
+    _values: std::marker::PhantomData<V>,
+}
+
+impl<V: aya::Pod> Segmented<V> {
+    fn new(mut outer: aya::maps::Map, seg: u32, seg_bytes: u64) -> anyhow::Result<Self> {
+        let slots = ArrayOfMaps::<&mut MapData, Array<MapData, V>>::try_from(&mut outer)?.len();
+        Ok(Segmented {
+            outer,
+            slots,
+            seg,
+            seg_bytes,
+            free: Extents::new(slots.saturating_mul(seg)),
+            used: vec![0; slots as usize],
+            held: vec![false; slots as usize],
+            live: 0,
+            created: 0,
+            dropped: 0,
+            _values: std::marker::PhantomData,
+        })
+    }
+
+    fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, Array<MapData, V>>> {
+        Ok(ArrayOfMaps::try_from(&mut self.outer)?)
+    }
+
+    fn parts(&self, first: u32, n: u32) -> impl Iterator<Item = (usize, u32, u32)> {
+        segment_parts(self.seg, first, n)
+    }
+
+    /// Kernel bytes that holding `[first, first + n)` would add (segments not held yet).
+    fn growth(&self, first: u32, n: u32) -> u64 {
+        self.parts(first, n).filter(|&(s, _, _)| !self.held[s]).count() as u64 * self.seg_bytes
+    }
+
+    /// Writes `values` at `first..` (a run from `free`), creating the segments it needs.
+    fn put(&mut self, first: u32, values: &[V]) -> anyhow::Result<()> {
+        let parts: Vec<_> = self.parts(first, values.len() as u32).collect();
+        let mut done = 0usize;
+        for (s, local, n) in parts {
+            let mut inner = if self.held[s] {
+                self.outer()?
+                    .get(&(s as u32), 0)
+                    .context("cannot open a segment of the walker's table maps")?
+            } else {
+                let inner = Array::<MapData, V>::create(self.seg, 0)
+                    .context("cannot create a segment of the walker's table maps")?;
+                self.outer()?
+                    .set(s as u32, &inner, 0)
+                    .context("cannot add a segment to the walker's table maps")?;
+                self.held[s] = true;
+                self.live += 1;
+                self.created += 1;
+                inner
+            };
+            self.used[s] += n;
+            write_array(&mut inner, local, &values[done..done + n as usize])?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Frees `[first, first + n)`, dropping the segments left empty (a segment whose slot
+    /// cannot be emptied stays held, and counted).
+    fn give_back(&mut self, first: u32, n: u32) {
+        let parts: Vec<_> = self.parts(first, n).collect();
+        for (s, _, k) in parts {
+            self.used[s] = self.used[s].saturating_sub(k);
+            if self.used[s] == 0 && self.held[s] {
+                if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
+                    if clear_slot(data, s as u32).is_ok() {
+                        self.held[s] = false;
+                        self.live -= 1;
+                        self.dropped += 1;
+                    }
+                }
+            }
+        }
+        self.free.give_back(first, n);
+    }
+
+    /// Kernel bytes of the segments held and the outer array.
+    fn bytes(&self) -> u64 {
+        self.live * self.seg_bytes + u64::from(self.slots) * 8
+    }
 }
 
 /// The free runs of one shared array: first fit, neighbours merged when a run is freed.
@@ -365,13 +520,12 @@ pub struct TableLoader {
     free_ids: Vec<u32>,
     next_id: u32,
     tables: Array<MapData, TableInfo>,
-    pages: Array<MapData, [u8; 8]>,
-    chunks: Array<MapData, [u32; CHUNK_ENTRIES]>,
-    rules: Array<MapData, [u8; 12]>,
+    pages: Segmented<[u8; 8]>,
+    chunks: Segmented<[u32; CHUNK_ENTRIES]>,
+    rules: Segmented<[u8; 12]>,
+    /// Most bytes of segments and outer arrays (`--table-memory`).
+    budget: u64,
     procs: BpfHashMap<MapData, u32, ProcMappings>,
-    pages_free: Extents,
-    chunks_free: Extents,
-    rules_free: Extents,
     walked: HashMap<u32, Proc>,
     /// Sample counter, and the tick of each process's last sample.
     tick: u64,
@@ -382,17 +536,17 @@ pub struct TableLoader {
 }
 
 impl TableLoader {
-    /// Takes the table maps out of the loaded object and uploads the plan.
-    pub fn new(ebpf: &mut Ebpf, plan: TablePlan) -> anyhow::Result<Self> {
+    /// Takes the table maps out of the loaded object (sized by [`TablePlan::size_loader`]
+    /// for the same `budget`) and uploads the plan.
+    pub fn new(ebpf: &mut Ebpf, plan: TablePlan, budget: u64) -> anyhow::Result<Self> {
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name).with_context(|| format!("BPF object has no {name} map"))
         };
         let tables: Array<MapData, TableInfo> = Array::try_from(take(ebpf, TABLES_MAP)?)?;
-        let pages: Array<MapData, [u8; 8]> = Array::try_from(take(ebpf, PAGES_MAP)?)?;
-        let chunks: Array<MapData, [u32; CHUNK_ENTRIES]> = Array::try_from(take(ebpf, CHUNKS_MAP)?)?;
-        let rules: Array<MapData, [u8; 12]> = Array::try_from(take(ebpf, RULES_MAP)?)?;
+        let pages = Segmented::new(take(ebpf, PAGES_MAP)?, PAGE_SEGMENT, PAGE_SEGMENT_BYTES)?;
+        let chunks = Segmented::new(take(ebpf, CHUNKS_MAP)?, CHUNK_SEGMENT, CHUNK_SEGMENT_BYTES)?;
+        let rules = Segmented::new(take(ebpf, RULES_MAP)?, RULE_SEGMENT, RULE_SEGMENT_BYTES)?;
         let procs: BpfHashMap<MapData, u32, ProcMappings> = BpfHashMap::try_from(take(ebpf, PROCS_MAP)?)?;
-        let cap = (pages.len(), chunks.len(), rules.len());
         let mut loader = TableLoader {
             files: HashMap::new(),
             compiled: plan.files,
@@ -404,18 +558,15 @@ impl TableLoader {
             pages,
             chunks,
             rules,
+            budget,
             procs,
-            pages_free: Extents::new(cap.0),
-            chunks_free: Extents::new(cap.1),
-            rules_free: Extents::new(cap.2),
             walked: HashMap::new(),
             tick: 0,
             sampled: HashMap::new(),
             generation: 0,
             stats: plan.stats,
         };
-        loader.stats.map_bytes =
-            array_bytes(u64::from(cap.0), u64::from(cap.1), u64::from(cap.2)) + u64::from(MAX_TABLES) * 24;
+        loader.count_map_bytes();
         // The walker's per-CPU rule cache: fixed, outside the table budget.
         let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
         loader.stats.rule_cache_bytes =
@@ -546,16 +697,32 @@ impl TableLoader {
             }
         }
         self.files.remove(&r.key);
-        self.pages_free.give_back(r.info.page_start, r.info.pages);
-        self.chunks_free.give_back(r.info.chunk_start, r.chunks);
-        self.rules_free.give_back(r.info.rule_start, r.rules);
+        self.pages.give_back(r.info.page_start, r.info.pages);
+        self.chunks.give_back(r.info.chunk_start, r.chunks);
+        self.rules.give_back(r.info.rule_start, r.rules);
+        self.count_map_bytes();
         self.free_ids.push(id);
         self.stats.evicted += 1;
         self.stats.bytes -= r.bytes;
         Ok(true)
     }
 
-    /// Room for a table in the three arrays and an id, evicting as needed.
+    /// Bytes of the segments held and the outer arrays: what the budget bounds.
+    fn held_bytes(&self) -> u64 {
+        self.pages.bytes() + self.chunks.bytes() + self.rules.bytes()
+    }
+
+    fn count_map_bytes(&mut self) {
+        let held = self.held_bytes();
+        let s = &mut self.stats;
+        s.map_bytes = held + u64::from(MAX_TABLES) * 24;
+        s.peak_map_bytes = s.peak_map_bytes.max(s.map_bytes);
+        s.segments_created = self.pages.created + self.chunks.created + self.rules.created;
+        s.segments_dropped = self.pages.dropped + self.chunks.dropped + self.rules.dropped;
+    }
+
+    /// Room for a table in the three arrays and an id, within the budget, evicting as
+    /// needed.
     fn make_room(
         &mut self,
         npages: u32,
@@ -566,19 +733,25 @@ impl TableLoader {
         loop {
             let id = self.free_ids.last().copied().or((self.next_id < MAX_TABLES).then_some(self.next_id));
             if let Some(id) = id {
-                if let Some(p) = self.pages_free.take(npages) {
-                    if let Some(c) = self.chunks_free.take(nchunks) {
-                        if let Some(r) = self.rules_free.take(nrules) {
-                            if self.free_ids.last() == Some(&id) {
-                                self.free_ids.pop();
-                            } else {
-                                self.next_id += 1;
+                if let Some(p) = self.pages.free.take(npages) {
+                    if let Some(c) = self.chunks.free.take(nchunks) {
+                        if let Some(r) = self.rules.free.take(nrules) {
+                            let grow = self.pages.growth(p, npages)
+                                + self.chunks.growth(c, nchunks)
+                                + self.rules.growth(r, nrules);
+                            if self.held_bytes() + grow <= self.budget {
+                                if self.free_ids.last() == Some(&id) {
+                                    self.free_ids.pop();
+                                } else {
+                                    self.next_id += 1;
+                                }
+                                return Ok(Some((id, p, c, r)));
                             }
-                            return Ok(Some((id, p, c, r)));
+                            self.rules.free.give_back(r, nrules);
                         }
-                        self.chunks_free.give_back(c, nchunks);
+                        self.chunks.free.give_back(c, nchunks);
                     }
-                    self.pages_free.give_back(p, npages);
+                    self.pages.free.give_back(p, npages);
                 }
             }
             if !self.evict_one(keep)? {
@@ -610,7 +783,7 @@ impl TableLoader {
                 v
             })
             .collect();
-        write_array(&mut self.pages, info.page_start, &pages)?;
+        self.pages.put(info.page_start, &pages)?;
         drop(pages);
         let chunks: Vec<[u32; CHUNK_ENTRIES]> = t
             .entries()
@@ -622,7 +795,7 @@ impl TableLoader {
                 v
             })
             .collect();
-        write_array(&mut self.chunks, info.chunk_start, &chunks)?;
+        self.chunks.put(info.chunk_start, &chunks)?;
         drop(chunks);
         let rules: Vec<[u8; 12]> = t
             .dictionary()
@@ -637,7 +810,8 @@ impl TableLoader {
                 v
             })
             .collect();
-        write_array(&mut self.rules, info.rule_start, &rules)?;
+        self.rules.put(info.rule_start, &rules)?;
+        self.count_map_bytes();
         self.tables.set(id, info, 0)?;
         let bytes = t.byte_size() as u64;
         self.resident.insert(
@@ -662,7 +836,30 @@ impl TableLoader {
 
 #[cfg(test)]
 mod tests {
-    use super::Extents;
+    use super::{segment_parts, Extents};
+
+    #[test]
+    fn a_run_is_cut_at_segment_boundaries() {
+        let parts = |first, n| segment_parts(4, first, n).collect::<Vec<_>>();
+        assert_eq!(parts(0, 4), [(0, 0, 4)]);
+        assert_eq!(parts(3, 2), [(0, 3, 1), (1, 0, 1)]);
+        assert_eq!(parts(5, 9), [(1, 1, 3), (2, 0, 4), (3, 0, 2)]);
+        assert_eq!(parts(8, 0), [], "an empty run touches no segment");
+        assert_eq!(parts(5, 0), []);
+        // Every value of a run is in exactly one part.
+        for first in 0..13 {
+            for n in 0..13 {
+                let p = parts(first, n);
+                assert_eq!(p.iter().map(|x| x.2).sum::<u32>(), n);
+                let mut next = first;
+                for &(s, local, k) in &p {
+                    assert_eq!(s as u32 * 4 + local, next, "parts in order, contiguous");
+                    assert!(local + k <= 4 && k > 0);
+                    next += k;
+                }
+            }
+        }
+    }
 
     #[test]
     fn extents_take_first_fit_and_merge_what_is_given_back() {

@@ -569,7 +569,7 @@ fn a_table_budget_evicts_the_tables_not_sampled() {
         4.0,
         499,
         tmp.path(),
-        &["--table-memory", &budget.to_string(), "--table-headroom", "0", "--json-summary"],
+        &["--table-memory", &budget.to_string(), "--json-summary"],
     );
     eprintln!("{}", run.stderr);
     let json = summary_json(&run);

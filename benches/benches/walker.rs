@@ -534,20 +534,20 @@ fn memory() {
     std::thread::sleep(Duration::from_millis(800));
     let pid = p.0.id().to_string();
     println!(
-        "{:<14} {:>10} {:>12} {:>14} {:>14}",
-        "headroom", "tables", "table KiB", "BPF map KiB", "agent RSS KiB"
+        "{:>10} {:>12} {:>14} {:>14} {:>10} {:>14}",
+        "tables", "table KiB", "BPF map KiB", "map peak KiB", "segments", "agent RSS KiB"
     );
-    for headroom in ["0", "64"] {
-        let j = record(&["--pid", &pid, "--duration", "2", "--table-headroom", headroom]);
-        println!(
-            "{:<14} {:>10} {:>12.0} {:>14.0} {:>14}",
-            format!("{headroom} MiB"),
-            field(&j, "tables"),
-            field(&j, "table_bytes") / 1024.0,
-            field(&j, "table_map_bytes") / 1024.0,
-            field(&j, "agent_max_rss_kib")
-        );
-    }
+    let j = record(&["--pid", &pid, "--duration", "2"]);
+    println!(
+        "{:>10} {:>12.0} {:>14.0} {:>14.0} {:>10} {:>14}",
+        field(&j, "tables"),
+        field(&j, "table_bytes") / 1024.0,
+        field(&j, "table_map_bytes") / 1024.0,
+        field(&j, "table_map_peak_bytes") / 1024.0,
+        field(&j, "table_segments_created"),
+        field(&j, "agent_max_rss_kib")
+    );
+    println!("  BPF map KiB: the table segments held, the outer arrays and the table directory.");
 }
 
 fn main() {

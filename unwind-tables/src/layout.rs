@@ -545,13 +545,14 @@ pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step 
         CfaKind::Unsupported => return Step::Failed(StepError::Unsupported),
         CfaKind::EndOfStack => return Step::End,
         CfaKind::Signal => {
-            let (Some(rip), Some(rsp), Some(rbp)) = (
-                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RIP)),
-                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RSP)),
-                mem.read_u64(regs.rsp.wrapping_add(SIGFRAME_RBP)),
-            ) else {
-                return Step::Failed(StepError::Memory);
-            };
+            // One read after another, each failure returning at once: read as a tuple, LLVM
+            // carried a failed read's undefined value on through the next reads (harmless
+            // to it, but the BPF verifier refuses to read an unset register).
+            let read =
+                |mem: &mut _, off| -> Option<u64> { Memory::read_u64(mem, regs.rsp.wrapping_add(off)) };
+            let Some(rip) = read(mem, SIGFRAME_RIP) else { return Step::Failed(StepError::Memory) };
+            let Some(rsp) = read(mem, SIGFRAME_RSP) else { return Step::Failed(StepError::Memory) };
+            let Some(rbp) = read(mem, SIGFRAME_RBP) else { return Step::Failed(StepError::Memory) };
             return Step::Caller { regs: Registers { rip, rsp, rbp }, exact: true };
         }
         CfaKind::Rsp => regs.rsp.wrapping_add(rule.cfa_offset as i64 as u64),

@@ -162,13 +162,29 @@ pub const fn walk_end_name(code: u32) -> &'static str {
 pub const PROCS_MAP: &str = "PROCS";
 /// Name of the array of [`TableInfo`], by table id.
 pub const TABLES_MAP: &str = "TABLES";
-/// Name of the array of page index records (`unwound_unwind_tables::layout::PageEntry`).
+/// Name of the array of maps that holds the page index records
+/// (`unwound_unwind_tables::layout::PageEntry`), [`PAGE_SEGMENT`] to a segment.
+///
+/// The three shared table arrays are segmented: an outer `BPF_MAP_TYPE_ARRAY_OF_MAPS`
+/// whose slots the agent fills with fixed-size inner arrays only as tables need them, so the
+/// kernel memory held grows and shrinks with the tables loaded and nothing is allocated
+/// ahead for tables that may never come. Value `i` is value `i % SEGMENT` of segment
+/// `i / SEGMENT`; a table's run of values may cross segments.
 pub const PAGES_MAP: &str = "PAGES";
-/// Name of the array of entry chunks (`[u32; CHUNK_ENTRIES]`).
+/// Name of the array of maps that holds the entry chunks (`[u32; CHUNK_ENTRIES]`),
+/// [`CHUNK_SEGMENT`] to a segment.
 pub const CHUNKS_MAP: &str = "CHUNKS";
-/// Name of the array of rule records (`unwound_unwind_tables::layout::DictEntry`: a rule
-/// and its run, 12 bytes).
+/// Name of the array of maps that holds the rule records
+/// (`unwound_unwind_tables::layout::DictEntry`: a rule and its run, 12 bytes),
+/// [`RULE_SEGMENT`] to a segment.
 pub const RULES_MAP: &str = "RULES";
+/// Page index records per segment of [`PAGES_MAP`] (8 bytes each: 64 KiB).
+pub const PAGE_SEGMENT: u32 = 8192;
+/// Chunks per segment of [`CHUNKS_MAP`] (16 KiB each: 64 KiB).
+pub const CHUNK_SEGMENT: u32 = 4;
+/// Rule records per segment of [`RULES_MAP`] (12 bytes, 16 as the kernel stores them:
+/// 64 KiB).
+pub const RULE_SEGMENT: u32 = 4096;
 /// Name of the per-CPU array of [`RuleCacheSlot`]: rules the table walker found lately,
 /// by pc, so the frames every sample of a steady workload repeats skip the mapping search
 /// and the table lookup (one slot read instead of five or six map reads).

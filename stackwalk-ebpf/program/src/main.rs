@@ -27,7 +27,8 @@ use aya_ebpf::{
         bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_task_pt_regs,
     },
-    macros::{map, perf_event, raw_tracepoint},
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
+    macros::{btf_map, map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
     EbpfContext,
@@ -37,6 +38,7 @@ use unwound_stackwalk_abi::{
     TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
     MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
+    CHUNK_SEGMENT, PAGE_SEGMENT, RULE_SEGMENT,
     RULE_CACHE_SLOTS, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
     WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
     WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
@@ -76,13 +78,16 @@ static RULE_CACHE: PerCpuArray<RuleCacheSlot> = PerCpuArray::with_max_entries(RU
 #[map]
 static TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
 
-/// The shared table arrays; the agent sizes them before loading (these are placeholders).
-#[map]
-static PAGES: Array<PageEntry> = Array::with_max_entries(1, 0);
-#[map]
-static CHUNKS: Array<[u32; CHUNK_ENTRIES]> = Array::with_max_entries(1, 0);
-#[map]
-static RULES: Array<DictEntry> = Array::with_max_entries(1, 0);
+/// The shared table arrays, in segments the agent creates as tables need them (see
+/// `PAGES_MAP`); it sizes the outer arrays to its memory budget before loading (the 1s
+/// here are placeholders).
+#[btf_map]
+static PAGES: ArrayOfMaps<BtfArray<PageEntry, { PAGE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
+#[btf_map]
+static CHUNKS: ArrayOfMaps<BtfArray<[u32; CHUNK_ENTRIES], { CHUNK_SEGMENT as usize }>, 1> =
+    ArrayOfMaps::new();
+#[btf_map]
+static RULES: ArrayOfMaps<BtfArray<DictEntry, { RULE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
 
 /// The tail-call walker's continuation programs (kernels without `bpf_loop`).
 #[map]
@@ -268,7 +273,8 @@ impl Memory for UserMemory<'_> {
 
 #[inline(always)]
 fn record_at(rule_start: u32, index: u16) -> Option<DictEntry> {
-    RULES.get(rule_start.wrapping_add(u32::from(index))).copied()
+    let i = rule_start.wrapping_add(u32::from(index));
+    RULES.get_value(i / RULE_SEGMENT, &(i % RULE_SEGMENT)).copied()
 }
 
 /// The unwind rule for file virtual address `vaddr` in table `t`: a page index lookup,
@@ -280,10 +286,12 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     if page >= u64::from(t.pages) {
         return None;
     }
-    let pe = PAGES.get(t.page_start.wrapping_add(page as u32))?;
+    let p = t.page_start.wrapping_add(page as u32);
+    let pe = PAGES.get_value(p / PAGE_SEGMENT, &(p % PAGE_SEGMENT))?;
     let offset = (rel & (PAGE_SIZE - 1)) as u16;
     let global = (t.chunk_start as u64) * CHUNK_ENTRIES as u64 + u64::from(pe.first);
-    let chunk = CHUNKS.get((global / CHUNK_ENTRIES as u64) as u32)?;
+    let c = (global / CHUNK_ENTRIES as u64) as u32;
+    let chunk = CHUNKS.get_value(c / CHUNK_SEGMENT, &(c % CHUNK_SEGMENT))?;
     let start = (global % CHUNK_ENTRIES as u64) as u32;
     let count = u32::from(pe.count);
     if count == 0 {
