@@ -836,7 +836,115 @@ impl TableLoader {
 
 #[cfg(test)]
 mod tests {
-    use super::{segment_parts, Extents};
+    use super::{segment_parts, Extents, TableLoader, TablePlan};
+    use super::{CHUNK_ENTRIES, CHUNK_SEGMENT, MAX_TABLES, PAGE_SEGMENT, RULE_SEGMENT};
+    use aya::maps::{Array, MapData};
+    use unwound_unwind_tables::{compile_elf, UnwindTable};
+
+    /// The walker's maps, loaded for a table budget (no programs), or `None` without
+    /// privileges (a failure under CI).
+    fn loaded(budget: u64) -> Option<(aya::Ebpf, TableLoader)> {
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "needs root to create BPF maps, and CI must run this test"
+            );
+            eprintln!("SKIPPED: needs root to create BPF maps");
+            return None;
+        }
+        crate::record::raise_memlock_limit();
+        let plan = TablePlan::new(&[], None);
+        let mut loader = aya::EbpfLoader::new();
+        plan.size_loader(&mut loader, budget);
+        let mut ebpf = loader.load(crate::record::BPF_OBJECT).expect("the walker's maps");
+        let tables = TableLoader::new(&mut ebpf, plan, budget).expect("table loader");
+        Some((ebpf, tables))
+    }
+
+    /// The table of this test binary (large: its tables span several segments).
+    fn own_table() -> UnwindTable {
+        compile_elf(&std::fs::read("/proc/self/exe").unwrap()).unwrap()
+    }
+
+    /// A system library this test process maps, and its table.
+    fn library_table(name: &str) -> UnwindTable {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let path = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| p.rsplit('/').next().is_some_and(|f| f.starts_with(name)))
+            .unwrap_or_else(|| panic!("this process maps no {name}"))
+            .to_string();
+        compile_elf(&std::fs::read(&path).unwrap()).unwrap()
+    }
+
+    /// Value `i` of a segmented array, read back from the kernel.
+    fn read_back<V: aya::Pod>(seg: &mut super::Segmented<V>, i: u32) -> V {
+        let per = seg.seg;
+        let inner: Array<MapData, V> = seg.outer().unwrap().get(&(i / per), 0).expect("segment held");
+        inner.get(&(i % per), 0).expect("value")
+    }
+
+    #[test]
+    fn segments_are_created_for_the_tables_in_them_and_dropped_with_them() {
+        let Some((_ebpf, mut t)) = loaded(64 << 20) else { return };
+        let (held0, map0) = (t.held_bytes(), t.stats.map_bytes);
+        assert_eq!(t.stats.segments_created, 0, "nothing held before a table");
+        let exe = own_table();
+        let (npages, nrules) = (exe.pages().len() as u32, exe.rules().len() as u32);
+        let nchunks = (exe.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32);
+        assert!(nchunks > CHUNK_SEGMENT, "the table should span several chunk segments: {nchunks} chunks");
+        let id = t.upload("exe", &exe, 1).unwrap().expect("the table fits 64 MiB");
+        let expected = u64::from(
+            npages.div_ceil(PAGE_SEGMENT) + nchunks.div_ceil(CHUNK_SEGMENT) + nrules.div_ceil(RULE_SEGMENT),
+        );
+        assert_eq!(t.stats.segments_created, expected);
+        assert_eq!(t.held_bytes() - held0, expected * (64 << 10), "each segment is 64 KiB");
+        assert_eq!(t.stats.map_bytes, t.held_bytes() + u64::from(MAX_TABLES) * 24);
+        // The values landed where the walker looks: every page record, chunk and rule,
+        // across the segment boundaries.
+        let info = t.resident[&id].info;
+        for (i, p) in exe.pages().iter().enumerate() {
+            let v = read_back(&mut t.pages, info.page_start + i as u32);
+            assert_eq!(u32::from_le_bytes(v[..4].try_into().unwrap()), p.first, "page {i}");
+            assert_eq!(u16::from_le_bytes(v[4..6].try_into().unwrap()), p.count, "page {i}");
+        }
+        for (i, c) in exe.entries().chunks().iter().enumerate() {
+            let v = read_back(&mut t.chunks, info.chunk_start + i as u32);
+            assert_eq!(&v[..c.len()], &c[..], "chunk {i}");
+        }
+        for (i, d) in exe.dictionary().enumerate() {
+            let v = read_back(&mut t.rules, info.rule_start + i as u32);
+            assert_eq!(i32::from_le_bytes(v[4..8].try_into().unwrap()), d.rule.cfa_offset, "rule {i}");
+        }
+        // A second table shares the segments the first one left room in.
+        let ld = library_table("libc.so");
+        let before = t.stats.segments_created;
+        t.upload("libc", &ld, 1).unwrap().expect("libc fits");
+        let ld_chunks = (ld.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32);
+        assert!(
+            t.stats.segments_created - before < u64::from(ld_chunks.div_ceil(CHUNK_SEGMENT) + 2),
+            "libc's pages and rules go into the part-filled segments"
+        );
+        // Evicting both drops every segment: the kernel holds what it held before.
+        while t.evict_one(u32::MAX).unwrap() {}
+        assert_eq!(t.stats.segments_dropped, t.stats.segments_created);
+        assert_eq!((t.held_bytes(), t.stats.map_bytes), (held0, map0));
+        assert!(t.stats.peak_map_bytes > map0);
+    }
+
+    #[test]
+    fn a_table_larger_than_the_budget_holds_no_segment() {
+        let Some((_ebpf, mut t)) = loaded(192 << 10) else { return };
+        let big = own_table();
+        // Its segments (chunks, and at least one of pages and of rules) exceed the budget.
+        let chunk_segments =
+            (big.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32).div_ceil(CHUNK_SEGMENT);
+        assert!((chunk_segments + 2) * (64 << 10) > 192 << 10, "{chunk_segments} chunk segments");
+        assert_eq!(t.upload("exe", &big, 1).unwrap(), None);
+        assert_eq!((t.stats.full, t.stats.segments_created), (1, 0));
+        assert!(t.held_bytes() <= 192 << 10);
+    }
 
     #[test]
     fn a_run_is_cut_at_segment_boundaries() {
