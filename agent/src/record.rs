@@ -969,7 +969,7 @@ impl Summary {
         );
         if let Some(t) = &self.tables {
             eprintln!(
-                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, could not compile {}",
+                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
                 t.tables,
                 t.processes,
                 t.cache_hits,
@@ -983,6 +983,7 @@ impl Summary {
                 t.rule_cache_bytes / 1024,
                 t.evicted,
                 t.full,
+                t.refused,
                 t.compile_failures
             );
         }
@@ -1038,8 +1039,8 @@ impl Summary {
         ));
         if let Some(t) = &self.tables {
             fields.push(format!(
-                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_map_peak_bytes\":{},\"table_segments_created\":{},\"table_segments_dropped\":{},\"rule_cache_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_evicted\":{},\"table_cache_hits\":{},\"table_build_id_shares\":{}",
-                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.peak_map_bytes, t.segments_created, t.segments_dropped, t.rule_cache_bytes, t.compile_failures, t.full, t.evicted, t.cache_hits, t.shared_by_build_id
+                "\"tables\":{},\"table_processes\":{},\"table_bytes\":{},\"table_peak_bytes\":{},\"table_map_bytes\":{},\"table_map_peak_bytes\":{},\"table_segments_created\":{},\"table_segments_dropped\":{},\"rule_cache_bytes\":{},\"table_compile_failures\":{},\"tables_full\":{},\"tables_refused\":{},\"tables_evicted\":{},\"table_cache_hits\":{},\"table_build_id_shares\":{}",
+                t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.peak_map_bytes, t.segments_created, t.segments_dropped, t.rule_cache_bytes, t.compile_failures, t.full, t.refused, t.evicted, t.cache_hits, t.shared_by_build_id
             ));
         }
         if let Some((runs, ns)) = self.bpf_run {

@@ -120,6 +120,8 @@ pub struct TableStats {
     /// Tables that could not be uploaded: larger than the whole budget, or nothing left to
     /// evict.
     pub full: u64,
+    /// Tables the kernel would not take: creating or writing a segment failed.
+    pub refused: u64,
     /// Tables evicted to make room (least recently sampled first).
     pub evicted: u64,
     /// Bytes of the tables resident now.
@@ -354,6 +356,9 @@ struct Segmented<V: aya::Pod> {
     live: u64,
     created: u64,
     dropped: u64,
+    /// Tests: creating a segment fails, as under memory pressure.
+    #[cfg(test)]
+    refuse_new: bool,
     _values: std::marker::PhantomData<V>,
 }
 
@@ -371,6 +376,8 @@ impl<V: aya::Pod> Segmented<V> {
             live: 0,
             created: 0,
             dropped: 0,
+            #[cfg(test)]
+            refuse_new: false,
             _values: std::marker::PhantomData,
         })
     }
@@ -389,46 +396,69 @@ impl<V: aya::Pod> Segmented<V> {
     }
 
     /// Writes `values` at `first..` (a run from `free`), creating the segments it needs.
+    /// On an error nothing stays taken: the run is free again and a segment made for it
+    /// is dropped.
     fn put(&mut self, first: u32, values: &[V]) -> anyhow::Result<()> {
-        let parts: Vec<_> = self.parts(first, values.len() as u32).collect();
-        let mut done = 0usize;
+        let total = values.len() as u32;
+        let parts: Vec<_> = self.parts(first, total).collect();
+        let mut done = 0u32;
         for (s, local, n) in parts {
-            let mut inner = if self.held[s] {
-                self.outer()?
-                    .get(&(s as u32), 0)
-                    .context("cannot open a segment of the walker's table maps")?
-            } else {
-                let inner = Array::<MapData, V>::create(self.seg, 0)
-                    .context("cannot create a segment of the walker's table maps")?;
-                self.outer()?
-                    .set(s as u32, &inner, 0)
-                    .context("cannot add a segment to the walker's table maps")?;
-                self.held[s] = true;
-                self.live += 1;
-                self.created += 1;
-                inner
-            };
-            self.used[s] += n;
-            write_array(&mut inner, local, &values[done..done + n as usize])?;
-            done += n as usize;
+            if let Err(e) = self.put_part(s, local, &values[done as usize..(done + n) as usize]) {
+                self.give_back(first, done);
+                if self.used[s] == 0 {
+                    self.drop_segment(s);
+                }
+                self.free.give_back(first + done, total - done);
+                return Err(e);
+            }
+            done += n;
         }
         Ok(())
     }
 
-    /// Frees `[first, first + n)`, dropping the segments left empty (a segment whose slot
-    /// cannot be emptied stays held, and counted).
+    fn put_part(&mut self, s: usize, local: u32, values: &[V]) -> anyhow::Result<()> {
+        let mut inner = if self.held[s] {
+            self.outer()?.get(&(s as u32), 0).context("cannot open a segment of the walker's table maps")?
+        } else {
+            #[cfg(test)]
+            anyhow::ensure!(!self.refuse_new, "segment refused (test)");
+            let inner = Array::<MapData, V>::create(self.seg, 0)
+                .context("cannot create a segment of the walker's table maps")?;
+            self.outer()?
+                .set(s as u32, &inner, 0)
+                .context("cannot add a segment to the walker's table maps")?;
+            self.held[s] = true;
+            self.live += 1;
+            self.created += 1;
+            inner
+        };
+        write_array(&mut inner, local, values)?;
+        self.used[s] += values.len() as u32;
+        Ok(())
+    }
+
+    /// Empties slot `s` (its segment is freed once the walker no longer reads it); a slot
+    /// that cannot be emptied keeps its segment, held and counted.
+    fn drop_segment(&mut self, s: usize) {
+        if !self.held[s] {
+            return;
+        }
+        if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
+            if clear_slot(data, s as u32).is_ok() {
+                self.held[s] = false;
+                self.live -= 1;
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Frees `[first, first + n)`, dropping the segments left empty.
     fn give_back(&mut self, first: u32, n: u32) {
         let parts: Vec<_> = self.parts(first, n).collect();
         for (s, _, k) in parts {
             self.used[s] = self.used[s].saturating_sub(k);
-            if self.used[s] == 0 && self.held[s] {
-                if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
-                    if clear_slot(data, s as u32).is_ok() {
-                        self.held[s] = false;
-                        self.live -= 1;
-                        self.dropped += 1;
-                    }
-                }
+            if self.used[s] == 0 {
+                self.drop_segment(s);
             }
         }
         self.free.give_back(first, n);
@@ -760,6 +790,19 @@ impl TableLoader {
         }
     }
 
+    /// A table the kernel would not take (a segment it refused to create or fill, e.g.
+    /// under memory pressure): its room and id are free again, the failure counted and the
+    /// first one told; the table is left out like one that does not fit.
+    fn refused(&mut self, id: u32, e: anyhow::Error) -> anyhow::Result<Option<u32>> {
+        self.free_ids.push(id);
+        self.stats.refused += 1;
+        if self.stats.refused == 1 {
+            eprintln!("warning: a table was left out (counted as refused from now on): {e:#}");
+        }
+        self.count_map_bytes();
+        Ok(None)
+    }
+
     /// Copies a table into the shared arrays; `None` when it cannot fit (counted).
     fn upload(&mut self, key: &str, t: &UnwindTable, for_pid: u32) -> anyhow::Result<Option<u32>> {
         let npages = t.pages().len() as u32;
@@ -783,7 +826,11 @@ impl TableLoader {
                 v
             })
             .collect();
-        self.pages.put(info.page_start, &pages)?;
+        if let Err(e) = self.pages.put(info.page_start, &pages) {
+            self.chunks.free.give_back(chunk_start, nchunks);
+            self.rules.free.give_back(rule_start, nrules);
+            return self.refused(id, e);
+        }
         drop(pages);
         let chunks: Vec<[u32; CHUNK_ENTRIES]> = t
             .entries()
@@ -795,7 +842,11 @@ impl TableLoader {
                 v
             })
             .collect();
-        self.chunks.put(info.chunk_start, &chunks)?;
+        if let Err(e) = self.chunks.put(info.chunk_start, &chunks) {
+            self.pages.give_back(page_start, npages);
+            self.rules.free.give_back(rule_start, nrules);
+            return self.refused(id, e);
+        }
         drop(chunks);
         let rules: Vec<[u8; 12]> = t
             .dictionary()
@@ -810,7 +861,11 @@ impl TableLoader {
                 v
             })
             .collect();
-        self.rules.put(info.rule_start, &rules)?;
+        if let Err(e) = self.rules.put(info.rule_start, &rules) {
+            self.pages.give_back(page_start, npages);
+            self.chunks.give_back(chunk_start, nchunks);
+            return self.refused(id, e);
+        }
         self.count_map_bytes();
         self.tables.set(id, info, 0)?;
         let bytes = t.byte_size() as u64;
@@ -931,6 +986,28 @@ mod tests {
         assert_eq!(t.stats.segments_dropped, t.stats.segments_created);
         assert_eq!((t.held_bytes(), t.stats.map_bytes), (held0, map0));
         assert!(t.stats.peak_map_bytes > map0);
+    }
+
+    #[test]
+    fn a_segment_the_kernel_refuses_leaves_nothing_taken() {
+        let Some((_ebpf, mut t)) = loaded(64 << 20) else { return };
+        let held0 = t.held_bytes();
+        let exe = own_table();
+        // The pages go in, then a chunk segment is refused: the pages' segment is dropped
+        // again and every run is free.
+        t.chunks.refuse_new = true;
+        assert_eq!(t.upload("exe", &exe, 1).unwrap(), None);
+        assert_eq!(t.stats.refused, 1);
+        assert!(t.stats.segments_created > 0, "the pages were written first");
+        assert_eq!(t.stats.segments_dropped, t.stats.segments_created);
+        assert_eq!(t.held_bytes(), held0);
+        // Accepted again, the table takes the same id and the runs from the start.
+        t.chunks.refuse_new = false;
+        let id = t.upload("exe", &exe, 1).unwrap().expect("fits once segments are accepted");
+        let info = t.resident[&id].info;
+        assert_eq!((id, info.page_start, info.chunk_start, info.rule_start), (0, 0, 0, 0));
+        let c = read_back(&mut t.chunks, 1);
+        assert_eq!(&c[..exe.entries().chunks()[1].len()], &exe.entries().chunks()[1][..]);
     }
 
     #[test]
