@@ -717,3 +717,36 @@ fn sample_cost_covers_the_walkers_own_run_time() {
     // ... and the handler's own work around the program is small next to a walk.
     assert!(kernel_ns <= bpf_ns * 4 + samples * 20_000, "sample-cost {cost}; agent {json}");
 }
+
+#[test]
+fn tables_load_without_cap_sys_admin() {
+    let Some((_guard, dir)) = bpf_fixture_test("tables_load_without_cap_sys_admin") else {
+        return;
+    };
+    // CAP_BPF and CAP_PERFMON are what the agent needs; without CAP_SYS_ADMIN the kernel
+    // refuses to reopen a map by id, so tables that share a segment must be written
+    // through the handle kept when the segment was made.
+    let busy = start(&dir, "chain_nofp", &[]);
+    settle(200);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("profile.folded");
+    let run = std::process::Command::new("setpriv")
+        .args(["--inh-caps=-sys_admin", "--bounding-set=-sys_admin", env!("CARGO_BIN_EXE_unwound"), "record"])
+        .args(["--pid", &busy.pid().to_string(), "--duration", "2", "--frequency", "499", "--json-summary"])
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("setpriv (util-linux) runs the agent");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "unwound without CAP_SYS_ADMIN failed: {stderr}");
+    let json = String::from_utf8_lossy(&run.stdout).into_owned();
+    let (tables, segments) = (json_u64(&json, "tables"), json_u64(&json, "table_segments_created"));
+    assert_eq!(json_u64(&json, "tables_refused"), 0, "{stderr}");
+    // Each table has runs in all three arrays: fewer segments than 3 per table means some
+    // were written into a segment made for another.
+    assert!(tables >= 2 && segments < 3 * tables, "{tables} tables in {segments} segments: none shared one");
+    let stacks = parse_folded(&std::fs::read_to_string(&out).unwrap());
+    let (total, good) = c_chain_counts(&stacks, "chain_nofp");
+    assert!(total >= 100 && good * 100 >= total * 95, "{good}/{total} full chains");
+    drop(busy);
+}
