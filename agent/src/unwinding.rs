@@ -343,7 +343,6 @@ fn segment_parts(seg: u32, first: u32, n: u32) -> impl Iterator<Item = (usize, u
 struct Segmented<V: aya::Pod> {
     /// The array of maps (always `Map::ArrayOfMaps`).
     outer: aya::maps::Map,
-    slots: u32,
     /// Values per segment.
     seg: u32,
     /// Kernel bytes per segment.
@@ -354,8 +353,7 @@ struct Segmented<V: aya::Pod> {
     /// The segment in each slot, kept open: reopening one by id
     /// (`BPF_MAP_GET_FD_BY_ID`) needs CAP_SYS_ADMIN, which CAP_BPF alone does not give.
     held: Vec<Option<Array<MapData, V>>>,
-    /// Segments held.
-    live: u64,
+    /// Segments created and dropped (held: the difference).
     created: u64,
     dropped: u64,
     /// Tests: creating a segment fails, as under memory pressure.
@@ -369,13 +367,11 @@ impl<V: aya::Pod> Segmented<V> {
         let slots = ArrayOfMaps::<&mut MapData, Array<MapData, V>>::try_from(&mut outer)?.len();
         Ok(Segmented {
             outer,
-            slots,
             seg,
             seg_bytes,
             free: Extents::new(slots.saturating_mul(seg)),
             used: vec![0; slots as usize],
             held: (0..slots).map(|_| None).collect(),
-            live: 0,
             created: 0,
             dropped: 0,
             #[cfg(test)]
@@ -428,7 +424,6 @@ impl<V: aya::Pod> Segmented<V> {
                 .set(s as u32, &inner, 0)
                 .context("cannot add a segment to the walker's table maps")?;
             self.held[s] = Some(inner);
-            self.live += 1;
             self.created += 1;
         }
         let inner = self.held[s].as_mut().expect("segment held");
@@ -446,7 +441,6 @@ impl<V: aya::Pod> Segmented<V> {
         if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
             if clear_slot(data, s as u32).is_ok() {
                 self.held[s] = None;
-                self.live -= 1;
                 self.dropped += 1;
             }
         }
@@ -464,15 +458,26 @@ impl<V: aya::Pod> Segmented<V> {
         self.free.give_back(first, n);
     }
 
+    /// Undoes a run of a table that could not be uploaded: `Less`, written before the
+    /// failure (freed with its segments); `Greater`, only reserved; `Equal`, the write
+    /// that failed, which gave its run back itself.
+    fn undo(&mut self, (first, n): (u32, u32), stage: std::cmp::Ordering) {
+        match stage {
+            std::cmp::Ordering::Less => self.give_back(first, n),
+            std::cmp::Ordering::Greater => self.free.give_back(first, n),
+            std::cmp::Ordering::Equal => {}
+        }
+    }
+
     /// Kernel bytes a run of `n` values needs at the least (its segments, and the outer
     /// array).
     fn least_bytes(&self, n: u32) -> u64 {
-        u64::from(n.div_ceil(self.seg)) * self.seg_bytes + u64::from(self.slots) * 8
+        u64::from(n.div_ceil(self.seg)) * self.seg_bytes + self.used.len() as u64 * 8
     }
 
     /// Kernel bytes of the segments held and the outer array.
     fn bytes(&self) -> u64 {
-        self.live * self.seg_bytes + u64::from(self.slots) * 8
+        (self.created - self.dropped) * self.seg_bytes + self.used.len() as u64 * 8
     }
 }
 
@@ -802,8 +807,19 @@ impl TableLoader {
 
     /// A table the kernel would not take (a segment it refused to create or fill, e.g.
     /// under memory pressure): its room and id are free again, the failure counted and the
-    /// first one told; the table is left out like one that does not fit.
-    fn refused(&mut self, id: u32, e: anyhow::Error) -> anyhow::Result<Option<u32>> {
+    /// first one told; the table is left out like one that does not fit. `runs` are its
+    /// (first, count) in pages, chunks and rules; `failed` the step that failed (0–2: that
+    /// array's write, which gave its own run back; 3: the table directory).
+    fn refused(
+        &mut self,
+        id: u32,
+        runs: [(u32, u32); 3],
+        failed: usize,
+        e: anyhow::Error,
+    ) -> anyhow::Result<Option<u32>> {
+        self.pages.undo(runs[0], 0.cmp(&failed));
+        self.chunks.undo(runs[1], 1.cmp(&failed));
+        self.rules.undo(runs[2], 2.cmp(&failed));
         self.free_ids.push(id);
         self.stats.refused += 1;
         if self.stats.refused == 1 {
@@ -840,10 +856,9 @@ impl TableLoader {
                 v
             })
             .collect();
+        let runs = [(page_start, npages), (chunk_start, nchunks), (rule_start, nrules)];
         if let Err(e) = self.pages.put(info.page_start, &pages) {
-            self.chunks.free.give_back(chunk_start, nchunks);
-            self.rules.free.give_back(rule_start, nrules);
-            return self.refused(id, e);
+            return self.refused(id, runs, 0, e);
         }
         drop(pages);
         let chunks: Vec<[u32; CHUNK_ENTRIES]> = t
@@ -857,9 +872,7 @@ impl TableLoader {
             })
             .collect();
         if let Err(e) = self.chunks.put(info.chunk_start, &chunks) {
-            self.pages.give_back(page_start, npages);
-            self.rules.free.give_back(rule_start, nrules);
-            return self.refused(id, e);
+            return self.refused(id, runs, 1, e);
         }
         drop(chunks);
         let rules: Vec<[u8; 12]> = t
@@ -876,16 +889,11 @@ impl TableLoader {
             })
             .collect();
         if let Err(e) = self.rules.put(info.rule_start, &rules) {
-            self.pages.give_back(page_start, npages);
-            self.chunks.give_back(chunk_start, nchunks);
-            return self.refused(id, e);
+            return self.refused(id, runs, 2, e);
         }
         self.count_map_bytes();
         if let Err(e) = self.tables.set(id, info, 0) {
-            self.pages.give_back(page_start, npages);
-            self.chunks.give_back(chunk_start, nchunks);
-            self.rules.give_back(rule_start, nrules);
-            return self.refused(id, e.into());
+            return self.refused(id, runs, 3, e.into());
         }
         let bytes = t.byte_size() as u64;
         self.resident.insert(
