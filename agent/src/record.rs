@@ -15,7 +15,7 @@ use aya::programs::PerfEvent;
 use aya::util::online_cpus;
 use aya::{Ebpf, EbpfLoader};
 use unwound_stackwalk_abi::{
-    Counter, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM, FLAG_EVENT_EXEC,
+    Counter, Counters, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM, FLAG_EVENT_EXEC,
     FLAG_EVENT_EXIT, FP_TAIL_PROGRAM, MAX_PIDS, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
     SAMPLE_TAIL_PROGRAM, TABLE_TAIL_PROGRAM, TAIL_SLOT_FP, TAIL_SLOT_TABLES, WALK_PROGS_MAP,
 };
@@ -780,16 +780,10 @@ impl Session {
     }
 
     fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
-        let map: PerCpuArray<_, u64> =
+        let map: PerCpuArray<_, Counters> =
             PerCpuArray::try_from(self.ebpf.map(COUNTERS_MAP).context("BPF object has no COUNTERS map")?)?;
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let per_cpu =
-                    map.get(&(c as u32), 0).with_context(|| format!("cannot read counter {}", c.name()))?;
-                Ok((c, per_cpu.iter().sum()))
-            })
-            .collect()
+        let per_cpu = map.get(&0, 0).context("cannot read the walker's counters")?;
+        Ok(Counter::ALL.iter().map(|&c| (c, per_cpu.iter().map(|cpu| cpu[c as usize]).sum())).collect())
     }
 }
 

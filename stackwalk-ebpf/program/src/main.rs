@@ -34,8 +34,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    rule_cache_slot, Counter, MappingEntry, ProcMappings, RuleCacheSlot, SampleBuffer, SampleHeader,
-    TableInfo, WalkerConfig, CHUNK_ENTRIES, COUNTER_SLOTS, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
+    rule_cache_slot, Counter, Counters, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
+    TableInfo, WalkerConfig, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
     MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
     CHUNK_SEGMENT, PAGE_SEGMENT, RULE_SEGMENT,
@@ -54,7 +54,7 @@ use unwound_unwind_tables::layout::{
 static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
 
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static CONFIG: Array<WalkerConfig> = Array::with_max_entries(1, 0);
@@ -73,7 +73,7 @@ static PROCS: HashMap<u32, ProcMappings> = HashMap::with_max_entries(MAX_PROCS, 
 /// the same return addresses, and a slot read costs one cache line where the mapping search
 /// and the table lookup touch five or six, cold at low sampling rates.
 #[map]
-static RULE_CACHE: PerCpuArray<RuleCacheSlot> = PerCpuArray::with_max_entries(RULE_CACHE_SLOTS, 0);
+static RULE_CACHE: PerCpuArray<RuleCache> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
@@ -106,17 +106,15 @@ const RECORD_CAPACITY: usize = HEADER_SIZE + MAX_FRAMES * 8;
 
 #[inline(always)]
 fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot; perf-event programs do not nest on one CPU.
-        unsafe { *slot += 1 };
-    }
+    add(counter, 1);
 }
 
 #[inline(always)]
 fn add(counter: Counter, n: u64) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot; perf-event programs do not nest on one CPU.
-        unsafe { *slot += n };
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: this CPU's counters; perf-event programs do not nest on one CPU. The
+        // index is a constant below COUNTER_SLOTS.
+        unsafe { (*counters)[counter as usize] += n };
     }
 }
 
@@ -394,8 +392,8 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         // SAFETY: `last_rule` holds the bytes of an UnwindRule (8 bytes, plain integers).
         Some(core::mem::transmute::<u64, UnwindRule>(buf.last_rule))
     } else {
-        let key = rule_cache_slot(pid, pc);
-        let hit = match RULE_CACHE.get(key) {
+        let key = rule_cache_slot(pid, pc) as usize & (RULE_CACHE_SLOTS as usize - 1);
+        let hit = match RULE_CACHE.get(0).map(|c| &c.slots[key]) {
             Some(c) if c.pc == pc && c.pid == pid && c.generation == generation => Some(c.rule),
             _ => None,
         };
@@ -406,11 +404,12 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
             }
             None => match find_rule(buf, pc) {
                 Ok(Some(r)) => {
-                    if let Some(c) = RULE_CACHE.get_ptr_mut(key) {
-                        (*c).pc = pc;
-                        (*c).pid = pid;
-                        (*c).generation = generation;
-                        (*c).rule = core::mem::transmute::<UnwindRule, u64>(r);
+                    if let Some(cache) = RULE_CACHE.get_ptr_mut(0) {
+                        let c = &mut (*cache).slots[key];
+                        c.pc = pc;
+                        c.pid = pid;
+                        c.generation = generation;
+                        c.rule = core::mem::transmute::<UnwindRule, u64>(r);
                     }
                     Some(r)
                 }
