@@ -157,6 +157,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         profiles_failed: writer.failed,
         seconds: recorded.as_secs_f64(),
         cpus,
+        ring_bytes: session.ring_bytes,
         agent_cpu: cpu,
         cpu_phases,
         walker_programs: session.walker_programs.clone(),
@@ -441,6 +442,20 @@ pub(crate) fn check_privileges() -> anyhow::Result<()> {
     )
 }
 
+/// Least and most bytes of the sample ring.
+const RING_MIN_BYTES: u64 = 256 << 10;
+const RING_MAX_BYTES: u64 = 64 << 20;
+
+/// The sample ring's size for `cpus` CPUs sampled at `hz`: two seconds of 1 KiB records
+/// (a 120-frame stack; most are a few hundred bytes), a power of two between 256 KiB and
+/// 64 MiB. The agent drains it every 100 ms and is woken when it is a quarter full, so
+/// the slack covers a pause of the agent (a large table compiled between two drains), and
+/// a small machine does not hold a large machine's ring.
+fn ring_bytes(cpus: usize, hz: u64) -> u32 {
+    let want = (cpus as u64).saturating_mul(hz).saturating_mul(2 << 10);
+    want.clamp(RING_MIN_BYTES, RING_MAX_BYTES).next_power_of_two() as u32
+}
+
 /// Lets the walker sample `pid` while its pid filter is on.
 fn add_to_pid_filter(ebpf: &mut Ebpf, pid: u32) -> anyhow::Result<()> {
     let mut pids: BpfHashMap<_, u32, u8> =
@@ -515,6 +530,8 @@ struct Session {
     ring: RingBuf<aya::maps::MapData>,
     links: Vec<aya::programs::perf_event::PerfEventLinkId>,
     cpus: usize,
+    /// The sample ring's size, as sized at load.
+    ring_bytes: u32,
     /// Each program of the walker and its verified instructions, the attached sampling
     /// program (`bpf_loop` or tail-call walker) first.
     walker_programs: Vec<(&'static str, Option<u32>)>,
@@ -545,7 +562,15 @@ impl Session {
             eprintln!("unwound: unwind tables ready in {:.2} s", t.elapsed().as_secs_f64());
             Some(plan)
         };
+        let cpus = online_cpus().map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))?;
+        let ring_bytes = ring_bytes(cpus.len(), args.frequency);
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(SAMPLES_MAP, ring_bytes);
+        // The pid filter holds the --pid processes and a command's; 1 is the least a map takes.
+        loader.map_max_entries(
+            PIDS_MAP,
+            (args.pids.len() + usize::from(!args.command.is_empty())).max(1) as u32,
+        );
         let table_budget = (args.table_memory * (1u64 << 20) as f64) as u64;
         if let Some(p) = &plan {
             p.size_loader(&mut loader, table_budget);
@@ -568,7 +593,7 @@ impl Session {
                 filter_pids: u32::from(!args.pids.is_empty() || !args.command.is_empty()),
                 max_user_frames: args.max_frames,
                 follow_processes: u32::from(tables.is_some()),
-                reserved: 0,
+                ring_wakeup_bytes: ring_bytes / 4,
             };
             config.set(0, value, 0).context("cannot configure the walker")?;
         }
@@ -601,7 +626,6 @@ impl Session {
         }
         let program: &mut PerfEvent =
             ebpf.program_mut(sample_program).context("BPF object has no sampling program")?.try_into()?;
-        let cpus = online_cpus().map_err(|(path, e)| anyhow!("cannot read {path}: {e}"))?;
         let mut links = Vec::with_capacity(cpus.len());
         for cpu in &cpus {
             let link = program
@@ -627,6 +651,7 @@ impl Session {
             ring,
             links,
             cpus: cpus.len(),
+            ring_bytes,
             walker_programs,
             event_instructions,
             _walk_programs: walk_programs,
@@ -865,6 +890,7 @@ struct Summary {
     profiles_failed: u64,
     seconds: f64,
     cpus: usize,
+    ring_bytes: u32,
     agent_cpu: Duration,
     /// The agent's CPU before sampling (tables, BPF load and verification), while
     /// sampling, and after (symbolization, the profile).
@@ -919,8 +945,10 @@ impl Summary {
             n => format!(" ({n} could not be written)"),
         };
         eprintln!(
-            "unwound: wrote {wrote}{failed} — {} samples in {} stacks; dropped: {dropped}",
-            self.received, self.stacks
+            "unwound: wrote {wrote}{failed} — {} samples in {} stacks; dropped: {dropped} (sample ring {} KiB)",
+            self.received,
+            self.stacks,
+            self.ring_bytes >> 10
         );
         eprintln!(
             "unwound: {fired} perf samples fired ({:.1}/s per CPU; idle {}, other processes {}); user walks truncated {}, ended at a bad frame pointer {}; kernel threads {}",
@@ -1009,6 +1037,7 @@ impl Summary {
         fields.push(format!("\"profiles_failed\":{}", self.profiles_failed));
         fields.push(format!("\"seconds\":{:.3}", self.seconds));
         fields.push(format!("\"cpus\":{}", self.cpus));
+        fields.push(format!("\"ring_buffer_bytes\":{}", self.ring_bytes));
         fields.push(format!("\"agent_cpu_seconds\":{:.4}", self.agent_cpu.as_secs_f64()));
         for (name, d) in ["startup", "sampling", "finish"].iter().zip(self.cpu_phases) {
             fields.push(format!("\"agent_{name}_cpu_seconds\":{:.4}", d.as_secs_f64()));
@@ -1047,6 +1076,24 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ring_is_sized_to_cpus_and_rate() {
+        // A 2-CPU machine at 99 Hz: 2 s of 1 KiB records is 396 KiB, rounded up.
+        assert_eq!(ring_bytes(2, 99), 512 << 10);
+        // Small: the floor. Large: the cap. Always a power of two (the kernel requires
+        // a power-of-two number of pages).
+        assert_eq!(ring_bytes(1, 1), 256 << 10);
+        assert_eq!(ring_bytes(4096, 10_000), 64 << 20);
+        assert_eq!(ring_bytes(usize::MAX, u64::MAX), 64 << 20);
+        for (cpus, hz) in [(1, 99), (2, 999), (64, 99), (64, 999), (3, 4000), (96, 49)] {
+            let b = ring_bytes(cpus, hz);
+            assert!(b.is_power_of_two() && b.is_multiple_of(4096), "{cpus} CPUs at {hz} Hz: {b}");
+            assert!(u64::from(b) >= (cpus as u64 * hz * 2048).min(64 << 20), "{cpus} CPUs at {hz} Hz: {b}");
+        }
+        // More CPUs or a higher rate never shrink it.
+        assert!(ring_bytes(64, 99) > ring_bytes(2, 99) && ring_bytes(2, 999) > ring_bytes(2, 99));
+    }
 
     #[test]
     fn stamps_agree_with_date() {

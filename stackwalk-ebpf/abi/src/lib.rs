@@ -384,9 +384,14 @@ pub struct WalkerConfig {
     /// Non-zero: the agent gives processes tables as they appear, so a sample of a process
     /// without tables (or of a pc outside its known mappings) wakes it early.
     pub follow_processes: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// Bytes waiting in [`SAMPLES_MAP`] at which a record wakes the agent (it sizes the
+    /// ring at load and sets a quarter of it); 0: [`DEFAULT_RING_BYTES`] / 4.
+    pub ring_wakeup_bytes: u32,
 }
+
+/// Size of [`SAMPLES_MAP`] in the BPF object; the agent sizes the ring to the CPUs and
+/// the sampling rate before loading.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 
 /// Indices of the per-CPU event counters in [`COUNTERS_MAP`].
 ///

@@ -34,7 +34,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    rule_cache_slot, Counter, Counters, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
+    rule_cache_slot, Counter, Counters, DEFAULT_RING_BYTES, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
     TableInfo, WalkerConfig, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
     MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
@@ -48,10 +48,10 @@ use unwound_unwind_tables::layout::{
     PAGE_SIZE,
 };
 
-/// 4 MiB: at 99 Hz on 64 CPUs with 40-frame stacks that is ~2 s of samples; the agent
-/// drains it every 100 ms, and is woken early only when it is a quarter full.
+/// Sized by the agent at load to its CPUs and sampling rate (the size here is a default);
+/// the agent drains it every 100 ms, and is woken early only when it is a quarter full.
 #[map]
-static SAMPLES: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+static SAMPLES: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
@@ -97,8 +97,6 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const RING_BYTES: u32 = 4 << 20;
-const RING_WAKEUP_BYTES: u64 = (RING_BYTES / 4) as u64;
 /// Least time between two wakeups of the agent for records it must act on, per CPU.
 const NEEDS_AGENT_WAKE_NS: u64 = 10_000_000;
 
@@ -719,7 +717,7 @@ unsafe fn finish(buf: &mut SampleBuffer) {
     // sample of that code is incomplete.
     let needs_agent = buf.header.walk_end == WALK_UNKNOWN_MAPPING
         || (buf.follow_processes != 0 && buf.table_walk == 0 && buf.header.flags & FLAG_NO_USER == 0);
-    let mut wakeup = ring_wakeup();
+    let mut wakeup = ring_wakeup(CONFIG.get(0).map_or(0, |c| c.ring_wakeup_bytes));
     if needs_agent && buf.header.time_ns.wrapping_sub(buf.needs_agent_woken_ns) >= NEEDS_AGENT_WAKE_NS {
         buf.needs_agent_woken_ns = buf.header.time_ns;
         wakeup = BPF_RB_FORCE_WAKEUP;
@@ -735,8 +733,9 @@ unsafe fn finish(buf: &mut SampleBuffer) {
 /// timer, and a wakeup per record costs an irq_work (an IPI, a VM exit under a hypervisor)
 /// and a context switch per sample.
 #[inline(always)]
-fn ring_wakeup() -> u64 {
-    if SAMPLES.query(BPF_RB_AVAIL_DATA) >= RING_WAKEUP_BYTES {
+fn ring_wakeup(threshold: u32) -> u64 {
+    let threshold = if threshold == 0 { DEFAULT_RING_BYTES / 4 } else { threshold };
+    if SAMPLES.query(BPF_RB_AVAIL_DATA) >= u64::from(threshold) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -786,7 +785,7 @@ fn process_event(flag: u32) {
         walk_end: WALK_FRAME_POINTERS,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup());
+    let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup(config.ring_wakeup_bytes));
 }
 
 /// Kernel time of every `cpu-clock` sample on this CPU, whoever takes it (this walker,
