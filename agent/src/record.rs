@@ -446,13 +446,13 @@ pub(crate) fn check_privileges() -> anyhow::Result<()> {
 const RING_MIN_BYTES: u64 = 256 << 10;
 const RING_MAX_BYTES: u64 = 64 << 20;
 
-/// The sample ring's size for `cpus` CPUs sampled at `hz`: two seconds of 1 KiB records
+/// The sample ring's size for `cpus` CPUs sampled at `hz`: five seconds of 1 KiB records
 /// (a 120-frame stack; most are a few hundred bytes), a power of two between 256 KiB and
-/// 64 MiB. The agent drains it every 100 ms and is woken when it is a quarter full, so
-/// the slack covers a pause of the agent (a large table compiled between two drains), and
-/// a small machine does not hold a large machine's ring.
+/// 64 MiB. The agent drains it every 100 ms and is woken when it is a quarter full; the
+/// slack is for the agent's pauses between drains (a large table compiled, a profile of
+/// `--every` symbolized), and a small machine does not hold a large machine's ring.
 fn ring_bytes(cpus: usize, hz: u64) -> u32 {
-    let want = (cpus as u64).saturating_mul(hz).saturating_mul(2 << 10);
+    let want = (cpus as u64).saturating_mul(hz).saturating_mul(5 << 10);
     want.clamp(RING_MIN_BYTES, RING_MAX_BYTES).next_power_of_two() as u32
 }
 
@@ -1079,8 +1079,8 @@ mod tests {
 
     #[test]
     fn ring_is_sized_to_cpus_and_rate() {
-        // A 2-CPU machine at 99 Hz: 2 s of 1 KiB records is 396 KiB, rounded up.
-        assert_eq!(ring_bytes(2, 99), 512 << 10);
+        // A 2-CPU machine at 99 Hz: 5 s of 1 KiB records is 990 KiB, rounded up.
+        assert_eq!(ring_bytes(2, 99), 1 << 20);
         // Small: the floor. Large: the cap. Always a power of two (the kernel requires
         // a power-of-two number of pages).
         assert_eq!(ring_bytes(1, 1), 256 << 10);
@@ -1089,7 +1089,7 @@ mod tests {
         for (cpus, hz) in [(1, 99), (2, 999), (64, 99), (64, 999), (3, 4000), (96, 49)] {
             let b = ring_bytes(cpus, hz);
             assert!(b.is_power_of_two() && b.is_multiple_of(4096), "{cpus} CPUs at {hz} Hz: {b}");
-            assert!(u64::from(b) >= (cpus as u64 * hz * 2048).min(64 << 20), "{cpus} CPUs at {hz} Hz: {b}");
+            assert!(u64::from(b) >= (cpus as u64 * hz * 5120).min(64 << 20), "{cpus} CPUs at {hz} Hz: {b}");
         }
         // More CPUs or a higher rate never shrink it.
         assert!(ring_bytes(64, 99) > ring_bytes(2, 99) && ring_bytes(2, 999) > ring_bytes(2, 99));
