@@ -19,7 +19,9 @@ use unwound_stackwalk_abi::{
     walk_end_name, SampleHeader, SampleRecord, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, WALK_COMPLETE,
     WALK_FRAME_POINTERS,
 };
-use unwound_symbolize::{ElfSymbols, KernelSymbols, Mapping, ProcessMaps, Symbolized, Symbolizer};
+use unwound_symbolize::{
+    ElfSymbols, KernelSymbols, LoadSegments, Mapping, ProcessMaps, Symbolized, Symbolizer,
+};
 
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -84,6 +86,8 @@ pub struct FileInfo {
     /// process maps many more (parsing every mapped file's symbol table when a process
     /// was first seen took a tenth of the agent's CPU).
     symbols: std::sync::OnceLock<Option<ElfSymbols>>,
+    /// The load segments alone, read from `file` when first needed (without `symbols`).
+    segments: std::sync::OnceLock<Option<LoadSegments>>,
     file: Option<std::fs::File>,
 }
 
@@ -94,9 +98,24 @@ impl FileInfo {
             .as_ref()
     }
 
-    /// Whether the file was opened but its symbols, once needed, could not be read.
+    /// The file's own address of a file offset. Reads the load segments alone: the
+    /// symbol table (tens of milliseconds for a large binary) is read only when the
+    /// symbolizer has no name for an address.
+    fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        if let Some(Some(s)) = self.symbols.get() {
+            return s.file_offset_to_vaddr(offset);
+        }
+        self.segments
+            .get_or_init(|| self.file.as_ref().and_then(|f| LoadSegments::open(fd_path(f)).ok()))
+            .as_ref()?
+            .file_offset_to_vaddr(offset)
+    }
+
+    /// Whether the file was opened but its segments or symbols, once needed, could not be
+    /// read.
     fn unreadable(&self) -> bool {
-        self.file.is_some() && matches!(self.symbols.get(), Some(None))
+        self.file.is_some()
+            && (matches!(self.symbols.get(), Some(None)) || matches!(self.segments.get(), Some(None)))
     }
 }
 
@@ -231,7 +250,11 @@ impl Collector {
             if path.as_os_str() == "[vdso]" {
                 read_process_memory(pid, m.start, m.end - m.start)
                     .and_then(|bytes| ElfSymbols::from_bytes("[vdso]", &bytes).ok())
-                    .map(|symbols| FileInfo { symbols: Some(symbols).into(), file: None })
+                    .map(|symbols| FileInfo {
+                        symbols: Some(symbols).into(),
+                        segments: std::sync::OnceLock::new(),
+                        file: None,
+                    })
             } else {
                 None
             }
@@ -241,7 +264,11 @@ impl Collector {
                 Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
             let opened = std::fs::File::open(&via_map_files).or_else(|_| std::fs::File::open(&via_root));
             match opened {
-                Ok(f) => Some(FileInfo { symbols: std::sync::OnceLock::new(), file: Some(f) }),
+                Ok(f) => Some(FileInfo {
+                    symbols: std::sync::OnceLock::new(),
+                    segments: std::sync::OnceLock::new(),
+                    file: Some(f),
+                }),
                 Err(_) => {
                     self.open_errors += 1;
                     None
@@ -382,7 +409,7 @@ impl Collector {
                 if info.file.is_none() {
                     continue;
                 }
-                if let Some(v) = info.symbols().and_then(|s| s.file_offset_to_vaddr(m.file_offset(lookup))) {
+                if let Some(v) = info.file_offset_to_vaddr(m.file_offset(lookup)) {
                     wanted.entry(file_id(info)).or_insert_with(|| (info.clone(), Vec::new())).1.push(v);
                 }
             }
@@ -418,7 +445,7 @@ fn user_frame(process: Option<&ProcessInfo>, addr: u64, resolved: &Resolved) -> 
     let module = m.short_name();
     let offset = m.file_offset(addr);
     let info = p.symbols.get(&m.start).and_then(|s| s.as_ref());
-    let vaddr = info.and_then(|s| s.symbols()?.file_offset_to_vaddr(offset));
+    let vaddr = info.and_then(|s| s.file_offset_to_vaddr(offset));
     let (Some(info), Some(v)) = (info, vaddr) else {
         return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);
     };

@@ -61,6 +61,74 @@ struct LoadSegment {
     vaddr: u64,
 }
 
+/// The load segments of an ELF file: where its file offsets (as `/proc/PID/maps` gives
+/// them) land in its own virtual addresses. Reading them touches only the program headers,
+/// not the symbol tables, so it is cheap for any size of binary.
+///
+/// ```no_run
+/// let segments = unwound_symbolize::LoadSegments::open("/usr/bin/true")?;
+/// println!("{:?}", segments.file_offset_to_vaddr(0x2000));
+/// # Ok::<(), unwound_symbolize::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct LoadSegments(Vec<LoadSegment>);
+
+impl LoadSegments {
+    /// Reads the load segments of the ELF file at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref();
+        let map = map_elf(path)?;
+        Self::from_bytes(path, &map)
+    }
+
+    /// Reads the load segments of an ELF image held in memory; `name` is used in errors.
+    pub fn from_bytes(name: impl AsRef<Path>, data: &[u8]) -> Result<Self, Error> {
+        Ok(Self::of(&parse_elf(name.as_ref(), data)?))
+    }
+
+    fn of(file: &object::File<'_>) -> Self {
+        LoadSegments(
+            file.segments()
+                .filter_map(|s| {
+                    let (file_offset, file_size) = s.file_range();
+                    (file_size > 0).then_some(LoadSegment { file_offset, file_size, vaddr: s.address() })
+                })
+                .collect(),
+        )
+    }
+
+    /// The file's own virtual address of file offset `offset`, through the load segment
+    /// that holds it.
+    pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size)
+            .map(|s| s.vaddr.wrapping_add(offset - s.file_offset))
+    }
+}
+
+/// Maps the ELF file at `path` read-only, refusing one larger than [`MAX_ELF_SIZE`].
+fn map_elf(path: &Path) -> Result<memmap2::Mmap, Error> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    if size > MAX_ELF_SIZE {
+        return Err(Error::TooLarge { path: path.to_path_buf(), size });
+    }
+    // SAFETY: the map is read-only and private; a file truncated under us would fault
+    // (SIGBUS), the same risk every mmap-based ELF reader takes.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
+}
+
+fn parse_elf<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, Error> {
+    let file = object::File::parse(data)
+        .map_err(|e| Error::Elf { path: path.to_path_buf(), reason: e.to_string() })?;
+    if file.format() != object::BinaryFormat::Elf {
+        return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
+    }
+    Ok(file)
+}
+
 /// The function symbols and load segments of one ELF file.
 ///
 /// Symbols come from `.symtab` and `.dynsym`. Where several names share an address (aliases
@@ -71,7 +139,7 @@ struct LoadSegment {
 pub struct ElfSymbols {
     path: PathBuf,
     entries: Vec<Entry>,
-    segments: Vec<LoadSegment>,
+    segments: LoadSegments,
     build_id: Option<Vec<u8>>,
 }
 
@@ -89,16 +157,7 @@ impl ElfSymbols {
     }
 
     fn open_with(path: &Path, binutils: bool) -> Result<Self, Error> {
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let file = File::open(path).map_err(io)?;
-        let size = file.metadata().map_err(io)?.len();
-        if size > MAX_ELF_SIZE {
-            return Err(Error::TooLarge { path: path.to_path_buf(), size });
-        }
-        // SAFETY: the map is read-only and private; a file truncated under us would fault
-        // (SIGBUS), the same risk every mmap-based ELF reader takes.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, &map, binutils)
+        Self::parse(path, &map_elf(path)?, binutils)
     }
 
     /// Reads the symbols of an ELF image held in memory (a vDSO copied from a process).
@@ -128,11 +187,7 @@ impl ElfSymbols {
     }
 
     fn parse(path: &Path, data: &[u8], binutils: bool) -> Result<Self, Error> {
-        let elf_err = |e: object::Error| Error::Elf { path: path.to_path_buf(), reason: e.to_string() };
-        let file = object::File::parse(data).map_err(elf_err)?;
-        if file.format() != object::BinaryFormat::Elf {
-            return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
-        }
+        let file = parse_elf(path, data)?;
         let mut raw: Vec<RawSym> = Vec::new();
         // binutils' reading of STT_FILE symbols: a function takes the last file symbol
         // before it, unless it is global and that file symbol came after other symbols.
@@ -241,13 +296,7 @@ impl ElfSymbols {
                 file,
             });
         }
-        let segments = file
-            .segments()
-            .filter_map(|s| {
-                let (file_offset, file_size) = s.file_range();
-                (file_size > 0).then_some(LoadSegment { file_offset, file_size, vaddr: s.address() })
-            })
-            .collect();
+        let segments = LoadSegments::of(&file);
         let build_id = file.build_id().ok().flatten().map(|b| b.to_vec());
         Ok(ElfSymbols { path: path.to_path_buf(), entries, segments, build_id })
     }
@@ -275,10 +324,7 @@ impl ElfSymbols {
     /// Turns an offset in the file (as `/proc/PID/maps` gives it) into the file's own
     /// virtual address, through the load segment that holds it.
     pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size)
-            .map(|s| s.vaddr.wrapping_add(offset - s.file_offset))
+        self.segments.file_offset_to_vaddr(offset)
     }
 
     /// The function that contains `vaddr`. A symbol with a size covers exactly that range;

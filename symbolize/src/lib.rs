@@ -42,7 +42,7 @@ mod name;
 mod symbolizer;
 
 pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError};
-pub use elf::{ElfSymbols, Symbol};
+pub use elf::{ElfSymbols, LoadSegments, Symbol};
 pub use kernel::{KernelSymbol, KernelSymbols};
 
 /// 64-bit FNV-1a of `bytes`: cache keys (stable across runs and machines).

@@ -128,3 +128,50 @@ fn unsafe_geteuid() -> u32 {
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
     uid.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// `readelf -lW`'s LOAD segments: (file offset, virtual address, file size).
+fn readelf_loads(path: &str) -> Vec<(u64, u64, u64)> {
+    let out = Command::new("readelf").args(["-lW", path]).output().expect("readelf (binutils)");
+    assert!(out.status.success(), "readelf -l {path}");
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex field");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"LOAD")).then(|| (hex(f[1]), hex(f[2]), hex(f[4])))
+        })
+        .collect()
+}
+
+#[test]
+fn load_segments_agree_with_readelf() {
+    use unwound_symbolize::LoadSegments;
+    for path in
+        ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6", "/usr/bin/bash"]
+    {
+        let loads = readelf_loads(path);
+        assert!(loads.len() >= 2, "{path}: readelf lists {} LOAD segments", loads.len());
+        let ours = LoadSegments::open(path).unwrap();
+        let symbols = ElfSymbols::open(path).unwrap();
+        for &(offset, vaddr, size) in loads.iter().filter(|l| l.2 > 0) {
+            for k in [0, size / 2, size - 1] {
+                assert_eq!(
+                    ours.file_offset_to_vaddr(offset + k),
+                    Some(vaddr + k),
+                    "{path}: offset {:#x}",
+                    offset + k
+                );
+                assert_eq!(
+                    symbols.file_offset_to_vaddr(offset + k),
+                    Some(vaddr + k),
+                    "{path}: offset {:#x}",
+                    offset + k
+                );
+            }
+        }
+        // Past the end of every segment's file bytes: no address.
+        let end = loads.iter().map(|&(o, _, s)| o + s).max().unwrap();
+        assert_eq!(ours.file_offset_to_vaddr(end + 0x10_0000), None, "{path}");
+    }
+    assert!(LoadSegments::from_bytes("junk", b"not an ELF file").is_err());
+}
