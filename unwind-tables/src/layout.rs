@@ -356,7 +356,8 @@ impl Run {
     /// `base` after `steps` steps of this run.
     #[inline]
     pub const fn apply(self, base: UnwindRule, steps: u32) -> UnwindRule {
-        let mut r = if steps == 0 { base } else { base.advanced(steps, self.pops()) };
+        // Zero steps advance the CFA by nothing.
+        let mut r = base.advanced(steps, self.pops());
         if steps < self.rbp_from() && r.rbp == RbpKind::AtCfa as u8 {
             r.rbp = RbpKind::Unchanged as u8;
             r.rbp_slot = 0;
