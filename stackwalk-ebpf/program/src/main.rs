@@ -278,6 +278,47 @@ fn record_at(rule_start: u32, index: u16) -> Option<DictEntry> {
 #[inline(always)]
 fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     let rel = vaddr.checked_sub(t.base)?;
+    let raw = unwound_lookup_rule(
+        rel,
+        u64::from(t.pages) | (u64::from(t.page_start) << 32),
+        u64::from(t.chunk_start) | (u64::from(t.rule_start) << 32),
+    );
+    if raw == NO_RULE {
+        return None;
+    }
+    // SAFETY: an UnwindRule's 8 bytes, as `unwound_lookup_rule` packed them.
+    Some(unsafe { core::mem::transmute::<u64, UnwindRule>(raw) })
+}
+
+/// What [`unwound_lookup_rule`] returns when it finds no rule (no valid rule has these
+/// bytes: its CFA kind would be 255).
+const NO_RULE: u64 = u64::MAX;
+
+/// The table lookup of [`lookup_rule`] as a *global* BPF function, exported by the linker:
+/// the verifier checks a global function once, on its own, where an inlined or static one
+/// is walked again on every path of the table step that reaches it, each time through all
+/// 13 halvings of the chunk search. Scalars in and out (a table's fields packed two to a
+/// word; the rule's bytes, or [`NO_RULE`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn unwound_lookup_rule(rel: u64, pages_and_start: u64, chunks_and_rules: u64) -> u64 {
+    let t = TableInfo {
+        base: 0,
+        pages: pages_and_start as u32,
+        page_start: (pages_and_start >> 32) as u32,
+        chunk_start: chunks_and_rules as u32,
+        rule_start: (chunks_and_rules >> 32) as u32,
+    };
+    match lookup_in(&t, rel) {
+        // SAFETY: UnwindRule is 8 bytes of plain integers.
+        Some(r) => unsafe { core::mem::transmute::<UnwindRule, u64>(r) },
+        None => NO_RULE,
+    }
+}
+
+/// The rule at offset `rel` from table `t`'s page 0.
+#[inline(always)]
+fn lookup_in(t: &TableInfo, rel: u64) -> Option<UnwindRule> {
     let page = rel >> PAGE_SHIFT;
     if page >= u64::from(t.pages) {
         return None;
