@@ -86,7 +86,7 @@ impl LoadSegments {
         Ok(Self::of(&parse_elf(name.as_ref(), data)?))
     }
 
-    fn of(file: &object::File<'_>) -> Self {
+    pub(crate) fn of(file: &object::File<'_>) -> Self {
         LoadSegments(
             file.segments()
                 .filter_map(|s| {

@@ -197,7 +197,7 @@ struct Binary {
     dir: Vec<DirEntry>,
     store: Store,
     cache_path: Option<PathBuf>,
-    segments: Vec<(u64, u64, u64)>,
+    segments: crate::LoadSegments,
     symbols: OnceLock<Option<ElfSymbols>>,
 }
 
@@ -220,10 +220,7 @@ impl Binary {
     }
 
     fn file_offset_to_vaddr(&self, off: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|&&(fo, fs, _)| off >= fo && off - fo < fs)
-            .map(|&(fo, _, va)| va.wrapping_add(off - fo))
+        self.segments.file_offset_to_vaddr(off)
     }
 }
 
@@ -558,15 +555,7 @@ impl Symbolizer {
         if obj.format() != object::BinaryFormat::Elf {
             return Err(elf_err("not ELF".into()));
         }
-        let segments = {
-            use object::ObjectSegment;
-            obj.segments()
-                .filter_map(|s| {
-                    let (fo, fs) = s.file_range();
-                    (fs > 0).then_some((fo, fs, s.address()))
-                })
-                .collect()
-        };
+        let segments = crate::LoadSegments::of(&obj);
         let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         let key = match &build_id {
             Some(id) => debuginfo::hex(id),

@@ -34,8 +34,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    rule_cache_slot, Counter, Counters, DEFAULT_RING_BYTES, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
-    TableInfo, WalkerConfig, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
+    rule_cache_slot, Counter, Counters, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
+    TableInfo, WalkerConfig, DEFAULT_RING_BYTES, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
     MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
     CHUNK_SEGMENT, PAGE_SEGMENT, RULE_SEGMENT,
