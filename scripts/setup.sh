@@ -2,14 +2,17 @@
 # Installs what building the BPF object and running the tests need. Idempotent and quick
 # when everything is present. Debian 12 (bookworm) with rustup; run as root.
 #   apt: LLVM 22 (bpf-linker's backend, llvm-dwarfdump/llvm-symbolizer oracles), binutils
-#        (readelf, addr2line, nm), libc6-dbg and debuginfod (symbolization oracles), linux-perf, golang-go (go tool pprof), make, gcc, g++
+#        (readelf, addr2line, nm), libc6-dbg and debuginfod (symbolization oracles), linux-perf, golang-go (go tool pprof), make, gcc, g++,
+#        qemu-system-x86, busybox-static and cpio (the older-kernel test boots Debian 12's 6.1 kernel)
+#   Debian 12's 6.1 cloud kernel, unpacked (not installed) into $UNWOUND_KERNEL_DIR
+#        (default ~/.cache/unwound/kernel): the older-kernel test boots it under qemu
 #   rustup: nightly with rust-src (the BPF program is built with -Z build-std=core)
 #   cargo: bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
 apt_packages=(llvm-22-dev libpolly-22-dev llvm-22 zlib1g-dev libzstd-dev binutils libc6-dbg debuginfod
-              linux-perf golang-go make gcc g++)
+              linux-perf golang-go make gcc g++ qemu-system-x86 busybox-static cpio)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -36,5 +39,20 @@ fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "setup: installing cargo-fuzz"
     cargo install cargo-fuzz --locked --version 0.13.2
+fi
+
+# Debian 12's own kernel (6.1, cloud flavour, with BTF) for agent/tests/older_kernel.rs. Only
+# the vmlinuz is kept; the package is unpacked into the cache, never installed on this machine.
+kernel_dir=${UNWOUND_KERNEL_DIR:-$HOME/.cache/unwound/kernel}
+if ! compgen -G "$kernel_dir/vmlinuz-6.1.*-cloud-amd64" >/dev/null; then
+    pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/.*Depends: \(linux-image-6\.1\.[^ ]*-cloud-amd64\).*/\1/p' | head -1)
+    [[ -n $pkg ]] || { echo "setup: no Debian 6.1 cloud kernel package found (linux-image-cloud-amd64)" >&2; exit 1; }
+    echo "setup: fetching $pkg for the older-kernel test"
+    work=$(mktemp -d)
+    (cd "$work" && chmod 777 . && apt-get download -qq "$pkg")
+    dpkg-deb -x "$work"/*.deb "$work/x"
+    mkdir -p "$kernel_dir"
+    cp "$work"/x/boot/vmlinuz-* "$kernel_dir/"
+    rm -rf "$work"
 fi
 echo "setup: ready"

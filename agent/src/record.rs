@@ -23,7 +23,7 @@ use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
 use crate::profile::Collector;
-use crate::unwinding::{TableLoader, TablePlan, TableStats};
+use crate::unwinding::{SegmentsRefused, TableLoader, TablePlan, TableStats};
 use crate::WalkerKind;
 use crate::{Format, RecordArgs};
 
@@ -37,6 +37,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     let format = resolve_format(&args.output, args.format)?;
     check_args(args)?;
     check_privileges()?;
+    check_kernel(&kernel_release(), Path::new("/sys/kernel/btf/vmlinux").exists())?;
     let cpu_before = cpu_time();
 
     let stats_guard = if args.bpf_stats {
@@ -169,6 +170,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         symbol_stats: writer.symbolizer.stats(),
         bpf_run,
         tables: session.tables.as_ref().map(|t| t.stats.clone()),
+        tables_off: session.tables_off.clone(),
+        kernel: kernel_release(),
     };
     summary.print(ended_early);
     if args.json_summary {
@@ -442,6 +445,33 @@ pub(crate) fn check_privileges() -> anyhow::Result<()> {
     )
 }
 
+/// The oldest kernel the walker loads on: `bpf_task_pt_regs` (a sample taken in the kernel
+/// keeps its user stack) came in 5.15; `bpf_loop` (5.17) is optional, the tail-call walker
+/// stands in for it.
+const OLDEST_KERNEL: (u32, u32) = (5, 15);
+
+/// One clear error for a kernel the walker cannot run on (too old, or without BTF), rather
+/// than a verifier log or silently incomplete stacks. Tested: 6.18 natively, Debian 12's
+/// 6.1 under qemu (agent/tests/older_kernel.rs).
+fn check_kernel(release: &str, has_btf: bool) -> anyhow::Result<()> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().ok());
+    if let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) {
+        if (major, minor) < OLDEST_KERNEL {
+            bail!(
+                "kernel {release} is older than {}.{}, the oldest unwound's walker runs on (it needs bpf_task_pt_regs); 5.17 or newer walks in one program",
+                OLDEST_KERNEL.0,
+                OLDEST_KERNEL.1
+            );
+        }
+    }
+    if !has_btf {
+        bail!(
+            "kernel {release} has no BTF (/sys/kernel/btf/vmlinux is missing; CONFIG_DEBUG_INFO_BTF=y is needed by the walker's helpers)"
+        );
+    }
+    Ok(())
+}
+
 /// Least and most bytes of the sample ring.
 const RING_MIN_BYTES: u64 = 256 << 10;
 const RING_MAX_BYTES: u64 = 64 << 20;
@@ -539,6 +569,8 @@ struct Session {
     event_instructions: Vec<(&'static str, Option<u32>)>,
     /// The tail-call walker's program array, kept while the programs run.
     _walk_programs: Option<ProgramArray<aya::maps::MapData>>,
+    /// Why tables are off although they were asked for (the kernel refused segments).
+    tables_off: Option<String>,
 }
 
 impl Session {
@@ -579,10 +611,25 @@ impl Session {
             anyhow!("the kernel refused unwound's BPF maps: {e} (a kernel ≥ 5.17 with BTF is needed)")
         })?;
         let mut known = std::collections::HashMap::new();
+        let mut tables_off = None;
         let tables = match plan {
             Some(p) => {
-                known = p.maps_texts();
-                Some(TableLoader::new(&mut ebpf, p, table_budget)?)
+                let texts = p.maps_texts();
+                match TableLoader::new(&mut ebpf, p, table_budget) {
+                    Ok(t) => {
+                        known = texts;
+                        Some(t)
+                    }
+                    Err(e) if e.is::<SegmentsRefused>() => {
+                        eprintln!(
+                            "warning: unwind tables are off for this run: {e:#} (kernel {}); stacks of code without frame pointers end at their first frame ([unwind: no table])",
+                            kernel_release()
+                        );
+                        tables_off = Some(e.to_string());
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None => None,
         };
@@ -655,6 +702,7 @@ impl Session {
             walker_programs,
             event_instructions,
             _walk_programs: walk_programs,
+            tables_off,
         })
     }
 
@@ -839,6 +887,17 @@ pub(crate) fn raise_memlock_limit() {
 }
 
 /// Peak resident set size of this process, KiB.
+/// The running kernel's release, as `uname -r` prints it.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
+}
+
+/// `s` as a JSON string.
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
 fn max_rss_kib() -> u64 {
     // SAFETY: getrusage fills the struct.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
@@ -904,6 +963,11 @@ struct Summary {
     symbol_stats: unwound_symbolize::Stats,
     bpf_run: Option<(u64, u64)>,
     tables: Option<TableStats>,
+    /// Why the table walker is off although tables were asked for (the kernel refused the
+    /// segments probed at load).
+    tables_off: Option<String>,
+    /// The running kernel's release (`uname -r`).
+    kernel: String,
 }
 
 impl Summary {
@@ -989,9 +1053,13 @@ impl Summary {
             self.exits,
             if events.is_empty() { "none".to_string() } else { events.join(", ") }
         );
+        if let Some(why) = &self.tables_off {
+            eprintln!("unwound: unwind tables: off ({why}); frame pointers only");
+        }
         if let Some(t) = &self.tables {
             eprintln!(
-                "unwound: unwind tables: {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
+                "unwound: unwind tables (in segments, admitted by kernel {}): {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
+                self.kernel,
                 t.tables,
                 t.processes,
                 t.cache_hits,
@@ -1066,6 +1134,15 @@ impl Summary {
                 t.tables, t.processes, t.bytes, t.peak_bytes, t.map_bytes, t.peak_map_bytes, t.segments_created, t.segments_dropped, t.rule_cache_bytes, t.compile_failures, t.full, t.refused, t.evicted, t.cache_hits, t.shared_by_build_id
             ));
         }
+        fields.push(format!("\"kernel\":{}", json_string(&self.kernel)));
+        fields.push(format!(
+            "\"table_maps\":{}",
+            json_string(match (&self.tables, &self.tables_off) {
+                (Some(_), _) => "segments",
+                (None, Some(_)) => "refused by the kernel",
+                (None, None) => "off",
+            })
+        ));
         if let Some((runs, ns)) = self.bpf_run {
             fields.push(format!("\"bpf_runs\":{runs},\"bpf_run_time_ns\":{ns}"));
         }
@@ -1076,6 +1153,21 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_too_old_or_without_btf_get_one_clear_error() {
+        assert!(check_kernel("6.1.0-57-cloud-amd64", true).is_ok());
+        assert!(check_kernel("5.15.0-91-generic", true).is_ok());
+        assert!(check_kernel("6.18.0", true).is_ok());
+        let old = check_kernel("5.10.0-30-amd64", true).unwrap_err().to_string();
+        assert!(old.contains("5.10.0-30-amd64") && old.contains("older than 5.15"), "{old}");
+        let old = check_kernel("4.19.0", true).unwrap_err().to_string();
+        assert!(old.contains("older than 5.15"), "{old}");
+        let no_btf = check_kernel("6.1.0", false).unwrap_err().to_string();
+        assert!(no_btf.contains("no BTF"), "{no_btf}");
+        // A release that does not parse is not refused for its version.
+        assert!(check_kernel("weird", true).is_ok());
+    }
 
     #[test]
     fn ring_is_sized_to_cpus_and_rate() {

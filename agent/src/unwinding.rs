@@ -140,6 +140,19 @@ pub struct TableStats {
     pub rule_cache_bytes: u64,
 }
 
+/// The kernel would not admit a segment into one of the walker's table arrays (found at
+/// load, by [`TableLoader::new`]): no table can reach the walker on this kernel.
+#[derive(Debug)]
+pub struct SegmentsRefused(pub String);
+
+impl std::fmt::Display for SegmentsRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the kernel refuses the walker's table segments ({})", self.0)
+    }
+}
+
+impl std::error::Error for SegmentsRefused {}
+
 /// Tables compiled before the walker is loaded, to size its arrays.
 pub struct TablePlan {
     files: HashMap<FileKey, Option<Arc<Compiled>>>,
@@ -380,6 +393,21 @@ impl<V: aya::Pod> Segmented<V> {
         })
     }
 
+    /// Whether the kernel admits a segment into this array: one is created, put in slot 0
+    /// and taken out again. What a kernel compares between a segment and the outer array's
+    /// template differs from version to version (see the BPF program's `PAGES`), so this is
+    /// asked once at load rather than found out table by table.
+    fn probe(&mut self) -> anyhow::Result<()> {
+        #[cfg(test)]
+        anyhow::ensure!(!self.refuse_new, "segment refused (test)");
+        let inner = Array::<MapData, V>::create(self.seg, 0).context("cannot create a segment")?;
+        self.outer()?.set(0, &inner, 0).context("cannot add a segment to an array of maps")?;
+        if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
+            clear_slot(data, 0).context("cannot take a segment out of an array of maps")?;
+        }
+        Ok(())
+    }
+
     fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, Array<MapData, V>>> {
         Ok(ArrayOfMaps::try_from(&mut self.outer)?)
     }
@@ -607,6 +635,7 @@ impl TableLoader {
             generation: 0,
             stats: plan.stats,
         };
+        loader.probe_segments()?;
         loader.count_map_bytes();
         // The walker's per-CPU rule cache: fixed, outside the table budget.
         let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
@@ -616,6 +645,18 @@ impl TableLoader {
             loader.add_process(pid, &maps)?;
         }
         Ok(loader)
+    }
+
+    /// Whether the kernel admits a segment into each table array (asked once, at load).
+    fn probe_segments(&mut self) -> Result<(), SegmentsRefused> {
+        for (name, probe) in [
+            (PAGES_MAP, self.pages.probe()),
+            (CHUNKS_MAP, self.chunks.probe()),
+            (RULES_MAP, self.rules.probe()),
+        ] {
+            probe.map_err(|e| SegmentsRefused(format!("{name}: {e:#}")))?;
+        }
+        Ok(())
     }
 
     /// A sample of `pid` arrived: its tables are in use.
@@ -1035,6 +1076,17 @@ mod tests {
         assert_eq!((id, info.page_start, info.chunk_start, info.rule_start), (0, 0, 0, 0));
         let c = read_back(&mut t.chunks, 1);
         assert_eq!(&c[..exe.entries().chunks()[1].len()], &exe.entries().chunks()[1][..]);
+    }
+
+    #[test]
+    fn a_kernel_that_refuses_segments_is_found_at_load() {
+        let Some((_ebpf, mut t)) = loaded(64 << 20) else { return };
+        // This kernel admits them (each array's probe put a segment in and took it out).
+        t.probe_segments().expect("segments admitted");
+        assert_eq!(t.stats.segments_created, 0, "a probe's segment is not a table's");
+        t.rules.refuse_new = true;
+        let e = t.probe_segments().unwrap_err().to_string();
+        assert!(e.contains("refuses the walker's table segments") && e.contains(super::RULES_MAP), "{e}");
     }
 
     #[test]

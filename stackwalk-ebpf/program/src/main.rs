@@ -81,13 +81,36 @@ static TABLES: Array<TableInfo> = Array::with_max_entries(MAX_TABLES, 0);
 /// The shared table arrays, in segments the agent creates as tables need them (see
 /// `PAGES_MAP`); it sizes the outer arrays to its memory budget before loading (the 1s
 /// here are placeholders).
+///
+/// Their values are declared to BTF as arrays of `u32`, not as the structs they hold
+/// ([`PageEntry`], [`DictEntry`]): the agent creates each segment without BTF, and kernels
+/// 5.15 to 6.1 admit a segment into an outer array only if its `timer_off` equals the
+/// template's, which is -EINVAL without BTF or for an array value type but -ENOENT for a
+/// struct value type without a `bpf_timer` (6.2 compares field records instead, both
+/// empty). With a struct here every segment of PAGES and RULES was refused on Debian 12's
+/// 6.1 kernel (`bpf_map_update_elem`: EINVAL), and no table reached the walker.
 #[btf_map]
-static PAGES: ArrayOfMaps<BtfArray<PageEntry, { PAGE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
+static PAGES: ArrayOfMaps<BtfArray<PageWords, { PAGE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
 #[btf_map]
 static CHUNKS: ArrayOfMaps<BtfArray<[u32; CHUNK_ENTRIES], { CHUNK_SEGMENT as usize }>, 1> =
     ArrayOfMaps::new();
 #[btf_map]
-static RULES: ArrayOfMaps<BtfArray<DictEntry, { RULE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
+static RULES: ArrayOfMaps<BtfArray<DictWords, { RULE_SEGMENT as usize }>, 1> = ArrayOfMaps::new();
+
+/// A [`PageEntry`]'s bytes, as PAGES declares them.
+type PageWords = [u32; 2];
+/// A [`DictEntry`]'s bytes, as RULES declares them.
+type DictWords = [u32; 3];
+const _: () = assert!(core::mem::size_of::<PageWords>() == core::mem::size_of::<PageEntry>());
+const _: () = assert!(core::mem::size_of::<DictWords>() == core::mem::size_of::<DictEntry>());
+const _: () = assert!(core::mem::align_of::<DictEntry>() <= core::mem::align_of::<DictWords>());
+
+/// The [`PageEntry`] in a PAGES value (`first`, then `count` and `start_rule` in the
+/// second word's low and high halves: the struct's little-endian layout).
+#[inline(always)]
+fn page_entry(w: &PageWords) -> PageEntry {
+    PageEntry { first: w[0], count: w[1] as u16, start_rule: (w[1] >> 16) as u16 }
+}
 
 /// The tail-call walker's continuation programs (kernels without `bpf_loop`).
 #[map]
@@ -270,7 +293,10 @@ impl Memory for UserMemory<'_> {
 #[inline(always)]
 fn record_at(rule_start: u32, index: u16) -> Option<DictEntry> {
     let i = rule_start.wrapping_add(u32::from(index));
-    RULES.get_value(i / RULE_SEGMENT, &(i % RULE_SEGMENT)).copied()
+    let words = RULES.get_value(i / RULE_SEGMENT, &(i % RULE_SEGMENT))?;
+    // SAFETY: a DictEntry is 12 bytes of plain integers (every bit pattern is a value the
+    // step checks), no more aligned than the words it was written as.
+    Some(unsafe { *(words as *const DictWords as *const DictEntry) })
 }
 
 /// The unwind rule for file virtual address `vaddr` in table `t`: a page index lookup,
@@ -324,7 +350,7 @@ fn lookup_in(t: &TableInfo, rel: u64) -> Option<UnwindRule> {
         return None;
     }
     let p = t.page_start.wrapping_add(page as u32);
-    let pe = PAGES.get_value(p / PAGE_SEGMENT, &(p % PAGE_SEGMENT))?;
+    let pe = page_entry(PAGES.get_value(p / PAGE_SEGMENT, &(p % PAGE_SEGMENT))?);
     let offset = (rel & (PAGE_SIZE - 1)) as u16;
     let global = (t.chunk_start as u64) * CHUNK_ENTRIES as u64 + u64::from(pe.first);
     let c = (global / CHUNK_ENTRIES as u64) as u32;
