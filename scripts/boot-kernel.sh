@@ -55,7 +55,8 @@ export PATH=/bin:/usr/bin:/sbin:/usr/sbin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
+# /tmp is the initramfs itself (already writable RAM): a tmpfs there would hide files
+# the test placed under /tmp, e.g. a checkout in /tmp.
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
