@@ -67,7 +67,8 @@ pub fn options(
     budget_mib: u64,
     debug_dirs: &[PathBuf],
 ) -> Options {
-    let mut o = Options::default();
+    // A command-line tool: indexes cached for the user, debuginfod from DEBUGINFOD_URLS.
+    let mut o = Options::from_env();
     if no_cache {
         o.cache_dir = None;
     } else if let Some(d) = cache_dir {
@@ -139,7 +140,7 @@ pub fn miss_name(m: &Miss) -> &'static str {
         Miss::NotMapped => "not_mapped",
         Miss::Anonymous => "anonymous",
         Miss::OutsideSegments => "outside_segments",
-        Miss::Unreadable(_) => "unreadable",
+        Miss::Unreadable(_) | Miss::NotAFile { .. } | Miss::Replaced { .. } => "unreadable",
         Miss::NoSymbol => "no_symbol",
         _ => "other",
     }

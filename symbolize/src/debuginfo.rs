@@ -61,13 +61,15 @@ pub enum DebuginfodError {
     /// No server had the file.
     #[error("no debuginfod server has build-id {0}")]
     NotFound(String),
-    /// A request failed (connection, timeout, HTTP status).
-    #[error("debuginfod request to {url} failed: {reason}")]
+    /// A request failed (connection, timeout, HTTP status other than 404, the response
+    /// cut short): the server is down or unreachable.
+    #[error("debuginfod request to {url} failed: {source}")]
     Request {
         /// What was requested.
         url: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: RequestError,
     },
     /// The server sent more than [`Debuginfod::max_size`] bytes.
     #[error("debuginfod file for {build_id} is larger than {max} bytes")]
@@ -85,6 +87,10 @@ pub enum DebuginfodError {
         /// The file's build-id (empty if it has none or is not ELF).
         got: String,
     },
+    /// This crate was built without its `debuginfod` feature: it has no HTTP client, and
+    /// only files already in the download cache are found.
+    #[error("unwound-symbolize was built without its `debuginfod` feature")]
+    NotBuiltIn,
     /// The download could not be stored.
     #[error("cannot store debuginfod download in {path}: {source}")]
     Io {
@@ -94,6 +100,21 @@ pub enum DebuginfodError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a request to a debuginfod server failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The server answered with an error status (404, "not found", is not an error).
+    #[error("HTTP status {0}")]
+    Status(u16),
+    /// No answer: the connection failed or timed out (the HTTP client's reason).
+    #[error("{0}")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The response could not be read to its end, or not written to the download cache.
+    #[error("reading the response: {0}")]
+    Read(#[source] std::io::Error),
 }
 
 /// Hex spelling of a build-id.
@@ -119,7 +140,8 @@ impl Debuginfod {
         })
     }
 
-    /// The debuginfo file for `build_id`: from the download cache, or fetched.
+    /// The debuginfo file for `build_id`: from the download cache, or fetched (with the
+    /// `debuginfod` feature; without it, [`DebuginfodError::NotBuiltIn`]).
     pub fn fetch(&self, build_id: &[u8]) -> Result<PathBuf, DebuginfodError> {
         let id = hex(build_id);
         let dest = self.cache_dir.join(format!("{id}.debug"));
@@ -159,10 +181,7 @@ impl Debuginfod {
 
     #[cfg(not(feature = "debuginfod"))]
     fn download(&self, _build_id: &[u8], _id: String, _dest: PathBuf) -> Result<PathBuf, DebuginfodError> {
-        Err(DebuginfodError::Request {
-            url: self.urls.first().cloned().unwrap_or_default(),
-            reason: "unwound-symbolize was built without its `debuginfod` feature".into(),
-        })
+        Err(DebuginfodError::NotBuiltIn)
     }
 
     #[cfg(feature = "debuginfod")]
@@ -175,8 +194,12 @@ impl Debuginfod {
             let resp = match agent.get(&url).call() {
                 Ok(r) => r,
                 Err(ureq::Error::Status(404, _)) => continue,
-                Err(e) => {
-                    last = DebuginfodError::Request { url, reason: e.to_string() };
+                Err(ureq::Error::Status(status, _)) => {
+                    last = DebuginfodError::Request { url, source: RequestError::Status(status) };
+                    continue;
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    last = DebuginfodError::Request { url, source: RequestError::Transport(Box::new(t)) };
                     continue;
                 }
             };
@@ -199,7 +222,7 @@ impl Debuginfod {
             let n = match copied {
                 Ok(n) => n,
                 Err(e) => {
-                    last = DebuginfodError::Request { url, reason: e.to_string() };
+                    last = DebuginfodError::Request { url, source: RequestError::Read(e) };
                     continue;
                 }
             };
@@ -228,7 +251,7 @@ pub(crate) fn file_build_id(path: &Path) -> Option<Vec<u8>> {
 
 /// True when the object has a non-empty `.debug_info` with contents in the file.
 pub(crate) fn has_dwarf(obj: &object::File<'_>) -> bool {
-    obj.section_by_name(".debug_info")
+    obj.section_by_name(gimli::SectionId::DebugInfo.name())
         .is_some_and(|s| s.size() > 0 && s.compressed_file_range().is_ok_and(|r| r.compressed_size > 0))
 }
 

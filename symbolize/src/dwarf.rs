@@ -12,7 +12,7 @@ use gimli::{AttributeValue, DebugInfoOffset, EndianSlice, LittleEndian};
 use object::{Object, ObjectSection, SectionFlags};
 use rayon::prelude::*;
 
-use crate::demangle;
+use crate::{demangle, DwarfError};
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -67,16 +67,6 @@ impl RawDebugInfo {
     }
 }
 
-/// What went wrong reading DWARF.
-#[derive(Debug)]
-pub(crate) struct DwarfError(pub String);
-
-impl From<gimli::Error> for DwarfError {
-    fn from(e: gimli::Error) -> Self {
-        DwarfError(e.to_string())
-    }
-}
-
 /// Uncompressed DWARF sections of one file, kept alive while the DWARF is read.
 pub(crate) struct Sections<'d> {
     data: HashMap<gimli::SectionId, Cow<'d, [u8]>>,
@@ -100,15 +90,14 @@ impl<'d> Sections<'d> {
             gimli::SectionId::DebugStrOffsets,
         ] {
             let Some(section) = file.section_by_name(id.name()) else { continue };
-            let compressed = section.compressed_data().map_err(|e| DwarfError(e.to_string()))?;
+            let compressed =
+                section.compressed_data().map_err(|source| DwarfError::Section { section: id, source })?;
             total = total.saturating_add(compressed.uncompressed_size);
             if total > max_total {
-                return Err(DwarfError(format!(
-                    "DWARF sections up to {} are {total} bytes uncompressed, more than the {max_total}-byte limit for this file",
-                    id.name()
-                )));
+                return Err(DwarfError::TooLarge { section: id, size: total, max: max_total });
             }
-            let bytes = compressed.decompress().map_err(|e| DwarfError(format!("{}: {e}", id.name())))?;
+            let bytes =
+                compressed.decompress().map_err(|source| DwarfError::Section { section: id, source })?;
             data.insert(id, bytes);
         }
         Ok(Sections { data })
@@ -273,7 +262,7 @@ fn read_unit<'d>(
                 discriminator: row.discriminator().min(u64::from(u32::MAX)) as u32,
             });
             if lines.len() + seq.len() > MAX_ROWS {
-                return Err(DwarfError(format!("more than {MAX_ROWS} line rows")));
+                return Err(DwarfError::TooManyRows { max: MAX_ROWS });
             }
         }
     }
@@ -335,7 +324,7 @@ fn read_unit<'d>(
             }
             funcs.push(FuncRow { lo: r.begin, hi: r.end, depth, name, call_file, call_line });
             if funcs.len() > MAX_ROWS {
-                return Err(DwarfError(format!("more than {MAX_ROWS} function ranges")));
+                return Err(DwarfError::TooManyRows { max: MAX_ROWS });
             }
         }
     }
@@ -531,7 +520,7 @@ fn merge(parts: Vec<Result<UnitRows, DwarfError>>) -> Result<RawDebugInfo, Dwarf
         let part = part?;
         total += part.lines.len() + part.funcs.len();
         if total > MAX_ROWS {
-            return Err(DwarfError(format!("more than {MAX_ROWS} rows")));
+            return Err(DwarfError::TooManyRows { max: MAX_ROWS });
         }
         let remap: Vec<u32> = part.strings.iter().map(|s| global.intern(s)).collect();
         let m = |i: u32| if i == END { END } else { remap[i as usize] };

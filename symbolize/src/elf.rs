@@ -1,3 +1,6 @@
+//! [`ElfSymbols`]: the function symbols of one ELF file, and [`LoadSegments`]: where its
+//! file offsets land in its virtual addresses.
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -120,11 +123,11 @@ fn map_elf(path: &Path) -> Result<memmap2::Mmap, Error> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(io)
 }
 
-fn parse_elf<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, Error> {
-    let file = object::File::parse(data)
-        .map_err(|e| Error::Elf { path: path.to_path_buf(), reason: e.to_string() })?;
+/// Parses `data` (read from `path`) as an ELF file.
+pub(crate) fn parse_elf<'d>(path: &Path, data: &'d [u8]) -> Result<object::File<'d>, Error> {
+    let file = object::File::parse(data).map_err(|source| Error::Elf { path: path.to_path_buf(), source })?;
     if file.format() != object::BinaryFormat::Elf {
-        return Err(Error::Elf { path: path.to_path_buf(), reason: "not ELF".into() });
+        return Err(Error::NotElf { path: path.to_path_buf() });
     }
     Ok(file)
 }
@@ -239,10 +242,7 @@ impl ElfSymbols {
             };
             raw.push((sym.address(), size, rank, name.to_string(), src));
             if raw.len() > MAX_SYMBOLS {
-                return Err(Error::Elf {
-                    path: path.to_path_buf(),
-                    reason: format!("more than {MAX_SYMBOLS} function symbols"),
-                });
+                return Err(Error::TooManySymbols { path: path.to_path_buf() });
             }
         }
         if binutils {

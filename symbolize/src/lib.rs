@@ -1,16 +1,39 @@
-//! Turns addresses into functions, source lines and inlined frames for a profiler.
+//! Turns addresses into functions, source lines and inlined frames, for profilers.
 //!
-//! [`Symbolizer`] is the main entry: DWARF lines and inline trees (the binary's own, a
-//! separate debug file found by build-id or `.gnu_debuglink`, or a debuginfod download)
-//! compiled into block indexes that are cached zstd-compressed on disk per build-id and
-//! kept in memory under an LRU byte budget. It answers for ELF file addresses
-//! ([`Symbolizer::symbolize_elf`]) and for process addresses
-//! ([`Symbolizer::symbolize_pid`]).
+//! [`Symbolizer`] is the main entry. Give it [`Options`] (where debugging information may
+//! be found, how much memory to keep) and ask it about addresses: file virtual addresses
+//! of an ELF file ([`Symbolizer::symbolize_elf`]) or absolute addresses of a running
+//! process ([`Symbolizer::symbolize_pid`]). Each address gets one [`Resolution`]: the
+//! [`Symbolized`] frames, innermost (inlined) first, or the [`Miss`] that says why there
+//! are none.
+//!
+//! The answers come from DWARF line tables and inline trees (the binary's own, a separate
+//! debug file found by build-id or `.gnu_debuglink`, or a debuginfod download), compiled
+//! once per binary into block indexes that are cached zstd-compressed on disk per build-id
+//! and kept in memory under an LRU byte budget; where DWARF has no function, from the
+//! symbol tables.
+//!
+//! ```
+//! use unwound_symbolize::{Options, Symbolizer};
+//!
+//! #[inline(never)]
+//! fn some_function() {}
+//!
+//! // Options::default() reads no environment variable and asks no server.
+//! let symbolizer = Symbolizer::new(Options::default());
+//! let addr = some_function as fn() as usize as u64;
+//! let answers = symbolizer.symbolize_pid(std::process::id(), &[addr])?;
+//! let symbolized = answers[0].as_ref().expect("a function of this program");
+//! // Innermost first: the last frame is the function the code belongs to.
+//! let outer = symbolized.frames.last().unwrap();
+//! assert!(outer.function.as_deref().unwrap().ends_with("some_function"));
+//! # Ok::<(), unwound_symbolize::Error>(())
+//! ```
 //!
 //! Lower-level sources, each its own type:
 //! - [`ElfSymbols`]: the function symbols of one ELF file (`.symtab` and `.dynsym`), and the
 //!   file's load segments, so an address inside a running process can be mapped back to the
-//!   file's own virtual addresses.
+//!   file's own virtual addresses ([`LoadSegments`] reads only the segments).
 //! - [`ProcessMaps`]: a process's memory mappings from `/proc/PID/maps`, which turn an
 //!   absolute address into (file, file offset).
 //! - [`KernelSymbols`]: the running kernel's symbols from `/proc/kallsyms`, modules included.
@@ -29,133 +52,82 @@
 //! assert!(symbol.name.ends_with("some_function"));
 //! # Ok(()) }
 //! ```
+//!
+//! # Cargo features
+//!
+//! Both are on by default.
+//! - `debuginfod`: the debuginfod client's HTTP stack. Without it the crate has no network
+//!   code: a [`Debuginfod`] finds only files already in its download cache, and
+//!   [`Debuginfod::fetch`] otherwise fails with [`DebuginfodError::NotBuiltIn`].
+//! - `libiberty-demangle`: C++ names demangled by the C++ runtime's `__cxa_demangle`
+//!   (libiberty's demangler, so names match `nm -C` and `addr2line -C`); links libstdc++.
+//!   Without it C++ names go through the pure-Rust `cpp_demangle` crate (see [`demangle`]).
+//!
+//! # Threads
+//!
+//! Every public type is `Send + Sync`: one [`Symbolizer`] is meant to be shared across
+//! threads, and its batches run on rayon's pool, one task per binary.
 #![warn(missing_docs)]
 
 mod cache;
 mod debuginfo;
+mod demangle;
 mod dwarf;
 mod elf;
+mod error;
 mod index;
 mod kernel;
 mod maps;
 mod name;
+mod options;
+mod resolution;
 mod symbolizer;
 
-pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError};
+pub use debuginfo::{hex as build_id_hex, DebugSource, Debuginfod, DebuginfodError, RequestError};
+pub use demangle::demangle;
 pub use elf::{ElfSymbols, LoadSegments, Symbol};
+pub use error::{DwarfError, Error};
 pub use kernel::{KernelSymbol, KernelSymbols};
-
-/// 64-bit FNV-1a of `bytes`: cache keys (stable across runs and machines).
-fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
-}
 pub use maps::{Mapping, ProcessMaps};
 pub use name::Name;
-pub use symbolizer::{
-    addr2line_text, default_cache_dir, Frame, Miss, Options, Resolution, Stats, Symbolized, Symbolizer,
-    MAX_DWARF_SECTION,
-};
-
-use std::path::PathBuf;
+pub use options::{default_cache_dir, Options};
+pub use resolution::{addr2line_text, Frame, Miss, Resolution, Symbolized};
+pub use symbolizer::{Stats, Symbolizer, MAX_DWARF_SECTION, MAX_MINI_DEBUGINFO};
 
 /// Largest ELF file this crate will map (4 GiB): anything larger is refused, not parsed.
 pub const MAX_ELF_SIZE: u64 = 4 << 30;
 /// Most symbols kept from one file.
 pub const MAX_SYMBOLS: usize = 16 << 20;
 
-/// What went wrong while reading a symbol source.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The file or `/proc` entry could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// What was being read.
-        path: PathBuf,
-        /// The system's reason.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not an ELF file this crate understands.
-    #[error("{path} is not a usable ELF file: {reason}")]
-    Elf {
-        /// The file.
-        path: PathBuf,
-        /// The parser's reason.
-        reason: String,
-    },
-    /// The file is larger than [`MAX_ELF_SIZE`].
-    #[error("{path} is {size} bytes, more than the {MAX_ELF_SIZE}-byte limit")]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
-    /// `/proc/kallsyms` shows only zero addresses (kernel.kptr_restrict, or not root).
-    #[error("kernel symbol addresses are hidden: run as root or set kernel.kptr_restrict=0")]
-    KernelAddressesHidden,
-}
+// The promise of the crate doc: every public type can be shared across threads.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Symbolizer>();
+    shareable::<Options>();
+    shareable::<Stats>();
+    shareable::<Resolution>();
+    shareable::<Symbolized>();
+    shareable::<Frame>();
+    shareable::<Name>();
+    shareable::<Miss>();
+    shareable::<Error>();
+    shareable::<DwarfError>();
+    shareable::<DebugSource>();
+    shareable::<Debuginfod>();
+    shareable::<DebuginfodError>();
+    shareable::<RequestError>();
+    shareable::<ElfSymbols>();
+    shareable::<LoadSegments>();
+    shareable::<Symbol<'static>>();
+    shareable::<ProcessMaps>();
+    shareable::<Mapping>();
+    shareable::<KernelSymbols>();
+    shareable::<KernelSymbol<'static>>();
+};
 
-/// Demangles a Rust (legacy or v0) or C++ (Itanium) symbol name; other names are returned
-/// as they are. Rust hashes are left out. C++ names come out exactly as binutils' `nm -C` and
-/// `addr2line -C` print them: they are demangled by libiberty's demangler, which the C++
-/// runtime exports as `__cxa_demangle` (pure-Rust demanglers differ on `std::` abbreviations
-/// and thunks).
-///
-/// ```
-/// assert_eq!(unwound_symbolize::demangle("_ZN3foo3barE"), "foo::bar");
-/// assert_eq!(unwound_symbolize::demangle("_ZN4fixt7chain_aEm"), "fixt::chain_a(unsigned long)");
-/// assert_eq!(unwound_symbolize::demangle("_ZNSi6ignoreEv"), "std::istream::ignore()");
-/// assert_eq!(unwound_symbolize::demangle("main"), "main");
-/// ```
-pub fn demangle(name: &str) -> String {
-    if let Ok(d) = rustc_demangle::try_demangle(name) {
-        return format!("{d:#}");
-    }
-    if name.starts_with("_Z") {
-        if let Some(s) = cxa_demangle(name) {
-            return s;
-        }
-        if let Ok(sym) = cpp_demangle::Symbol::new(name) {
-            if let Ok(s) = sym.demangle() {
-                return s;
-            }
-        }
-    }
-    name.to_string()
-}
-
-/// Longest name handed to the C++ runtime's demangler; longer ones go to `cpp_demangle`.
-const MAX_CXA_NAME: usize = 16 * 1024;
-
-fn cxa_demangle(name: &str) -> Option<String> {
-    use std::ffi::{c_char, c_int, CStr, CString};
-    extern "C" {
-        fn __cxa_demangle(
-            mangled: *const c_char,
-            output: *mut c_char,
-            length: *mut usize,
-            status: *mut c_int,
-        ) -> *mut c_char;
-        fn free(p: *mut std::ffi::c_void);
-    }
-    if name.len() > MAX_CXA_NAME {
-        return None;
-    }
-    let c = CString::new(name).ok()?;
-    let mut status: c_int = 0;
-    // SAFETY: NUL-terminated input; a null output buffer asks the runtime to allocate one,
-    // which we free with the C allocator it came from.
-    unsafe {
-        let out = __cxa_demangle(c.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), &mut status);
-        if out.is_null() {
-            return None;
-        }
-        let s = (status == 0).then(|| CStr::from_ptr(out).to_string_lossy().into_owned());
-        free(out.cast());
-        s
-    }
+/// 64-bit FNV-1a of `bytes`: cache keys (stable across runs and machines).
+fn fnv(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
 }
 
 /// Entry points for the fuzz targets (`fuzz/`): not part of the API.

@@ -1,3 +1,5 @@
+//! [`ProcessMaps`]: a process's memory mappings, from `/proc/PID/maps`.
+
 use std::path::PathBuf;
 
 use crate::Error;

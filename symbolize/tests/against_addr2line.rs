@@ -226,7 +226,9 @@ fn fixtures_agree() {
 #[test]
 fn optimized_programs_agree() {
     let p = programs();
-    for name in ["inl", "tmpl", "iter", "tmpl_zstd"] {
+    // Template names come out as binutils spells them only through libiberty's demangler.
+    let cpp = cfg!(feature = "libiberty-demangle");
+    for name in ["inl", "tmpl", "iter", "tmpl_zstd"].into_iter().filter(|n| cpp || !n.starts_with("tmpl")) {
         let f = p.join(name);
         assert_rates(&compare(&f, &f, 3000), 0.99, 0.95, 0.99);
     }

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(feature = "debuginfod")]
+use std::time::Instant;
 
 use unwound_symbolize::{DebugSource, Debuginfod, Options, Symbolizer};
 
@@ -138,10 +140,12 @@ fn process_addresses_through_maps() {
     assert_eq!(got.last().unwrap(), &Err(unwound_symbolize::Miss::NotMapped));
 }
 
+#[cfg(feature = "debuginfod")]
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+#[cfg(feature = "debuginfod")]
 fn wait_for(url: &str, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -153,6 +157,7 @@ fn wait_for(url: &str, limit: Duration) -> bool {
     false
 }
 
+#[cfg(feature = "debuginfod")]
 fn ureq_get_ok(url: &str) -> bool {
     Command::new("python3")
         .args(["-c", "import sys,urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)", url])
@@ -169,6 +174,7 @@ impl Drop for Kill {
     }
 }
 
+#[cfg(feature = "debuginfod")]
 #[test]
 fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,11 +247,13 @@ fn debuginfod_serves_a_stripped_binary_and_a_wrong_file_is_refused() {
     assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::None);
 }
 
+#[cfg(feature = "debuginfod")]
 /// Requests a python `http.server` logged (one line each) for `id`.
 fn requests_for(log: &Path, id: &str) -> usize {
     std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains(id)).count()
 }
 
+#[cfg(feature = "debuginfod")]
 #[test]
 fn debuginfod_misses_are_remembered_and_a_dead_server_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -323,6 +331,35 @@ fn debuginfod_misses_are_remembered_and_a_dead_server_is_left_alone() {
     assert_eq!(s.debug_source(&b).unwrap(), DebugSource::None);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "the dead server was asked again");
     assert_eq!(s.stats().debuginfod_errors, 1);
+}
+
+/// Without the `debuginfod` feature there is no HTTP client: nothing is requested (and no
+/// request counted as failed), but a file already in the download cache is used.
+#[cfg(not(feature = "debuginfod"))]
+#[test]
+fn without_the_debuginfod_feature_only_the_download_cache_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = fixture("chain_nofp");
+    let stripped = dir.path().join("stripped");
+    objcopy(&["--strip-debug"], &full, &stripped);
+    let client = Debuginfod {
+        urls: vec!["http://127.0.0.1:9".into()],
+        timeout: Duration::from_secs(1),
+        max_size: 1 << 30,
+        cache_dir: dir.path().join("downloads"),
+        miss_ttl: Duration::from_secs(600),
+    };
+    let id = build_id(&full);
+    assert!(matches!(client.fetch(&id), Err(unwound_symbolize::DebuginfodError::NotBuiltIn)));
+    let s = Symbolizer::new(Options { debuginfod: Some(client.clone()), ..opts(None) });
+    assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::None);
+    assert_eq!(s.stats().debuginfod_errors, 0);
+
+    std::fs::create_dir_all(&client.cache_dir).unwrap();
+    let cached = client.cache_dir.join(format!("{}.debug", unwound_symbolize::build_id_hex(&id)));
+    objcopy(&["--only-keep-debug"], &full, &cached);
+    let s = Symbolizer::new(Options { debuginfod: Some(client), ..opts(None) });
+    assert_eq!(s.debug_source(&stripped).unwrap(), DebugSource::Debuginfod(cached));
 }
 
 #[test]
