@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use unwound_unwind_tables::layout::{CfaKind, RbpKind, UnwindRule};
 use unwound_unwind_tables::UnwindTable;
 
 #[derive(clap::Args, Debug)]
@@ -35,7 +34,7 @@ pub fn run(args: &TablesArgs) -> anyhow::Result<()> {
             if start == end {
                 continue;
             }
-            writeln!(out, "{start:x} {end:x} {} {}", cfa_text(&rule), rbp_text(&rule))?;
+            writeln!(out, "{start:x} {end:x} {rule}")?;
         }
         return Ok(());
     }
@@ -76,29 +75,4 @@ pub fn run(args: &TablesArgs) -> anyhow::Result<()> {
     }
     writeln!(out, "  compiled in      {:.1} ms", elapsed.as_secs_f64() * 1e3)?;
     Ok(())
-}
-
-/// The CFA rule in readelf's notation, other kinds named.
-pub fn cfa_text(r: &UnwindRule) -> String {
-    match r.cfa_kind() {
-        Some(CfaKind::Rsp) => format!("rsp+{}", r.cfa_offset),
-        Some(CfaKind::Rbp) => format!("rbp+{}", r.cfa_offset),
-        Some(CfaKind::Plt) => format!("plt({})", r.cfa_offset),
-        Some(CfaKind::DerefRsp) => format!("deref(rsp{:+})+{}", r.cfa_offset, r.aux),
-        Some(CfaKind::DerefRbp) => format!("deref(rbp{:+})+{}", r.cfa_offset, r.aux),
-        Some(CfaKind::Signal) => "signal".into(),
-        Some(CfaKind::EndOfStack) => "end".into(),
-        Some(CfaKind::Gap) => "gap".into(),
-        Some(CfaKind::Unsupported) => format!("unsupported:{}", r.reason().map_or("?", |x| x.name())),
-        None => "corrupt".into(),
-    }
-}
-
-/// The rbp rule: `c-16` (saved at CFA−16), `u` (unchanged), `undef`.
-pub fn rbp_text(r: &UnwindRule) -> String {
-    match r.rbp {
-        x if x == RbpKind::AtCfa as u8 => format!("c{:+}", r.rbp_offset()),
-        x if x == RbpKind::Unchanged as u8 => "u".into(),
-        _ => "undef".into(),
-    }
 }

@@ -124,6 +124,18 @@ pub enum RbpKind {
     Undefined = 2,
 }
 
+impl RbpKind {
+    /// From the byte stored in a rule.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => RbpKind::Unchanged,
+            1 => RbpKind::AtCfa,
+            2 => RbpKind::Undefined,
+            _ => return None,
+        })
+    }
+}
+
 /// Why a rule is [`CfaKind::Unsupported`].
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -182,7 +194,31 @@ impl Unsupported {
     }
 }
 
+/// The stable short name ([`Unsupported::name`]); width and alignment are honoured.
+impl core::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// One unwind rule: how to find the caller's rsp (CFA), rip (at CFA − 8) and rbp. 8 bytes.
+///
+/// The fields are the bytes the tables and the in-kernel walker store; every bit pattern is
+/// a value (read from a map or a file), so the typed accessors ([`cfa_kind`](Self::cfa_kind),
+/// [`rbp_kind`](Self::rbp_kind), [`reason`](Self::reason), ...) answer `None` for bytes no
+/// kind has. [`to_bits`](Self::to_bits) and [`from_bits`](Self::from_bits) convert to and
+/// from one little-endian word, the layout of this `#[repr(C)]` struct. `Display` prints the
+/// CFA and rbp columns in readelf's notation:
+///
+/// ```
+/// use unwound_unwind_tables::layout::{CfaKind, RbpKind, UnwindRule};
+///
+/// let rule = UnwindRule::new(CfaKind::Rbp, 16, RbpKind::AtCfa, -2);
+/// assert_eq!(rule.to_string(), "rbp+16 c-16");
+/// assert_eq!(rule.saved_rbp_offset(), Some(-16));
+/// assert_eq!(UnwindRule::from_bits(rule.to_bits()), rule);
+/// assert_eq!(UnwindRule::from_bits(u64::MAX).cfa_kind(), None);
+/// ```
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct UnwindRule {
@@ -218,21 +254,83 @@ impl UnwindRule {
             cfa_offset: 0,
         }
     }
+    /// The rule as one word, `cfa | rbp << 8 | rbp_slot << 16 | aux << 24 | cfa_offset << 32`
+    /// (signed fields as their two's complement bytes): on a little-endian machine (x86-64,
+    /// BPF) the word's bytes are the `#[repr(C)]` struct's. Equal words, equal rules.
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        #[cfg(target_endian = "little")]
+        // SAFETY: 8 bytes of integers without padding (offsets 0, 1, 2, 3, 4; the size is
+        // asserted after the struct), every one initialized. A plain copy: written with
+        // shifts, LLVM takes the struct apart field by field and the BPF walker's
+        // verification grows by a quarter.
+        let bits = unsafe { core::mem::transmute::<UnwindRule, u64>(self) };
+        #[cfg(target_endian = "big")]
+        let bits = self.cfa as u64
+            | (self.rbp as u64) << 8
+            | (self.rbp_slot as u8 as u64) << 16
+            | (self.aux as u8 as u64) << 24
+            | (self.cfa_offset as u32 as u64) << 32;
+        bits
+    }
+    /// The rule whose [`to_bits`](Self::to_bits) is `bits`. Every word is a rule; one with
+    /// bytes no kind has reads back `None` from the typed accessors.
+    #[inline(always)]
+    pub const fn from_bits(bits: u64) -> Self {
+        #[cfg(target_endian = "little")]
+        // SAFETY: every field is an integer, so every 8 bytes are a value.
+        let rule = unsafe { core::mem::transmute::<u64, UnwindRule>(bits) };
+        #[cfg(target_endian = "big")]
+        let rule = UnwindRule {
+            cfa: bits as u8,
+            rbp: (bits >> 8) as u8,
+            rbp_slot: (bits >> 16) as u8 as i8,
+            aux: (bits >> 24) as u8 as i8,
+            cfa_offset: (bits >> 32) as u32 as i32,
+        };
+        rule
+    }
     /// The CFA kind, `None` for a corrupt byte.
     pub const fn cfa_kind(&self) -> Option<CfaKind> {
         CfaKind::from_u8(self.cfa)
     }
+    /// The rbp kind, `None` for a corrupt byte.
+    pub const fn rbp_kind(&self) -> Option<RbpKind> {
+        RbpKind::from_u8(self.rbp)
+    }
+    /// Byte offset from the CFA of the caller's saved rbp, when the rule says it is saved
+    /// ([`RbpKind::AtCfa`]).
+    pub const fn saved_rbp_offset(&self) -> Option<i64> {
+        match self.rbp_kind() {
+            Some(RbpKind::AtCfa) => Some(self.rbp_offset()),
+            _ => None,
+        }
+    }
+    /// The addend `k` of `CFA = *(reg + cfa_offset) + k`, for the deref kinds.
+    pub const fn deref_addend(&self) -> Option<i8> {
+        match self.cfa_kind() {
+            Some(CfaKind::DerefRsp | CfaKind::DerefRbp) => Some(self.aux),
+            _ => None,
+        }
+    }
     /// The unsupported reason, for an unsupported rule.
     pub const fn reason(&self) -> Option<Unsupported> {
-        if self.cfa == CfaKind::Unsupported as u8 {
+        if matches!(self.cfa_kind(), Some(CfaKind::Unsupported)) {
             Unsupported::from_u8(self.aux as u8)
         } else {
             None
         }
     }
-    /// Byte offset from the CFA of the saved rbp.
+    /// `rbp_slot` in bytes: the offset from the CFA of the saved rbp when the rbp kind is
+    /// [`RbpKind::AtCfa`] (see [`saved_rbp_offset`](Self::saved_rbp_offset)).
     pub const fn rbp_offset(&self) -> i64 {
         self.rbp_slot as i64 * 8
+    }
+    /// The same CFA rule with rbp found as `rbp` says (`rbp_slot` in units of 8 bytes).
+    pub const fn with_rbp(mut self, rbp: RbpKind, rbp_slot: i8) -> Self {
+        self.rbp = rbp as u8;
+        self.rbp_slot = rbp_slot;
+        self
     }
     /// The rule `steps` run steps later in direction `pops`.
     pub const fn advanced(mut self, steps: u32, pops: bool) -> Self {
@@ -240,6 +338,38 @@ impl UnwindRule {
         self.cfa_offset =
             if pops { self.cfa_offset.wrapping_sub(delta) } else { self.cfa_offset.wrapping_add(delta) };
         self
+    }
+}
+
+/// The CFA and rbp columns of `readelf --debug-dump=frames-interp`, separated by one space:
+/// `rsp+8 u`, `rbp+16 c-16` (`u`: rbp unchanged; `c-16`: saved at CFA − 16). What readelf
+/// shows as `exp` or has no column for is named: `plt(11)`, `deref(rsp+8)+0`, `signal`,
+/// `end`, `gap`, `unsupported:cfa_register`; an unrecoverable rbp is `undef`, and a byte no
+/// kind has is `corrupt`.
+impl core::fmt::Display for UnwindRule {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let off = self.cfa_offset;
+        match self.cfa_kind() {
+            Some(CfaKind::Rsp) => write!(f, "rsp{off:+}")?,
+            Some(CfaKind::Rbp) => write!(f, "rbp{off:+}")?,
+            Some(CfaKind::Plt) => write!(f, "plt({off})")?,
+            Some(CfaKind::DerefRsp) => write!(f, "deref(rsp{off:+}){:+}", self.aux)?,
+            Some(CfaKind::DerefRbp) => write!(f, "deref(rbp{off:+}){:+}", self.aux)?,
+            Some(CfaKind::Signal) => f.write_str("signal")?,
+            Some(CfaKind::EndOfStack) => f.write_str("end")?,
+            Some(CfaKind::Gap) => f.write_str("gap")?,
+            Some(CfaKind::Unsupported) => match self.reason() {
+                Some(r) => write!(f, "unsupported:{r}")?,
+                None => f.write_str("unsupported:?")?,
+            },
+            None => f.write_str("corrupt")?,
+        }
+        match self.rbp_kind() {
+            Some(RbpKind::AtCfa) => write!(f, " c{:+}", self.rbp_offset()),
+            Some(RbpKind::Unchanged) => f.write_str(" u"),
+            Some(RbpKind::Undefined) => f.write_str(" undef"),
+            None => f.write_str(" corrupt"),
+        }
     }
 }
 
@@ -358,9 +488,8 @@ impl Run {
     pub const fn apply(self, base: UnwindRule, steps: u32) -> UnwindRule {
         // Zero steps advance the CFA by nothing.
         let mut r = base.advanced(steps, self.pops());
-        if steps < self.rbp_from() && r.rbp == RbpKind::AtCfa as u8 {
-            r.rbp = RbpKind::Unchanged as u8;
-            r.rbp_slot = 0;
+        if steps < self.rbp_from() && matches!(r.rbp_kind(), Some(RbpKind::AtCfa)) {
+            r = r.with_rbp(RbpKind::Unchanged, 0);
         }
         r
     }
@@ -383,6 +512,15 @@ pub struct DictEntry {
 
 const _: () = assert!(core::mem::size_of::<DictEntry>() == 12);
 
+impl DictEntry {
+    /// The 12 bytes the in-kernel walker stores: the rule's word, then the run, little-endian.
+    pub const fn to_le_bytes(&self) -> [u8; 12] {
+        let r = self.rule.to_bits().to_le_bytes();
+        let n = self.run.0.to_le_bytes();
+        [r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], n[0], n[1], n[2], n[3]]
+    }
+}
+
 /// Per-page index record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -396,6 +534,25 @@ pub struct PageEntry {
 }
 
 const _: () = assert!(core::mem::size_of::<PageEntry>() == 8);
+
+impl PageEntry {
+    /// The 8 bytes a table and the in-kernel walker store: `first`, `count`, `start_rule`,
+    /// little-endian.
+    pub const fn to_le_bytes(&self) -> [u8; 8] {
+        let f = self.first.to_le_bytes();
+        let c = self.count.to_le_bytes();
+        let r = self.start_rule.to_le_bytes();
+        [f[0], f[1], f[2], f[3], c[0], c[1], r[0], r[1]]
+    }
+    /// Reads [`to_le_bytes`](Self::to_le_bytes)' layout.
+    pub const fn from_le_bytes(b: [u8; 8]) -> Self {
+        PageEntry {
+            first: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            count: u16::from_le_bytes([b[4], b[5]]),
+            start_rule: u16::from_le_bytes([b[6], b[7]]),
+        }
+    }
+}
 
 /// Fixed-size head of a serialized table.
 #[repr(C)]
@@ -574,7 +731,7 @@ pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step 
         return Step::Failed(StepError::BadCfa);
     }
     // The common frame saves rbp right below the return address: one 16-byte read.
-    if rule.rbp == RbpKind::AtCfa as u8 && rule.rbp_slot == -2 {
+    if matches!(rule.rbp_kind(), Some(RbpKind::AtCfa)) && rule.rbp_slot == -2 {
         let Some([rbp, rip]) = mem.read_u64_pair(cfa - 16) else { return Step::Failed(StepError::Memory) };
         if rip == 0 {
             return Step::End;
@@ -585,12 +742,12 @@ pub fn step(rule: &UnwindRule, regs: &Registers, mem: &mut impl Memory) -> Step 
     if rip == 0 {
         return Step::End;
     }
-    let rbp = match rule.rbp {
-        x if x == RbpKind::AtCfa as u8 => match mem.read_u64(cfa.wrapping_add(rule.rbp_offset() as u64)) {
+    let rbp = match rule.rbp_kind() {
+        Some(RbpKind::AtCfa) => match mem.read_u64(cfa.wrapping_add(rule.rbp_offset() as u64)) {
             Some(v) => v,
             None => return Step::Failed(StepError::Memory),
         },
-        x if x == RbpKind::Unchanged as u8 => regs.rbp,
+        Some(RbpKind::Unchanged) => regs.rbp,
         _ => 0,
     };
     Step::Caller { regs: Registers { rip, rsp: cfa, rbp }, exact: false }

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::layout::*;
-use crate::Error;
+use crate::{Error, FormatError};
 
 /// Counts that describe a compiled table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,8 +13,8 @@ pub struct Stats {
     pub entries: u64,
     /// Zero entries that keep every page inside one chunk.
     pub padding_entries: u64,
-    /// Rows whose rule could not be expressed, by reason.
-    pub unsupported: BTreeMap<&'static str, u64>,
+    /// Rows whose rule could not be expressed, by reason (reasons without rows left out).
+    pub unsupported: BTreeMap<Unsupported, u64>,
     /// Rows whose rbp rule was unexpressible (rbp then reads as undefined).
     pub rbp_undefined: u64,
 }
@@ -258,16 +258,13 @@ impl UnwindTable {
         out.extend_from_slice(&h.rules.to_le_bytes());
         out.extend_from_slice(&h.reserved.to_le_bytes());
         for p in &self.pages {
-            out.extend_from_slice(&p.first.to_le_bytes());
-            out.extend_from_slice(&p.count.to_le_bytes());
-            out.extend_from_slice(&p.start_rule.to_le_bytes());
+            out.extend_from_slice(&p.to_le_bytes());
         }
         for e in self.entries.iter() {
             out.extend_from_slice(&e.to_le_bytes());
         }
         for r in &self.rules {
-            out.extend_from_slice(&[r.cfa, r.rbp, r.rbp_slot as u8, r.aux as u8]);
-            out.extend_from_slice(&r.cfa_offset.to_le_bytes());
+            out.extend_from_slice(&r.to_bits().to_le_bytes());
         }
         for r in &self.runs {
             out.extend_from_slice(&r.0.to_le_bytes());
@@ -278,83 +275,74 @@ impl UnwindTable {
     /// Reads a serialized table, checking every count and index against the bytes.
     /// Statistics other than the entry count are not stored and read back as zero.
     pub fn from_bytes(b: &[u8]) -> Result<Self, Error> {
+        use FormatError as F;
         let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
         let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
-        let i32_at = |o: usize| u32_at(o).map(|v| v as i32);
+        let u64_at = |o: usize| Some(u64::from_le_bytes(*b.get(o..o + 8)?.first_chunk()?));
         if b.get(0..4) != Some(&MAGIC[..]) {
-            return Err(Error::Format("bad magic"));
+            return Err(F::Magic.into());
         }
         if u16_at(4) != Some(FORMAT_VERSION) {
-            return Err(Error::Format("other format version"));
+            return Err(F::Version.into());
         }
-        let base =
-            b.get(8..16).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or(Error::Format("short"))?;
+        let base = u64_at(8).ok_or(F::Short)?;
         let (np, ne, nr) = (
-            u32_at(16).ok_or(Error::Format("short"))? as usize,
-            u32_at(20).ok_or(Error::Format("short"))? as usize,
-            u32_at(24).ok_or(Error::Format("short"))? as usize,
+            u32_at(16).ok_or(F::Short)? as usize,
+            u32_at(20).ok_or(F::Short)? as usize,
+            u32_at(24).ok_or(F::Short)? as usize,
         );
         let need = HEADER_SIZE as u64 + np as u64 * 8 + ne as u64 * 4 + nr as u64 * 12;
         if need != b.len() as u64 {
-            return Err(Error::Format("length does not match the header"));
+            return Err(F::Length.into());
         }
         if nr == 0 || nr > MAX_RULES {
-            return Err(Error::Format("rule count"));
+            return Err(F::RuleCount.into());
         }
+        // Every read below is inside the length just checked.
         let mut o = HEADER_SIZE;
         let mut pages = Vec::with_capacity(np);
         for _ in 0..np {
-            let p = PageEntry {
-                first: u32_at(o).unwrap(),
-                count: u16_at(o + 4).unwrap(),
-                start_rule: u16_at(o + 6).unwrap(),
-            };
+            let p = PageEntry::from_le_bytes(u64_at(o).ok_or(F::Short)?.to_le_bytes());
             if p.first as usize + p.count as usize > ne
                 || p.start_rule as usize >= nr
                 || (p.count > 0 && (p.first % CHUNK_ENTRIES) + u32::from(p.count) > CHUNK_ENTRIES)
             {
-                return Err(Error::Format("page index out of range"));
+                return Err(F::PageIndex.into());
             }
             pages.push(p);
             o += 8;
         }
         let mut entries = Entries::default();
         for i in 0..ne {
-            entries.push(u32_at(o).unwrap(), ne - i);
+            entries.push(u32_at(o).ok_or(F::Short)?, ne - i);
             o += 4;
         }
         let mut rules = Vec::with_capacity(nr);
         for _ in 0..nr {
-            let r = UnwindRule {
-                cfa: b[o],
-                rbp: b[o + 1],
-                rbp_slot: b[o + 2] as i8,
-                aux: b[o + 3] as i8,
-                cfa_offset: i32_at(o + 4).unwrap(),
-            };
-            if r.cfa_kind().is_none() || r.rbp > RbpKind::Undefined as u8 {
-                return Err(Error::Format("unknown rule kind"));
+            let r = UnwindRule::from_bits(u64_at(o).ok_or(F::Short)?);
+            if r.cfa_kind().is_none() || r.rbp_kind().is_none() {
+                return Err(F::RuleKind.into());
             }
             rules.push(r);
             o += 8;
         }
         let mut runs = Vec::with_capacity(nr);
         for _ in 0..nr {
-            let r = Run(u32_at(o).unwrap());
+            let r = Run(u32_at(o).ok_or(F::Short)?);
             if !r.is_valid() {
-                return Err(Error::Format("bad run"));
+                return Err(F::Run.into());
             }
             runs.push(r);
             o += 4;
         }
         for p in &pages {
             if runs[p.start_rule as usize] != Run::NONE {
-                return Err(Error::Format("page start rule with a run"));
+                return Err(F::StartRuleRun.into());
             }
-            for &e in entries.page(p.first, p.count).ok_or(Error::Format("page index out of range"))? {
+            for &e in entries.page(p.first, p.count).ok_or(F::PageIndex)? {
                 let d = Entry::decode(e);
                 if d.rule as usize >= nr || e & RESERVED_ENTRY_BITS != 0 {
-                    return Err(Error::Format("entry out of range"));
+                    return Err(F::Entry.into());
                 }
             }
         }

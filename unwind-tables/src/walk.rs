@@ -1,5 +1,5 @@
 //! The userspace reference walker: unwinds a stack frame by frame with the shared
-//! [`step`](crate::layout::step) rule.
+//! [`step`] rule.
 
 use crate::layout::{step, Memory, Registers, Step, StepError, UnwindRule};
 

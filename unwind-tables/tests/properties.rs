@@ -1,11 +1,49 @@
-//! Invariants: entry encoding round-trips, lookup equals a naive search over the rows the
-//! table was built from, serialization round-trips, and no bytes make the parsers panic.
+//! Invariants: entry encoding round-trips, a rule's word is its struct's bytes, lookup
+//! equals a naive search over the rows the table was built from, serialization round-trips,
+//! and no bytes make the parsers panic.
 
 use proptest::prelude::*;
-use unwound_unwind_tables::layout::{CfaKind, Entry, RbpKind, Run, UnwindRule, MAX_RUN_STEPS};
+use unwound_unwind_tables::layout::{
+    CfaKind, DictEntry, Entry, PageEntry, RbpKind, Run, Unsupported, UnwindRule, MAX_RUN_STEPS,
+};
 use unwound_unwind_tables::{compile_elf, table_from_rows, UnwindTable};
 
 proptest! {
+    /// `to_bits` is the `#[repr(C)]` struct's bytes read as a little-endian word (what the
+    /// BPF walker stores and reads back), and every word is a rule whose accessors answer
+    /// without panicking.
+    #[test]
+    fn rule_bits_are_the_struct_bytes(cfa: u8, rbp: u8, rbp_slot: i8, aux: i8, cfa_offset: i32, word: u64) {
+        let rule = UnwindRule { cfa, rbp, rbp_slot, aux, cfa_offset };
+        // SAFETY: five integers with no padding between them (8 bytes, asserted in layout).
+        let bytes = unsafe { std::mem::transmute::<UnwindRule, [u8; 8]>(rule) };
+        prop_assert_eq!(rule.to_bits(), u64::from_le_bytes(bytes));
+        let formula = u64::from(cfa)
+            | u64::from(rbp) << 8
+            | u64::from(rbp_slot as u8) << 16
+            | u64::from(aux as u8) << 24
+            | u64::from(cfa_offset as u32) << 32;
+        prop_assert_eq!(rule.to_bits(), formula);
+        prop_assert_eq!(UnwindRule::from_bits(rule.to_bits()), rule);
+        let any = UnwindRule::from_bits(word);
+        prop_assert_eq!(any.to_bits(), word);
+        prop_assert_eq!(any.cfa_kind().is_some(), word as u8 <= CfaKind::Unsupported as u8);
+        prop_assert_eq!(any.rbp_kind().is_some(), (word >> 8) as u8 <= RbpKind::Undefined as u8);
+        prop_assert_eq!(any.saved_rbp_offset().is_some(), any.rbp_kind() == Some(RbpKind::AtCfa));
+        prop_assert_eq!(any.to_string().split(' ').count(), 2);
+    }
+
+    /// The records the walker's maps hold are the `#[repr(C)]` structs' bytes.
+    #[test]
+    fn map_records_are_the_struct_bytes(rule: u64, run: u32, first: u32, count: u16, start_rule: u16) {
+        let d = DictEntry { rule: UnwindRule::from_bits(rule), run: Run(run) };
+        // SAFETY: integers without padding (sizes asserted in layout).
+        prop_assert_eq!(d.to_le_bytes(), unsafe { std::mem::transmute::<DictEntry, [u8; 12]>(d) });
+        let p = PageEntry { first, count, start_rule };
+        prop_assert_eq!(p.to_le_bytes(), unsafe { std::mem::transmute::<PageEntry, [u8; 8]>(p) });
+        prop_assert_eq!(PageEntry::from_le_bytes(p.to_le_bytes()), p);
+    }
+
     #[test]
     fn entry_encoding_round_trips(off in 0u16..4096, rule in 0u16..16384, restore: bool) {
         let e = Entry { page_offset: off, rule, restore };
@@ -124,5 +162,31 @@ fn truncated_and_mutated_elf_files_give_errors_not_panics() {
             m[i] ^= (rng >> 8) as u8 | 1;
         }
         let _ = compile_elf(&m);
+    }
+}
+
+/// `Display` is readelf's notation for the CFA and rbp columns (`frames-interp`), and names
+/// what readelf shows as `exp` or has no column for.
+#[test]
+fn rules_print_in_readelfs_notation() {
+    let rule = |cfa, off, rbp, slot| UnwindRule::new(cfa, off, rbp, slot);
+    let deref = {
+        let mut r = rule(CfaKind::DerefRbp, -8, RbpKind::AtCfa, -2);
+        r.aux = 16;
+        r
+    };
+    for (r, text) in [
+        (rule(CfaKind::Rsp, 8, RbpKind::Unchanged, 0), "rsp+8 u"),
+        (rule(CfaKind::Rbp, 16, RbpKind::AtCfa, -2), "rbp+16 c-16"),
+        (rule(CfaKind::Rsp, -8, RbpKind::AtCfa, 1), "rsp-8 c+8"),
+        (rule(CfaKind::Rsp, 56, RbpKind::Undefined, 0), "rsp+56 undef"),
+        (rule(CfaKind::Plt, 11, RbpKind::Unchanged, 0), "plt(11) u"),
+        (deref, "deref(rbp-8)+16 c-16"),
+        (rule(CfaKind::EndOfStack, 0, RbpKind::Undefined, 0), "end undef"),
+        (UnwindRule::GAP, "gap undef"),
+        (UnwindRule::unsupported(Unsupported::CfaRegister), "unsupported:cfa_register undef"),
+        (UnwindRule::from_bits(0x0000_0000_0000_0309), "corrupt corrupt"),
+    ] {
+        assert_eq!(r.to_string(), text, "{r:?}");
     }
 }

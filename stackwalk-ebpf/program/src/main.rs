@@ -312,8 +312,7 @@ fn lookup_rule(t: &TableInfo, vaddr: u64) -> Option<UnwindRule> {
     if raw == NO_RULE {
         return None;
     }
-    // SAFETY: an UnwindRule's 8 bytes, as `unwound_lookup_rule` packed them.
-    Some(unsafe { core::mem::transmute::<u64, UnwindRule>(raw) })
+    Some(UnwindRule::from_bits(raw))
 }
 
 /// What [`unwound_lookup_rule`] returns when it finds no rule (no valid rule has these
@@ -336,8 +335,7 @@ pub extern "C" fn unwound_lookup_rule(rel: u64, pages_and_start: u64, chunks_and
         rule_start: (chunks_and_rules >> 32) as u32,
     };
     match lookup_in(&t, rel) {
-        // SAFETY: UnwindRule is 8 bytes of plain integers.
-        Some(r) => unsafe { core::mem::transmute::<UnwindRule, u64>(r) },
+        Some(r) => r.to_bits(),
         None => NO_RULE,
     }
 }
@@ -454,8 +452,7 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
     // frames from sample to sample (the per-CPU rule cache, probed and filled with separate
     // lookups so no map pointer stays live across the table search).
     let rule = if pc == buf.last_pc {
-        // SAFETY: `last_rule` holds the bytes of an UnwindRule (8 bytes, plain integers).
-        Some(core::mem::transmute::<u64, UnwindRule>(buf.last_rule))
+        Some(UnwindRule::from_bits(buf.last_rule))
     } else {
         let key = rule_cache_slot(pid, pc) as usize & (RULE_CACHE_SLOTS as usize - 1);
         let hit = match RULE_CACHE.get(0).map(|c| &c.slots[key]) {
@@ -465,7 +462,7 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         let found = match hit {
             Some(raw) => {
                 buf.rule_cache_hits += 1;
-                Some(core::mem::transmute::<u64, UnwindRule>(raw))
+                Some(UnwindRule::from_bits(raw))
             }
             None => match find_rule(buf, pc) {
                 Ok(Some(r)) => {
@@ -474,7 +471,7 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
                         c.pc = pc;
                         c.pid = pid;
                         c.generation = generation;
-                        c.rule = core::mem::transmute::<UnwindRule, u64>(r);
+                        c.rule = r.to_bits();
                     }
                     Some(r)
                 }
@@ -487,7 +484,7 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         };
         if let Some(r) = found {
             buf.last_pc = pc;
-            buf.last_rule = core::mem::transmute::<UnwindRule, u64>(r);
+            buf.last_rule = r.to_bits();
         }
         found
     };

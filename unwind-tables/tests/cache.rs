@@ -1,12 +1,9 @@
-//! The on-disk cache, and snapshots of the fixtures' tables.
+//! The on-disk cache: keyed by build-id (or content), versioned, and never trusted when
+//! its bytes are not what was written.
 
 use std::path::Path;
-use std::process::Command;
 
-use unwound_symbolize::ElfSymbols;
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
-use unwound_unwind_tables::layout::{CfaKind, RbpKind, UnwindRule};
-use unwound_unwind_tables::UnwindTable;
 
 const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
 
@@ -56,66 +53,6 @@ fn flip(b: &[u8], at: usize) -> Vec<u8> {
     let mut v = b.to_vec();
     v[at] ^= 0x40;
     v
-}
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let st = Command::new("make").args(["-s", "-C"]).arg(root.join("fixtures")).status().unwrap();
-    assert!(st.success());
-    root.join("target/fixtures").join(name)
-}
-
-fn text(r: &UnwindRule) -> String {
-    let cfa = match r.cfa_kind().unwrap() {
-        CfaKind::Rsp => format!("rsp+{}", r.cfa_offset),
-        CfaKind::Rbp => format!("rbp+{}", r.cfa_offset),
-        k => format!("{k:?}"),
-    };
-    let rbp = match r.rbp {
-        x if x == RbpKind::AtCfa as u8 => format!("c{:+}", r.rbp_offset()),
-        x if x == RbpKind::Unchanged as u8 => "u".into(),
-        _ => "undef".into(),
-    };
-    format!("{cfa} {rbp}")
-}
-
-/// The rows of the fixture's own functions, as offsets from each function's start.
-fn dump(binary: &str, functions: &[&str]) -> String {
-    let path = fixture(binary);
-    let table = UnwindTable::compile_file(&path).unwrap();
-    let syms = ElfSymbols::open(&path).unwrap();
-    let mut out = String::new();
-    for (start, end, rule) in table.rows() {
-        if start == end {
-            continue;
-        }
-        let Some(s) = syms.lookup(start) else { continue };
-        if functions.contains(&s.name) {
-            out.push_str(&format!(
-                "{}+{:#x}..+{:#x} {}\n",
-                s.name,
-                s.offset,
-                s.offset + (end - start),
-                text(&rule)
-            ));
-        }
-    }
-    out
-}
-
-#[test]
-fn snapshot_of_chain_without_frame_pointers() {
-    insta::assert_snapshot!(dump("chain_nofp", &["main", "c_chain_a", "c_chain_b", "c_chain_c"]));
-}
-
-#[test]
-fn snapshot_of_chain_with_frame_pointers() {
-    insta::assert_snapshot!(dump("chain_fp", &["main", "c_chain_a", "c_chain_b", "c_chain_c"]));
-}
-
-#[test]
-fn snapshot_of_recursion_without_frame_pointers() {
-    insta::assert_snapshot!(dump("recurse_nofp", &["main", "c_recurse", "c_recurse_leaf"]));
 }
 
 /// A file without a build-id is keyed by its content: every byte counts, wherever it is
