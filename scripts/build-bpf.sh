@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds the BPF object the agent embeds (agent/bpf/stackwalk.bpf.o) from
+# Rebuilds the BPF object the walker crate (unwound-stackwalk) embeds (stackwalk-ebpf/walker/bpf/stackwalk.bpf.o) from
 # stackwalk-ebpf/. Needs nightly + rust-src + bpf-linker (scripts/setup.sh).
 #
 #   scripts/build-bpf.sh          rebuild and replace the committed object
@@ -10,7 +10,7 @@
 # the registry and sysroot paths are remapped out of the debug info and BTF.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-committed="$root/agent/bpf/stackwalk.bpf.o"
+committed="$root/stackwalk-ebpf/walker/bpf/stackwalk.bpf.o"
 build="${UNWOUND_BPF_BUILD_DIR:-/tmp/unwound-bpf-build}"
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
@@ -32,7 +32,7 @@ export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf -C link-arg=--export=unwound_
 built="$CARGO_TARGET_DIR/bpfel-unknown-none/release/stackwalk"
 if [[ "${1:-}" == "--check" ]]; then
     if ! cmp -s "$built" "$committed"; then
-        echo "error: agent/bpf/stackwalk.bpf.o does not match stackwalk-ebpf/;" \
+        echo "error: stackwalk-ebpf/walker/bpf/stackwalk.bpf.o does not match stackwalk-ebpf/;" \
              "run scripts/build-bpf.sh and commit the result" >&2
         exit 1
     fi

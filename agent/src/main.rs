@@ -6,7 +6,6 @@ mod record;
 mod sample_cost;
 mod symbolize;
 mod tables;
-mod unwinding;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -15,10 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use unwound_stackwalk_abi::{
-    walk_end_name, SampleHeader, SampleRecord, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, WALK_COMPLETE,
-    WALK_FRAME_POINTERS,
-};
+use unwound_stackwalk::Event;
+use unwound_stackwalk_abi::{walk_end_name, WALK_COMPLETE, WALK_FRAME_POINTERS};
 use unwound_symbolize::{
     ElfSymbols, KernelSymbols, LoadSegments, Mapping, ProcessMaps, Symbolized, Symbolizer,
 };
@@ -167,25 +165,27 @@ impl Collector {
         Self::default()
     }
 
-    /// Adds one record read from the ring buffer; returns its header (`None` when the
-    /// record is malformed, which is counted). An exec event starts a new generation of the
+    /// Adds one of the walker's events. An exec event starts a new generation of the
     /// process: later samples are symbolized with the new program's mappings, earlier ones
     /// with the old.
-    pub fn add(&mut self, bytes: &[u8]) -> Option<SampleHeader> {
-        let Ok(record) = SampleRecord::parse(bytes) else {
-            self.malformed += 1;
-            return None;
+    pub fn add(&mut self, event: &Event<'_>) {
+        let record = match event {
+            Event::Sample(s) => s.record,
+            Event::Exec { pid, .. } => {
+                self.execs += 1;
+                *self.generations.entry(*pid).or_default() += 1;
+                return;
+            }
+            Event::Exit { .. } => {
+                self.exits += 1;
+                return;
+            }
+            _ => {
+                self.malformed += 1;
+                return;
+            }
         };
         let pid = record.header.pid;
-        if record.header.flags & FLAG_EVENT_EXEC != 0 {
-            self.execs += 1;
-            *self.generations.entry(pid).or_default() += 1;
-            return Some(record.header);
-        }
-        if record.header.flags & FLAG_EVENT_EXIT != 0 {
-            self.exits += 1;
-            return Some(record.header);
-        }
         self.samples += 1;
         let generation = self.generations.get(&pid).copied().unwrap_or(0);
         let key = StackKey {
@@ -198,13 +198,12 @@ impl Collector {
         };
         if let Some(count) = self.stacks.get_mut(&key) {
             *count += 1;
-            return Some(record.header);
+            return;
         }
         if !key.user.is_empty() {
             self.track((key.pid, key.generation), &key.user);
         }
         self.stacks.insert(key, 1);
-        Some(record.header)
     }
 
     fn track(&mut self, process: (u32, u32), user: &[u64]) {

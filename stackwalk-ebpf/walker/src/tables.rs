@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use crate::error::{Context as _, Error, Result};
 use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, IterableMap as _, MapData};
 use aya::{Ebpf, EbpfLoader};
 use object::{Object, ObjectSegment};
@@ -23,7 +23,7 @@ use unwound_unwind_tables::{compile_elf, UnwindTable};
 /// Writes `values` to slots `first..` of an array map: one `BPF_MAP_UPDATE_BATCH` call for
 /// all of them (a table has hundreds of pages and records: a syscall each was most of the
 /// cost of loading one), or one update per slot where the kernel has no batch updates.
-fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V]) -> anyhow::Result<()> {
+fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V]) -> Result<()> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     if values.is_empty() {
@@ -75,7 +75,7 @@ fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V
             }
             Ok(())
         }
-        _ => Err(anyhow::Error::new(err).context("cannot write unwind tables into the walker's maps")),
+        _ => Err(Error::Io { what: "cannot write unwind tables into the walker's maps".into(), source: err }),
     }
 }
 
@@ -106,12 +106,16 @@ impl Compiled {
 
 type FileKey = (String, u64, String);
 
-/// Counts for the summary.
+/// What the walker's table loader did (see [`Walker::table_stats`](crate::Walker::table_stats)).
 #[derive(Default, Debug, Clone)]
+#[non_exhaustive]
 pub struct TableStats {
     /// Tables uploaded (a table evicted and uploaded again counts twice).
     pub tables: u64,
+    /// Processes whose mappings were pointed at tables.
     pub processes: u64,
+    /// Mapped files that should have had a table and did not compile (unreadable, not
+    /// ELF, no `.eh_frame`).
     pub compile_failures: u64,
     /// Tables read from the on-disk cache instead of compiled.
     pub cache_hits: u64,
@@ -133,28 +137,16 @@ pub struct TableStats {
     pub map_bytes: u64,
     /// Peak of `map_bytes`.
     pub peak_map_bytes: u64,
-    /// Segments of the table arrays created and dropped while recording.
+    /// Segments of the table arrays created while recording.
     pub segments_created: u64,
+    /// Segments dropped (their last table evicted).
     pub segments_dropped: u64,
     /// Kernel memory of the walker's per-CPU rule cache (fixed: slots × CPUs).
     pub rule_cache_bytes: u64,
 }
 
-/// The kernel would not admit a segment into one of the walker's table arrays (found at
-/// load, by [`TableLoader::new`]): no table can reach the walker on this kernel.
-#[derive(Debug)]
-pub struct SegmentsRefused(pub String);
-
-impl std::fmt::Display for SegmentsRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the kernel refuses the walker's table segments ({})", self.0)
-    }
-}
-
-impl std::error::Error for SegmentsRefused {}
-
 /// Tables compiled before the walker is loaded, to size its arrays.
-pub struct TablePlan {
+pub(crate) struct TablePlan {
     files: HashMap<FileKey, Option<Arc<Compiled>>>,
     /// Each process's maps, parsed and as read (the agent compares the text to notice
     /// changes).
@@ -376,7 +368,7 @@ struct Segmented<V: aya::Pod> {
 }
 
 impl<V: aya::Pod> Segmented<V> {
-    fn new(mut outer: aya::maps::Map, seg: u32, seg_bytes: u64) -> anyhow::Result<Self> {
+    fn new(mut outer: aya::maps::Map, seg: u32, seg_bytes: u64) -> Result<Self> {
         let slots = ArrayOfMaps::<&mut MapData, Array<MapData, V>>::try_from(&mut outer)?.len();
         Ok(Segmented {
             outer,
@@ -397,9 +389,11 @@ impl<V: aya::Pod> Segmented<V> {
     /// and taken out again. What a kernel compares between a segment and the outer array's
     /// template differs from version to version (see the BPF program's `PAGES`), so this is
     /// asked once at load rather than found out table by table.
-    fn probe(&mut self) -> anyhow::Result<()> {
+    fn probe(&mut self) -> Result<()> {
         #[cfg(test)]
-        anyhow::ensure!(!self.refuse_new, "segment refused (test)");
+        if self.refuse_new {
+            return Err(Error::Injected);
+        }
         let inner = Array::<MapData, V>::create(self.seg, 0).context("cannot create a segment")?;
         self.outer()?.set(0, &inner, 0).context("cannot add a segment to an array of maps")?;
         if let aya::maps::Map::ArrayOfMaps(data) = &self.outer {
@@ -408,7 +402,7 @@ impl<V: aya::Pod> Segmented<V> {
         Ok(())
     }
 
-    fn outer(&mut self) -> anyhow::Result<ArrayOfMaps<&mut MapData, Array<MapData, V>>> {
+    fn outer(&mut self) -> Result<ArrayOfMaps<&mut MapData, Array<MapData, V>>> {
         Ok(ArrayOfMaps::try_from(&mut self.outer)?)
     }
 
@@ -424,7 +418,7 @@ impl<V: aya::Pod> Segmented<V> {
     /// Writes `values` at `first..` (a run from `free`), creating the segments it needs.
     /// On an error nothing stays taken: the run is free again and a segment made for it
     /// is dropped.
-    fn put(&mut self, first: u32, values: &[V]) -> anyhow::Result<()> {
+    fn put(&mut self, first: u32, values: &[V]) -> Result<()> {
         let total = values.len() as u32;
         let parts: Vec<_> = self.parts(first, total).collect();
         let mut done = 0u32;
@@ -442,10 +436,12 @@ impl<V: aya::Pod> Segmented<V> {
         Ok(())
     }
 
-    fn put_part(&mut self, s: usize, local: u32, values: &[V]) -> anyhow::Result<()> {
+    fn put_part(&mut self, s: usize, local: u32, values: &[V]) -> Result<()> {
         if self.held[s].is_none() {
             #[cfg(test)]
-            anyhow::ensure!(!self.refuse_new, "segment refused (test)");
+            if self.refuse_new {
+                return Err(Error::Injected);
+            }
             let inner = Array::<MapData, V>::create(self.seg, 0)
                 .context("cannot create a segment of the walker's table maps")?;
             self.outer()?
@@ -580,7 +576,7 @@ struct Proc {
 /// the same file; when the arrays are full, the tables least recently sampled make room
 /// (those of exited processes first), and processes that lost one get it back when their
 /// samples show it missing.
-pub struct TableLoader {
+pub(crate) struct TableLoader {
     /// Resident tables by [`Compiled::key`].
     files: HashMap<String, u32>,
     compiled: HashMap<FileKey, Option<Arc<Compiled>>>,
@@ -602,15 +598,15 @@ pub struct TableLoader {
     /// Last generation written to a process entry.
     generation: u32,
     pub stats: TableStats,
+    /// Told once, taken by the walker.
+    pub(crate) notices: Vec<crate::Notice>,
 }
 
 impl TableLoader {
     /// Takes the table maps out of the loaded object (sized by [`TablePlan::size_loader`]
     /// for the same `budget`) and uploads the plan.
-    pub fn new(ebpf: &mut Ebpf, plan: TablePlan, budget: u64) -> anyhow::Result<Self> {
-        let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name).with_context(|| format!("BPF object has no {name} map"))
-        };
+    pub fn new(ebpf: &mut Ebpf, plan: TablePlan, budget: u64) -> Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| ebpf.take_map(name).ok_or(Error::Object("table map"));
         let tables: Array<MapData, TableInfo> = Array::try_from(take(ebpf, TABLES_MAP)?)?;
         let pages = Segmented::new(take(ebpf, PAGES_MAP)?, PAGE_SEGMENT, PAGE_SEGMENT_BYTES)?;
         let chunks = Segmented::new(take(ebpf, CHUNKS_MAP)?, CHUNK_SEGMENT, CHUNK_SEGMENT_BYTES)?;
@@ -634,6 +630,7 @@ impl TableLoader {
             sampled: HashMap::new(),
             generation: 0,
             stats: plan.stats,
+            notices: Vec::new(),
         };
         loader.probe_segments()?;
         loader.count_map_bytes();
@@ -648,13 +645,13 @@ impl TableLoader {
     }
 
     /// Whether the kernel admits a segment into each table array (asked once, at load).
-    fn probe_segments(&mut self) -> Result<(), SegmentsRefused> {
-        for (name, probe) in [
+    fn probe_segments(&mut self) -> Result<()> {
+        for (array, probe) in [
             (PAGES_MAP, self.pages.probe()),
             (CHUNKS_MAP, self.chunks.probe()),
             (RULES_MAP, self.rules.probe()),
         ] {
-            probe.map_err(|e| SegmentsRefused(format!("{name}: {e:#}")))?;
+            probe.map_err(|e| Error::SegmentsRefused { array, source: Box::new(e) })?;
         }
         Ok(())
     }
@@ -671,7 +668,7 @@ impl TableLoader {
     }
 
     /// Points `pid`'s mappings at their tables (compiling and uploading new ones).
-    pub fn add_process(&mut self, pid: u32, maps: &ProcessMaps) -> anyhow::Result<()> {
+    pub fn add_process(&mut self, pid: u32, maps: &ProcessMaps) -> Result<()> {
         self.release(pid);
         // Its tables are the ones to keep while the process is being set up.
         self.sampled(pid);
@@ -723,7 +720,7 @@ impl TableLoader {
         self.generation
     }
 
-    fn write_process(&mut self, pid: u32, entries: &[MappingEntry]) -> anyhow::Result<()> {
+    fn write_process(&mut self, pid: u32, entries: &[MappingEntry]) -> Result<()> {
         let mut value = ProcMappings {
             count: entries.len() as u32,
             generation: self.next_generation(),
@@ -757,7 +754,7 @@ impl TableLoader {
 
     /// Evicts the least recently used table that `keep` does not use; false when there is
     /// none.
-    fn evict_one(&mut self, keep: u32) -> anyhow::Result<bool> {
+    fn evict_one(&mut self, keep: u32) -> Result<bool> {
         let victim = self
             .resident
             .iter()
@@ -815,7 +812,7 @@ impl TableLoader {
         nchunks: u32,
         nrules: u32,
         keep: u32,
-    ) -> anyhow::Result<Option<(u32, u32, u32, u32)>> {
+    ) -> Result<Option<(u32, u32, u32, u32)>> {
         loop {
             let id = self.free_ids.last().copied().or((self.next_id < MAX_TABLES).then_some(self.next_id));
             if let Some(id) = id {
@@ -851,27 +848,21 @@ impl TableLoader {
     /// first one told; the table is left out like one that does not fit. `runs` are its
     /// (first, count) in pages, chunks and rules; `failed` the step that failed (0–2: that
     /// array's write, which gave its own run back; 3: the table directory).
-    fn refused(
-        &mut self,
-        id: u32,
-        runs: [(u32, u32); 3],
-        failed: usize,
-        e: anyhow::Error,
-    ) -> anyhow::Result<Option<u32>> {
+    fn refused(&mut self, id: u32, runs: [(u32, u32); 3], failed: usize, e: Error) -> Result<Option<u32>> {
         self.pages.undo(runs[0], 0.cmp(&failed));
         self.chunks.undo(runs[1], 1.cmp(&failed));
         self.rules.undo(runs[2], 2.cmp(&failed));
         self.free_ids.push(id);
         self.stats.refused += 1;
         if self.stats.refused == 1 {
-            eprintln!("warning: a table was left out (counted as refused from now on): {e:#}");
+            self.notices.push(crate::Notice::TableRefused(e));
         }
         self.count_map_bytes();
         Ok(None)
     }
 
     /// Copies a table into the shared arrays; `None` when it cannot fit (counted).
-    fn upload(&mut self, key: &str, t: &UnwindTable, for_pid: u32) -> anyhow::Result<Option<u32>> {
+    fn upload(&mut self, key: &str, t: &UnwindTable, for_pid: u32) -> Result<Option<u32>> {
         let npages = t.pages().len() as u32;
         let nchunks = (t.entries().len() as u32).div_ceil(CHUNK_ENTRIES as u32);
         let nrules = t.rules().len() as u32;
@@ -975,11 +966,11 @@ mod tests {
             eprintln!("SKIPPED: needs root to create BPF maps");
             return None;
         }
-        crate::record::raise_memlock_limit();
+        crate::raise_memlock_limit();
         let plan = TablePlan::new(&[], None);
         let mut loader = aya::EbpfLoader::new();
         plan.size_loader(&mut loader, budget);
-        let mut ebpf = loader.load(crate::record::BPF_OBJECT).expect("the walker's maps");
+        let mut ebpf = loader.load(crate::BPF_OBJECT).expect("the walker's maps");
         let tables = TableLoader::new(&mut ebpf, plan, budget).expect("table loader");
         Some((ebpf, tables))
     }
