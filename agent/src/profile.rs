@@ -10,15 +10,17 @@
 //! process.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rayon::prelude::*;
 use unwound_stackwalk::Event;
 use unwound_stackwalk_abi::{walk_end_name, WALK_COMPLETE, WALK_FRAME_POINTERS};
+use unwound_symbolize::process::{lookup_address, MAPS_REFRESH_INTERVAL};
 use unwound_symbolize::{
-    ElfSymbols, KernelSymbols, LoadSegments, Mapping, ProcessMaps, Symbolized, Symbolizer,
+    ElfSymbols, FileIdentity, FileStamp, KernelSymbols, LoadSegments, MappedObject, Mapping, ProcessMaps,
+    Symbolized, Symbolizer,
 };
 
 /// Key of an aggregated stack.
@@ -80,19 +82,24 @@ impl Frame {
 /// recording even if the process has exited or the file was deleted or replaced, and its
 /// symbols (segments, names) once read.
 pub struct FileInfo {
-    /// Read from `file` when first needed: only files with sampled addresses are, and a
+    /// Read from `object` when first needed: only files with sampled addresses are, and a
     /// process maps many more (parsing every mapped file's symbol table when a process
     /// was first seen took a tenth of the agent's CPU).
     symbols: std::sync::OnceLock<Option<ElfSymbols>>,
-    /// The load segments alone, read from `file` when first needed (without `symbols`).
+    /// The load segments alone, read from `object` when first needed (without `symbols`).
     segments: std::sync::OnceLock<Option<LoadSegments>>,
-    file: Option<std::fs::File>,
+    object: MappedObject,
 }
 
 impl FileInfo {
     fn symbols(&self) -> Option<&ElfSymbols> {
         self.symbols
-            .get_or_init(|| self.file.as_ref().and_then(|f| ElfSymbols::open(fd_path(f)).ok()))
+            .get_or_init(|| match self.object.read_path() {
+                Some(path) => ElfSymbols::open(path).ok(),
+                None => {
+                    self.object.bytes().ok().and_then(|b| ElfSymbols::from_bytes(self.object.path(), &b).ok())
+                }
+            })
             .as_ref()
     }
 
@@ -103,17 +110,13 @@ impl FileInfo {
         if let Some(Some(s)) = self.symbols.get() {
             return s.file_offset_to_vaddr(offset);
         }
-        self.segments
-            .get_or_init(|| self.file.as_ref().and_then(|f| LoadSegments::open(fd_path(f)).ok()))
-            .as_ref()?
-            .file_offset_to_vaddr(offset)
+        self.segments.get_or_init(|| self.object.load_segments().ok()).as_ref()?.file_offset_to_vaddr(offset)
     }
 
-    /// Whether the file was opened but its segments or symbols, once needed, could not be
-    /// read.
+    /// Whether the object was opened but its segments or symbols, once needed, could not
+    /// be read.
     fn unreadable(&self) -> bool {
-        self.file.is_some()
-            && (matches!(self.symbols.get(), Some(None)) || matches!(self.segments.get(), Some(None)))
+        matches!(self.symbols.get(), Some(None)) || matches!(self.segments.get(), Some(None))
     }
 }
 
@@ -134,8 +137,9 @@ struct ProcessInfo {
     symbols: HashMap<u64, Option<Arc<FileInfo>>>,
 }
 
-/// Identity of a mapped file: (device, inode), or the path for pseudo files.
-type FileKey = (String, u64, PathBuf);
+/// A mapped file: its identity, and its stamp when opened (a file rewritten in place, or
+/// a new file on a freed inode number, is another file).
+type FileKey = (FileIdentity, Option<FileStamp>);
 
 /// Counts raw samples and keeps what is needed to symbolize them later.
 #[derive(Default)]
@@ -157,8 +161,6 @@ pub struct Collector {
 
 /// Root frame of a stack whose walk reached a return address outside executable memory.
 pub const INVALID_FRAME: &str = "[unwind: invalid frame]";
-
-const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Collector {
     pub fn new() -> Self {
@@ -213,7 +215,7 @@ impl Collector {
             None => true,
             Some(p) => {
                 user.iter().any(|&a| p.maps.find(a).is_none())
-                    && now.duration_since(p.refreshed) >= REFRESH_INTERVAL
+                    && now.duration_since(p.refreshed) >= MAPS_REFRESH_INTERVAL
             }
         };
         if !needs_snapshot {
@@ -240,41 +242,23 @@ impl Collector {
     }
 
     fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<FileInfo>> {
-        let path = m.path.clone()?;
-        let key = (m.device.clone(), m.inode, if m.inode == 0 { path.clone() } else { PathBuf::new() });
+        let key = (FileIdentity::of(m)?, FileStamp::of_mapping(pid, m));
         if let Some(s) = self.files.get(&key) {
             return s.clone();
         }
-        let loaded = if m.is_pseudo() {
-            if path.as_os_str() == "[vdso]" {
-                read_process_memory(pid, m.start, m.end - m.start)
-                    .and_then(|bytes| ElfSymbols::from_bytes("[vdso]", &bytes).ok())
-                    .map(|symbols| FileInfo {
-                        symbols: Some(symbols).into(),
-                        segments: std::sync::OnceLock::new(),
-                        file: None,
-                    })
-            } else {
+        let loaded = match MappedObject::open(pid, m) {
+            Ok(object) => Some(Arc::new(FileInfo {
+                symbols: std::sync::OnceLock::new(),
+                segments: std::sync::OnceLock::new(),
+                object,
+            })),
+            // `[stack]`, `[vsyscall]`: nothing to symbolize, nothing wrong.
+            Err(unwound_symbolize::Error::NotAnObject { .. }) => None,
+            Err(_) => {
+                self.open_errors += 1;
                 None
             }
-        } else {
-            let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
-            let via_root =
-                Path::new(&format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
-            let opened = std::fs::File::open(&via_map_files).or_else(|_| std::fs::File::open(&via_root));
-            match opened {
-                Ok(f) => Some(FileInfo {
-                    symbols: std::sync::OnceLock::new(),
-                    segments: std::sync::OnceLock::new(),
-                    file: Some(f),
-                }),
-                Err(_) => {
-                    self.open_errors += 1;
-                    None
-                }
-            }
         };
-        let loaded = loaded.map(Arc::new);
         self.files.insert(key, loaded.clone());
         loaded
     }
@@ -389,12 +373,6 @@ fn file_id(f: &Arc<FileInfo>) -> usize {
     Arc::as_ptr(f) as usize
 }
 
-/// The path through which this process reads an open file.
-fn fd_path(f: &std::fs::File) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
-}
-
 impl Collector {
     /// Every user address of every stack, symbolized per file (files in parallel).
     fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
@@ -405,7 +383,7 @@ impl Collector {
                 let lookup = lookup_address(i, addr);
                 let Some(m) = p.maps.find(lookup) else { continue };
                 let Some(Some(info)) = p.symbols.get(&m.start) else { continue };
-                if info.file.is_none() {
+                if info.object.read_path().is_none() {
                     continue;
                 }
                 if let Some(v) = info.file_offset_to_vaddr(m.file_offset(lookup)) {
@@ -425,7 +403,7 @@ impl Collector {
             .flat_map_iter(|(id, (info, mut vaddrs))| {
                 vaddrs.sort_unstable();
                 vaddrs.dedup();
-                let path = fd_path(info.file.as_ref().expect("filtered above"));
+                let path = info.object.read_path().unwrap_or_default();
                 let answers = symbolizer.symbolize_elf(&path, &vaddrs).unwrap_or_default();
                 vaddrs
                     .into_iter()
@@ -484,27 +462,5 @@ fn kernel_frame(kernel: &KernelSymbols, addr: u64) -> Frame {
             true,
         ),
         None => Frame::plain("[unknown]".into(), "[kernel.kallsyms]".into(), addr, true),
-    }
-}
-
-/// Reads `len` bytes (at most 1 MiB) of another process's memory.
-fn read_process_memory(pid: u32, addr: u64, len: u64) -> Option<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    if len > 1 << 20 {
-        return None;
-    }
-    let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
-    let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, addr).ok()?;
-    Some(buf)
-}
-
-/// The address looked up for frame `i` of a stack (innermost first): a return address
-/// (every frame but the innermost) points after its call, so the call itself, one byte back.
-fn lookup_address(i: usize, addr: u64) -> u64 {
-    if i == 0 {
-        addr
-    } else {
-        addr.wrapping_sub(1)
     }
 }

@@ -62,6 +62,7 @@ struct LoadSegment {
     file_offset: u64,
     file_size: u64,
     vaddr: u64,
+    executable: bool,
 }
 
 /// The load segments of an ELF file: where its file offsets (as `/proc/PID/maps` gives
@@ -94,7 +95,8 @@ impl LoadSegments {
             file.segments()
                 .filter_map(|s| {
                     let (file_offset, file_size) = s.file_range();
-                    (file_size > 0).then_some(LoadSegment { file_offset, file_size, vaddr: s.address() })
+                    let executable = matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+                    (file_size > 0).then_some(LoadSegment { file_offset, file_size, vaddr: s.address(), executable })
                 })
                 .collect(),
         )
@@ -107,6 +109,26 @@ impl LoadSegments {
             .iter()
             .find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size)
             .map(|s| s.vaddr.wrapping_add(offset - s.file_offset))
+    }
+
+    /// The load bias of a mapping at `start` of the file's bytes `[offset, offset + len)`
+    /// (`/proc/PID/maps`' start, offset and length): what is added to the file's own
+    /// addresses to give the process's. The executable segment the mapping holds decides:
+    /// a page-aligned mapping may begin inside the read-only segment before it, whose
+    /// `vaddr − offset` differs. `None` when no segment overlaps the mapping.
+    pub fn bias(&self, start: u64, offset: u64, len: u64) -> Option<u64> {
+        let end = offset.saturating_add(len);
+        let seg = self
+            .0
+            .iter()
+            .find(|s| {
+                s.executable && s.file_offset < end && offset < s.file_offset.saturating_add(s.file_size)
+            })
+            .or_else(|| {
+                self.0.iter().find(|s| offset >= s.file_offset && offset - s.file_offset < s.file_size)
+            })?;
+        // pc = start + (file_offset − offset); vaddr = file_offset − seg.offset + seg.vaddr.
+        Some(start.wrapping_sub(offset).wrapping_add(seg.file_offset).wrapping_sub(seg.vaddr))
     }
 }
 

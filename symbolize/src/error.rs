@@ -56,6 +56,26 @@ pub enum Error {
         /// Its size.
         size: u64,
     },
+    /// Without `/proc/PID/map_files` (it needs CAP_SYS_ADMIN) a mapping's path names a
+    /// newer file than the one mapped (an upgrade): its offsets would give wrong names.
+    #[error("{} was replaced since process {pid} mapped it (and /proc/{pid}/map_files needs CAP_SYS_ADMIN)", path.display())]
+    Replaced {
+        /// The path as mapped.
+        path: PathBuf,
+        /// The process.
+        pid: u32,
+    },
+    /// A mapping with no object to open: anonymous memory, or a pseudo mapping other than
+    /// `[vdso]` (`[stack]`, `[vsyscall]`).
+    #[error("the mapping at {start:#x} of process {pid} ({}) has no object file", path.as_deref().map_or("anonymous".into(), |p| p.display().to_string()))]
+    NotAnObject {
+        /// The process.
+        pid: u32,
+        /// The mapping's start.
+        start: u64,
+        /// Its path, if any.
+        path: Option<PathBuf>,
+    },
     /// `/proc/kallsyms` shows only zero addresses (kernel.kptr_restrict, or not root).
     #[error("kernel symbol addresses are hidden: run as root or set kernel.kptr_restrict=0")]
     KernelAddressesHidden,

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use unwound_stackwalk::{Event, WalkerBuilder};
+use unwound_symbolize::process::lookup_address;
 use unwound_symbolize::{Options, Symbolizer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut seen = Vec::new();
             for (i, addr) in s.record.user.iter().enumerate() {
                 // Return addresses point after the call: look up the call itself.
-                let addr = if i == 0 { addr } else { addr.wrapping_sub(1) };
+                let addr = lookup_address(i, addr);
                 if seen.contains(&addr) {
                     continue; // recursion: once per sample in "total"
                 }

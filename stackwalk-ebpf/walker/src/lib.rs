@@ -85,8 +85,9 @@ pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/stackwalk.bpf
 pub const OLDEST_KERNEL: (u32, u32) = (5, 15);
 
 /// Least time between two re-reads of one process's mappings prompted by its samples (a
-/// pc outside its known mappings, a table lost to eviction).
-pub const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+/// pc outside its known mappings, a table lost to eviction): the process model's, which
+/// the agent's collector uses too.
+pub use unwound_symbolize::process::MAPS_REFRESH_INTERVAL as REFRESH_INTERVAL;
 
 /// How the in-kernel walk loops over frames.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -3,20 +3,21 @@
 //! mappings pointed at them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Context as _, Error, Result};
 use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, IterableMap as _, MapData};
 use aya::{Ebpf, EbpfLoader};
-use object::{Object, ObjectSegment};
+use object::Object;
 use unwound_stackwalk_abi::{
     MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, CHUNK_SEGMENT,
     MAX_MAPPINGS, MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP, RULES_MAP, RULE_CACHE_SLOTS,
     RULE_SEGMENT, TABLES_MAP,
 };
-use unwound_symbolize::{Mapping, ProcessMaps};
+use unwound_symbolize::{
+    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ProcessMaps,
+};
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
 
@@ -81,30 +82,16 @@ fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V
 
 /// A compiled table and where its segments put file offsets.
 struct Compiled {
-    /// What it is shared under: the file's build-id, else its device, inode and path.
+    /// What it is shared under: the file's build-id, else its identity.
     key: String,
     table: UnwindTable,
-    /// (file offset, file size, vaddr, executable) of each load segment.
-    segments: Vec<(u64, u64, u64, bool)>,
+    segments: LoadSegments,
 }
 
-impl Compiled {
-    /// The bias of an executable mapping of `[offset, offset + len)`: the executable
-    /// segment it maps decides (a page-aligned mapping may begin inside the preceding
-    /// read-only segment, whose vaddr − offset differs).
-    fn bias(&self, start: u64, offset: u64, len: u64) -> Option<u64> {
-        let seg = self
-            .segments
-            .iter()
-            .find(|(o, s, _, x)| *x && *o < offset + len && offset < o + s)
-            .or_else(|| self.segments.iter().find(|(o, s, _, _)| offset >= *o && offset - o < *s))?;
-        let (o, _, v, _) = *seg;
-        // pc = start + (file_offset − offset); vaddr = file_offset − o + v.
-        Some(start.wrapping_sub(offset).wrapping_add(o).wrapping_sub(v))
-    }
-}
-
-type FileKey = (String, u64, String);
+/// A mapped file as the table cache knows it: its identity and its stamp when the table
+/// was compiled, so that a file rewritten in place, or a new file given a freed inode
+/// number, is compiled anew rather than walked with the old file's table.
+type FileKey = (FileIdentity, Option<FileStamp>);
 
 /// What the walker's table loader did (see [`Walker::table_stats`](crate::Walker::table_stats)).
 #[derive(Default, Debug, Clone)]
@@ -155,13 +142,8 @@ pub(crate) struct TablePlan {
     pub stats: TableStats,
 }
 
-fn file_key(m: &Mapping) -> FileKey {
-    let path = m.path.as_ref().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-    if m.inode == 0 {
-        (String::new(), 0, path)
-    } else {
-        (m.device.clone(), m.inode, String::new())
-    }
+fn file_key(pid: u32, m: &Mapping) -> Option<FileKey> {
+    Some((FileIdentity::of(m)?, FileStamp::of_mapping(pid, m)))
 }
 
 /// Compiles tables, once per build-id: the same file under another inode (a container's
@@ -183,52 +165,24 @@ impl Compiler {
     }
 
     fn compile_mapping(&mut self, pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
-        let bytes: Vec<u8>;
-        let map;
-        let data: &[u8] = if m.path.as_deref() == Some(Path::new("[vdso]")) {
-            let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
-            let mut b = vec![0u8; (m.end - m.start).min(1 << 20) as usize];
-            f.read_exact_at(&mut b, m.start).ok()?;
-            bytes = b;
-            &bytes
-        } else if m.is_pseudo() {
-            return None;
-        } else {
-            let f = std::fs::File::open(format!("/proc/{pid}/map_files/{}", m.map_files_name())).ok()?;
-            // SAFETY: read-only private map of a file that is mapped by the process anyway.
-            map = unsafe { memmap2::Mmap::map(&f) }.ok()?;
-            &map
-        };
-        let file = object::File::parse(data).ok()?;
-        let build_id = file
-            .build_id()
-            .ok()
-            .flatten()
-            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let object = MappedObject::open(pid, m).ok()?;
+        let data = object.bytes().ok()?;
+        let file = object::File::parse(&*data).ok()?;
+        let build_id = file.build_id().ok().flatten().map(build_id_hex);
         if let Some(c) = build_id.as_ref().and_then(|id| self.by_id.get(id)) {
             stats.shared_by_build_id += 1;
             return Some(c.clone());
         }
         let table = match &self.cache {
             Some(c) => {
-                let (table, outcome) = c.get_or_compile_elf(data).ok()?;
+                let (table, outcome) = c.get_or_compile_elf(&data).ok()?;
                 stats.cache_hits += u64::from(outcome == CacheOutcome::Hit);
                 table
             }
-            None => compile_elf(data).ok()?,
+            None => compile_elf(&data).ok()?,
         };
-        let segments = file
-            .segments()
-            .map(|s| {
-                let (o, sz) = s.file_range();
-                let exec =
-                    matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
-                (o, sz, s.address(), exec)
-            })
-            .filter(|s| s.1 > 0)
-            .collect();
-        let (dev, ino, path) = file_key(m);
-        let key = build_id.clone().unwrap_or_else(|| format!("{dev}:{ino}:{path}"));
+        let segments = LoadSegments::from_bytes(object.path(), &data).ok()?;
+        let key = build_id.clone().unwrap_or_else(|| format!("{}@{:?}", object.identity(), object.stamp()));
         let c = Arc::new(Compiled { key, table, segments });
         if let Some(id) = build_id {
             self.by_id.insert(id, c.clone());
@@ -250,8 +204,9 @@ impl TablePlan {
         for &pid in pids {
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
             let maps = ProcessMaps::parse(&text);
-            for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
-                if let std::collections::hash_map::Entry::Vacant(v) = plan.files.entry(file_key(m)) {
+            for m in maps.iter().filter(|m| m.executable) {
+                let Some(key) = file_key(pid, m) else { continue };
+                if let std::collections::hash_map::Entry::Vacant(v) = plan.files.entry(key) {
                     v.insert(plan.compiler.compile(pid, m, &mut plan.stats));
                 }
             }
@@ -674,8 +629,8 @@ impl TableLoader {
         self.sampled(pid);
         let mut entries: Vec<MappingEntry> = Vec::new();
         let mut evicted = false;
-        for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
-            let key = file_key(m);
+        for m in maps.iter().filter(|m| m.executable) {
+            let Some(key) = file_key(pid, m) else { continue };
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {
@@ -691,7 +646,7 @@ impl TableLoader {
                     None => self.upload(&c.key, &c.table, pid)?,
                 };
                 let offset = if m.path.as_deref() == Some(Path::new("[vdso]")) { 0 } else { m.offset };
-                match (id, c.bias(m.start, offset, m.end - m.start)) {
+                match (id, c.segments.bias(m.start, offset, m.end - m.start)) {
                     (Some(id), Some(bias)) => {
                         entry.table = id;
                         entry.bias = bias;

@@ -2,14 +2,13 @@
 //! (through `/proc/PID/map_files` or `/proc/PID/root`), and JIT code's perf map.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::Symbolizer;
 use crate::name::Name;
+use crate::process::MappedObject;
 use crate::{Error, Frame, Mapping, Miss, ProcessMaps, Resolution, Symbolized};
 
 impl Symbolizer {
@@ -63,23 +62,13 @@ impl Symbolizer {
         if m.is_pseudo() {
             return fail(Miss::NotAFile { path: path.clone() });
         }
-        let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
-        let bin = match self.binary(&via_map_files) {
-            Ok(b) => b,
-            Err(_) => {
-                let plain = path.to_string_lossy();
-                let plain = plain.strip_suffix(" (deleted)").unwrap_or(&plain);
-                let via_root = PathBuf::from(format!("/proc/{pid}/root{plain}"));
-                // Without map_files (no CAP_SYS_ADMIN) the path may name a newer file than
-                // the one mapped (an upgrade): its offsets would give wrong names.
-                if std::fs::metadata(&via_root).is_ok_and(|md| m.inode != 0 && md.ino() != m.inode) {
-                    return fail(Miss::Replaced { path: path.clone(), pid });
-                }
-                match self.binary(&via_root) {
-                    Ok(b) => b,
-                    Err(e) => return fail(Miss::Unreadable(Arc::new(e))),
-                }
-            }
+        let bin = match MappedObject::open(pid, m) {
+            Ok(object) => match self.binary(&object.read_path().unwrap_or_default()) {
+                Ok(b) => b,
+                Err(e) => return fail(Miss::Unreadable(Arc::new(e))),
+            },
+            Err(Error::Replaced { path, pid }) => return fail(Miss::Replaced { path, pid }),
+            Err(e) => return fail(Miss::Unreadable(Arc::new(e))),
         };
         let mut vaddrs = Vec::with_capacity(addrs.len());
         let mut out = Vec::with_capacity(addrs.len());

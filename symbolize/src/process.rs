@@ -1,0 +1,359 @@
+//! One model of a process's code, shared by the walker (tables), the agent (capture now,
+//! symbolize later), the symbolizer and the reference walker.
+//!
+//! - [`FileIdentity`]: what makes two mappings the same object (device and inode; a pseudo
+//!   mapping such as `[vdso]` by its name).
+//! - [`MappedObject`]: a mapping's object opened *while the process lives*: through
+//!   `/proc/PID/map_files` (works for deleted and replaced files and other mount
+//!   namespaces), else through `/proc/PID/root` only when that path still has the mapped
+//!   inode; the vDSO copied from the process's memory. Held open, it can be read after the
+//!   process has exited.
+//! - [`CapturedAddress`]: an address as (object, file offset), which stays true after the
+//!   process, or the address space layout, is gone.
+//! - [`lookup_address`]: the address to look up for a stack's frame (a return address
+//!   names the instruction after the call).
+//! - [`MAPS_REFRESH_INTERVAL`]: how often a process's mappings may be read again because
+//!   its samples show an address outside the ones known.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Error, LoadSegments, Mapping};
+
+/// Least time between two re-reads of one process's `/proc/PID/maps` prompted by its
+/// samples (a pc outside the mappings known: a library loaded since).
+pub const MAPS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Most bytes of a pseudo mapping (the vDSO is 8 KiB) copied from a process's memory.
+pub const MAX_MEMORY_OBJECT: u64 = 1 << 20;
+
+/// What makes two mappings, in one process or several, the same object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileIdentity {
+    /// A file, by its device (`major:minor` as `/proc/PID/maps` prints it) and inode: the
+    /// same file under any path, in any process or mount namespace.
+    Inode {
+        /// `major:minor`.
+        device: String,
+        /// Inode number.
+        inode: u64,
+    },
+    /// A pseudo mapping without a file (`[vdso]`), by its name: one kernel maps one vDSO.
+    Pseudo(PathBuf),
+}
+
+impl FileIdentity {
+    /// The identity of `m`'s object; `None` for anonymous memory.
+    pub fn of(m: &Mapping) -> Option<Self> {
+        let path = m.path.as_ref()?;
+        Some(if m.inode == 0 {
+            FileIdentity::Pseudo(path.clone())
+        } else {
+            FileIdentity::Inode { device: m.device.clone(), inode: m.inode }
+        })
+    }
+}
+
+impl std::fmt::Display for FileIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileIdentity::Inode { device, inode } => write!(f, "{device}:{inode}"),
+            FileIdentity::Pseudo(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// What a file was when it was opened: device, inode, size and change times. Two stamps
+/// differ when a file was rewritten in place, or when a file deleted and freed gave its
+/// inode number to a new one: a cache keyed by [`FileIdentity`] checks the stamp before it
+/// reuses what it computed from the old file (a table, symbols), so the old file's answers
+/// are never given for the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(md: &std::fs::Metadata) -> Self {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileStamp {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime_ns: ns(md.mtime(), md.mtime_nsec()),
+            ctime_ns: ns(md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of the file `pid`'s mapping `m` maps now (a `stat` through
+    /// `/proc/PID/map_files`, else `/proc/PID/root`); `None` for pseudo mappings and
+    /// anonymous memory, or when neither can be read.
+    pub fn of_mapping(pid: u32, m: &Mapping) -> Option<Self> {
+        if m.is_pseudo() || m.path.is_none() {
+            return None;
+        }
+        let md = std::fs::metadata(format!("/proc/{pid}/map_files/{}", m.map_files_name())).ok().or_else(
+            || {
+                let p = m.path.as_ref()?.to_string_lossy().into_owned();
+                std::fs::metadata(format!("/proc/{pid}/root{}", p.strip_suffix(" (deleted)").unwrap_or(&p)))
+                    .ok()
+            },
+        )?;
+        (md.ino() == m.inode).then(|| Self::of(&md))
+    }
+}
+
+/// The bytes of a [`MappedObject`]: the file mapped read-only, or the copy of a pseudo
+/// mapping.
+pub enum ObjectBytes {
+    /// A file, mapped.
+    Mapped(memmap2::Mmap),
+    /// A copy from the process's memory.
+    Memory(Arc<[u8]>),
+}
+
+impl std::ops::Deref for ObjectBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ObjectBytes::Mapped(m) => m,
+            ObjectBytes::Memory(b) => b,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Source {
+    File(File),
+    Memory(Arc<[u8]>),
+}
+
+/// A mapping's object, opened while its process lived (see the module docs).
+#[derive(Debug)]
+pub struct MappedObject {
+    identity: FileIdentity,
+    path: PathBuf,
+    source: Source,
+    stamp: Option<FileStamp>,
+}
+
+impl MappedObject {
+    /// Opens the object of `pid`'s mapping `m`: its file through `/proc/PID/map_files`,
+    /// else through `/proc/PID/root` if that path still holds the mapped inode (a path
+    /// that names a newer file, after an upgrade, is refused: its offsets would give wrong
+    /// names); `[vdso]` copied from the process's memory. Other pseudo mappings and
+    /// anonymous memory have no object.
+    pub fn open(pid: u32, m: &Mapping) -> Result<Self, Error> {
+        let identity = FileIdentity::of(m).ok_or_else(|| not_an_object(pid, m))?;
+        let path = m.path.clone().unwrap_or_default();
+        if m.is_pseudo() {
+            if path.as_os_str() != "[vdso]" {
+                return Err(not_an_object(pid, m));
+            }
+            let mem = format!("/proc/{pid}/mem");
+            let io = |source| Error::Io { path: PathBuf::from(&mem), source };
+            let f = File::open(&mem).map_err(io)?;
+            let mut b = vec![0u8; m.end.saturating_sub(m.start).min(MAX_MEMORY_OBJECT) as usize];
+            f.read_exact_at(&mut b, m.start).map_err(io)?;
+            return Ok(MappedObject { identity, path, source: Source::Memory(b.into()), stamp: None });
+        }
+        let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{}", m.map_files_name()));
+        let file = match File::open(&via_map_files) {
+            Ok(f) => f,
+            Err(_) => {
+                let plain = path.to_string_lossy();
+                let plain = plain.strip_suffix(" (deleted)").unwrap_or(&plain);
+                let via_root = PathBuf::from(format!("/proc/{pid}/root{plain}"));
+                let f =
+                    File::open(&via_root).map_err(|source| Error::Io { path: via_root.clone(), source })?;
+                let md = f.metadata().map_err(|source| Error::Io { path: via_root.clone(), source })?;
+                if md.ino() != m.inode {
+                    return Err(Error::Replaced { path, pid });
+                }
+                f
+            }
+        };
+        let stamp = file.metadata().ok().map(|md| FileStamp::of(&md));
+        Ok(MappedObject { identity, path, source: Source::File(file), stamp })
+    }
+
+    /// The file's stamp when it was opened (`None` for a copy from memory).
+    pub fn stamp(&self) -> Option<FileStamp> {
+        self.stamp
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> &FileIdentity {
+        &self.identity
+    }
+
+    /// The path the process mapped it under (` (deleted)` kept), for display.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file (`None` for a copy from memory).
+    pub fn file(&self) -> Option<&File> {
+        match &self.source {
+            Source::File(f) => Some(f),
+            Source::Memory(_) => None,
+        }
+    }
+
+    /// A path that opens the same file from this process while the object lives
+    /// (`/proc/self/fd/N`), for readers that take a path; `None` for a copy from memory.
+    pub fn read_path(&self) -> Option<PathBuf> {
+        use std::os::fd::AsRawFd as _;
+        self.file().map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
+    }
+
+    /// Its bytes: the file mapped read-only, or the copy.
+    pub fn bytes(&self) -> Result<ObjectBytes, Error> {
+        match &self.source {
+            // SAFETY: a read-only private mapping; the file is one the process maps anyway.
+            // A writer truncating it under us could fault the reader (as it could fault the
+            // process itself); unwound's readers map only code they profile.
+            Source::File(f) => unsafe { memmap2::Mmap::map(f) }
+                .map(ObjectBytes::Mapped)
+                .map_err(|source| Error::Io { path: self.path.clone(), source }),
+            Source::Memory(b) => Ok(ObjectBytes::Memory(b.clone())),
+        }
+    }
+
+    /// Its load segments (program headers), to turn file offsets into its own addresses.
+    pub fn load_segments(&self) -> Result<LoadSegments, Error> {
+        match &self.source {
+            Source::File(_) => LoadSegments::open(self.read_path().unwrap_or_default()),
+            Source::Memory(b) => LoadSegments::from_bytes(&self.path, b),
+        }
+    }
+}
+
+fn not_an_object(pid: u32, m: &Mapping) -> Error {
+    Error::NotAnObject { pid, start: m.start, path: m.path.clone() }
+}
+
+/// An address captured while its process lived, to symbolize later: which object, and
+/// where in its file.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CapturedAddress {
+    /// The object.
+    pub file: FileIdentity,
+    /// Offset in the object's file (for a pseudo mapping: from its start).
+    pub file_offset: u64,
+}
+
+impl CapturedAddress {
+    /// `addr` of a process whose mapping `m` holds it; `None` for anonymous memory or an
+    /// address outside `m`.
+    pub fn capture(m: &Mapping, addr: u64) -> Option<Self> {
+        if !(m.start..m.end).contains(&addr) {
+            return None;
+        }
+        let offset = if m.is_pseudo() { addr - m.start } else { m.file_offset(addr) };
+        Some(CapturedAddress { file: FileIdentity::of(m)?, file_offset: offset })
+    }
+}
+
+/// The address to look up for frame `index` of a stack, innermost first: the sampled pc
+/// itself (frame 0), else the return address minus one, which lies in the call instruction
+/// (the return address itself may be the first byte of the next function, or of another
+/// line).
+pub const fn lookup_address(index: usize, addr: u64) -> u64 {
+    if index == 0 {
+        addr
+    } else {
+        addr.wrapping_sub(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProcessMaps;
+
+    fn own_mapping_of(addr: u64) -> Mapping {
+        ProcessMaps::read(std::process::id()).unwrap().find(addr).cloned().expect("mapped")
+    }
+
+    #[test]
+    fn a_code_address_is_captured_as_its_file_offset() {
+        let pc = a_code_address_is_captured_as_its_file_offset as fn() as usize as u64;
+        let m = own_mapping_of(pc);
+        let c = CapturedAddress::capture(&m, pc).unwrap();
+        let md = std::fs::metadata("/proc/self/exe").unwrap();
+        assert!(matches!(&c.file, FileIdentity::Inode { inode, .. } if *inode == md.ino()), "{c:?}");
+        // The file offset maps back to the same instruction through the ELF's segments.
+        let object = MappedObject::open(std::process::id(), &m).unwrap();
+        let vaddr = object.load_segments().unwrap().file_offset_to_vaddr(c.file_offset).unwrap();
+        let bias = pc - vaddr;
+        assert_eq!(bias % 4096, 0, "load bias {bias:#x} is page aligned");
+        assert!(CapturedAddress::capture(&m, m.end).is_none());
+    }
+
+    #[test]
+    fn the_vdso_is_copied_from_memory_and_is_elf() {
+        let maps = ProcessMaps::read(std::process::id()).unwrap();
+        let Some(m) = maps.iter().find(|m| m.path.as_deref() == Some(Path::new("[vdso]"))) else {
+            return;
+        };
+        let object = MappedObject::open(std::process::id(), m).unwrap();
+        assert_eq!(object.identity(), &FileIdentity::Pseudo("[vdso]".into()));
+        assert!(object.file().is_none() && object.read_path().is_none());
+        assert_eq!(&object.bytes().unwrap()[..4], b"\x7fELF");
+        assert!(object.load_segments().is_ok());
+    }
+
+    #[test]
+    fn anonymous_and_other_pseudo_mappings_have_no_object() {
+        let maps = ProcessMaps::read(std::process::id()).unwrap();
+        if let Some(stack) = maps.iter().find(|m| m.path.as_deref() == Some(Path::new("[stack]"))) {
+            assert!(matches!(MappedObject::open(std::process::id(), stack), Err(Error::NotAnObject { .. })));
+        }
+        let anon = Mapping {
+            start: 0x1000,
+            end: 0x2000,
+            executable: true,
+            offset: 0,
+            device: "00:00".into(),
+            inode: 0,
+            path: None,
+        };
+        assert!(FileIdentity::of(&anon).is_none());
+        assert!(CapturedAddress::capture(&anon, 0x1800).is_none());
+        assert!(MappedObject::open(std::process::id(), &anon).is_err());
+    }
+
+    #[test]
+    fn a_file_rewritten_under_its_identity_has_another_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("object");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a private read-only map of our own temporary file.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let m = own_mapping_of(map.as_ptr() as u64);
+        let object = MappedObject::open(std::process::id(), &m).unwrap();
+        assert_eq!(object.stamp(), FileStamp::of_mapping(std::process::id(), &m), "unchanged");
+        // Rewritten in place: same device and inode (the same FileIdentity), new contents.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        assert_eq!(FileIdentity::of(&own_mapping_of(map.as_ptr() as u64)), Some(object.identity().clone()));
+        assert_ne!(object.stamp(), FileStamp::of_mapping(std::process::id(), &m), "rewritten");
+        drop(map);
+    }
+
+    #[test]
+    fn return_addresses_are_looked_up_one_byte_back() {
+        assert_eq!(lookup_address(0, 0x1000), 0x1000);
+        assert_eq!(lookup_address(1, 0x1000), 0xfff);
+        assert_eq!(lookup_address(7, 0), u64::MAX);
+    }
+}
