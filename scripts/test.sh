@@ -11,5 +11,13 @@ scripts/build-bpf.sh --check
 make -s -C fixtures -j"$(nproc)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings
+# Every crate meant for crates.io packages and builds as crates.io would see it (workspace
+# dependencies through a local overlay; members with publish = false are skipped). The agent
+# is publishable too but left out here: its build would double this step. --allow-dirty: the
+# packages are checked, not the working tree (a local run before committing). The build is a
+# dev one of its own, so without debug info; the docs reuse clippy's release checks.
+CARGO_PROFILE_DEV_DEBUG=false cargo publish --dry-run --allow-dirty --quiet --workspace --exclude unwound-agent
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --quiet -p unwound-stackwalk-abi \
+    -p unwound-unwind-tables -p unwound-symbolize -p unwound-stackwalk
 cargo test --workspace --release
 scripts/fuzz-smoke.sh 15

@@ -4,8 +4,10 @@ mod output;
 mod profile;
 mod record;
 mod sample_cost;
+mod summary;
 mod symbolize;
 mod tables;
+mod writer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,7 @@ pub enum Format {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WalkerKind {
+    /// `bpf_loop` where the kernel accepts it (≥ 5.17), else tail calls.
     Auto,
     /// One program, its walk in `bpf_loop`.
     Loop,
@@ -152,6 +155,13 @@ fn main() -> ExitCode {
 pub(crate) fn error_line(e: &anyhow::Error) -> String {
     let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     format!("error: {}", chain.join(": "))
+}
+
+/// `v` rounded to `decimals` decimal places, for JSON output that keeps the precision a
+/// measurement has rather than every digit of an `f64`.
+pub(crate) fn rounded(v: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (v * scale).round() / scale
 }
 
 /// A finite number above zero, or an error naming `unit`.

@@ -12,16 +12,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use rayon::prelude::*;
 use unwound_stackwalk::Event;
 use unwound_stackwalk_abi::{walk_end_name, WALK_COMPLETE, WALK_FRAME_POINTERS};
-use unwound_symbolize::process::{lookup_address, MAPS_REFRESH_INTERVAL};
-use unwound_symbolize::{
-    ElfSymbols, FileIdentity, FileStamp, KernelSymbols, LoadSegments, MappedObject, Mapping, ProcessMaps,
-    Symbolized, Symbolizer,
-};
+use unwound_symbolize::process::lookup_address;
+use unwound_symbolize::{KernelSymbols, ObjectInfo, Snapshot, Snapshots, Symbolized, Symbolizer};
 
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -78,48 +74,6 @@ impl Frame {
     }
 }
 
-/// A mapped file: an open descriptor, so its symbols and DWARF can be read at the end of
-/// recording even if the process has exited or the file was deleted or replaced, and its
-/// symbols (segments, names) once read.
-pub struct FileInfo {
-    /// Read from `object` when first needed: only files with sampled addresses are, and a
-    /// process maps many more (parsing every mapped file's symbol table when a process
-    /// was first seen took a tenth of the agent's CPU).
-    symbols: std::sync::OnceLock<Option<ElfSymbols>>,
-    /// The load segments alone, read from `object` when first needed (without `symbols`).
-    segments: std::sync::OnceLock<Option<LoadSegments>>,
-    object: MappedObject,
-}
-
-impl FileInfo {
-    fn symbols(&self) -> Option<&ElfSymbols> {
-        self.symbols
-            .get_or_init(|| match self.object.read_path() {
-                Some(path) => ElfSymbols::open(path).ok(),
-                None => {
-                    self.object.bytes().ok().and_then(|b| ElfSymbols::from_bytes(self.object.path(), &b).ok())
-                }
-            })
-            .as_ref()
-    }
-
-    /// The file's own address of a file offset. Reads the load segments alone: the
-    /// symbol table (tens of milliseconds for a large binary) is read only when the
-    /// symbolizer has no name for an address.
-    fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
-        if let Some(Some(s)) = self.symbols.get() {
-            return s.file_offset_to_vaddr(offset);
-        }
-        self.segments.get_or_init(|| self.object.load_segments().ok()).as_ref()?.file_offset_to_vaddr(offset)
-    }
-
-    /// Whether the object was opened but its segments or symbols, once needed, could not
-    /// be read.
-    fn unreadable(&self) -> bool {
-        matches!(self.symbols.get(), Some(None)) || matches!(self.segments.get(), Some(None))
-    }
-}
-
 /// A symbolized stack, root first.
 #[derive(Clone, Debug)]
 pub struct Stack {
@@ -130,33 +84,19 @@ pub struct Stack {
     pub count: u64,
 }
 
-struct ProcessInfo {
-    maps: ProcessMaps,
-    refreshed: Instant,
-    /// Symbols per mapping start.
-    symbols: HashMap<u64, Option<Arc<FileInfo>>>,
-}
-
-/// A mapped file: its identity, and its stamp when opened (a file rewritten in place, or
-/// a new file on a freed inode number, is another file).
-type FileKey = (FileIdentity, Option<FileStamp>);
-
 /// Counts raw samples and keeps what is needed to symbolize them later.
 #[derive(Default)]
 pub struct Collector {
     stacks: HashMap<StackKey, u64>,
-    /// Mappings and symbols per (pid, generation).
-    processes: HashMap<(u32, u32), ProcessInfo>,
+    /// Mappings and their objects per (pid, generation).
+    snapshots: Snapshots,
     /// Current generation per pid (absent: 0).
     generations: HashMap<u32, u32>,
-    files: HashMap<FileKey, Option<Arc<FileInfo>>>,
     pub samples: u64,
     /// `execve` and exit events seen.
     pub execs: u64,
     pub exits: u64,
     pub malformed: u64,
-    /// Mapped files that could not be opened (see [`Collector::symbol_errors`]).
-    open_errors: u64,
 }
 
 /// Root frame of a stack whose walk reached a return address outside executable memory.
@@ -203,64 +143,9 @@ impl Collector {
             return;
         }
         if !key.user.is_empty() {
-            self.track((key.pid, key.generation), &key.user);
+            self.snapshots.observe(key.pid, key.generation, &key.user);
         }
         self.stacks.insert(key, 1);
-    }
-
-    fn track(&mut self, process: (u32, u32), user: &[u64]) {
-        let pid = process.0;
-        let now = Instant::now();
-        let needs_snapshot = match self.processes.get(&process) {
-            None => true,
-            Some(p) => {
-                user.iter().any(|&a| p.maps.find(a).is_none())
-                    && now.duration_since(p.refreshed) >= MAPS_REFRESH_INTERVAL
-            }
-        };
-        if !needs_snapshot {
-            return;
-        }
-        let Ok(maps) = ProcessMaps::read(pid) else {
-            // Exited already: keep what we had, or nothing.
-            self.processes.entry(process).or_insert_with(|| ProcessInfo {
-                maps: ProcessMaps::default(),
-                refreshed: now,
-                symbols: HashMap::new(),
-            });
-            return;
-        };
-        let mut symbols = self.processes.remove(&process).map(|p| p.symbols).unwrap_or_default();
-        for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
-            if symbols.contains_key(&m.start) {
-                continue;
-            }
-            let s = self.file_symbols(pid, m);
-            symbols.insert(m.start, s);
-        }
-        self.processes.insert(process, ProcessInfo { maps, refreshed: now, symbols });
-    }
-
-    fn file_symbols(&mut self, pid: u32, m: &Mapping) -> Option<Arc<FileInfo>> {
-        let key = (FileIdentity::of(m)?, FileStamp::of_mapping(pid, m));
-        if let Some(s) = self.files.get(&key) {
-            return s.clone();
-        }
-        let loaded = match MappedObject::open(pid, m) {
-            Ok(object) => Some(Arc::new(FileInfo {
-                symbols: std::sync::OnceLock::new(),
-                segments: std::sync::OnceLock::new(),
-                object,
-            })),
-            // `[stack]`, `[vsyscall]`: nothing to symbolize, nothing wrong.
-            Err(unwound_symbolize::Error::NotAnObject { .. }) => None,
-            Err(_) => {
-                self.open_errors += 1;
-                None
-            }
-        };
-        self.files.insert(key, loaded.clone());
-        loaded
     }
 
     /// Forgets the stacks counted so far (once they are written), and what only they
@@ -271,26 +156,15 @@ impl Collector {
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
         self.generations.retain(|&pid, _| alive(pid));
         let generations = &self.generations;
-        self.processes.retain(|&(pid, generation), _| {
+        self.snapshots.retain(|pid, generation| {
             generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
-        });
-        let open_errors = &mut self.open_errors;
-        self.files.retain(|_, f| match f {
-            Some(f) if Arc::strong_count(f) > 1 => true,
-            Some(f) => {
-                // Still counted in `symbol_errors` once forgotten.
-                *open_errors += u64::from(f.unreadable());
-                false
-            }
-            // Kept, so that a file that cannot be opened is tried and counted once.
-            None => true,
         });
     }
 
     /// Mapped files that could not be opened, or whose symbols, once needed, could not be
     /// read.
     pub fn symbol_errors(&self) -> u64 {
-        self.open_errors + self.files.values().flatten().filter(|f| f.unreadable()).count() as u64
+        self.snapshots.errors()
     }
 
     /// Whether any stack has kernel frames (kernel symbols are read only then: reading
@@ -319,7 +193,7 @@ impl Collector {
         let resolved = self.resolve_user(symbolizer);
         let mut out: HashMap<(u32, String, Vec<Frame>), u64> = HashMap::new();
         for (key, &count) in &self.stacks {
-            let process = self.processes.get(&(key.pid, key.generation));
+            let process = self.snapshots.get(key.pid, key.generation);
             let mut frames = Vec::with_capacity(key.user.len() + key.kernel.len() + 1);
             // A return address outside executable memory means the walk went astray
             // (a frame without a frame pointer); it and everything above it are dropped
@@ -369,21 +243,20 @@ impl Collector {
 /// Answers of the symbolizer per (file, file virtual address).
 type Resolved = HashMap<(usize, u64), Symbolized>;
 
-fn file_id(f: &Arc<FileInfo>) -> usize {
+fn file_id(f: &Arc<ObjectInfo>) -> usize {
     Arc::as_ptr(f) as usize
 }
 
 impl Collector {
     /// Every user address of every stack, symbolized per file (files in parallel).
     fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
-        let mut wanted: HashMap<usize, (Arc<FileInfo>, Vec<u64>)> = HashMap::new();
+        let mut wanted: HashMap<usize, (Arc<ObjectInfo>, Vec<u64>)> = HashMap::new();
         for key in self.stacks.keys() {
-            let Some(p) = self.processes.get(&(key.pid, key.generation)) else { continue };
+            let Some(p) = self.snapshots.get(key.pid, key.generation) else { continue };
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_address(i, addr);
-                let Some(m) = p.maps.find(lookup) else { continue };
-                let Some(Some(info)) = p.symbols.get(&m.start) else { continue };
-                if info.object.read_path().is_none() {
+                let Some((m, Some(info))) = p.find(lookup) else { continue };
+                if info.object().read_path().is_none() {
                     continue;
                 }
                 if let Some(v) = info.file_offset_to_vaddr(m.file_offset(lookup)) {
@@ -403,7 +276,7 @@ impl Collector {
             .flat_map_iter(|(id, (info, mut vaddrs))| {
                 vaddrs.sort_unstable();
                 vaddrs.dedup();
-                let path = info.object.read_path().unwrap_or_default();
+                let path = info.object().read_path().unwrap_or_default();
                 let answers = symbolizer.symbolize_elf(&path, &vaddrs).unwrap_or_default();
                 vaddrs
                     .into_iter()
@@ -415,13 +288,12 @@ impl Collector {
     }
 }
 
-fn user_frame(process: Option<&ProcessInfo>, addr: u64, resolved: &Resolved) -> Frame {
+fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Frame {
     let unknown = Frame::plain("[unknown]".into(), "[unknown]".into(), 0, false);
     let Some(p) = process else { return unknown };
-    let Some(m) = p.maps.find(addr) else { return unknown };
+    let Some((m, info)) = p.find(addr) else { return unknown };
     let module = m.short_name();
     let offset = m.file_offset(addr);
-    let info = p.symbols.get(&m.start).and_then(|s| s.as_ref());
     let vaddr = info.and_then(|s| s.file_offset_to_vaddr(offset));
     let (Some(info), Some(v)) = (info, vaddr) else {
         return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use serde_json::json;
 use unwound_stackwalk::sample_cost::{SampleCost, SampleCostTotals};
 
 use crate::record::stop_on_signals;
@@ -42,9 +43,13 @@ pub fn run(args: &SampleCostArgs) -> anyhow::Result<()> {
             total as f64 / 1e9
         );
         if args.json {
-            println!(
-                "{{\"samples\":{samples},\"kernel_ns\":{total},\"ns_per_sample\":{per:.1},\"seconds\":{seconds:.3}}}"
-            );
+            let totals = json!({
+                "samples": samples,
+                "kernel_ns": total,
+                "ns_per_sample": crate::rounded(per, 1),
+                "seconds": crate::rounded(seconds, 3),
+            });
+            println!("{totals}");
         }
     };
     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {

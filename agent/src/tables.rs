@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use serde_json::json;
 use unwound_unwind_tables::UnwindTable;
 
 #[derive(clap::Args, Debug)]
@@ -39,22 +40,23 @@ pub fn run(args: &TablesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.json {
-        let unsupported: Vec<String> = s.unsupported.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-        writeln!(
-            out,
-            "{{\"file\":{:?},\"dwarf_rows\":{},\"entries\":{},\"padding_entries\":{},\"pages\":{},\"rules\":{},\"bytes\":{bytes},\"bytes_per_dwarf_row\":{:.4},\"entries_per_dwarf_row\":{:.4},\"unsupported\":{{{}}},\"rbp_undefined\":{},\"compile_ms\":{:.3}}}",
-            args.file.display().to_string(),
-            s.dwarf_rows,
-            s.entries,
-            s.padding_entries,
-            table.pages().len(),
-            table.rules().len(),
-            per_row(bytes as f64),
-            per_row(s.entries as f64),
-            unsupported.join(","),
-            s.rbp_undefined,
-            elapsed.as_secs_f64() * 1e3,
-        )?;
+        let unsupported: serde_json::Map<String, serde_json::Value> =
+            s.unsupported.iter().map(|(reason, n)| (reason.name().to_string(), json!(n))).collect();
+        let summary = json!({
+            "file": args.file.display().to_string(),
+            "dwarf_rows": s.dwarf_rows,
+            "entries": s.entries,
+            "padding_entries": s.padding_entries,
+            "pages": table.pages().len(),
+            "rules": table.rules().len(),
+            "bytes": bytes,
+            "bytes_per_dwarf_row": crate::rounded(per_row(bytes as f64), 4),
+            "entries_per_dwarf_row": crate::rounded(per_row(s.entries as f64), 4),
+            "unsupported": unsupported,
+            "rbp_undefined": s.rbp_undefined,
+            "compile_ms": crate::rounded(elapsed.as_secs_f64() * 1e3, 3),
+        });
+        writeln!(out, "{summary}")?;
         return Ok(());
     }
     let unsupported: u64 = s.unsupported.values().sum();

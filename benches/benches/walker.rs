@@ -40,7 +40,21 @@ fn field(json: &str, key: &str) -> f64 {
 }
 
 fn record(args: &[&str]) -> String {
-    let out = Command::new(agent())
+    record_with(&agent(), args)
+}
+
+/// The agents the cost section compares: this build's, and with `UNWOUND_BENCH_BASELINE`
+/// set to another build's `unwound` (an earlier commit's), that one too, in the same rounds.
+fn agents() -> Vec<(&'static str, PathBuf)> {
+    let mut v = vec![("this", agent())];
+    if let Some(b) = std::env::var_os("UNWOUND_BENCH_BASELINE") {
+        v.push(("baseline", PathBuf::from(b)));
+    }
+    v
+}
+
+fn record_with(agent: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(agent)
         .arg("record")
         .args(args)
         .args(["--json-summary", "--output", "/tmp/unwound-bench.folded"])
@@ -62,9 +76,10 @@ fn bpf_cost() {
     // Interleaved rounds, medians shown: this VM's speed drifts over minutes.
     let rounds = 3;
     println!("\n1. BPF cost per sample (999 Hz, 4 s, one process, kernel BPF statistics), medians of {rounds} rounds");
+    let agents = agents();
     println!(
-        "{:>7} {:>11} {:>10} {:>12} {:>12}  ns/frame* by round",
-        "frames", "walker", "samples", "ns/sample", "ns/frame*"
+        "{:>7} {:>11} {:>9} {:>10} {:>12} {:>12}  ns/frame* by round",
+        "frames", "walker", "agent", "samples", "ns/sample", "ns/frame*"
     );
     let walkers = [
         ("fp", "recurse_fp", "same", vec!["--no-tables"]),
@@ -74,11 +89,14 @@ fn bpf_cost() {
         ("tail-4fn", "recurse_nofp", "mixed", vec!["--walker", "tail-calls"]),
     ];
     let depths = [16u32, 64, 256];
-    // (depth, walker) → (samples, ns per sample) of each round.
-    let mut got: std::collections::HashMap<(u32, &str), Vec<(f64, f64)>> = Default::default();
+    // (depth, walker, agent) → (samples, ns per sample) of each round.
+    type Rounds = Vec<(f64, f64)>;
+    let mut got: std::collections::HashMap<(u32, &str, &str), Rounds> = Default::default();
     for _ in 0..rounds {
         for depth in depths {
-            for (walker, bin, mode, flags) in &walkers {
+            for ((walker, bin, mode, flags), (agent_name, agent)) in
+                walkers.iter().flat_map(|w| agents.iter().map(move |a| (w, a)))
+            {
                 // main + leaf + libc start-up frames ≈ 5 beyond the recursion.
                 let arg = (depth - 5).to_string();
                 let p = Killed(Command::new(fixture(bin)).args([arg.as_str(), mode]).spawn().unwrap());
@@ -86,28 +104,29 @@ fn bpf_cost() {
                 let pid = p.0.id().to_string();
                 let mut a = vec!["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"];
                 a.extend(flags.iter());
-                let j = record(&a);
+                let j = record_with(agent, &a);
                 let (ns, emitted) = (field(&j, "bpf_run_time_ns"), field(&j, "emitted"));
-                got.entry((depth, walker)).or_default().push((emitted, ns / emitted));
+                got.entry((depth, walker, agent_name)).or_default().push((emitted, ns / emitted));
             }
         }
     }
     for depth in depths {
-        for (walker, ..) in &walkers {
-            let r = &got[&(depth, *walker)];
+        for ((walker, ..), (agent_name, _)) in walkers.iter().flat_map(|w| agents.iter().map(move |a| (w, a)))
+        {
+            let r = &got[&(depth, *walker, *agent_name)];
             let per_sample = median(r.iter().map(|x| x.1).collect());
             let samples = median(r.iter().map(|x| x.0).collect());
             let (per_frame, by_round) = if depth == 16 {
                 (f64::NAN, String::new())
             } else {
-                let base = &got[&(16, *walker)];
+                let base = &got[&(16, *walker, *agent_name)];
                 let frames = f64::from(depth - 16);
                 let each: Vec<String> =
                     r.iter().zip(base).map(|(d, b)| format!("{:.1}", (d.1 - b.1) / frames)).collect();
                 ((per_sample - median(base.iter().map(|x| x.1).collect())) / frames, each.join(" "))
             };
             println!(
-                "{depth:>7} {walker:>11} {samples:>10.0} {per_sample:>12.0} {per_frame:>12.1}  {by_round}"
+                "{depth:>7} {walker:>11} {agent_name:>9} {samples:>10.0} {per_sample:>12.0} {per_frame:>12.1}  {by_round}"
             );
         }
     }

@@ -92,7 +92,9 @@ pub use kernel::{KernelSymbol, KernelSymbols};
 pub use maps::{Mapping, ProcessMaps};
 pub use name::Name;
 pub use options::{default_cache_dir, Options};
-pub use process::{CapturedAddress, FileIdentity, FileStamp, MappedObject, ObjectBytes};
+pub use process::{
+    CapturedAddress, FileIdentity, FileStamp, MappedObject, ObjectBytes, ObjectInfo, Snapshot, Snapshots,
+};
 pub use resolution::{addr2line_text, Frame, Miss, Resolution, Symbolized};
 pub use symbolizer::{Stats, Symbolizer, MAX_DWARF_SECTION, MAX_MINI_DEBUGINFO};
 

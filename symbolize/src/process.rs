@@ -274,6 +274,165 @@ pub const fn lookup_address(index: usize, addr: u64) -> u64 {
     }
 }
 
+/// A mapped object with what is read from it on demand: its load segments (cheap, enough
+/// to place an address) and its symbol table (read only when DWARF has no name).
+#[derive(Debug)]
+pub struct ObjectInfo {
+    object: MappedObject,
+    symbols: std::sync::OnceLock<Option<crate::ElfSymbols>>,
+    segments: std::sync::OnceLock<Option<LoadSegments>>,
+}
+
+impl ObjectInfo {
+    /// Wraps an opened object; nothing is read yet.
+    pub fn new(object: MappedObject) -> Self {
+        ObjectInfo { object, symbols: Default::default(), segments: Default::default() }
+    }
+
+    /// The object.
+    pub fn object(&self) -> &MappedObject {
+        &self.object
+    }
+
+    /// Its symbol table, read on first use (`None` when it cannot be read).
+    pub fn symbols(&self) -> Option<&crate::ElfSymbols> {
+        self.symbols
+            .get_or_init(|| match self.object.read_path() {
+                Some(path) => crate::ElfSymbols::open(path).ok(),
+                None => self
+                    .object
+                    .bytes()
+                    .ok()
+                    .and_then(|b| crate::ElfSymbols::from_bytes(self.object.path(), &b).ok()),
+            })
+            .as_ref()
+    }
+
+    /// The object's own address of file offset `offset`, from its load segments (or its
+    /// symbol table, if already read).
+    pub fn file_offset_to_vaddr(&self, offset: u64) -> Option<u64> {
+        if let Some(Some(s)) = self.symbols.get() {
+            return s.file_offset_to_vaddr(offset);
+        }
+        self.segments.get_or_init(|| self.object.load_segments().ok()).as_ref()?.file_offset_to_vaddr(offset)
+    }
+
+    /// Whether its segments or symbols, once needed, could not be read.
+    pub fn unreadable(&self) -> bool {
+        matches!(self.symbols.get(), Some(None)) || matches!(self.segments.get(), Some(None))
+    }
+}
+
+/// A process's mappings when last read, and the object of each executable one.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The mappings.
+    pub maps: crate::ProcessMaps,
+    refreshed: Option<std::time::Instant>,
+    /// Per executable mapping's start: its object (`None`: it has none, or it could not be
+    /// opened).
+    pub objects: std::collections::HashMap<u64, Option<Arc<ObjectInfo>>>,
+}
+
+impl Snapshot {
+    /// The mapping holding `addr` and its object.
+    pub fn find(&self, addr: u64) -> Option<(&Mapping, Option<&Arc<ObjectInfo>>)> {
+        let m = self.maps.find(addr)?;
+        Some((m, self.objects.get(&m.start).and_then(|o| o.as_ref())))
+    }
+}
+
+/// Capture now, symbolize later: the mappings of each process (per program image, as a
+/// process that calls `execve` gets new ones) read when its first addresses are seen, and
+/// each executable mapping's object opened then, while the process lives, shared between
+/// processes by [`FileIdentity`] and [`FileStamp`]. A snapshot is read again (at most
+/// every [`MAPS_REFRESH_INTERVAL`]) when an address falls outside it.
+#[derive(Debug, Default)]
+pub struct Snapshots {
+    processes: std::collections::HashMap<(u32, u32), Snapshot>,
+    objects: std::collections::HashMap<(FileIdentity, Option<FileStamp>), Option<Arc<ObjectInfo>>>,
+    open_errors: u64,
+}
+
+impl Snapshots {
+    /// No snapshots.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Addresses of `pid` (in its program image `generation`) were seen: snapshots the
+    /// process the first time, and again when one of them is outside the snapshot.
+    pub fn observe(&mut self, pid: u32, generation: u32, addrs: &[u64]) {
+        let key = (pid, generation);
+        let now = std::time::Instant::now();
+        if let Some(p) = self.processes.get(&key) {
+            let outside = addrs.iter().any(|&a| p.maps.find(a).is_none());
+            if !outside || p.refreshed.is_some_and(|t| now.duration_since(t) < MAPS_REFRESH_INTERVAL) {
+                return;
+            }
+        }
+        let Ok(maps) = crate::ProcessMaps::read(pid) else {
+            // Exited already: keep what there was, or an empty snapshot.
+            self.processes
+                .entry(key)
+                .or_insert_with(|| Snapshot { refreshed: Some(now), ..Default::default() });
+            return;
+        };
+        let mut objects = self.processes.remove(&key).map(|p| p.objects).unwrap_or_default();
+        for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
+            if let std::collections::hash_map::Entry::Vacant(v) = objects.entry(m.start) {
+                v.insert(self.open(pid, m));
+            }
+        }
+        self.processes.insert(key, Snapshot { maps, refreshed: Some(now), objects });
+    }
+
+    fn open(&mut self, pid: u32, m: &Mapping) -> Option<Arc<ObjectInfo>> {
+        let key = (FileIdentity::of(m)?, FileStamp::of_mapping(pid, m));
+        if let Some(o) = self.objects.get(&key) {
+            return o.clone();
+        }
+        let opened = match MappedObject::open(pid, m) {
+            Ok(object) => Some(Arc::new(ObjectInfo::new(object))),
+            // `[stack]`, `[vsyscall]`: nothing to symbolize, nothing wrong.
+            Err(Error::NotAnObject { .. }) => None,
+            Err(_) => {
+                self.open_errors += 1;
+                None
+            }
+        };
+        self.objects.insert(key, opened.clone());
+        opened
+    }
+
+    /// The snapshot of `pid`'s program image `generation`.
+    pub fn get(&self, pid: u32, generation: u32) -> Option<&Snapshot> {
+        self.processes.get(&(pid, generation))
+    }
+
+    /// Keeps the snapshots `keep(pid, generation)` wants, and the objects they still map.
+    pub fn retain(&mut self, mut keep: impl FnMut(u32, u32) -> bool) {
+        self.processes.retain(|&(pid, generation), _| keep(pid, generation));
+        let open_errors = &mut self.open_errors;
+        self.objects.retain(|_, o| match o {
+            Some(o) if Arc::strong_count(o) > 1 => true,
+            Some(o) => {
+                // Still counted in `errors` once forgotten.
+                *open_errors += u64::from(o.unreadable());
+                false
+            }
+            // Kept, so that an object that cannot be opened is tried and counted once.
+            None => true,
+        });
+    }
+
+    /// Objects that could not be opened, or whose segments or symbols, once needed, could
+    /// not be read.
+    pub fn errors(&self) -> u64 {
+        self.open_errors + self.objects.values().flatten().filter(|o| o.unreadable()).count() as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +507,25 @@ mod tests {
         assert_eq!(FileIdentity::of(&own_mapping_of(map.as_ptr() as u64)), Some(object.identity().clone()));
         assert_ne!(object.stamp(), FileStamp::of_mapping(std::process::id(), &m), "rewritten");
         drop(map);
+    }
+
+    #[test]
+    fn snapshots_open_each_object_once_and_forget_what_no_process_maps() {
+        let pid = std::process::id();
+        let pc = snapshots_open_each_object_once_and_forget_what_no_process_maps as fn() as usize as u64;
+        let mut s = Snapshots::new();
+        s.observe(pid, 0, &[pc]);
+        s.observe(pid, 1, &[pc]);
+        let (m0, o0) = s.get(pid, 0).unwrap().find(pc).unwrap();
+        let (_, o1) = s.get(pid, 1).unwrap().find(pc).unwrap();
+        assert!(Arc::ptr_eq(o0.unwrap(), o1.unwrap()), "one object for both snapshots");
+        let offset = CapturedAddress::capture(m0, pc).unwrap().file_offset;
+        assert!(o0.unwrap().file_offset_to_vaddr(offset).is_some());
+        assert_eq!(s.errors(), 0);
+        s.retain(|_, g| g == 1);
+        assert!(s.get(pid, 0).is_none() && s.get(pid, 1).is_some());
+        s.retain(|_, _| false);
+        assert!(s.objects.values().all(|o| o.is_none()), "objects no snapshot maps are closed");
     }
 
     #[test]

@@ -152,7 +152,7 @@ pub enum Unsupported {
     OffsetRange = 5,
     /// The CFI could not be evaluated (malformed instructions).
     Malformed = 6,
-    /// More distinct rules than the 10-bit dictionary index can name.
+    /// More distinct rules than the 14-bit dictionary index can name.
     DictionaryFull = 7,
 }
 

@@ -5,59 +5,14 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::Deserialize;
-use unwound_symbolize::{ElfSymbols, ProcessMaps};
+use unwound_fixtures::{build_fixtures, expand, manifest, matches_leaf};
+use unwound_symbolize::{CapturedAddress, ElfSymbols, MappedObject, ProcessMaps};
 use unwound_unwind_tables::layout::{Memory, Registers, UnwindRule};
 use unwound_unwind_tables::walk::{walk, WalkEnd};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
-
-#[derive(Deserialize)]
-struct Manifest {
-    fixture: Vec<Fixture>,
-}
-
-#[derive(Deserialize)]
-struct Fixture {
-    name: String,
-    variants: Vec<String>,
-    #[serde(default)]
-    args: Vec<String>,
-    stack: Vec<String>,
-    #[serde(default)]
-    settle_ms: u64,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn expand(p: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    for x in p {
-        match x.rsplit_once('*') {
-            Some((n, k)) if !k.is_empty() && k.chars().all(|c| c.is_ascii_digit()) => {
-                out.extend(std::iter::repeat_n(n.to_string(), k.parse().unwrap()))
-            }
-            _ => out.push(x.clone()),
-        }
-    }
-    out
-}
-
-/// The innermost frames of `frames` (root first) are `pattern` ("..." = one or more).
-fn matches_leaf(frames: &[String], pattern: &[String]) -> bool {
-    match pattern.split_last() {
-        None => true,
-        Some((p, rest)) if p == "..." => {
-            (1..=frames.len()).any(|k| matches_leaf(&frames[..frames.len() - k], rest))
-        }
-        Some((p, rest)) => matches!(frames.split_last(), Some((f, fr)) if f == p && matches_leaf(fr, rest)),
-    }
-}
 
 struct ProcMem(std::fs::File);
 
@@ -85,17 +40,12 @@ impl Process {
         let maps = ProcessMaps::read(pid).unwrap();
         let mut objects = HashMap::new();
         for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
-            let bytes = if m.path.as_deref() == Some(Path::new("[vdso]")) {
-                let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-                let mut b = vec![0u8; (m.end - m.start) as usize];
-                f.read_exact_at(&mut b, m.start).unwrap();
-                b
-            } else if m.is_pseudo() {
-                continue;
-            } else {
-                std::fs::read(format!("/proc/{pid}/map_files/{}", m.map_files_name())).unwrap()
-            };
-            let (Ok(table), Ok(symbols)) = (compile_elf(&bytes), ElfSymbols::from_bytes("x", &bytes)) else {
+            // `[vsyscall]` has no object; every other mapping of these fixtures opens.
+            let Ok(object) = MappedObject::open(pid, m) else { continue };
+            let bytes = object.bytes().unwrap();
+            let (Ok(table), Ok(symbols)) =
+                (compile_elf(&bytes), ElfSymbols::from_bytes(object.path(), &bytes))
+            else {
                 continue;
             };
             objects.insert(m.start, Object { table, symbols });
@@ -107,12 +57,7 @@ impl Process {
     fn resolve(&self, addr: u64) -> Option<(&Object, u64)> {
         let m = self.maps.find(addr)?;
         let o = self.objects.get(&m.start)?;
-        let vaddr = if m.path.as_deref() == Some(Path::new("[vdso]")) {
-            // The vDSO image is mapped from its start: offset in mapping = file offset.
-            o.symbols.file_offset_to_vaddr(addr - m.start)?
-        } else {
-            o.symbols.file_offset_to_vaddr(m.file_offset(addr))?
-        };
+        let vaddr = o.symbols.file_offset_to_vaddr(CapturedAddress::capture(m, addr)?.file_offset)?;
         Some((o, vaddr))
     }
 
@@ -153,11 +98,8 @@ fn detach(pid: u32) {
 
 #[test]
 fn every_fixture_unwinds_completely_with_tables() {
-    let status = Command::new("make").args(["-s", "-C"]).arg(root().join("fixtures")).status().unwrap();
-    assert!(status.success());
-    let dir = root().join("target/fixtures");
-    let manifest: Manifest =
-        toml::from_str(&std::fs::read_to_string(root().join("fixtures/manifest.toml")).unwrap()).unwrap();
+    let dir = build_fixtures();
+    let manifest = manifest();
     let mut failures = Vec::new();
     eprintln!("{:<16} {:>6} {:>9}  example", "fixture", "stops", "complete");
     for f in &manifest.fixture {

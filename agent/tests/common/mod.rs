@@ -4,34 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-pub fn fixtures_dir() -> PathBuf {
-    workspace_root().join("target").join("fixtures")
-}
-
-/// Builds every fixture (once per test binary) with the project's Makefile.
-pub fn build_fixtures() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let status = Command::new("make")
-            .args(["-s", "-C"])
-            .arg(workspace_root().join("fixtures"))
-            .arg(format!("OUT={}", fixtures_dir().display()))
-            .status()
-            .expect("run make for the fixtures");
-        assert!(status.success(), "building the fixtures failed");
-    });
-    fixtures_dir()
-}
+#[allow(unused_imports)]
+pub use unwound_fixtures::{
+    build_fixtures, expand, fixtures_dir, manifest, matches_leaf, start, workspace_root, Fixture, Manifest,
+    Running,
+};
 
 /// True when this process may load BPF programs. Without privileges a plain `cargo test`
 /// skips with a printed reason; under CI (CI set) it fails instead.
@@ -45,71 +25,6 @@ pub fn bpf_available(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: needs root (CAP_BPF + CAP_PERFMON) to load BPF; run as root to include it");
     false
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Manifest {
-    pub fixture: Vec<Fixture>,
-}
-
-#[derive(Debug, Deserialize, Clone)]
-pub struct Fixture {
-    pub name: String,
-    pub lang: String,
-    pub variants: Vec<String>,
-    #[serde(default)]
-    pub args: Vec<String>,
-    pub stack: Vec<String>,
-    pub fp_complete: bool,
-    #[serde(default)]
-    pub settle_ms: u64,
-    pub kernel_frame: Option<String>,
-}
-
-impl Fixture {
-    pub fn binary(&self, variant: &str) -> String {
-        format!("{}_{}", self.name, variant)
-    }
-}
-
-pub fn manifest() -> Manifest {
-    let text = std::fs::read_to_string(workspace_root().join("fixtures/manifest.toml")).unwrap();
-    toml::from_str(&text).expect("fixtures/manifest.toml parses")
-}
-
-/// A running fixture, killed when dropped.
-pub struct Running {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Running {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn start(dir: &Path, binary: &str, args: &[String]) -> Running {
-    let mut tries = 0;
-    loop {
-        match Command::new(dir.join(binary)).args(args).stdin(Stdio::null()).stdout(Stdio::null()).spawn() {
-            Ok(child) => return Running { child, name: binary.to_string() },
-            // A just-copied binary is briefly "busy" while another test thread's fork still
-            // holds its write descriptor (until that child execs).
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("start fixture {binary}: {e}"),
-        }
-    }
 }
 
 pub struct AgentRun {
@@ -207,39 +122,6 @@ pub fn parse_folded(text: &str) -> Vec<FoldedStack> {
             FoldedStack { process, user, kernel, count }
         })
         .collect()
-}
-
-/// Expands `name*N` into N copies.
-pub fn expand(pattern: &[String]) -> Vec<String> {
-    let mut out = Vec::new();
-    for p in pattern {
-        match p.rsplit_once('*') {
-            Some((name, n)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
-                out.extend(std::iter::repeat_n(name.to_string(), n.parse().unwrap()))
-            }
-            _ => out.push(p.clone()),
-        }
-    }
-    out
-}
-
-/// Whether the innermost user frames of `frames` (root first) are exactly `pattern`
-/// (root first; "..." stands for one or more frames of any name).
-pub fn matches_leaf(frames: &[String], pattern: &[String]) -> bool {
-    fn rec(frames: &[String], pattern: &[String]) -> bool {
-        // Both read from the leaf end.
-        match pattern.split_last() {
-            None => true,
-            Some((p, rest)) if p == "..." => {
-                (1..=frames.len()).any(|k| rec(&frames[..frames.len() - k], rest))
-            }
-            Some((p, rest)) => match frames.split_last() {
-                Some((f, frest)) if f == p => rec(frest, rest),
-                _ => false,
-            },
-        }
-    }
-    rec(frames, pattern)
 }
 
 /// Per process: (samples, samples whose user stack matches).

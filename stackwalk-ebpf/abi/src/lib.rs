@@ -1,8 +1,7 @@
 //! The binary interface between unwound's BPF stack walker (`stackwalk-ebpf`) and the
-//! userspace programs that load it and read its output.
-//!
-//! One definition, used by both sides: the BPF program is built from this crate with
-//! `no_std`, the agent with the `user` feature (which implements [`aya::Pod`]).
+//! userspace programs that load it and read its output. One definition, used by both sides:
+//! the BPF program builds this crate `no_std`, userspace with the `user` feature (which
+//! implements `aya::Pod` for the types it reads from and writes to maps).
 //!
 //! # What the walker produces
 //!
@@ -28,7 +27,7 @@
 //! assert_eq!(record.comm(), "spin");
 //! ```
 #![no_std]
-
+#![warn(missing_docs)]
 /// Most user frames one sample can hold (peers keep 127 to 200).
 pub const MAX_USER_FRAMES: usize = 512;
 /// Most kernel frames one sample can hold: the kernel's own default for
@@ -42,10 +41,9 @@ pub const SAMPLES_MAP: &str = "SAMPLES";
 /// Name of the per-CPU array of event counters: one entry, a [`Counters`] per CPU.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
-/// The event counters of one CPU, indexed by [`Counter`]: the one value of
-/// [`COUNTERS_MAP`]. One value rather than one map entry per counter, so that a sample's
-/// half-dozen increments share one pointer lookup and three cache lines (at 99 Hz every
-/// sample finds them cold).
+/// The event counters of one CPU, indexed by [`Counter`]: the one value of [`COUNTERS_MAP`].
+/// One value rather than one map entry per counter, so that a sample's half-dozen increments
+/// share one pointer lookup and three cache lines (at 99 Hz every sample finds them cold).
 pub type Counters = [u64; COUNTER_SLOTS as usize];
 /// Name of the single-entry array holding the [`WalkerConfig`].
 pub const CONFIG_MAP: &str = "CONFIG";
@@ -63,7 +61,9 @@ pub const TABLE_TAIL_PROGRAM: &str = "walk_tables_tail";
 pub const FP_TAIL_PROGRAM: &str = "walk_fp_tail";
 /// Program array of the tail-call walker.
 pub const WALK_PROGS_MAP: &str = "WALK_PROGS";
+/// Slot of [`TABLE_TAIL_PROGRAM`] in [`WALK_PROGS_MAP`].
 pub const TAIL_SLOT_TABLES: u32 = 0;
+/// Slot of [`FP_TAIL_PROGRAM`] in [`WALK_PROGS_MAP`].
 pub const TAIL_SLOT_FP: u32 = 1;
 /// Frames walked per program of the tail-call walker: with the kernel's limit of 33 tail
 /// calls, 34 programs walk up to 544 frames, more than [`MAX_USER_FRAMES`].
@@ -75,10 +75,10 @@ pub const EXIT_PROGRAM: &str = "on_exit";
 /// Raw tracepoint `hrtimer_expire_entry` (`unwound sample-cost`): a `cpu-clock` sample's
 /// interrupt handler starts.
 pub const SAMPLE_COST_ENTER_PROGRAM: &str = "sample_cost_enter";
-/// Raw tracepoint `hrtimer_expire_exit`: adds the sample's kernel time to
-/// [`SAMPLE_COST_MAP`].
+/// Raw tracepoint `hrtimer_expire_exit`: adds the sample's kernel time to [`SAMPLE_COST_MAP`].
 pub const SAMPLE_COST_EXIT_PROGRAM: &str = "sample_cost_exit";
-/// Per-CPU `u64` slots: 0 the running sample's start, 1 total ns, 2 samples.
+/// Per-CPU `u64` slots: 0 the start time of the sample in progress, 1 total ns, 2 samples,
+/// 3 the timer (`struct hrtimer *`) of the sample in progress.
 pub const SAMPLE_COST_MAP: &str = "SAMPLE_COST";
 /// `u64` slots: 0 the address of `perf_swevent_hrtimer`, 1 the offset of `function` in
 /// `struct hrtimer`.

@@ -18,26 +18,30 @@
 //! # Example
 //!
 //! Sample this process for a moment and count the samples whose stack was walked to its
-//! end (skipped without the privileges to load BPF):
+//! root (returns early without the privileges to load BPF):
 //!
-//! ```no_run
-//! use std::time::Duration;
+//! ```
+//! use std::time::{Duration, Instant};
 //! use unwound_stackwalk::{Event, WalkerBuilder};
 //!
 //! # fn main() -> Result<(), unwound_stackwalk::Error> {
-//! let mut walker = WalkerBuilder::new().frequency(999).pid(std::process::id()).start()?;
-//! let (mut samples, mut complete) = (0, 0);
-//! let end = std::time::Instant::now() + Duration::from_millis(300);
-//! while std::time::Instant::now() < end {
-//!     std::hint::black_box((0..100_000u64).sum::<u64>());
-//!     walker.drain(Duration::from_millis(10), |event| {
-//!         if let Event::Sample(s) = event {
-//!             samples += 1;
-//!             complete += u32::from(s.complete());
-//!         }
-//!     })?;
+//! if unwound_stackwalk::check_privileges().is_err() {
+//!     return Ok(()); // neither root nor CAP_BPF + CAP_PERFMON
 //! }
-//! println!("{complete} of {samples} stacks complete");
+//! let mut walker = WalkerBuilder::new().frequency(999).pid(std::process::id()).start()?;
+//! let end = Instant::now() + Duration::from_millis(300);
+//! while Instant::now() < end {
+//!     std::hint::black_box(0); // on CPU, so sampled
+//! }
+//! let (mut samples, mut complete) = (0, 0);
+//! walker.drain(Duration::ZERO, |event| {
+//!     if let Event::Sample(s) = event {
+//!         samples += 1;
+//!         complete += u32::from(s.complete());
+//!     }
+//! })?;
+//! assert!(samples > 0);
+//! println!("{complete} of {samples} stacks walked to their root");
 //! # Ok(())
 //! # }
 //! ```
