@@ -294,6 +294,10 @@ fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Fra
     let Some((m, info)) = p.find(addr) else { return unknown };
     let module = m.short_name();
     let offset = m.file_offset(addr);
+    if let Some(name) = p.jit_name(addr) {
+        // JIT code, named by its runtime's perf map; the address is the process's own.
+        return Frame::plain(name.to_string(), module, addr, false);
+    }
     let vaddr = info.and_then(|s| s.file_offset_to_vaddr(offset));
     let (Some(info), Some(v)) = (info, vaddr) else {
         return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);

@@ -129,25 +129,7 @@ impl Summary {
             );
         }
         if let Some(t) = &self.tables {
-            eprintln!(
-                "unwound: unwind tables (in segments, admitted by kernel {}): {} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
-                self.kernel,
-                t.tables,
-                t.processes,
-                t.cache_hits,
-                t.shared_by_build_id,
-                t.bytes / 1024,
-                t.peak_bytes / 1024,
-                t.map_bytes / 1024,
-                t.peak_map_bytes / 1024,
-                t.segments_created,
-                t.segments_dropped,
-                t.rule_cache_bytes / 1024,
-                t.evicted,
-                t.full,
-                t.refused,
-                t.compile_failures
-            );
+            eprintln!("unwound: unwind tables (in segments, admitted by kernel {}): {t}", self.kernel);
         }
         let st = &self.symbol_stats;
         eprintln!(
@@ -203,26 +185,8 @@ impl Summary {
         put("symbol_cache_rebuilt", json!(st.cache_rebuilt));
         put("symbol_blocks_evicted", json!(st.blocks_evicted));
         put("debuginfod_errors", json!(st.debuginfod_errors));
-        if let Some(t) = &self.tables {
-            for (k, v) in [
-                ("tables", t.tables),
-                ("table_processes", t.processes),
-                ("table_bytes", t.bytes),
-                ("table_peak_bytes", t.peak_bytes),
-                ("table_map_bytes", t.map_bytes),
-                ("table_map_peak_bytes", t.peak_map_bytes),
-                ("table_segments_created", t.segments_created),
-                ("table_segments_dropped", t.segments_dropped),
-                ("rule_cache_bytes", t.rule_cache_bytes),
-                ("table_compile_failures", t.compile_failures),
-                ("tables_full", t.full),
-                ("tables_refused", t.refused),
-                ("tables_evicted", t.evicted),
-                ("table_cache_hits", t.cache_hits),
-                ("table_build_id_shares", t.shared_by_build_id),
-            ] {
-                put(k, json!(v));
-            }
+        for (k, v) in self.tables.iter().flat_map(TableStats::named) {
+            put(k, json!(v));
         }
         put("kernel", json!(self.kernel));
         let maps = match (&self.tables, self.tables_off) {

@@ -80,6 +80,7 @@ mod kernel;
 mod maps;
 mod name;
 mod options;
+mod perf_map;
 pub mod process;
 mod resolution;
 mod symbolizer;
@@ -92,6 +93,9 @@ pub use kernel::{KernelSymbol, KernelSymbols};
 pub use maps::{Mapping, ProcessMaps};
 pub use name::Name;
 pub use options::{default_cache_dir, Options};
+pub use perf_map::{
+    PerfMap, PerfMapStats, MAX_PERF_MAP_BYTES, MAX_PERF_MAP_ENTRIES, MAX_PERF_MAP_ENTRY_SIZE,
+};
 pub use process::{
     CapturedAddress, FileIdentity, FileStamp, MappedObject, ObjectBytes, ObjectInfo, Snapshot, Snapshots,
 };

@@ -332,6 +332,12 @@ pub struct Snapshot {
     /// Per executable mapping's start: its object (`None`: it has none, or it could not be
     /// opened).
     pub objects: std::collections::HashMap<u64, Option<Arc<ObjectInfo>>>,
+    /// Names of its JIT code, from its runtime's perf map (`None`: it has none).
+    pub perf_map: Option<crate::PerfMap>,
+    perf_map_read: Option<std::time::Instant>,
+    /// The name each JIT address had when it was first seen: a runtime reuses code space,
+    /// and the map's later entry for a range names later code, not what ran then.
+    jit_names: std::collections::HashMap<u64, crate::name::Name>,
 }
 
 impl Snapshot {
@@ -339,6 +345,49 @@ impl Snapshot {
     pub fn find(&self, addr: u64) -> Option<(&Mapping, Option<&Arc<ObjectInfo>>)> {
         let m = self.maps.find(addr)?;
         Some((m, self.objects.get(&m.start).and_then(|o| o.as_ref())))
+    }
+
+    /// The perf map's name for `addr` in anonymous executable memory (JIT code): the name
+    /// it had when a stack holding it was first observed, else the map's now; `None` for
+    /// any other address, or one no entry covers.
+    pub fn jit_name(&self, addr: u64) -> Option<&crate::name::Name> {
+        let m = self.maps.find(addr)?;
+        if m.path.is_some() || !m.executable {
+            return None;
+        }
+        self.jit_names.get(&addr).or_else(|| self.perf_map.as_ref()?.lookup(addr))
+    }
+
+    /// Reads the perf map again (what was appended) when an address in JIT code has no
+    /// name yet, at most every [`MAPS_REFRESH_INTERVAL`].
+    fn name_jit_code(&mut self, pid: u32, addrs: &[u64], now: std::time::Instant) {
+        // Looked up as a stack's frames are (a return address one byte back).
+        let jit: Vec<u64> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| lookup_address(i, a))
+            .filter(|&a| {
+                !self.jit_names.contains_key(&a)
+                    && self.maps.find(a).is_some_and(|m| m.path.is_none() && m.executable)
+            })
+            .collect();
+        if jit.is_empty() {
+            return;
+        }
+        let unnamed = jit.iter().any(|&a| self.perf_map.as_ref().is_none_or(|p| p.lookup(a).is_none()));
+        if unnamed && self.perf_map_read.is_none_or(|t| now.duration_since(t) >= MAPS_REFRESH_INTERVAL) {
+            self.perf_map_read = Some(now);
+            let map = self.perf_map.get_or_insert_with(Default::default);
+            if !matches!(map.refresh(pid), Ok(true)) && map.is_empty() {
+                self.perf_map = None;
+            }
+        }
+        let Some(map) = &self.perf_map else { return };
+        for a in jit {
+            if let Some(name) = map.lookup(a) {
+                self.jit_names.insert(a, name.clone());
+            }
+        }
     }
 }
 
@@ -360,14 +409,18 @@ impl Snapshots {
         Self::default()
     }
 
-    /// Addresses of `pid` (in its program image `generation`) were seen: snapshots the
-    /// process the first time, and again when one of them is outside the snapshot.
+    /// A stack of `pid` (in its program image `generation`) was seen, its user frames
+    /// innermost first (the sampled pc, then return addresses): snapshots the process the
+    /// first time, and again when a frame is outside the snapshot; names the stack's JIT
+    /// frames from the runtime's perf map as it is now (see [`Snapshot::jit_name`], which
+    /// takes the address as [`lookup_address`] gives it).
     pub fn observe(&mut self, pid: u32, generation: u32, addrs: &[u64]) {
         let key = (pid, generation);
         let now = std::time::Instant::now();
-        if let Some(p) = self.processes.get(&key) {
+        if let Some(p) = self.processes.get_mut(&key) {
             let outside = addrs.iter().any(|&a| p.maps.find(a).is_none());
             if !outside || p.refreshed.is_some_and(|t| now.duration_since(t) < MAPS_REFRESH_INTERVAL) {
+                p.name_jit_code(pid, addrs, now);
                 return;
             }
         }
@@ -378,13 +431,23 @@ impl Snapshots {
                 .or_insert_with(|| Snapshot { refreshed: Some(now), ..Default::default() });
             return;
         };
-        let mut objects = self.processes.remove(&key).map(|p| p.objects).unwrap_or_default();
+        let old = self.processes.remove(&key).unwrap_or_default();
+        let mut objects = old.objects;
         for m in maps.iter().filter(|m| m.executable && m.path.is_some()) {
             if let std::collections::hash_map::Entry::Vacant(v) = objects.entry(m.start) {
                 v.insert(self.open(pid, m));
             }
         }
-        self.processes.insert(key, Snapshot { maps, refreshed: Some(now), objects });
+        let mut snapshot = Snapshot {
+            maps,
+            refreshed: Some(now),
+            objects,
+            perf_map: old.perf_map,
+            perf_map_read: old.perf_map_read,
+            jit_names: old.jit_names,
+        };
+        snapshot.name_jit_code(pid, addrs, now);
+        self.processes.insert(key, snapshot);
     }
 
     fn open(&mut self, pid: u32, m: &Mapping) -> Option<Arc<ObjectInfo>> {

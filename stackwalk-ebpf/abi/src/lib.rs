@@ -257,9 +257,19 @@ pub struct MappingEntry {
     pub bias: u64,
     /// Table id, or [`NO_TABLE`].
     pub table: u32,
-    /// Reserved, zero.
+    /// `MAPPING_*` bits (0: none).
     pub flags: u32,
 }
+
+/// [`MappingEntry::flags`]: the mapping (anonymous, no table) holds CPython's perf
+/// trampolines (`python -X perf`, 3.12+) back to back from its start, each
+/// [`PY_TRAMPOLINE_CODE`]: `sub $8,%rsp; call *%rcx; add $8,%rsp; ret`, no frame pointer,
+/// no CFI. A pc at offset 4 to 9 of one (after the `sub`, before the `add` has run) has its
+/// CFA at rsp + 16, anywhere else at rsp + 8; rbp is untouched.
+pub const MAPPING_PY_TRAMPOLINES: u32 = 1;
+/// The x86-64 code of one CPython perf trampoline (checked on 3.12 and 3.13: copies of it
+/// fill the arena at this stride).
+pub const PY_TRAMPOLINE_CODE: [u8; 11] = [0x48, 0x83, 0xec, 0x08, 0xff, 0xd1, 0x48, 0x83, 0xc4, 0x08, 0xc3];
 
 /// A process's executable mappings, sorted by start.
 #[repr(C)]

@@ -37,14 +37,15 @@ use unwound_stackwalk_abi::{
     rule_cache_slot, Counter, Counters, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
     TableInfo, WalkerConfig, DEFAULT_RING_BYTES, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
-    MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
+    MAPPING_PY_TRAMPOLINES, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
+    MAX_USER_FRAMES, NO_TABLE, PY_TRAMPOLINE_CODE,
     CHUNK_SEGMENT, PAGE_SEGMENT, RULE_SEGMENT,
     RULE_CACHE_SLOTS, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
     WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
     WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
-    step, CfaKind, DictEntry, Entry, Memory, PageEntry, Registers, Step, StepError, UnwindRule, PAGE_SHIFT,
+    step, CfaKind, DictEntry, Entry, Memory, PageEntry, RbpKind, Registers, Step, StepError, UnwindRule, PAGE_SHIFT,
     PAGE_SIZE,
 };
 
@@ -421,8 +422,16 @@ unsafe fn find_rule(buf: &mut SampleBuffer, pc: u64) -> Result<Option<UnwindRule
         buf.cached_mapping.end = m.end;
         buf.cached_mapping.bias = m.bias;
         buf.cached_mapping.table = m.table;
+        buf.cached_mapping.flags = m.flags;
     }
     let mapping = buf.cached_mapping;
+    if mapping.table == NO_TABLE && mapping.flags & MAPPING_PY_TRAMPOLINES != 0 {
+        // CPython's perf trampolines (see MAPPING_PY_TRAMPOLINES): no frame pointer, a
+        // fixed shape.
+        let offset = pc.wrapping_sub(mapping.start) % PY_TRAMPOLINE_CODE.len() as u64;
+        let cfa = if (4..10).contains(&offset) { 16 } else { 8 };
+        return Ok(Some(UnwindRule::new(CfaKind::Rsp, cfa, RbpKind::Unchanged, 0)));
+    }
     if mapping.table != NO_TABLE && mapping.table != buf.cached_table_id {
         match TABLES.get(mapping.table) {
             Some(t) => {

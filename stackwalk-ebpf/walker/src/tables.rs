@@ -12,8 +12,8 @@ use aya::{Ebpf, EbpfLoader};
 use object::Object;
 use unwound_stackwalk_abi::{
     MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, CHUNK_SEGMENT,
-    MAX_MAPPINGS, MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP, RULES_MAP, RULE_CACHE_SLOTS,
-    RULE_SEGMENT, TABLES_MAP,
+    MAPPING_PY_TRAMPOLINES, MAX_MAPPINGS, MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP,
+    PY_TRAMPOLINE_CODE, RULES_MAP, RULE_CACHE_SLOTS, RULE_SEGMENT, TABLES_MAP,
 };
 use unwound_symbolize::{
     build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ProcessMaps,
@@ -132,6 +132,54 @@ pub struct TableStats {
     pub rule_cache_bytes: u64,
 }
 
+impl TableStats {
+    /// Every counter with its name in unwound's JSON summary, for tools that export them.
+    pub fn named(&self) -> [(&'static str, u64); 15] {
+        [
+            ("tables", self.tables),
+            ("table_processes", self.processes),
+            ("table_bytes", self.bytes),
+            ("table_peak_bytes", self.peak_bytes),
+            ("table_map_bytes", self.map_bytes),
+            ("table_map_peak_bytes", self.peak_map_bytes),
+            ("table_segments_created", self.segments_created),
+            ("table_segments_dropped", self.segments_dropped),
+            ("rule_cache_bytes", self.rule_cache_bytes),
+            ("table_compile_failures", self.compile_failures),
+            ("tables_full", self.full),
+            ("tables_refused", self.refused),
+            ("tables_evicted", self.evicted),
+            ("table_cache_hits", self.cache_hits),
+            ("table_build_id_shares", self.shared_by_build_id),
+        ]
+    }
+}
+
+impl std::fmt::Display for TableStats {
+    /// One line: what was uploaded, the memory it holds, and what was left out, by reason.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
+            self.tables,
+            self.processes,
+            self.cache_hits,
+            self.shared_by_build_id,
+            self.bytes / 1024,
+            self.peak_bytes / 1024,
+            self.map_bytes / 1024,
+            self.peak_map_bytes / 1024,
+            self.segments_created,
+            self.segments_dropped,
+            self.rule_cache_bytes / 1024,
+            self.evicted,
+            self.full,
+            self.refused,
+            self.compile_failures
+        )
+    }
+}
+
 /// Tables compiled before the walker is loaded, to size its arrays.
 pub(crate) struct TablePlan {
     files: HashMap<FileKey, Option<Arc<Compiled>>>,
@@ -144,6 +192,22 @@ pub(crate) struct TablePlan {
 
 fn file_key(pid: u32, m: &Mapping) -> Option<FileKey> {
     Some((FileIdentity::of(m)?, FileStamp::of_mapping(pid, m)))
+}
+
+/// Whether anonymous executable mapping `m` of `pid` starts with CPython's perf
+/// trampolines (`python -X perf`): the walker then steps them with their fixed rule, as
+/// they keep no frame pointer (see `MAPPING_PY_TRAMPOLINES`). Two copies back to back, so
+/// a single look-alike is not enough.
+fn holds_py_trampolines(pid: u32, m: &Mapping) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let n = PY_TRAMPOLINE_CODE.len();
+    if m.end.saturating_sub(m.start) < 2 * n as u64 {
+        return false;
+    }
+    let mut code = [0u8; 22];
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .and_then(|f| f.read_exact_at(&mut code, m.start))
+        .is_ok_and(|()| code[..n] == PY_TRAMPOLINE_CODE && code[n..] == PY_TRAMPOLINE_CODE)
 }
 
 /// Compiles tables, once per build-id: the same file under another inode (a container's
@@ -630,7 +694,14 @@ impl TableLoader {
         let mut entries: Vec<MappingEntry> = Vec::new();
         let mut evicted = false;
         for m in maps.iter().filter(|m| m.executable) {
-            let Some(key) = file_key(pid, m) else { continue };
+            let Some(key) = file_key(pid, m) else {
+                // Anonymous executable memory (JIT code): known to the walker without a
+                // table, so a pc in it takes a frame-pointer step and the walk goes on, where
+                // an unknown pc would end it.
+                let flags = if holds_py_trampolines(pid, m) { MAPPING_PY_TRAMPOLINES } else { 0 };
+                entries.push(MappingEntry { start: m.start, end: m.end, bias: 0, table: NO_TABLE, flags });
+                continue;
+            };
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {

@@ -7,9 +7,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::Symbolizer;
-use crate::name::Name;
 use crate::process::MappedObject;
-use crate::{Error, Frame, Mapping, Miss, ProcessMaps, Resolution, Symbolized};
+use crate::{Error, Frame, Mapping, Miss, PerfMap, ProcessMaps, Resolution, Symbolized};
 
 impl Symbolizer {
     /// Symbolizes absolute addresses of process `pid`. Binaries are opened through
@@ -26,7 +25,7 @@ impl Symbolizer {
                 None => out[i] = Some(Err(Miss::NotMapped)),
             }
         }
-        let mut perf_map: Option<Vec<(u64, u64, Name)>> = None;
+        let mut perf_map: Option<Option<PerfMap>> = None;
         let groups: Vec<(&Mapping, Vec<usize>)> = groups.into_values().collect();
         let results: Vec<Vec<(usize, Resolution)>> = groups
             .par_iter()
@@ -38,13 +37,11 @@ impl Symbolizer {
         // Anonymous memory: perf map.
         for (i, r) in out.iter_mut().enumerate() {
             if matches!(r, Some(Err(Miss::Anonymous))) {
-                let map = perf_map.get_or_insert_with(|| read_perf_map(pid));
-                let a = addrs[i];
-                let j = map.partition_point(|e| e.0 <= a);
-                if let Some(e) = j.checked_sub(1).map(|j| &map[j]).filter(|e| a < e.0.saturating_add(e.1)) {
+                let map = perf_map.get_or_insert_with(|| PerfMap::read(pid).ok().flatten());
+                if let Some(name) = map.as_ref().and_then(|m| m.lookup(addrs[i])) {
                     *r = Some(Ok(Symbolized {
                         frames: vec![Frame {
-                            function: Some(e.2.clone()),
+                            function: Some(name.clone()),
                             file: None,
                             line: 0,
                             discriminator: 0,
@@ -85,50 +82,4 @@ impl Symbolizer {
         out.extend(keep.into_iter().zip(self.run(&bin, &vaddrs)));
         out
     }
-}
-
-/// Largest perf map read.
-const MAX_PERF_MAP: u64 = 64 << 20;
-
-/// `/tmp/perf-PID.map` as the process sees it (its root, its own pid number): `START SIZE
-/// NAME` lines, hex, sorted by start. Only a regular file, at most [`MAX_PERF_MAP`] bytes,
-/// opened without blocking (a FIFO planted there cannot hang us).
-fn read_perf_map(pid: u32) -> Vec<(u64, u64, Name)> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let ns_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse::<u32>().ok())
-        })
-        .unwrap_or(pid);
-    let path = format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map");
-    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc_o_nonblock()).open(&path) else {
-        return Vec::new();
-    };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return Vec::new();
-    }
-    let mut text = String::new();
-    if f.take(MAX_PERF_MAP).read_to_string(&mut text).is_err() {
-        return Vec::new();
-    }
-    let mut v: Vec<(u64, u64, Name)> = text
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.splitn(3, ' ');
-            let start = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-            let size = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
-            Some((start, size, Name::from(it.next()?.trim())))
-        })
-        .collect();
-    v.sort_by_key(|e| e.0);
-    v
-}
-
-/// `O_NONBLOCK` on Linux (all architectures this crate targets).
-const fn libc_o_nonblock() -> i32 {
-    0o4000
 }

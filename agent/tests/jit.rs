@@ -1,0 +1,191 @@
+//! JIT code, end to end with real BPF: Node compiles JavaScript into anonymous executable
+//! memory and names it in `/tmp/perf-PID.map` (`--perf-basic-prof`). The walker takes a
+//! frame-pointer step through that memory and goes on into node's own code with tables;
+//! the agent names the JIT frames from the perf map. Checked against `perf record -g` /
+//! `perf script` on the same process at the same time.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// `perf script`'s JIT frame names (those starting with `prefix`, without the `+0xOFF` perf
+/// adds) and its sample count.
+fn perf_jit_names(
+    pid: u32,
+    seconds: u32,
+    dir: &std::path::Path,
+    prefix: &str,
+    call_graph: &str,
+) -> (BTreeMap<String, u64>, u64) {
+    let data = dir.join("perf.data");
+    let status = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "499",
+            "--call-graph",
+            call_graph,
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run perf record");
+    assert!(status.success(), "perf record failed");
+    let out = Command::new("perf").args(["script", "-i"]).arg(&data).output().expect("run perf script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut names = BTreeMap::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) && line.contains("cpu-clock") {
+            samples += 1;
+        }
+        let Some(rest) = line.trim_start().split_once(' ').map(|(_, r)| r) else { continue };
+        if let Some(name) = rest.strip_suffix(')').and_then(|r| r.rsplit_once(" (")).map(|(n, _)| n) {
+            if name.starts_with(prefix) {
+                let name = name.rsplit_once("+0x").map_or(name, |(n, _)| n);
+                *names.entry(name.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    (names, samples)
+}
+
+/// Runs `command` (a JIT workload of about 12 s), records it with unwound and `perf record
+/// --call-graph CALL_GRAPH` at the same time, and checks: ≥ 90% of samples have frames
+/// named `prefix…` from the perf map and a stack walked through them to `_start`; every JIT
+/// name perf shows we show, and every one we show the runtime wrote; each of `hot`
+/// appears; unnamed JIT frames stay rare.
+fn jit_stacks_like_perf(
+    test: &str,
+    command: &mut Command,
+    prefix: &str,
+    hot: &[&str],
+    call_graph: &'static str,
+) {
+    let Some((_guard, _)) = bpf_fixture_test(test) else { return };
+    let child = command
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{test}: cannot run {command:?}: {e}"));
+    let child = Running { child, name: "jit".into() };
+    let pid = child.pid();
+    // The runtime compiles (or sets up its trampolines) in its first second.
+    settle(1500);
+    let tmp = tempfile::tempdir().unwrap();
+    let perf_dir = tmp.path().to_path_buf();
+    let perf_prefix = prefix.to_string();
+    let perf = std::thread::spawn(move || perf_jit_names(pid, 4, &perf_dir, &perf_prefix, call_graph));
+    let (stacks, run) = record_folded_with(&[pid], 4.0, 499, tmp.path(), &[]);
+    let (perf_names, perf_samples) = perf.join().unwrap();
+    drop(child);
+    // The runtime's own view: the names it wrote.
+    let map_path = format!("/tmp/perf-{pid}.map");
+    let map = std::fs::read_to_string(&map_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&map_path);
+    let written: BTreeSet<&str> = map.lines().filter_map(|l| l.splitn(3, ' ').nth(2)).collect();
+
+    let total: u64 = stacks.iter().map(|s| s.count).sum();
+    let named = |s: &&FoldedStack| s.user.iter().any(|f| f.starts_with(prefix));
+    let with_jit: u64 = stacks.iter().filter(named).map(|s| s.count).sum();
+    // The walk went through the JIT frames and on to the runtime's native root.
+    let rooted: u64 = stacks
+        .iter()
+        .filter(named)
+        .filter(|s| {
+            s.user.first().is_some_and(|f| f == "_start") && !s.user.iter().any(|f| f.starts_with("[unwind"))
+        })
+        .map(|s| s.count)
+        .sum();
+    let mut ours: BTreeMap<String, u64> = BTreeMap::new();
+    for s in &stacks {
+        for f in s.user.iter().filter(|f| f.starts_with(prefix)) {
+            *ours.entry(f.clone()).or_insert(0) += s.count;
+        }
+    }
+    eprintln!("{}", run.stderr);
+    eprintln!(
+        "unwound: {total} samples, {with_jit} with JIT frames named, {rooted} of those rooted at _start"
+    );
+    eprintln!("perf:    {perf_samples} samples; JIT names {perf_names:?}");
+    eprintln!("unwound: JIT names {ours:?}");
+    assert!(total >= 500, "only {total} samples");
+    assert!(with_jit as f64 >= 0.9 * total as f64, "JIT frames named in {with_jit} of {total} samples");
+    assert!(
+        rooted as f64 >= 0.9 * total as f64,
+        "{rooted} of {total} samples walked through JIT code to _start"
+    );
+    // Every name perf shows, we show (perf's walk may reach fewer frames: with stack copies
+    // it stops where the copy ends); every name we show is one the runtime wrote.
+    let ours_set: BTreeSet<&String> = ours.keys().collect();
+    let perf_set: BTreeSet<&String> = perf_names.keys().collect();
+    assert!(perf_set.is_subset(&ours_set), "names only perf shows: {:?}", perf_set.difference(&ours_set));
+    assert!(!perf_set.is_empty(), "perf named no JIT frame");
+    for n in &ours_set {
+        assert!(written.contains(n.as_str()), "{n} is not in the runtime's perf map");
+    }
+    for h in hot {
+        assert!(ours.keys().any(|n| n.starts_with(h)), "no {h} frame: {ours:?}");
+    }
+    // JIT code no entry names stays the runtime's anonymous region (`[anon]+0x…`), never a
+    // neighbour's name; here the runtime names what it runs.
+    let unnamed: u64 =
+        stacks.iter().filter(|s| s.user.iter().any(|f| f.starts_with("[anon]+"))).map(|s| s.count).sum();
+    assert!(unnamed as f64 <= 0.05 * total as f64, "{unnamed} of {total} samples with unnamed JIT frames");
+}
+
+#[test]
+fn node_jit_frames_are_walked_through_and_named_like_perf_does() {
+    let script = workspace_root().join("fixtures/jit/fib.js");
+    jit_stacks_like_perf(
+        "node_jit_frames_are_walked_through_and_named_like_perf_does",
+        Command::new("node").arg("--perf-basic-prof").arg(script).arg("12"),
+        "JS:",
+        &["JS:*fib", "JS:*work"],
+        // V8 keeps frame pointers in its JIT code and builtins: perf's own walk reaches them.
+        "fp",
+    );
+}
+
+/// pyenv's CPython 3.12 (on this machine kind; `PYENV_ROOT` or `~/.pyenv`).
+fn python312() -> PathBuf {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")))
+        .expect("HOME");
+    let versions =
+        std::fs::read_dir(root.join("versions")).expect("pyenv's versions (CPython 3.12 is needed)");
+    let mut found: Vec<PathBuf> = versions
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("3.12"))
+        .map(|e| e.path().join("bin/python3.12"))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().expect("pyenv has no CPython 3.12")
+}
+
+#[test]
+fn python_perf_trampolines_are_walked_through_and_named_like_perf_does() {
+    let script = workspace_root().join("fixtures/jit/fib.py");
+    jit_stacks_like_perf(
+        "python_perf_trampolines_are_walked_through_and_named_like_perf_does",
+        Command::new(python312()).args(["-X", "perf"]).arg(script).arg("12"),
+        "py::",
+        &["py::fib:", "py::work:", "py::main:"],
+        // CPython is built without frame pointers: perf needs its stack copies to get past
+        // the interpreter to the trampolines.
+        "dwarf",
+    );
+}
