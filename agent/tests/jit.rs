@@ -64,15 +64,18 @@ fn perf_jit_names(
 
 /// Runs `command` (a JIT workload of about 12 s), records it with unwound and `perf record
 /// --call-graph CALL_GRAPH` at the same time, and checks: ≥ 90% of samples have frames
-/// named `prefix…` from the perf map and a stack walked through them to `_start`; every JIT
+/// named `prefix…` from the perf map and a stack walked through them to `root`; every JIT
 /// name perf shows we show, and every one we show the runtime wrote; each of `hot`
 /// appears; unnamed JIT frames stay rare.
+#[allow(clippy::too_many_arguments)]
 fn jit_stacks_like_perf(
     test: &str,
     command: &mut Command,
     prefix: &str,
     hot: &[&str],
     call_graph: &'static str,
+    root: &str,
+    before: impl FnOnce(u32),
 ) {
     let Some((_guard, _)) = bpf_fixture_test(test) else { return };
     let child = command
@@ -83,6 +86,7 @@ fn jit_stacks_like_perf(
     let pid = child.pid();
     // The runtime compiles (or sets up its trampolines) in its first second.
     settle(1500);
+    before(pid);
     let tmp = tempfile::tempdir().unwrap();
     let perf_dir = tmp.path().to_path_buf();
     let perf_prefix = prefix.to_string();
@@ -104,7 +108,7 @@ fn jit_stacks_like_perf(
         .iter()
         .filter(named)
         .filter(|s| {
-            s.user.first().is_some_and(|f| f == "_start") && !s.user.iter().any(|f| f.starts_with("[unwind"))
+            s.user.first().is_some_and(|f| f == root) && !s.user.iter().any(|f| f.starts_with("[unwind"))
         })
         .map(|s| s.count)
         .sum();
@@ -116,7 +120,7 @@ fn jit_stacks_like_perf(
     }
     eprintln!("{}", run.stderr);
     eprintln!(
-        "unwound: {total} samples, {with_jit} with JIT frames named, {rooted} of those rooted at _start"
+        "unwound: {total} samples, {with_jit} with JIT frames named, {rooted} of those rooted at {root}"
     );
     eprintln!("perf:    {perf_samples} samples; JIT names {perf_names:?}");
     eprintln!("unwound: JIT names {ours:?}");
@@ -124,7 +128,7 @@ fn jit_stacks_like_perf(
     assert!(with_jit as f64 >= 0.9 * total as f64, "JIT frames named in {with_jit} of {total} samples");
     assert!(
         rooted as f64 >= 0.9 * total as f64,
-        "{rooted} of {total} samples walked through JIT code to _start"
+        "{rooted} of {total} samples walked through JIT code to {root}"
     );
     // Every name perf shows, we show (perf's walk may reach fewer frames: with stack copies
     // it stops where the copy ends); every name we show is one the runtime wrote.
@@ -155,6 +159,8 @@ fn node_jit_frames_are_walked_through_and_named_like_perf_does() {
         &["JS:*fib", "JS:*work"],
         // V8 keeps frame pointers in its JIT code and builtins: perf's own walk reaches them.
         "fp",
+        "_start",
+        |_| {},
     );
 }
 
@@ -187,5 +193,42 @@ fn python_perf_trampolines_are_walked_through_and_named_like_perf_does() {
         // CPython is built without frame pointers: perf needs its stack copies to get past
         // the interpreter to the trampolines.
         "dwarf",
+        "_start",
+        |_| {},
+    );
+}
+
+#[test]
+fn java_compiled_frames_are_walked_through_and_named_like_perf_does() {
+    let test = "java_compiled_frames_are_walked_through_and_named_like_perf_does";
+    let classes = tempfile::tempdir().unwrap();
+    let status = Command::new("javac")
+        .arg("-d")
+        .arg(classes.path())
+        .arg(workspace_root().join("fixtures/jit/Fib.java"))
+        .status()
+        .expect("javac (OpenJDK 17 is on this machine kind)");
+    assert!(status.success(), "javac failed");
+    jit_stacks_like_perf(
+        test,
+        Command::new("java")
+            .arg("-XX:+PreserveFramePointer")
+            .arg("-cp")
+            .arg(classes.path())
+            .args(["Fib", "12"]),
+        "int Fib.",
+        &["int Fib.fib(int)"],
+        // HotSpot keeps frame pointers in compiled code with PreserveFramePointer.
+        "fp",
+        // Java's main method runs on a thread the launcher starts.
+        "clone3",
+        // HotSpot writes its perf map when asked (JDK 17), once: after tiered compilation
+        // has settled on C2 code for the hot methods (code compiled after it has no name).
+        |pid| {
+            settle(2500);
+            let out =
+                Command::new("jcmd").arg(pid.to_string()).arg("Compiler.perfmap").output().expect("jcmd");
+            assert!(out.status.success(), "jcmd Compiler.perfmap: {}", String::from_utf8_lossy(&out.stderr));
+        },
     );
 }
