@@ -16,7 +16,14 @@ cargo clippy --workspace --all-targets --release --quiet -- -D warnings
 # is publishable too but left out here: its build would double this step. --allow-dirty: the
 # packages are checked, not the working tree (a local run before committing). The build is a
 # dev one of its own, so without debug info; the docs reuse clippy's release checks.
-CARGO_PROFILE_DEV_DEBUG=false cargo publish --dry-run --allow-dirty --quiet --workspace --exclude unwound-agent
+# Cargo treats the overlay's packages like any registry's, as immutable per version: it reuses
+# their extracted sources ($CARGO_HOME/registry/src/<overlay>/NAME-VERSION) and their compiled
+# artifacts, so a change without a version bump would be verified against an earlier run's.
+# Our crates are on no registry: those copies go, and the check builds in a target of its own.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/unwound-*-0.* \
+    "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/unwound-*-0.*.crate target/publish-check
+CARGO_TARGET_DIR=target/publish-check CARGO_PROFILE_DEV_DEBUG=false \
+    cargo publish --dry-run --allow-dirty --quiet --workspace --exclude unwound-agent
 RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --quiet -p unwound-stackwalk-abi \
     -p unwound-unwind-tables -p unwound-symbolize -p unwound-stackwalk
 cargo test --workspace --release

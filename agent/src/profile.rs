@@ -295,8 +295,13 @@ fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Fra
     let module = m.short_name();
     let offset = m.file_offset(addr);
     if let Some(name) = p.jit_name(addr) {
-        // JIT code, named by its runtime's perf map; the address is the process's own.
-        return Frame::plain(name.to_string(), module, addr, false);
+        // JIT code, named by its runtime's perf map (with the source the name holds); the
+        // address is the process's own.
+        let mut frame = Frame::plain(name.to_string(), module, addr, false);
+        if let Some((file, line)) = unwound_symbolize::jit_source(name.as_str()) {
+            frame.lines.push(SourceLine { function: frame.name.clone(), file: file.to_string(), line });
+        }
+        return frame;
     }
     let vaddr = info.and_then(|s| s.file_offset_to_vaddr(offset));
     let (Some(info), Some(v)) = (info, vaddr) else {

@@ -94,7 +94,7 @@ pub use maps::{Mapping, ProcessMaps};
 pub use name::Name;
 pub use options::{default_cache_dir, Options};
 pub use perf_map::{
-    PerfMap, PerfMapStats, MAX_PERF_MAP_BYTES, MAX_PERF_MAP_ENTRIES, MAX_PERF_MAP_ENTRY_SIZE,
+    jit_source, PerfMap, PerfMapStats, MAX_PERF_MAP_BYTES, MAX_PERF_MAP_ENTRIES, MAX_PERF_MAP_ENTRY_SIZE,
 };
 pub use process::{
     CapturedAddress, FileIdentity, FileStamp, MappedObject, ObjectBytes, ObjectInfo, Snapshot, Snapshots,

@@ -197,6 +197,21 @@ impl PerfMap {
     }
 }
 
+/// The source file and line a JIT name carries, where the runtime writes one: V8's
+/// `JS:*fn /path/app.js:LINE:COLUMN` (also `LazyCompile:~fn …`), CPython's
+/// `py::qualname:/path/file.py` (no line: 0). `None` for names without one (HotSpot's).
+pub fn jit_source(name: &str) -> Option<(&str, u32)> {
+    if let Some(rest) = name.strip_prefix("py::") {
+        let (_, file) = rest.split_once(':')?;
+        return (!file.is_empty()).then_some((file, 0));
+    }
+    let (_, location) = name.split_once(' ')?;
+    let mut parts = location.rsplitn(3, ':');
+    let (_column, line, file) = (parts.next()?, parts.next()?, parts.next()?);
+    let line: u32 = line.parse().ok()?;
+    (!file.is_empty()).then_some((file, line))
+}
+
 fn parse_line(line: &[u8]) -> Option<(u64, u64, Name)> {
     let line = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
     let mut it = line.splitn(3, ' ');
@@ -256,6 +271,17 @@ mod tests {
         assert_eq!(m.stats().malformed, 5);
         assert_eq!(m.stats().too_large, 2);
         assert_eq!(name(&m, 0x1008).as_deref(), Some("ok"));
+    }
+
+    #[test]
+    fn v8_and_cpython_names_carry_their_source() {
+        assert_eq!(jit_source("JS:*fib /app/fib.js:3:13"), Some(("/app/fib.js", 3)));
+        assert_eq!(jit_source("LazyCompile:~main /a b/x.js:10:2"), Some(("/a b/x.js", 10)));
+        assert_eq!(jit_source("py::work.<locals>.<genexpr>:/tmp/fib.py"), Some(("/tmp/fib.py", 0)));
+        assert_eq!(jit_source("int Fib.fib(int)"), None);
+        assert_eq!(jit_source("JS:*fib /app/fib.js:x:13"), None);
+        assert_eq!(jit_source("Builtin:ArgumentsAdaptorTrampoline"), None);
+        assert_eq!(jit_source("py::nofile:"), None);
     }
 
     #[test]
