@@ -93,6 +93,21 @@ fn jit_stacks_like_perf(
     let perf = std::thread::spawn(move || perf_jit_names(pid, 4, &perf_dir, &perf_prefix, call_graph));
     let (stacks, run) = record_folded_with(&[pid], 4.0, 499, tmp.path(), &[]);
     let (perf_names, perf_samples) = perf.join().unwrap();
+    // pprof, read back by Go's own reader: the JIT functions by name, with the source file
+    // and line the name holds (V8, CPython).
+    let pb = tmp.path().join("jit.pb.gz");
+    let rec = unwound(&[
+        "record",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "1.5",
+        "--output",
+        pb.to_str().unwrap(),
+    ]);
+    assert!(rec.status.success(), "{}", rec.stderr);
+    let raw = Command::new("go").args(["tool", "pprof", "-raw"]).arg(&pb).output().expect("go tool pprof");
+    let raw = String::from_utf8_lossy(&raw.stdout);
     drop(child);
     // The runtime's own view: the names it wrote.
     let map_path = format!("/tmp/perf-{pid}.map");
@@ -141,6 +156,12 @@ fn jit_stacks_like_perf(
     }
     for h in hot {
         assert!(ours.keys().any(|n| n.starts_with(h)), "no {h} frame: {ours:?}");
+        let name = ours.keys().find(|n| n.starts_with(h)).unwrap();
+        let located = match unwound_symbolize::jit_source(name) {
+            Some((file, line)) => format!("{name} {file}:{line} "),
+            None => format!("{name} "),
+        };
+        assert!(raw.contains(&located), "pprof has no location `{located}`:\n{raw}");
     }
     // JIT code no entry names stays the runtime's anonymous region (`[anon]+0x…`), never a
     // neighbour's name; here the runtime names what it runs.
