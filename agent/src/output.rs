@@ -221,6 +221,19 @@ pub fn write_pprof(out: &mut dyn Write, stacks: &[Stack], meta: &ProfileMeta) ->
     profile.time_nanos = meta.start_unix_ns;
     profile.duration_nanos = meta.duration_ns as i64;
     let (pid_key, comm_key) = (strings.get("pid"), strings.get("comm"));
+    // pprof takes the first mapping for the main binary: the outermost user frame's object
+    // of the heaviest stack (an executable), not whatever a leaf was in (JIT code).
+    if let Some(root) =
+        stacks.first().and_then(|s| s.frames.iter().find(|f| !f.kernel && f.module != "[unknown]"))
+    {
+        mappings.insert(root.module.clone(), 1);
+        profile.mapping.push(pprof::Mapping {
+            id: 1,
+            filename: strings.get(&root.module),
+            has_functions: true,
+            ..Default::default()
+        });
+    }
 
     let mut location_of = |f: &Frame, profile: &mut pprof::Profile, strings: &mut Strings| -> u64 {
         let lkey = (f.module.clone(), f.name.clone(), f.address);
