@@ -167,6 +167,11 @@ impl Collector {
         self.snapshots.errors()
     }
 
+    /// Perf maps read for JIT names, and what their reading kept and left out.
+    pub fn perf_maps(&self) -> (u64, unwound_symbolize::PerfMapStats) {
+        self.snapshots.perf_maps()
+    }
+
     /// Whether any stack has kernel frames (kernel symbols are read only then: reading
     /// `/proc/kallsyms` costs a tenth of a second of CPU).
     pub fn has_kernel_frames(&self) -> bool {

@@ -144,6 +144,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         cpu_phases,
         walker_programs: session.programs().walker.clone(),
         symbol_errors: collector.symbol_errors(),
+        perf_maps: collector.perf_maps(),
         execs: collector.execs,
         event_programs: session.programs().events.clone(),
         exits: collector.exits,

@@ -26,6 +26,8 @@ pub(crate) struct Summary {
     pub(crate) cpu_phases: [Duration; 3],
     pub(crate) walker_programs: Vec<(&'static str, Option<u32>)>,
     pub(crate) symbol_errors: u64,
+    /// Perf maps read for JIT names, and what their reading left out.
+    pub(crate) perf_maps: (u64, unwound_symbolize::PerfMapStats),
     pub(crate) execs: u64,
     pub(crate) exits: u64,
     pub(crate) event_programs: Vec<(&'static str, Option<u32>)>,
@@ -131,6 +133,13 @@ impl Summary {
         if let Some(t) = &self.tables {
             eprintln!("unwound: unwind tables (in segments, admitted by kernel {}): {t}", self.kernel);
         }
+        let (maps, pm) = self.perf_maps;
+        if maps > 0 {
+            eprintln!(
+                "unwound: JIT names: {maps} perf maps, {} entries ({} rewrote code named before); left out: malformed {}, too large {}, past the caps {}",
+                pm.entries, pm.replaced, pm.malformed, pm.too_large, pm.dropped
+            );
+        }
         let st = &self.symbol_stats;
         eprintln!(
             "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident",
@@ -176,6 +185,13 @@ impl Summary {
         put("verified_instructions", json!(self.walker_programs.first().and_then(|p| p.1)));
         put("walker", json!(self.walker_programs.first().map_or("", |p| p.0)));
         put("symbol_errors", json!(self.symbol_errors));
+        let (maps, pm) = self.perf_maps;
+        put("perf_maps", json!(maps));
+        put("perf_map_entries", json!(pm.entries));
+        put("perf_map_replaced", json!(pm.replaced));
+        put("perf_map_malformed", json!(pm.malformed));
+        put("perf_map_too_large", json!(pm.too_large));
+        put("perf_map_dropped", json!(pm.dropped));
         put("exec_events", json!(self.execs));
         put("exit_events", json!(self.exits));
         let st = &self.symbol_stats;

@@ -91,7 +91,7 @@ fn jit_stacks_like_perf(
     let perf_dir = tmp.path().to_path_buf();
     let perf_prefix = prefix.to_string();
     let perf = std::thread::spawn(move || perf_jit_names(pid, 4, &perf_dir, &perf_prefix, call_graph));
-    let (stacks, run) = record_folded_with(&[pid], 4.0, 499, tmp.path(), &[]);
+    let (stacks, run) = record_folded_with(&[pid], 4.0, 499, tmp.path(), &["--json-summary"]);
     let (perf_names, perf_samples) = perf.join().unwrap();
     // pprof, read back by Go's own reader: the JIT functions by name, with the source file
     // and line the name holds (V8, CPython).
@@ -140,6 +140,12 @@ fn jit_stacks_like_perf(
     eprintln!("perf:    {perf_samples} samples; JIT names {perf_names:?}");
     eprintln!("unwound: JIT names {ours:?}");
     assert!(total >= 500, "only {total} samples");
+    // The perf map's reading is counted (and, here, nothing in it was left out).
+    let summary: serde_json::Value =
+        serde_json::from_str(run.stdout.lines().last().unwrap_or_default()).expect("JSON summary");
+    assert!(summary["perf_maps"].as_u64() >= Some(1), "no perf map counted: {summary}");
+    assert!(summary["perf_map_entries"].as_u64() > Some(0), "{summary}");
+    assert_eq!(summary["perf_map_malformed"], 0, "{summary}");
     assert!(with_jit as f64 >= 0.9 * total as f64, "JIT frames named in {with_jit} of {total} samples");
     assert!(
         rooted as f64 >= 0.9 * total as f64,

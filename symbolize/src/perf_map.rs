@@ -37,6 +37,17 @@ pub struct PerfMapStats {
     pub replaced: u64,
 }
 
+impl PerfMapStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &PerfMapStats) {
+        self.entries += other.entries;
+        self.malformed += other.malformed;
+        self.too_large += other.too_large;
+        self.dropped += other.dropped;
+        self.replaced += other.replaced;
+    }
+}
+
 /// A perf map, indexed: non-overlapping ranges, each named by the last entry that covered
 /// it.
 #[derive(Clone, Debug, Default)]

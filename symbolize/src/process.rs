@@ -399,6 +399,8 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct Snapshots {
     processes: std::collections::HashMap<(u32, u32), Snapshot>,
+    /// Perf maps of snapshots forgotten, and their stats.
+    retired_perf_maps: (u64, crate::PerfMapStats),
     objects: std::collections::HashMap<(FileIdentity, Option<FileStamp>), Option<Arc<ObjectInfo>>>,
     open_errors: u64,
 }
@@ -475,7 +477,15 @@ impl Snapshots {
 
     /// Keeps the snapshots `keep(pid, generation)` wants, and the objects they still map.
     pub fn retain(&mut self, mut keep: impl FnMut(u32, u32) -> bool) {
-        self.processes.retain(|&(pid, generation), _| keep(pid, generation));
+        let retired = &mut self.retired_perf_maps;
+        self.processes.retain(|&(pid, generation), p| {
+            let kept = keep(pid, generation);
+            if let (false, Some(m)) = (kept, &p.perf_map) {
+                retired.0 += 1;
+                retired.1.add(&m.stats());
+            }
+            kept
+        });
         let open_errors = &mut self.open_errors;
         self.objects.retain(|_, o| match o {
             Some(o) if Arc::strong_count(o) > 1 => true,
@@ -487,6 +497,17 @@ impl Snapshots {
             // Kept, so that an object that cannot be opened is tried and counted once.
             None => true,
         });
+    }
+
+    /// The perf maps read (JIT names) and what their reading kept and left out, summed
+    /// over the snapshots held.
+    pub fn perf_maps(&self) -> (u64, crate::PerfMapStats) {
+        let (mut maps, mut total) = self.retired_perf_maps;
+        for m in self.processes.values().filter_map(|p| p.perf_map.as_ref()) {
+            maps += 1;
+            total.add(&m.stats());
+        }
+        (maps, total)
     }
 
     /// Objects that could not be opened, or whose segments or symbols, once needed, could
