@@ -6,6 +6,8 @@
 //! 2. Overhead: a CPU-bound workload on every CPU with no profiler, with `unwound record`
 //!    and with `perf record --call-graph dwarf`, at 99 Hz and 999 Hz.
 //! 3. Agent peak RSS and BPF map memory with the tables of libc, libstdc++ and libLLVM-22.
+//! 1b (`-- jit`). BPF cost per sample of JIT code (Node, CPython's perf trampolines) against
+//!    native code walked with tables.
 //!
 //! `cargo build --release && make -C fixtures && cargo bench -p unwound-benches --bench walker`
 
@@ -134,6 +136,77 @@ fn bpf_cost() {
     println!("  tables/tail: one function recursing (every frame's pc the same: the walker's");
     println!("  one-entry rule cache answers); -4fn: four functions on four pages calling each");
     println!("  other in a cycle (no two adjacent frames share a pc: every frame is looked up).");
+}
+
+/// BPF cost per sample of JIT-heavy processes (Node's JIT code, CPython's perf trampolines)
+/// against native code walked with tables, at similar depths, in interleaved rounds.
+fn jit_cost() {
+    let rounds = 3;
+    println!("\n1b. BPF cost per sample, JIT against native (999 Hz, 4 s, one process), medians of {rounds} rounds");
+    println!(
+        "{:>28} {:>10} {:>12} {:>14} {:>10}",
+        "workload", "samples", "ns/sample", "frames/sample", "ns/frame"
+    );
+    let py = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".pyenv/versions"))
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .and_then(|d| d.filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with("3.12")))
+        .map(|e| e.path().join("bin/python3.12"));
+    let jit = root().join("fixtures/jit");
+    let mut workloads: Vec<(&str, Vec<String>)> = vec![
+        ("native tables (recurse_nofp 40)", vec![fixture("recurse_nofp").display().to_string(), "40".into()]),
+        (
+            "node --perf-basic-prof fib",
+            vec![
+                "node".into(),
+                "--perf-basic-prof".into(),
+                jit.join("fib.js").display().to_string(),
+                "30".into(),
+            ],
+        ),
+    ];
+    if let Some(py) = py {
+        workloads.push((
+            "python3.12 -X perf fib",
+            vec![
+                py.display().to_string(),
+                "-X".into(),
+                "perf".into(),
+                jit.join("fib.py").display().to_string(),
+                "30".into(),
+            ],
+        ));
+    }
+    let mut got: std::collections::HashMap<&str, Vec<(f64, f64, f64)>> = Default::default();
+    for _ in 0..rounds {
+        for (name, argv) in &workloads {
+            let p = Killed(Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).spawn().unwrap());
+            std::thread::sleep(Duration::from_millis(1500));
+            let pid = p.0.id().to_string();
+            let j = record(&["--pid", &pid, "--duration", "4", "--frequency", "999", "--bpf-stats"]);
+            let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+            let emitted = field(&j, "emitted");
+            let frames = field(&j, "table_frames") + field(&j, "fallback_frames");
+            got.entry(name).or_default().push((
+                emitted,
+                field(&j, "bpf_run_time_ns") / emitted,
+                frames / emitted,
+            ));
+        }
+    }
+    for (name, _) in &workloads {
+        let r = &got[name];
+        let (samples, ns, frames) = (
+            median(r.iter().map(|x| x.0).collect()),
+            median(r.iter().map(|x| x.1).collect()),
+            median(r.iter().map(|x| x.2).collect()),
+        );
+        println!("{name:>28} {samples:>10.0} {ns:>12.0} {frames:>14.1} {:>10.1}", ns / frames);
+    }
+    println!(
+        "  frames/sample: table and frame-pointer steps of the walk (the JIT frames are frame-pointer steps;"
+    );
+    println!("  CPython's trampolines take their fixed rule, counted as table steps)");
 }
 
 fn throughput_run(seconds: f64) -> (Vec<Killed>, f64) {
@@ -584,6 +657,9 @@ fn main() {
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     if run("cost") {
         bpf_cost();
+    }
+    if run("jit") {
+        jit_cost();
     }
     if run("overhead") {
         overhead();
