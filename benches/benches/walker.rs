@@ -6,8 +6,9 @@
 //! 2. Overhead: a CPU-bound workload on every CPU with no profiler, with `unwound record`
 //!    and with `perf record --call-graph dwarf`, at 99 Hz and 999 Hz.
 //! 3. Agent peak RSS and BPF map memory with the tables of libc, libstdc++ and libLLVM-22.
-//! 1b (`-- jit`). BPF cost per sample of JIT code (Node, CPython's perf trampolines) against
-//!    native code walked with tables.
+//!
+//! And `-- jit`: BPF cost per sample of JIT code (Node, CPython's perf trampolines) against
+//! native code walked with tables.
 //!
 //! `cargo build --release && make -C fixtures && cargo bench -p unwound-benches --bench walker`
 
