@@ -41,6 +41,19 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --version 0.13.2
 fi
 
+# The JIT tests' runtimes (agent/tests/jit.rs): this machine kind has Node 20, OpenJDK 17 and
+# pyenv's CPython 3.12 on its image; where one is missing, Debian's Node and OpenJDK stand in
+# (CPython 3.12 has no Debian 12 package: the test says so).
+jit_missing=()
+command -v node >/dev/null || jit_missing+=(nodejs)
+{ command -v javac && command -v jcmd; } >/dev/null || jit_missing+=(openjdk-17-jdk-headless)
+if ((${#jit_missing[@]})); then
+    echo "setup: installing ${jit_missing[*]}"
+    sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${jit_missing[@]}" >/dev/null
+fi
+
 # Debian 12's own kernel (6.1, cloud flavour, with BTF) for agent/tests/older_kernel.rs. Only
 # the vmlinuz is kept; the package is unpacked into the cache, never installed on this machine.
 kernel_dir=${UNWOUND_KERNEL_DIR:-$HOME/.cache/unwound/kernel}

@@ -12,15 +12,25 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// `perf script`'s JIT frame names (those starting with `prefix`, without the `+0xOFF` perf
-/// adds) and its sample count.
+/// What `perf script` shows of a JIT workload.
+struct PerfView {
+    /// JIT frame names (those starting with the prefix, without the `+0xOFF` perf adds).
+    names: BTreeMap<String, u64>,
+    samples: u64,
+    /// Samples with a JIT frame named.
+    named: u64,
+    /// Samples with a JIT frame named whose walk reached the root (or libc's start).
+    rooted: u64,
+}
+
 fn perf_jit_names(
     pid: u32,
     seconds: u32,
     dir: &std::path::Path,
     prefix: &str,
     call_graph: &str,
-) -> (BTreeMap<String, u64>, u64) {
+    root: &str,
+) -> PerfView {
     let data = dir.join("perf.data");
     let status = Command::new("perf")
         .args([
@@ -45,21 +55,30 @@ fn perf_jit_names(
     assert!(status.success(), "perf record failed");
     let out = Command::new("perf").args(["script", "-i"]).arg(&data).output().expect("run perf script");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut names = BTreeMap::new();
-    let mut samples = 0;
-    for line in text.lines() {
-        if !line.starts_with(char::is_whitespace) && line.contains("cpu-clock") {
-            samples += 1;
-        }
-        let Some(rest) = line.trim_start().split_once(' ').map(|(_, r)| r) else { continue };
-        if let Some(name) = rest.strip_suffix(')').and_then(|r| r.rsplit_once(" (")).map(|(n, _)| n) {
-            if name.starts_with(prefix) {
-                let name = name.rsplit_once("+0x").map_or(name, |(n, _)| n);
-                *names.entry(name.to_string()).or_insert(0) += 1;
+    let mut view = PerfView { names: BTreeMap::new(), samples: 0, named: 0, rooted: 0 };
+    // One block per sample: a header line, then its frames innermost first.
+    for block in text.split("\n\n").filter(|b| b.contains("cpu-clock")) {
+        view.samples += 1;
+        let mut frames = Vec::new();
+        for line in block.lines().skip(1) {
+            let Some(rest) = line.trim_start().split_once(' ').map(|(_, r)| r) else { continue };
+            if let Some(name) = rest.strip_suffix(')').and_then(|r| r.rsplit_once(" (")).map(|(n, _)| n) {
+                frames.push(name.rsplit_once("+0x").map_or(name, |(n, _)| n).to_string());
             }
         }
+        let jit: Vec<&String> = frames.iter().filter(|f| f.starts_with(prefix)).collect();
+        for f in &jit {
+            *view.names.entry(f.to_string()).or_insert(0) += 1;
+        }
+        if !jit.is_empty() {
+            view.named += 1;
+            // perf's frame-pointer walk ends inside libc (no frame pointers there): a stack
+            // that reaches libc's start of the program or thread counts as rooted.
+            let ends = [root, "__libc_start_call_main", "start_thread"];
+            view.rooted += u64::from(frames.iter().any(|f| ends.contains(&f.as_str())));
+        }
     }
-    (names, samples)
+    view
 }
 
 /// Runs `command` (a JIT workload of about 12 s), records it with unwound and `perf record
@@ -90,9 +109,12 @@ fn jit_stacks_like_perf(
     let tmp = tempfile::tempdir().unwrap();
     let perf_dir = tmp.path().to_path_buf();
     let perf_prefix = prefix.to_string();
-    let perf = std::thread::spawn(move || perf_jit_names(pid, 4, &perf_dir, &perf_prefix, call_graph));
+    let perf_root = root.to_string();
+    let perf =
+        std::thread::spawn(move || perf_jit_names(pid, 4, &perf_dir, &perf_prefix, call_graph, &perf_root));
     let (stacks, run) = record_folded_with(&[pid], 4.0, 499, tmp.path(), &["--json-summary"]);
-    let (perf_names, perf_samples) = perf.join().unwrap();
+    let perf = perf.join().unwrap();
+    let (perf_names, perf_samples) = (&perf.names, perf.samples);
     // pprof, read back by Go's own reader: the JIT functions by name, with the source file
     // and line the name holds (V8, CPython).
     let pb = tmp.path().join("jit.pb.gz");
@@ -137,7 +159,10 @@ fn jit_stacks_like_perf(
     eprintln!(
         "unwound: {total} samples, {with_jit} with JIT frames named, {rooted} of those rooted at {root}"
     );
-    eprintln!("perf:    {perf_samples} samples; JIT names {perf_names:?}");
+    eprintln!(
+        "perf:    {perf_samples} samples, {} with JIT frames named, {} of those rooted at {root}; JIT names {perf_names:?}",
+        perf.named, perf.rooted
+    );
     eprintln!("unwound: JIT names {ours:?}");
     assert!(total >= 500, "only {total} samples");
     // The perf map's reading is counted (and, here, nothing in it was left out).

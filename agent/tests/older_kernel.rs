@@ -202,8 +202,12 @@ fn both_walkers_give_full_chains_on_debian_12s_6_1_kernel() {
             if total < 100 {
                 failures.push(format!("{walker}: {name}: only {total} samples"));
             } else if share < 0.95 {
+                let mut seen: Vec<&FoldedStack> = stacks.iter().filter(|s| &s.process == name).collect();
+                seen.sort_by_key(|s| std::cmp::Reverse(s.count));
+                let top: Vec<String> =
+                    seen.iter().take(2).map(|s| format!("{} ×{}", s.user.join(";"), s.count)).collect();
                 failures.push(format!(
-                    "{walker}: {name}: full chain on {:.1}% of samples, want ≥ 95%",
+                    "{walker}: {name}: full chain on {:.1}% of samples, want ≥ 95%; most seen: {top:?}",
                     share * 100.0
                 ));
             }
