@@ -27,6 +27,14 @@ use crate::{Error, LoadSegments, Mapping};
 /// samples (a pc outside the mappings known: a library loaded since).
 pub const MAPS_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Most JIT addresses of one snapshot whose first-seen name is kept.
+pub const MAX_JIT_NAMES: usize = 1 << 16;
+
+/// Anonymous executable memory: where JIT code lives.
+fn is_jit_code(m: &Mapping) -> bool {
+    m.path.is_none() && m.executable
+}
+
 /// Most bytes of a pseudo mapping (the vDSO is 8 KiB) copied from a process's memory.
 pub const MAX_MEMORY_OBJECT: u64 = 1 << 20;
 
@@ -352,7 +360,7 @@ impl Snapshot {
     /// any other address, or one no entry covers.
     pub fn jit_name(&self, addr: u64) -> Option<&crate::name::Name> {
         let m = self.maps.find(addr)?;
-        if m.path.is_some() || !m.executable {
+        if !is_jit_code(m) {
             return None;
         }
         self.jit_names.get(&addr).or_else(|| self.perf_map.as_ref()?.lookup(addr))
@@ -366,10 +374,7 @@ impl Snapshot {
             .iter()
             .enumerate()
             .map(|(i, &a)| lookup_address(i, a))
-            .filter(|&a| {
-                !self.jit_names.contains_key(&a)
-                    && self.maps.find(a).is_some_and(|m| m.path.is_none() && m.executable)
-            })
+            .filter(|&a| !self.jit_names.contains_key(&a) && self.maps.find(a).is_some_and(is_jit_code))
             .collect();
         if jit.is_empty() {
             return;
@@ -384,6 +389,10 @@ impl Snapshot {
         }
         let Some(map) = &self.perf_map else { return };
         for a in jit {
+            // Bounded: past the cap, later addresses are named from the map as it is then.
+            if self.jit_names.len() >= MAX_JIT_NAMES {
+                break;
+            }
             if let Some(name) = map.lookup(a) {
                 self.jit_names.insert(a, name.clone());
             }
