@@ -1,13 +1,16 @@
 //! Aggregation of raw samples and their symbolization.
 //!
 //! Samples are counted by (process, thread name, raw kernel stack, raw user stack) while
-//! recording. The first time a process is seen its mappings are snapshotted and every
-//! executable file it maps is opened through `/proc/PID/map_files` — at that moment the
-//! process is alive, so a binary deleted or replaced on disk, or one inside a container, is
-//! still the one that ran. A file's symbols are read from that descriptor at the end, and
-//! only for files with sampled addresses. When a new stack holds an address outside the
-//! snapshot (a library loaded later), the snapshot is refreshed, at most once a second per
-//! process.
+//! recording. Frames the kernel found in its own view of the process come with their
+//! mapping's file (device, inode) and offset: they are named from the file the walker
+//! identified and holds open ([`Event::File`]), whether or not the process still lives.
+//! For the other frames, the first time a process is seen its mappings are snapshotted and
+//! every executable file it maps is opened through `/proc/PID/map_files` — at that moment
+//! the process is alive, so a binary deleted or replaced on disk, or one inside a
+//! container, is still the one that ran. A file's symbols are read from that descriptor at
+//! the end, and only for files with sampled addresses. When a new stack holds an address
+//! outside the snapshot (a library loaded later), the snapshot is refreshed, at most once
+//! every 200 ms per process.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,9 +18,11 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use unwound_stackwalk::Event;
-use unwound_stackwalk_abi::{walk_end_name, WALK_COMPLETE, WALK_FRAME_POINTERS};
+use unwound_stackwalk_abi::{walk_end_name, RecordFile, KMAP_ANON, WALK_COMPLETE, WALK_FRAME_POINTERS};
 use unwound_symbolize::process::lookup_address;
-use unwound_symbolize::{KernelSymbols, ObjectInfo, Snapshot, Snapshots, Symbolized, Symbolizer};
+use unwound_symbolize::{
+    FileIdentity, KernelSymbols, ObjectInfo, Snapshot, Snapshots, Symbolized, Symbolizer,
+};
 
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -32,7 +37,9 @@ pub struct StackKey {
     /// User frames, innermost first; the first is the sampled pc.
     pub user: Box<[u64]>,
     /// How the user walk ended (`WALK_*`).
-    pub walk_end: u32,
+    pub walk_end: u16,
+    /// The mappings the kernel found some user frames in.
+    pub files: Box<[RecordFile]>,
 }
 
 /// Where in the source a frame is: one per inlined function, innermost first.
@@ -92,6 +99,12 @@ pub struct Collector {
     snapshots: Snapshots,
     /// Current generation per pid (absent: 0).
     generations: HashMap<u32, u32>,
+    /// Files the walker identified, by identity: frames in `StackKey::files` are named
+    /// from them.
+    objects: HashMap<FileIdentity, Arc<ObjectInfo>>,
+    /// Mappings the walker read, per (pid, generation): frames of a process that exited
+    /// before its own snapshot was taken are placed with them.
+    walker_maps: HashMap<(u32, u32), Arc<unwound_symbolize::ProcessMaps>>,
     pub samples: u64,
     /// `execve` and exit events seen.
     pub execs: u64,
@@ -122,6 +135,15 @@ impl Collector {
                 self.exits += 1;
                 return;
             }
+            Event::File { object } => {
+                self.objects.insert(object.object().identity().clone(), object.clone());
+                return;
+            }
+            Event::Maps { pid, maps } => {
+                let generation = self.generations.get(pid).copied().unwrap_or(0);
+                self.walker_maps.insert((*pid, generation), maps.clone());
+                return;
+            }
             _ => {
                 self.malformed += 1;
                 return;
@@ -137,12 +159,15 @@ impl Collector {
             kernel: record.kernel.iter().collect(),
             user: record.user.iter().collect(),
             walk_end: record.header.walk_end,
+            files: record.files.iter().collect(),
         };
         if let Some(count) = self.stacks.get_mut(&key) {
             *count += 1;
             return;
         }
-        if !key.user.is_empty() {
+        // The process's maps are read only for frames the kernel did not place.
+        let placed = |(i, &a): (usize, &u64)| record_file(&key.files, lookup_address(i, a)).is_some();
+        if !key.user.iter().enumerate().all(placed) {
             self.snapshots.observe(key.pid, key.generation, &key.user);
         }
         self.stacks.insert(key, 1);
@@ -157,6 +182,9 @@ impl Collector {
         self.generations.retain(|&pid, _| alive(pid));
         let generations = &self.generations;
         self.snapshots.retain(|pid, generation| {
+            generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
+        });
+        self.walker_maps.retain(|&(pid, generation), _| {
             generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
     }
@@ -213,7 +241,7 @@ impl Collector {
                 ));
             }
             let valid = match process {
-                Some(p) if !p.maps.is_empty() && !table_walk => key
+                Some(p) if !p.maps.is_empty() && !table_walk && key.files.is_empty() => key
                     .user
                     .iter()
                     .position(|&a| !p.maps.find(a).is_some_and(|m| m.executable))
@@ -225,7 +253,7 @@ impl Collector {
             }
             for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
                 let lookup = lookup_address(i, addr);
-                frames.push(user_frame(process, lookup, &resolved));
+                frames.push(self.user_frame(key, process, lookup, &resolved));
             }
             for (i, &addr) in key.kernel.iter().enumerate().rev() {
                 let lookup = lookup_address(i, addr);
@@ -257,14 +285,14 @@ impl Collector {
     fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
         let mut wanted: HashMap<usize, (Arc<ObjectInfo>, Vec<u64>)> = HashMap::new();
         for key in self.stacks.keys() {
-            let Some(p) = self.snapshots.get(key.pid, key.generation) else { continue };
+            let p = self.snapshots.get(key.pid, key.generation);
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_address(i, addr);
-                let Some((m, Some(info))) = p.find(lookup) else { continue };
+                let Some((info, offset)) = self.place(key, p, &key.files, lookup) else { continue };
                 if info.object().read_path().is_none() {
                     continue;
                 }
-                if let Some(v) = info.file_offset_to_vaddr(m.file_offset(lookup)) {
+                if let Some(v) = info.file_offset_to_vaddr(offset) {
                     wanted.entry(file_id(info)).or_insert_with(|| (info.clone(), Vec::new())).1.push(v);
                 }
             }
@@ -293,7 +321,74 @@ impl Collector {
     }
 }
 
-fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Frame {
+/// A path's last component, as frames show their module.
+fn file_name(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    let s = s.strip_suffix(" (deleted)").unwrap_or(&s);
+    s.rsplit('/').next().unwrap_or(s).to_string()
+}
+
+/// The record file that holds `addr`, if the kernel placed it.
+fn record_file(files: &[RecordFile], addr: u64) -> Option<&RecordFile> {
+    files.iter().find(|f| f.start <= addr && addr < f.end)
+}
+
+impl Collector {
+    /// The object and file offset of user address `addr`: from the record's files (the
+    /// kernel's view), else the process's snapshot.
+    fn place<'a>(
+        &'a self,
+        key: &StackKey,
+        process: Option<&'a Snapshot>,
+        files: &[RecordFile],
+        addr: u64,
+    ) -> Option<(&'a Arc<ObjectInfo>, u64)> {
+        if let Some(f) = record_file(files, addr) {
+            if f.flags & KMAP_ANON != 0 {
+                return None;
+            }
+            let identity =
+                FileIdentity::Inode { device: f.file.device_text().to_string(), inode: f.file.ino };
+            return Some((self.objects.get(&identity)?, addr - f.start + f.offset));
+        }
+        if let Some((m, Some(info))) = process.and_then(|p| p.find(addr)) {
+            return Some((info, m.file_offset(addr)));
+        }
+        // The walker's reading of the process's maps, with the files it identified.
+        let m = self.walker_maps.get(&(key.pid, key.generation))?.find(addr)?;
+        Some((self.objects.get(&FileIdentity::of(m)?)?, m.file_offset(addr)))
+    }
+
+    fn user_frame(
+        &self,
+        key: &StackKey,
+        process: Option<&Snapshot>,
+        addr: u64,
+        resolved: &Resolved,
+    ) -> Frame {
+        let unknown = Frame::plain("[unknown]".into(), "[unknown]".into(), 0, false);
+        let placed = self.place(key, process, &key.files, addr);
+        if let Some(f) = record_file(&key.files, addr) {
+            return match placed {
+                Some((info, offset)) => {
+                    let module = file_name(info.object().path());
+                    named_frame(info, module, offset, resolved)
+                }
+                // Anonymous memory (JIT code) is named by the process's perf map, if read.
+                None if f.flags & KMAP_ANON != 0 => snapshot_frame(process, addr, resolved),
+                None => unknown,
+            };
+        }
+        if process.and_then(|p| p.find(addr)).is_none() {
+            if let Some((info, offset)) = placed {
+                return named_frame(info, file_name(info.object().path()), offset, resolved);
+            }
+        }
+        snapshot_frame(process, addr, resolved)
+    }
+}
+
+fn snapshot_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Frame {
     let unknown = Frame::plain("[unknown]".into(), "[unknown]".into(), 0, false);
     let Some(p) = process else { return unknown };
     let Some((m, info)) = p.find(addr) else { return unknown };
@@ -308,8 +403,15 @@ fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Fra
         }
         return frame;
     }
-    let vaddr = info.and_then(|s| s.file_offset_to_vaddr(offset));
-    let (Some(info), Some(v)) = (info, vaddr) else {
+    match info {
+        Some(info) => named_frame(info, module, offset, resolved),
+        None => Frame::plain(format!("{module}+{offset:#x}"), module, offset, false),
+    }
+}
+
+/// The frame at file offset `offset` of `info`, from what the symbolizer answered.
+fn named_frame(info: &Arc<ObjectInfo>, module: String, offset: u64, resolved: &Resolved) -> Frame {
+    let Some(v) = info.file_offset_to_vaddr(offset) else {
         return Frame::plain(format!("{module}+{offset:#x}"), module, offset, false);
     };
     let fallback = || info.symbols()?.lookup(v).map(|s| s.name.to_string());
@@ -328,6 +430,11 @@ fn user_frame(process: Option<&Snapshot>, addr: u64, resolved: &Resolved) -> Fra
                 .frames
                 .last()
                 .and_then(|f| f.function.as_deref().map(str::to_string))
+                // No symbol: one name per function `.eh_frame` delimits, so its samples add up.
+                .or_else(|| {
+                    let start = sym.frames.last()?.source?.function_start()?;
+                    Some(format!("{module}+{start:#x}"))
+                })
                 .or_else(fallback)
                 .unwrap_or_else(|| format!("{module}+{offset:#x}"));
             Frame { name, module, address: v, kernel: false, lines }

@@ -21,7 +21,7 @@ use crate::index::{BFunc, BLine, Block, BlockSpan, MAX_BLOCKS, MAX_BLOCK_ITEMS};
 /// File magic; the last byte is bumped with every change to the format.
 pub(crate) const MAGIC: &[u8; 8] = b"UNWSYM\x00\x01";
 /// Format version, also part of the cache file name.
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 const DIR_ENTRY: usize = 40;
 const MAX_META: usize = 4096;
 /// Largest decompressed block accepted.

@@ -12,7 +12,7 @@ use gimli::{AttributeValue, DebugInfoOffset, EndianSlice, LittleEndian};
 use object::{Object, ObjectSection, SectionFlags};
 use rayon::prelude::*;
 
-use crate::{demangle, DwarfError};
+use crate::{demangle, DwarfError, ElfSymbols};
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
@@ -139,30 +139,74 @@ fn in_text(text: &[(u64, u64)], addr: u64) -> bool {
 }
 
 /// Reads every unit's line rows and function ranges. `text` limits the addresses kept
-/// (empty: keep everything but address 0).
+/// (empty: keep everything but address 0). `symbols` (the file's symbol table) names the
+/// out-of-line functions as binutils does: see [`outer_name`].
 pub(crate) fn read(
     main: &Sections<'_>,
     sup: Option<&Sections<'_>>,
     text: &[(u64, u64)],
+    symbols: Option<&ElfSymbols>,
 ) -> Result<RawDebugInfo, DwarfError> {
     let mut dwarf = main.dwarf();
     if let Some(sup) = sup {
         dwarf.set_sup(sup.dwarf());
     }
-    let ctx = Ctx::new(&dwarf)?;
+    let ctx = Ctx::new(&dwarf, symbols)?;
     let parts: Vec<Result<UnitRows, DwarfError>> =
         ctx.headers.par_iter().map(|h| read_unit(&ctx, *h, text)).collect();
     merge(parts)
+}
+
+/// The name of an out-of-line function's range that starts at the symbol `symbol`
+/// (mangled), given what DWARF says of the function: its mangled linkage name, and whether
+/// its unit's language mangles names. Binutils' and llvm-symbolizer's choice where they
+/// agree, with binutils' spelling of clone suffixes:
+/// - a symbol that is the linkage name with a suffix (`.constprop.0`, `.isra.0`, `.part.0`,
+///   `.cold`) is a clone of the function: the symbol, demangled
+///   (`f(int) [clone .constprop.0]`);
+/// - without a linkage name (a static C++ function), in a language that mangles names, the
+///   symbol, demangled (`ns::f(int)` rather than DWARF's `f`);
+/// - otherwise `None`: DWARF's own name stands (C, where a symbol may be an alias).
+pub(crate) fn outer_name(symbol: &str, linkage: Option<&str>, mangles: bool) -> Option<String> {
+    match linkage {
+        Some(l) => symbol
+            .strip_prefix(l)
+            .is_some_and(|suffix| suffix.len() > 1 && suffix.starts_with('.'))
+            .then(|| demangle(symbol)),
+        None if mangles && !symbol.is_empty() => Some(demangle(symbol)),
+        None => None,
+    }
+}
+
+/// Whether names of `language` are mangled in symbol tables (binutils' test for looking a
+/// function's symbol up when DWARF gives only its plain name).
+fn mangles(language: Option<gimli::DwLang>) -> bool {
+    matches!(
+        language,
+        Some(
+            gimli::DW_LANG_C_plus_plus
+                | gimli::DW_LANG_C_plus_plus_03
+                | gimli::DW_LANG_C_plus_plus_11
+                | gimli::DW_LANG_C_plus_plus_14
+                | gimli::DW_LANG_C_plus_plus_17
+                | gimli::DW_LANG_C_plus_plus_20
+                | gimli::DW_LANG_ObjC_plus_plus
+                | gimli::DW_LANG_Rust
+                | gimli::DW_LANG_D
+                | gimli::DW_LANG_Java
+        )
+    )
 }
 
 struct Ctx<'a, 'd> {
     dwarf: &'a gimli::Dwarf<R<'d>>,
     headers: Vec<gimli::UnitHeader<R<'d>>>,
     sup_headers: Vec<gimli::UnitHeader<R<'d>>>,
+    symbols: Option<&'a ElfSymbols>,
 }
 
 impl<'a, 'd> Ctx<'a, 'd> {
-    fn new(dwarf: &'a gimli::Dwarf<R<'d>>) -> Result<Self, DwarfError> {
+    fn new(dwarf: &'a gimli::Dwarf<R<'d>>, symbols: Option<&'a ElfSymbols>) -> Result<Self, DwarfError> {
         let collect = |d: &gimli::Dwarf<R<'d>>| -> Result<Vec<_>, DwarfError> {
             let mut v = Vec::new();
             let mut it = d.units();
@@ -176,7 +220,7 @@ impl<'a, 'd> Ctx<'a, 'd> {
             Some(s) => collect(s)?,
             None => Vec::new(),
         };
-        Ok(Ctx { dwarf, headers, sup_headers })
+        Ok(Ctx { dwarf, headers, sup_headers, symbols })
     }
 }
 
@@ -209,11 +253,14 @@ impl Interner {
     }
 }
 
+/// A function DIE's name (string number) and its linkage name as DWARF has it (mangled).
+type FunctionName = (Option<u32>, Option<Arc<str>>);
+
 /// Per-unit reader state: other units opened for cross-unit references, resolved names.
 struct UnitReader<'c, 'a, 'd> {
     ctx: &'c Ctx<'a, 'd>,
     others: HashMap<(bool, usize), gimli::Unit<R<'d>>>,
-    names: HashMap<(bool, usize), Option<u32>>,
+    names: HashMap<(bool, usize), FunctionName>,
     strings: Interner,
 }
 
@@ -276,8 +323,14 @@ fn read_unit<'d>(
     let mut funcs = Vec::new();
     let mut stack: Vec<(isize, u32)> = Vec::new(); // (DIE depth, inline depth)
     let mut cursor = unit.entries();
+    let mut language = None;
     while let Some(entry) = cursor.next_dfs()? {
         let die_depth = entry.depth();
+        if die_depth == 0 {
+            if let Some(AttributeValue::Language(l)) = entry.attr_value(gimli::DW_AT_language) {
+                language = Some(l);
+            }
+        }
         while stack.last().is_some_and(|&(d, _)| d >= die_depth) {
             stack.pop();
         }
@@ -296,6 +349,7 @@ fn read_unit<'d>(
         let ranges = die_ranges(dwarf, &unit, entry)?;
         let mut first = true;
         let mut name = END;
+        let mut linkage: Option<Arc<str>> = None;
         let (mut call_file, mut call_line) = (if depth == 0 { cu_name } else { END }, 0);
         for r in ranges {
             if r.begin >= r.end || r.end - r.begin > MAX_RANGE || !keep(r.begin) {
@@ -304,7 +358,9 @@ fn read_unit<'d>(
             if first {
                 first = false;
                 let off = entry.offset().to_debug_info_offset(&unit.header).map(|o| o.0);
-                name = rd.name_of(&unit, entry, off.map(|o| (false, o)))?.unwrap_or(END);
+                let (n, l) = rd.name_of(&unit, entry, off.map(|o| (false, o)))?;
+                name = n.unwrap_or(END);
+                linkage = l;
                 if depth > 0 {
                     if let Some(f) = entry.attr(gimli::DW_AT_call_file).and_then(|a| a.udata_value()) {
                         call_file = match file_names.get(&f) {
@@ -322,7 +378,14 @@ fn read_unit<'d>(
                         .map_or(0, |l| l.min(u64::from(u32::MAX - 1)) as u32);
                 }
             }
-            funcs.push(FuncRow { lo: r.begin, hi: r.end, depth, name, call_file, call_line });
+            let mut range_name = name;
+            if depth == 0 {
+                let sym = ctx.symbols.and_then(|s| s.raw_at(r.begin));
+                if let Some(n) = sym.and_then(|s| outer_name(s, linkage.as_deref(), mangles(language))) {
+                    range_name = rd.strings.intern(&n);
+                }
+            }
+            funcs.push(FuncRow { lo: r.begin, hi: r.end, depth, name: range_name, call_file, call_line });
             if funcs.len() > MAX_ROWS {
                 return Err(DwarfError::TooManyRows { max: MAX_ROWS });
             }
@@ -410,28 +473,30 @@ fn file_path(
 
 impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
     /// The name of a function DIE: the demangled linkage name found along its
-    /// specification/abstract-origin chain, else the first plain name on it.
+    /// specification/abstract-origin chain, else the first plain name on it; and the
+    /// linkage name as DWARF has it (mangled), if any.
     fn name_of(
         &mut self,
         unit: &gimli::Unit<R<'d>>,
         entry: &gimli::DebuggingInformationEntry<R<'d>>,
         key: Option<(bool, usize)>,
-    ) -> Result<Option<u32>, DwarfError> {
+    ) -> Result<FunctionName, DwarfError> {
         if let Some(k) = key {
-            if let Some(&n) = self.names.get(&k) {
-                return Ok(n);
+            if let Some(n) = self.names.get(&k) {
+                return Ok(n.clone());
             }
         }
         let mut linkage: Option<String> = None;
         let mut plain: Option<(String, usize)> = None;
         self.walk_names(unit, entry, false, &mut linkage, &mut plain, 0)?;
-        let n = match (linkage, plain) {
-            (Some(l), _) => Some(self.strings.intern(&demangle(&l))),
+        let n = match (&linkage, plain) {
+            (Some(l), _) => Some(self.strings.intern(&demangle(l))),
             (None, Some((p, _))) => Some(self.strings.intern(&p)),
             (None, None) => None,
         };
+        let n = (n, linkage.map(|l| Arc::from(l.as_str())));
         if let Some(k) = key {
-            self.names.insert(k, n);
+            self.names.insert(k, n.clone());
         }
         Ok(n)
     }

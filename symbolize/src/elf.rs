@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
-use crate::{demangle, Error, MAX_ELF_SIZE, MAX_SYMBOLS};
+use crate::{demangle, Error, NameSource, MAX_ELF_SIZE, MAX_SYMBOLS};
 
 /// A function symbol found for an address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +33,8 @@ struct Entry {
     /// demangling them all took a tenth of the agent's CPU.
     demangled: std::sync::OnceLock<Box<str>>,
     file: Option<Arc<str>>,
+    /// The table it came from.
+    origin: NameSource,
 }
 
 /// Collects at most `max` bytes; more is an error.
@@ -54,8 +56,8 @@ impl std::io::Write for CappedWriter {
     }
 }
 
-/// address, size, binding rank (0 global, 1 weak, 2 local), name, source file
-type RawSym = (u64, u64, u8, String, Option<Arc<str>>);
+/// address, size, binding rank (0 global, 1 weak, 2 local), name, source file, table
+type RawSym = (u64, u64, u8, String, Option<Arc<str>>, NameSource);
 
 #[derive(Clone, Copy, Debug)]
 struct LoadSegment {
@@ -208,7 +210,11 @@ impl ElfSymbols {
         let xz = section.data().ok()?;
         let mut out = CappedWriter { buf: Vec::new(), max };
         lzma_rs::xz_decompress(&mut std::io::BufReader::new(xz), &mut out).ok()?;
-        Self::parse(name.as_ref(), &out.buf, binutils).ok()
+        let mut symbols = Self::parse(name.as_ref(), &out.buf, binutils).ok()?;
+        for e in &mut symbols.entries {
+            e.origin = NameSource::MiniDebugInfo;
+        }
+        Some(symbols)
     }
 
     fn parse(path: &Path, data: &[u8], binutils: bool) -> Result<Self, Error> {
@@ -262,7 +268,8 @@ impl ElfSymbols {
                     .unwrap_or(0),
                 (n, _) => n,
             };
-            raw.push((sym.address(), size, rank, name.to_string(), src));
+            let origin = if n == 0 { NameSource::SymbolTable } else { NameSource::DynamicSymbol };
+            raw.push((sym.address(), size, rank, name.to_string(), src, origin));
             if raw.len() > MAX_SYMBOLS {
                 return Err(Error::TooManySymbols { path: path.to_path_buf() });
             }
@@ -303,7 +310,7 @@ impl ElfSymbols {
             });
         }
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.len());
-        for (address, size, _, name, file) in raw {
+        for (address, size, _, name, file, origin) in raw {
             if let Some(last) = entries.last_mut() {
                 if last.address == address {
                     last.size = last.size.max(size);
@@ -316,6 +323,7 @@ impl ElfSymbols {
                 name: name.into_boxed_str(),
                 demangled: std::sync::OnceLock::new(),
                 file,
+                origin,
             });
         }
         let segments = LoadSegments::of(&file);
@@ -349,9 +357,22 @@ impl ElfSymbols {
         self.segments.file_offset_to_vaddr(offset)
     }
 
+    /// The name, as the symbol table has it (mangled), of the symbol that starts exactly at
+    /// `vaddr`.
+    pub(crate) fn raw_at(&self, vaddr: u64) -> Option<&str> {
+        let i = self.entries.partition_point(|e| e.address < vaddr);
+        self.entries.get(i).filter(|e| e.address == vaddr).map(|e| &*e.name)
+    }
+
     /// The function that contains `vaddr`. A symbol with a size covers exactly that range;
     /// one without a size (hand-written assembly) covers up to the next symbol.
     pub fn lookup(&self, vaddr: u64) -> Option<Symbol<'_>> {
+        self.lookup_sized(vaddr).map(|(s, _, _)| s)
+    }
+
+    /// [`ElfSymbols::lookup`], with the symbol's size (0 when the table gives none) and the
+    /// table it came from.
+    pub(crate) fn lookup_sized(&self, vaddr: u64) -> Option<(Symbol<'_>, u64, NameSource)> {
         let i = self.entries.partition_point(|e| e.address <= vaddr).checked_sub(1)?;
         let e = &self.entries[i];
         let offset = vaddr - e.address;
@@ -360,11 +381,14 @@ impl ElfSymbols {
         } else {
             self.entries.get(i + 1).is_none_or(|n| vaddr < n.address)
         };
-        covered.then(|| Symbol {
-            name: e.demangled.get_or_init(|| demangle(&e.name).into_boxed_str()),
-            address: e.address,
-            offset,
-            file: e.file.as_deref(),
+        covered.then(|| {
+            let s = Symbol {
+                name: e.demangled.get_or_init(|| demangle(&e.name).into_boxed_str()),
+                address: e.address,
+                offset,
+                file: e.file.as_deref(),
+            };
+            (s, e.size, e.origin)
         })
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::dwarf::{FuncRow, LineRow, RawDebugInfo, END};
 use crate::name::{Arena, Name};
-use crate::Frame;
+use crate::{Frame, NameSource};
 
 /// Line rows per block (the last block may hold fewer); tiny in unit tests so that ranges
 /// are cut across blocks.
@@ -347,11 +347,13 @@ impl Lookup {
         let chain = self.chain(r).unwrap_or(&[]);
         frames.reserve_exact(chain.len().max(1));
         if chain.is_empty() {
-            frames.push(Frame { function: None, file, line, discriminator });
+            frames.push(Frame { function: None, file, line, discriminator, source: None });
             return false;
         }
         for f in chain.iter().rev() {
-            frames.push(Frame { function: self.string(f.name), file, line, discriminator });
+            let function = self.string(f.name);
+            let source = function.as_ref().map(|_| NameSource::Dwarf);
+            frames.push(Frame { function, file, line, discriminator, source });
             file = self.string(f.call_file);
             line = f.call_line;
             discriminator = 0;

@@ -73,6 +73,7 @@ mod cache;
 mod debuginfo;
 mod demangle;
 mod dwarf;
+mod eh_frame;
 mod elf;
 mod error;
 mod index;
@@ -99,7 +100,7 @@ pub use perf_map::{
 pub use process::{
     CapturedAddress, FileIdentity, FileStamp, MappedObject, ObjectBytes, ObjectInfo, Snapshot, Snapshots,
 };
-pub use resolution::{addr2line_text, Frame, Miss, Resolution, Symbolized};
+pub use resolution::{addr2line_text, Frame, Miss, NameSource, Resolution, Symbolized};
 pub use symbolizer::{Stats, Symbolizer, MAX_DWARF_SECTION, MAX_MINI_DEBUGINFO};
 
 /// Largest ELF file this crate will map (4 GiB): anything larger is refused, not parsed.
@@ -116,6 +117,7 @@ const _: fn() = || {
     shareable::<Resolution>();
     shareable::<Symbolized>();
     shareable::<Frame>();
+    shareable::<NameSource>();
     shareable::<Name>();
     shareable::<Miss>();
     shareable::<Error>();
@@ -149,7 +151,7 @@ pub mod fuzzing {
         let Ok(obj) = object::File::parse(data) else { return };
         let Ok(sections) = crate::dwarf::Sections::load(&obj, 16 << 20) else { return };
         let text = crate::dwarf::text_ranges(&obj);
-        let Ok(mut raw) = crate::dwarf::read(&sections, None, &text) else { return };
+        let Ok(mut raw) = crate::dwarf::read(&sections, None, &text, None) else { return };
         let blocks = crate::index::build_blocks(&mut raw);
         let mut frames = Vec::new();
         for b in &blocks {

@@ -192,6 +192,13 @@ impl MappedObject {
         Ok(MappedObject { identity, path, source: Source::File(file), stamp })
     }
 
+    /// An object from a file opened by other means (found by path and checked to be the
+    /// file `identity` names, e.g. after its process is gone): `path` is for display.
+    pub fn from_file(file: File, path: PathBuf, identity: FileIdentity) -> Self {
+        let stamp = file.metadata().ok().map(|md| FileStamp::of(&md));
+        MappedObject { identity, path, source: Source::File(file), stamp }
+    }
+
     /// The file's stamp when it was opened (`None` for a copy from memory).
     pub fn stamp(&self) -> Option<FileStamp> {
         self.stamp

@@ -19,6 +19,49 @@ pub struct Frame {
     pub line: u32,
     /// The line table's discriminator (0 when none), for the innermost frame only.
     pub discriminator: u32,
+    /// What named the function (or, for [`NameSource::EhFrame`], delimited it); `None`
+    /// when nothing did.
+    pub source: Option<NameSource>,
+}
+
+/// Where a frame's function name comes from.
+///
+/// Code no symbol covers (a static function of a stripped binary) is still delimited by the
+/// `.eh_frame` record of its function: [`NameSource::EhFrame`] gives that function's start,
+/// so a profiler can name every address of one function alike (`postgres+0x3efc80`) and
+/// its samples add up in one frame. Such a frame has no `function` name of its own, as
+/// binutils prints `??` for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NameSource {
+    /// DWARF debugging information (the function's or inlined call's DIE; an out-of-line
+    /// clone's name is its symbol's, as binutils spells it).
+    Dwarf,
+    /// The ELF symbol table (`.symtab`), the file's own or its separate debug file's.
+    SymbolTable,
+    /// The dynamic symbol table (`.dynsym`): exported functions only.
+    DynamicSymbol,
+    /// The symbol table of the MiniDebugInfo (`.gnu_debugdata`) section.
+    MiniDebugInfo,
+    /// No symbol: the `.eh_frame` record (FDE) of the function holding the address, which
+    /// starts at `start` (a file virtual address).
+    EhFrame {
+        /// The function's first address, as the FDE gives it.
+        start: u64,
+    },
+    /// A perf map (`/tmp/perf-PID.map`) of a JIT compiler.
+    PerfMap,
+}
+
+impl NameSource {
+    /// The function's start when this source gives one: the FDE's start for
+    /// [`NameSource::EhFrame`].
+    pub fn function_start(&self) -> Option<u64> {
+        match self {
+            NameSource::EhFrame { start } => Some(*start),
+            _ => None,
+        }
+    }
 }
 
 /// Everything known about one address: frames innermost first (the inlined callee, then
@@ -36,9 +79,10 @@ impl Symbolized {
     /// binutils does).
     ///
     /// ```
-    /// use unwound_symbolize::{Frame, Name, Symbolized};
+    /// use unwound_symbolize::{Frame, Name, NameSource, Symbolized};
     /// let s = Symbolized { frames: vec![Frame { function: Some(Name::from("main")),
-    ///     file: Some(Name::from("/src/a.c")), line: 4, discriminator: 0 }] };
+    ///     file: Some(Name::from("/src/a.c")), line: 4, discriminator: 0,
+    ///     source: Some(NameSource::Dwarf) }] };
     /// assert_eq!(s.addr2line_text(0x1150, true), "0x0000000000001150\nmain\n/src/a.c:4\n");
     /// ```
     pub fn addr2line_text(&self, addr: u64, with_address: bool) -> String {
@@ -106,7 +150,7 @@ pub enum Miss {
     /// The binary could not be read or parsed. Shared by every address of the binary.
     #[error(transparent)]
     Unreadable(Arc<Error>),
-    /// Neither DWARF nor the symbol tables cover the address.
+    /// Neither DWARF, nor the symbol tables, nor an `.eh_frame` record covers the address.
     #[error("no symbol covers the address")]
     NoSymbol,
 }

@@ -68,6 +68,16 @@ pub const TAIL_SLOT_FP: u32 = 1;
 /// Frames walked per program of the tail-call walker: with the kernel's limit of 33 tail
 /// calls, 34 programs walk up to 544 frames, more than [`MAX_USER_FRAMES`].
 pub const TAIL_STEPS: u32 = 16;
+/// Name of the tracepoint program on `syscalls:sys_exit_mmap`: the mapping a successful
+/// `mmap` made (or grew) is looked up (`bpf_find_vma`) and, if executable, recorded in
+/// [`KPROCS_MAP`] — as `perf record` learns of mappings, when they are made. The program
+/// and interpreter `execve` maps are recorded by [`EXEC_PROGRAM`].
+pub const MMAP_PROGRAM: &str = "on_mmap";
+/// The tracepoint [`MMAP_PROGRAM`] attaches to (category, name).
+pub const MMAP_TRACEPOINT: (&str, &str) = ("syscalls", "sys_exit_mmap");
+/// Name of the `sched:sched_process_fork` raw tracepoint program: a new process starts
+/// with its parent's entry in [`KPROCS_MAP`] (a forked child maps what its parent maps).
+pub const FORK_PROGRAM: &str = "on_fork";
 /// Name of the `sched:sched_process_exec` tracepoint program.
 pub const EXEC_PROGRAM: &str = "on_exec";
 /// Name of the `sched:sched_process_exit` tracepoint program.
@@ -104,8 +114,16 @@ pub const FLAG_EVENT_EXEC: u32 = 1 << 5;
 /// `SampleHeader::flags`: not a sample but an event: the process exited (its main thread
 /// ended). No frames follow.
 pub const FLAG_EVENT_EXIT: u32 = 1 << 6;
-/// Either event flag.
-pub const FLAG_EVENTS: u32 = FLAG_EVENT_EXEC | FLAG_EVENT_EXIT;
+/// `SampleHeader::flags`: not a sample but an event: the process mapped code of a file the
+/// agent has not identified (not in [`FILES_MAP`]). A [`FileEvent`] follows the header.
+/// Exec events carry a [`FileEvent`] too (the new program's file and the path it was
+/// executed by) where the kernel gives them.
+pub const FLAG_EVENT_FILE: u32 = 1 << 7;
+/// `SampleHeader::flags`: some frames were found in the kernel's view of the process
+/// beyond the [`MAX_RECORD_FILES`] mappings a record carries; those frames have no file.
+pub const FLAG_FILES_FULL: u32 = 1 << 8;
+/// Any event flag.
+pub const FLAG_EVENTS: u32 = FLAG_EVENT_EXEC | FLAG_EVENT_EXIT | FLAG_EVENT_FILE;
 
 /// Fixed-size head of every sample record.
 #[repr(C)]
@@ -126,31 +144,35 @@ pub struct SampleHeader {
     /// Number of user frames that follow the kernel frames.
     pub user_len: u16,
     /// How the user walk ended, a `WALK_*` code.
-    pub walk_end: u32,
+    pub walk_end: u16,
+    /// Number of [`RecordFile`]s that follow the user frames: the mappings the walker
+    /// found in the kernel's own view of the process (see [`KPROCS_MAP`]) for frames its
+    /// per-process entry did not cover, so they can be named after the process is gone.
+    pub files: u16,
     /// The thread's command name, NUL-padded.
     pub comm: [u8; 16],
 }
 
 /// `SampleHeader::walk_end`: a frame-pointer walk (the process has no unwind tables loaded);
 /// its completeness is not known.
-pub const WALK_FRAME_POINTERS: u32 = 0;
+pub const WALK_FRAME_POINTERS: u16 = 0;
 /// The table walk reached the outermost frame: the stack is complete.
-pub const WALK_COMPLETE: u32 = 1;
+pub const WALK_COMPLETE: u16 = 1;
 /// More frames than the limit; the outermost ones are missing.
-pub const WALK_TRUNCATED: u32 = 2;
+pub const WALK_TRUNCATED: u16 = 2;
 /// A pc had no unwind information and the frame-pointer fallback could not continue.
-pub const WALK_NO_TABLE: u32 = 3;
+pub const WALK_NO_TABLE: u16 = 3;
 /// The unwind rule at a pc is not supported.
-pub const WALK_UNSUPPORTED: u32 = 4;
+pub const WALK_UNSUPPORTED: u16 = 4;
 /// Reading the stack failed.
-pub const WALK_MEMORY: u32 = 5;
+pub const WALK_MEMORY: u16 = 5;
 /// A step did not move up the stack.
-pub const WALK_BAD_CFA: u32 = 6;
+pub const WALK_BAD_CFA: u16 = 6;
 /// A pc outside every known mapping of the process (a library loaded since the last scan).
-pub const WALK_UNKNOWN_MAPPING: u32 = 7;
+pub const WALK_UNKNOWN_MAPPING: u16 = 7;
 
 /// A short name for a `WALK_*` code, as the agent shows it (`[unwind: no table]`).
-pub const fn walk_end_name(code: u32) -> &'static str {
+pub const fn walk_end_name(code: u16) -> &'static str {
     match code {
         WALK_FRAME_POINTERS => "frame pointers",
         WALK_COMPLETE => "complete",
@@ -280,6 +302,10 @@ pub struct ProcMappings {
     /// Changes (the agent's counter of writes) whenever this entry is written: rules the
     /// walker cached in [`RULE_CACHE_MAP`] under another generation are stale.
     pub generation: u32,
+    /// When the agent read the mappings (`CLOCK_MONOTONIC` ns, as `bpf_ktime_get_ns`): an
+    /// entry read before the process's current program image was made (its
+    /// [`KernelMappings::created_ns`]) describes an older image, and is not used.
+    pub read_ns: u64,
     /// The mappings, sorted by `start`.
     pub mappings: [MappingEntry; MAX_MAPPINGS],
 }
@@ -314,6 +340,198 @@ impl SampleHeader {
 
 const _: () = assert!(HEADER_SIZE == 48);
 
+/// Name of the hash map tgid → [`KernelMappings`]: each process's executable mappings as
+/// the kernel made them, recorded by [`MMAP_PROGRAM`] (so a process is walkable from its
+/// first sample, before the agent has read anything about it). Not preallocated.
+pub const KPROCS_MAP: &str = "KPROCS";
+/// Capacity of [`KPROCS_MAP`].
+pub const MAX_KPROCS: u32 = 16384;
+/// Executable mappings one [`KernelMappings`] holds.
+pub const KERNEL_MAPPINGS: usize = 32;
+/// Name of the hash map [`FileKey`] → [`FileTable`]: the files the agent has identified
+/// (and holds open, so their inode numbers cannot be reused while listed), with their
+/// tables.
+pub const FILES_MAP: &str = "FILES";
+/// Capacity of [`FILES_MAP`].
+pub const MAX_FILES: u32 = 16384;
+/// Name of the LRU hash map [`FileKey`] → last announcement time (ns): a file the agent
+/// has not identified is announced ([`FLAG_EVENT_FILE`]) at most once a second.
+pub const ANNOUNCED_MAP: &str = "ANNOUNCED";
+/// Name of the single-entry array holding the [`KernelOffsets`].
+pub const KERNEL_OFFSETS_MAP: &str = "KERNEL_OFFSETS";
+/// Most [`RecordFile`]s in one record.
+pub const MAX_RECORD_FILES: usize = 8;
+/// Bytes of the name in a [`FileEvent`].
+pub const FILE_EVENT_NAME: usize = 256;
+
+/// `RecordFile::flags` and `KernelMapping::flags`: anonymous executable memory (no file).
+pub const KMAP_ANON: u32 = 1;
+
+/// A file as the kernel names it: the device of its superblock (the kernel's `dev_t`:
+/// major << 20 | minor) and its inode number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    /// `inode->i_sb->s_dev`.
+    pub dev: u32,
+    /// Always 0.
+    pub pad: u32,
+    /// `inode->i_ino`.
+    pub ino: u64,
+}
+
+impl FileKey {
+    /// The device as `/proc/PID/maps` prints it (`major:minor`, hex, two digits at least).
+    pub fn device_text(&self) -> DeviceText {
+        DeviceText(self.dev)
+    }
+}
+
+/// [`FileKey::device_text`]'s `Display`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceText(u32);
+
+impl core::fmt::Display for DeviceText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:02x}:{:02x}", self.0 >> 20, self.0 & 0xf_ffff)
+    }
+}
+
+/// What the walker needs of an identified file: its table, and how a mapping's file
+/// offsets become the table's addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileTable {
+    /// Table id, or [`NO_TABLE`] (identified, but nothing to walk it with).
+    pub table: u32,
+    /// Always 0.
+    pub flags: u32,
+    /// The executable load segment's `p_offset − p_vaddr`: a mapping at `start` of file
+    /// offset `offset` has bias `start − offset + delta`.
+    pub delta: u64,
+}
+
+/// One executable mapping as the kernel made it (see [`KPROCS_MAP`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelMapping {
+    /// First address (0 with `end` 0: an empty slot).
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The file (zero for anonymous memory).
+    pub file: FileKey,
+    /// `KMAP_*` bits.
+    pub flags: u32,
+    /// Always 0.
+    pub pad: u32,
+}
+
+/// A process's executable mappings as the kernel made them: the value of [`KPROCS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KernelMappings {
+    /// The `mm_struct` they belong to: a process that has called `execve` since has
+    /// another, and these no longer describe it.
+    pub mm: u64,
+    /// Slots in use (some may be empty, after an overlapping mapping replaced them).
+    pub count: u32,
+    /// Mappings left out because every slot was taken.
+    pub overflow: u32,
+    /// When the first mapping of this `mm` was recorded (`bpf_ktime_get_ns`).
+    pub created_ns: u64,
+    /// The mappings, in the order they were made.
+    pub slots: [KernelMapping; KERNEL_MAPPINGS],
+}
+
+/// A mapping a record's frames were found in, from the kernel's view of the process: the
+/// agent names those frames by file and offset, without `/proc`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RecordFile {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// The file (zero for anonymous memory).
+    pub file: FileKey,
+    /// `KMAP_*` bits.
+    pub flags: u32,
+    /// Always 0.
+    pub pad: u32,
+}
+
+/// Size of a [`RecordFile`] in bytes.
+pub const RECORD_FILE_SIZE: usize = core::mem::size_of::<RecordFile>();
+const _: () = assert!(RECORD_FILE_SIZE == 48);
+
+/// What follows the header of a [`FLAG_EVENT_FILE`] or [`FLAG_EVENT_EXEC`] record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileEvent {
+    /// The mapping (for an exec: `start` and `end` 0, the program's file).
+    pub file: RecordFile,
+    /// NUL-terminated: the file's name (its last path component) for a mapping; the path
+    /// `execve` was given for an exec.
+    pub name: [u8; FILE_EVENT_NAME],
+}
+
+impl FileEvent {
+    /// The name up to its first NUL, if UTF-8.
+    pub fn name(&self) -> Option<&str> {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(FILE_EVENT_NAME);
+        core::str::from_utf8(&self.name[..end]).ok()
+    }
+}
+
+/// Byte offsets into the kernel's structures, read from its BTF by the agent (a Rust BPF
+/// program has no CO-RE relocations): the single value of [`KERNEL_OFFSETS_MAP`]. The
+/// kernel-side mapping view is off while `enabled` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once the agent has filled the rest.
+    pub enabled: u32,
+    /// `task_struct.mm`.
+    pub task_mm: u32,
+    /// `task_struct.tgid`.
+    pub task_tgid: u32,
+    /// `task_struct.pid`.
+    pub task_pid: u32,
+    /// `mm_struct.start_code` (the program's text, where `execve` mapped it).
+    pub mm_start_code: u32,
+    /// `vm_area_struct.vm_start`.
+    pub vma_start: u32,
+    /// `vm_area_struct.vm_end`.
+    pub vma_end: u32,
+    /// `vm_area_struct.vm_flags`.
+    pub vma_flags: u32,
+    /// `vm_area_struct.vm_pgoff`.
+    pub vma_pgoff: u32,
+    /// `vm_area_struct.vm_file`.
+    pub vma_file: u32,
+    /// `file.f_inode`.
+    pub file_inode: u32,
+    /// `file.f_path` + `path.dentry`.
+    pub file_dentry: u32,
+    /// `dentry.d_name` + `qstr.name`.
+    pub dentry_name: u32,
+    /// `inode.i_ino`.
+    pub inode_ino: u32,
+    /// `inode.i_sb`.
+    pub inode_sb: u32,
+    /// `super_block.s_dev`.
+    pub sb_dev: u32,
+    /// `linux_binprm.file`.
+    pub binprm_file: u32,
+    /// `linux_binprm.filename`.
+    pub binprm_filename: u32,
+}
+
 /// The per-CPU scratch buffer a record is assembled in before it is copied to the ring
 /// buffer (the 512-byte BPF stack cannot hold it).
 #[repr(C)]
@@ -321,8 +539,9 @@ const _: () = assert!(HEADER_SIZE == 48);
 pub struct SampleBuffer {
     /// The record's header.
     pub header: SampleHeader,
-    /// Kernel frames, then user frames.
-    pub frames: [u64; MAX_FRAMES],
+    /// Kernel frames, then user frames, then (copied there when the record is written)
+    /// its [`RecordFile`]s.
+    pub frames: [u64; FRAME_AREA_WORDS],
     /// Frame-pointer walk state: the frame pointer of the next frame.
     pub walk_fp: u64,
     /// Frame-pointer walk state: index in `frames` of the next user frame.
@@ -372,7 +591,21 @@ pub struct SampleBuffer {
     /// Stack window: a copy of part of one user stack page. One helper call copies it; the
     /// frames in it are then read from here, not one helper call each.
     pub stack_window: [u64; STACK_WINDOW_WORDS],
+    /// The sampled task's `mm_struct` (0: not read, or the kernel view is off).
+    pub mm: u64,
+    /// Non-zero when the process's [`KPROCS_MAP`] entry describes this `mm`.
+    pub kernel_maps: u32,
+    /// Non-zero when the mapping in `cached_mapping` came from the kernel's view: rules
+    /// found through it are not cached across samples.
+    pub cached_from_kernel: u32,
+    /// The mappings this walk found in the kernel's view (`header.files` of them).
+    pub files: [RecordFile; MAX_RECORD_FILES],
+    /// The walker's entry for each of `files`.
+    pub file_entries: [MappingEntry; MAX_RECORD_FILES],
 }
+
+/// Words of [`SampleBuffer::frames`]: the frames, and room for the record's files.
+pub const FRAME_AREA_WORDS: usize = MAX_FRAMES + MAX_RECORD_FILES * RECORD_FILE_SIZE / 8;
 
 /// Most bytes in the walker's stack window: one page, so a window that ends at a page
 /// boundary never crosses the end of a mapping (a read that did would fail whole).
@@ -450,10 +683,28 @@ pub enum Counter {
     FallbackFrames,
     /// Frames whose rule came from the per-CPU rule cache ([`RULE_CACHE_MAP`]).
     RuleCacheHits,
+    /// Walks of a process the agent has not given an entry in [`PROCS_MAP`], through the
+    /// kernel's view of its mappings ([`KPROCS_MAP`]).
+    KernelMapWalks,
+    /// Frames found in the kernel's view of a process's mappings.
+    KernelMapFrames,
+    /// Of those, frames in a file the agent has no table for yet (or none at all): a
+    /// frame-pointer step.
+    KernelMapNoTable,
+    /// Samples of a process with neither entry: walked by frame pointers.
+    NoMappings,
+    /// Executable mappings left out of [`KPROCS_MAP`]: its process had every slot taken.
+    KernelMapOverflow,
+    /// Processes left out of [`KPROCS_MAP`]: it was full.
+    KernelProcsFull,
+    /// Files announced to the agent ([`FLAG_EVENT_FILE`]).
+    FilesAnnounced,
+    /// Records whose frames spanned more than [`MAX_RECORD_FILES`] kernel-found mappings.
+    RecordFilesFull,
 }
 
 /// Number of [`Counter`] slots.
-pub const COUNTER_SLOTS: u32 = 20;
+pub const COUNTER_SLOTS: u32 = 28;
 
 impl Counter {
     /// Every counter, in index order.
@@ -478,6 +729,14 @@ impl Counter {
         Counter::TableFrames,
         Counter::FallbackFrames,
         Counter::RuleCacheHits,
+        Counter::KernelMapWalks,
+        Counter::KernelMapFrames,
+        Counter::KernelMapNoTable,
+        Counter::NoMappings,
+        Counter::KernelMapOverflow,
+        Counter::KernelProcsFull,
+        Counter::FilesAnnounced,
+        Counter::RecordFilesFull,
     ];
 
     /// A short stable name, for summaries and JSON.
@@ -503,6 +762,14 @@ impl Counter {
             Counter::TableFrames => "table_frames",
             Counter::FallbackFrames => "fallback_frames",
             Counter::RuleCacheHits => "rule_cache_hits",
+            Counter::KernelMapWalks => "kernel_map_walks",
+            Counter::KernelMapFrames => "kernel_map_frames",
+            Counter::KernelMapNoTable => "kernel_map_no_table",
+            Counter::NoMappings => "no_mappings",
+            Counter::KernelMapOverflow => "kernel_map_overflow",
+            Counter::KernelProcsFull => "kernel_procs_full",
+            Counter::FilesAnnounced => "files_announced",
+            Counter::RecordFilesFull => "record_files_full",
         }
     }
 
@@ -530,6 +797,33 @@ pub struct SampleRecord<'a> {
     pub kernel: Frames<'a>,
     /// User frames, innermost first.
     pub user: Frames<'a>,
+    /// The mappings some user frames were found in (see [`SampleHeader::files`]).
+    pub files: Files<'a>,
+    /// What follows an event's header (a [`FileEvent`] for file and exec events); empty
+    /// for samples.
+    pub payload: &'a [u8],
+}
+
+/// The [`RecordFile`]s of a record.
+#[derive(Clone, Copy, Debug)]
+pub struct Files<'a>(&'a [u8]);
+
+impl<'a> Files<'a> {
+    /// Number of files.
+    pub fn len(&self) -> usize {
+        self.0.len() / RECORD_FILE_SIZE
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The files, in the order the walk met them.
+    pub fn iter(&self) -> impl Iterator<Item = RecordFile> + 'a {
+        self.0.chunks_exact(RECORD_FILE_SIZE).map(|c| {
+            // SAFETY: RECORD_FILE_SIZE bytes; RecordFile is plain integers.
+            unsafe { core::ptr::read_unaligned(c.as_ptr() as *const RecordFile) }
+        })
+    }
 }
 
 /// A run of native-endian `u64` frame addresses inside a record.
@@ -568,12 +862,28 @@ impl<'a> SampleRecord<'a> {
             unsafe { core::ptr::read_unaligned(bytes.as_ptr() as *const SampleHeader) };
         let k = header.kernel_len as usize;
         let u = header.user_len as usize;
-        if k > MAX_KERNEL_FRAMES || u > MAX_USER_FRAMES || bytes.len() < HEADER_SIZE + (k + u) * 8 {
+        let f = header.files as usize;
+        let frames_end = HEADER_SIZE + (k + u) * 8;
+        let files_end = frames_end + f * RECORD_FILE_SIZE;
+        if k > MAX_KERNEL_FRAMES || u > MAX_USER_FRAMES || f > MAX_RECORD_FILES || bytes.len() < files_end {
             return Err(RecordError::BadLength);
         }
         let kernel = &bytes[HEADER_SIZE..HEADER_SIZE + k * 8];
-        let user = &bytes[HEADER_SIZE + k * 8..HEADER_SIZE + (k + u) * 8];
-        Ok(SampleRecord { header, kernel: Frames(kernel), user: Frames(user) })
+        let user = &bytes[HEADER_SIZE + k * 8..frames_end];
+        let files = &bytes[frames_end..files_end];
+        let payload = if header.flags & FLAG_EVENTS != 0 { &bytes[files_end..] } else { &[][..] };
+        Ok(SampleRecord { header, kernel: Frames(kernel), user: Frames(user), files: Files(files), payload })
+    }
+
+    /// The [`FileEvent`] of a file or exec event, when the record carries one.
+    pub fn file_event(&self) -> Option<FileEvent> {
+        if self.header.flags & (FLAG_EVENT_FILE | FLAG_EVENT_EXEC) == 0
+            || self.payload.len() < core::mem::size_of::<FileEvent>()
+        {
+            return None;
+        }
+        // SAFETY: length checked; FileEvent is plain integers and bytes.
+        Some(unsafe { core::ptr::read_unaligned(self.payload.as_ptr() as *const FileEvent) })
     }
 
     /// The command name up to its first NUL (lossy for non-UTF-8 bytes: `?`).
@@ -592,6 +902,18 @@ unsafe impl aya::Pod for ProcMappings {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C) plain integers without padding.
 unsafe impl aya::Pod for TableInfo {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for FileKey {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for FileTable {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for KernelOffsets {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for KernelMappings {}
 
 #[cfg(test)]
 mod tests {

@@ -25,16 +25,18 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
         bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_task_pt_regs,
+        bpf_probe_read_kernel_str_bytes, bpf_task_pt_regs,
     },
     btf_maps::{Array as BtfArray, ArrayOfMaps},
-    macros::{btf_map, map, perf_event, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
-    programs::{PerfEventContext, RawTracePointContext},
+    macros::{btf_map, map, perf_event, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    rule_cache_slot, Counter, Counters, MappingEntry, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
+    rule_cache_slot, Counter, Counters, FileEvent, FileKey, FileTable, KernelMappings,
+    KernelOffsets, MappingEntry, RecordFile, FLAG_EVENT_FILE, FLAG_FILES_FULL, FRAME_AREA_WORDS, KERNEL_MAPPINGS,
+    KMAP_ANON, MAX_FILES, MAX_KPROCS, MAX_RECORD_FILES, RECORD_FILE_SIZE, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
     TableInfo, WalkerConfig, DEFAULT_RING_BYTES, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
     FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
     MAPPING_PY_TRAMPOLINES, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
@@ -113,6 +115,35 @@ fn page_entry(w: &PageWords) -> PageEntry {
     PageEntry { first: w[0], count: w[1] as u16, start_rule: (w[1] >> 16) as u16 }
 }
 
+/// tgid → the process's executable mappings as the kernel made them (see `on_mmap`).
+#[map]
+static KPROCS: HashMap<u32, KernelMappings> = HashMap::with_max_entries(MAX_KPROCS, BPF_F_NO_PREALLOC);
+
+/// The files the agent has identified, with their tables (it holds each open while listed).
+#[map]
+static FILES: HashMap<FileKey, FileTable> = HashMap::with_max_entries(MAX_FILES, BPF_F_NO_PREALLOC);
+
+/// Files announced lately (at most once a second each).
+#[map]
+static ANNOUNCED: LruHashMap<FileKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
+#[map]
+static KERNEL_OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);
+
+/// Per-CPU room to build a new `KPROCS` value (too big for the BPF stack).
+#[map]
+static KSCRATCH: PerCpuArray<KernelMappings> = PerCpuArray::with_max_entries(1, 0);
+
+/// An event record with a [`FileEvent`], built per CPU.
+#[repr(C)]
+struct FileEventRecord {
+    header: SampleHeader,
+    event: FileEvent,
+}
+
+#[map]
+static EVENT_SCRATCH: PerCpuArray<FileEventRecord> = PerCpuArray::with_max_entries(1, 0);
+
 /// The tail-call walker's continuation programs (kernels without `bpf_loop`).
 #[map]
 static WALK_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
@@ -124,7 +155,42 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// Least time between two wakeups of the agent for records it must act on, per CPU.
 const NEEDS_AGENT_WAKE_NS: u64 = 10_000_000;
 
-const RECORD_CAPACITY: usize = HEADER_SIZE + MAX_FRAMES * 8;
+const RECORD_CAPACITY: usize = HEADER_SIZE + FRAME_AREA_WORDS * 8;
+/// `VM_EXEC` of `vm_area_struct.vm_flags`.
+const VM_EXEC: u64 = 0x4;
+const PAGE_SHIFT_BITS: u64 = 12;
+const ANNOUNCE_INTERVAL_NS: u64 = 1_000_000_000;
+/// `mmap_region` returns an address, or `-errno` (the top 4095 values).
+const MAX_ERRNO_ADDRESS: u64 = u64::MAX - 4095;
+
+/// A `T` at kernel address `base + offset`, or zero when it cannot be read.
+#[inline(always)]
+unsafe fn kread<T: Copy + Default>(base: u64, offset: u32) -> T {
+    if base == 0 {
+        return T::default();
+    }
+    bpf_probe_read_kernel((base + u64::from(offset)) as *const T).unwrap_or_default()
+}
+
+/// The kernel's offsets, once the agent has filled them.
+#[inline(always)]
+fn offsets() -> Option<&'static KernelOffsets> {
+    KERNEL_OFFSETS.get(0).filter(|o| o.enabled != 0)
+}
+
+/// The file of `file` (a `struct file *`), as the kernel names it.
+#[inline(always)]
+unsafe fn file_key(o: &KernelOffsets, file: u64) -> FileKey {
+    let inode: u64 = kread(file, o.file_inode);
+    let sb: u64 = kread(inode, o.inode_sb);
+    FileKey { dev: kread(sb, o.sb_dev), pad: 0, ino: kread(inode, o.inode_ino) }
+}
+
+/// The current task's `mm_struct`.
+#[inline(always)]
+unsafe fn current_mm(o: &KernelOffsets) -> u64 {
+    kread(aya_ebpf::helpers::generated::bpf_get_current_task(), o.task_mm)
+}
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -390,39 +456,143 @@ fn lookup_in(t: &TableInfo, rel: u64) -> Option<UnwindRule> {
     Some(d.run.apply(d.rule, d.run.steps_at(e.page_offset, offset)))
 }
 
+/// Looks `pc` up in the kernel's view of the sampled process (mappings found earlier in
+/// this walk first) and makes it the walk's cached mapping, recording it in the record's
+/// files. `Err` when the kernel's view does not hold it either.
+#[inline(never)]
+unsafe fn kernel_mapping(buf: &mut SampleBuffer, pc: u64) -> Result<(), ()> {
+    let n = buf.header.files as usize;
+    for i in 0..MAX_RECORD_FILES {
+        if i >= n {
+            break;
+        }
+        let f = &buf.files[i];
+        if f.start <= pc && pc < f.end {
+            let e = &buf.file_entries[i];
+            buf.cached_mapping.start = e.start;
+            buf.cached_mapping.end = e.end;
+            buf.cached_mapping.bias = e.bias;
+            buf.cached_mapping.table = e.table;
+            buf.cached_mapping.flags = e.flags;
+            buf.cached_from_kernel = 1;
+            return Ok(());
+        }
+    }
+    if buf.kernel_maps == 0 {
+        buf.kernel_maps = 2;
+        if let (Some(o), Some(kp)) = (offsets(), KPROCS.get(buf.header.pid)) {
+            // SAFETY: a probe read of the current task.
+            let mm = current_mm(o);
+            if mm != 0 && kp.mm == mm {
+                buf.kernel_maps = 1;
+            }
+        }
+    }
+    if buf.kernel_maps != 1 {
+        return Err(());
+    }
+    let Some(kp) = KPROCS.get(buf.header.pid) else { return Err(()) };
+    let used = if kp.count as usize > KERNEL_MAPPINGS { KERNEL_MAPPINGS } else { kp.count as usize };
+    let mut found = KERNEL_MAPPINGS;
+    for i in 0..KERNEL_MAPPINGS {
+        if i >= used {
+            break;
+        }
+        let m = &kp.slots[i];
+        if m.start <= pc && pc < m.end {
+            found = i;
+            break;
+        }
+    }
+    let Some(m) = kp.slots.get(found) else { return Err(()) };
+    let (start, end, offset, file, flags) = (m.start, m.end, m.offset, m.file, m.flags);
+    let mut entry = MappingEntry { start, end, bias: 0, table: NO_TABLE, flags: 0 };
+    if flags & KMAP_ANON == 0 {
+        if let Some(t) = FILES.get(file) {
+            if t.table != NO_TABLE {
+                entry.table = t.table;
+                entry.bias = start.wrapping_sub(offset).wrapping_add(t.delta);
+            }
+        }
+    }
+    count(Counter::KernelMapFrames);
+    if entry.table == NO_TABLE {
+        count(Counter::KernelMapNoTable);
+    }
+    if n < MAX_RECORD_FILES {
+        let f = &mut buf.files[n & (MAX_RECORD_FILES - 1)];
+        f.start = start;
+        f.end = end;
+        f.offset = offset;
+        f.file = file;
+        f.flags = flags;
+        f.pad = 0;
+        let e = &mut buf.file_entries[n & (MAX_RECORD_FILES - 1)];
+        e.start = start;
+        e.end = end;
+        e.bias = entry.bias;
+        e.table = entry.table;
+        e.flags = 0;
+        buf.header.files += 1;
+    } else {
+        buf.header.flags |= FLAG_FILES_FULL;
+    }
+    buf.cached_mapping.start = start;
+    buf.cached_mapping.end = end;
+    buf.cached_mapping.bias = entry.bias;
+    buf.cached_mapping.table = entry.table;
+    buf.cached_mapping.flags = 0;
+    buf.cached_from_kernel = 1;
+    Ok(())
+}
+
+/// The mapping of `pc` in the agent's entry for the sampled process, made the walk's
+/// cached mapping; `false` when the entry (if any) does not hold it.
+#[inline(always)]
+unsafe fn agent_mapping(buf: &mut SampleBuffer, pc: u64) -> bool {
+    if buf.generation == 0 {
+        return false;
+    }
+    let Some(procs) = PROCS.get_ptr(buf.header.pid) else { return false };
+    let procs = &*procs;
+    // The mapping that holds pc: branch-free binary search over the sorted starts.
+    let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
+    if mapped == 0 {
+        return false;
+    }
+    let (mut base, mut n) = (0u32, mapped);
+    for _ in 0..9 {
+        let half = n / 2;
+        let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else {
+            return false;
+        };
+        let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
+        base += (i64::from(half) * le) as u32;
+        n -= half;
+    }
+    let found = procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
+    let Some(m) = found else { return false };
+    // Field by field: a whole-struct copy becomes a call to a memcpy subprogram, after
+    // which LLVM may read a register the call clobbered (the verifier refuses it).
+    buf.cached_mapping.start = m.start;
+    buf.cached_mapping.end = m.end;
+    buf.cached_mapping.bias = m.bias;
+    buf.cached_mapping.table = m.table;
+    buf.cached_mapping.flags = m.flags;
+    buf.cached_from_kernel = 0;
+    true
+}
+
 /// The rule of `pc` from the sampled process's mappings and tables (the walk's mapping and
-/// table caches first): `Ok(None)` when its mapping has no table, `Err` when no mapping
-/// holds it.
+/// table caches first; the agent's entry for the process, then the kernel's view):
+/// `Ok(None)` when its mapping has no table, `Err` when no mapping holds it.
 #[inline(always)]
 unsafe fn find_rule(buf: &mut SampleBuffer, pc: u64) -> Result<Option<UnwindRule>, ()> {
-    if !(buf.cached_mapping.start <= pc && pc < buf.cached_mapping.end) {
-        let Some(procs) = PROCS.get_ptr(buf.header.pid) else { return Err(()) };
-        let procs = &*procs;
-        // The mapping that holds pc: branch-free binary search over the sorted starts.
-        let mapped = if procs.count as usize > MAX_MAPPINGS { MAX_MAPPINGS as u32 } else { procs.count };
-        if mapped == 0 {
-            return Err(());
-        }
-        let (mut base, mut n) = (0u32, mapped);
-        for _ in 0..9 {
-            let half = n / 2;
-            let Some(m) = procs.mappings.get(((base + half) as usize) & (MAX_MAPPINGS - 1)) else {
-                return Err(());
-            };
-            let le = ((pc.wrapping_sub(m.start) as i64) >> 63) + 1;
-            base += (i64::from(half) * le) as u32;
-            n -= half;
-        }
-        let found =
-            procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
-        let Some(m) = found else { return Err(()) };
-        // Field by field: a whole-struct copy becomes a call to a memcpy subprogram, after
-        // which LLVM may read a register the call clobbered (the verifier refuses it).
-        buf.cached_mapping.start = m.start;
-        buf.cached_mapping.end = m.end;
-        buf.cached_mapping.bias = m.bias;
-        buf.cached_mapping.table = m.table;
-        buf.cached_mapping.flags = m.flags;
+    if !(buf.cached_mapping.start <= pc && pc < buf.cached_mapping.end)
+        && !agent_mapping(buf, pc)
+        && kernel_mapping(buf, pc).is_err()
+    {
+        return Err(());
     }
     let mapping = buf.cached_mapping;
     if mapping.table == NO_TABLE && mapping.flags & MAPPING_PY_TRAMPOLINES != 0 {
@@ -464,8 +634,12 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
         Some(UnwindRule::from_bits(buf.last_rule))
     } else {
         let key = rule_cache_slot(pid, pc) as usize & (RULE_CACHE_SLOTS as usize - 1);
+        // Generation 0: no agent entry, nothing cached (rules found through the kernel's
+        // view are not: its mappings change without a generation).
         let hit = match RULE_CACHE.get(0).map(|c| &c.slots[key]) {
-            Some(c) if c.pc == pc && c.pid == pid && c.generation == generation => Some(c.rule),
+            Some(c) if generation != 0 && c.pc == pc && c.pid == pid && c.generation == generation => {
+                Some(c.rule)
+            }
             _ => None,
         };
         let found = match hit {
@@ -475,7 +649,9 @@ unsafe extern "C" fn table_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i6
             }
             None => match find_rule(buf, pc) {
                 Ok(Some(r)) => {
-                    if let Some(cache) = RULE_CACHE.get_ptr_mut(0) {
+                    if buf.cached_from_kernel != 0 {
+                        // not cached (see above)
+                    } else if let Some(cache) = RULE_CACHE.get_ptr_mut(0) {
                         let c = &mut (*cache).slots[key];
                         c.pc = pc;
                         c.pid = pid;
@@ -690,8 +866,11 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.header.kernel_len = 0;
     buf.header.user_len = 0;
     buf.header.walk_end = WALK_FRAME_POINTERS;
+    buf.header.files = 0;
     buf.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     buf.table_walk = 0;
+    buf.kernel_maps = 0;
+    buf.cached_from_kernel = 0;
 
     // A sample that interrupted user code has no kernel stack: skip the helper.
     let copied = if is_user_mode(&(*ctx.ctx).regs) {
@@ -744,14 +923,33 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.follow_processes = follow;
     buf.walk_index = kernel_len as u32 + 1;
     buf.walk_budget = budget.saturating_sub(1);
-    if let Some(p) = PROCS.get_ptr(pid) {
+    // The agent's entry, unless it was read before the current program image was made
+    // (read just before an execve, written after it).
+    let stale = |p: *const unwound_stackwalk_abi::ProcMappings| match KPROCS.get_ptr(pid) {
+        Some(kp) => (*kp).created_ns > (*p).read_ns,
+        None => false,
+    };
+    if let Some(p) = PROCS.get_ptr(pid).filter(|&p| !stale(p)) {
         count(Counter::TableWalks);
         buf.table_walk = 1;
         buf.generation = (*p).generation;
-        Some((buf, Walk::Tables(budget)))
-    } else {
-        Some((buf, Walk::FramePointers(budget)))
+        return Some((buf, Walk::Tables(budget)));
     }
+    buf.generation = 0;
+    // Not (yet) known to the agent: the kernel's own view of its mappings, when it
+    // describes this program image.
+    if let (Some(o), Some(kp)) = (offsets(), KPROCS.get_ptr(pid)) {
+        let mm = current_mm(o);
+        if mm != 0 && (*kp).mm == mm {
+            buf.kernel_maps = 1;
+            count(Counter::TableWalks);
+            count(Counter::KernelMapWalks);
+            buf.table_walk = 1;
+            return Some((buf, Walk::Tables(budget)));
+        }
+    }
+    count(Counter::NoMappings);
+    Some((buf, Walk::FramePointers(budget)))
 }
 
 /// Everything after the user walk: its counters, then the record into the ring.
@@ -780,7 +978,25 @@ unsafe fn finish(buf: &mut SampleBuffer) {
     }
 
     let frames = buf.header.kernel_len as usize + buf.header.user_len as usize;
-    let mut len = HEADER_SIZE + frames * 8;
+    if buf.header.flags & FLAG_FILES_FULL != 0 {
+        count(Counter::RecordFilesFull);
+    }
+    let nfiles = buf.header.files as usize;
+    const FILE_WORDS: usize = RECORD_FILE_SIZE / 8;
+    for i in 0..MAX_RECORD_FILES {
+        if i >= nfiles {
+            break;
+        }
+        let words = &*(&buf.files[i] as *const RecordFile as *const [u64; FILE_WORDS]);
+        for (w, &word) in words.iter().enumerate() {
+            let at = frames + i * FILE_WORDS + w;
+            if at >= FRAME_AREA_WORDS {
+                break;
+            }
+            buf.frames[at] = word;
+        }
+    }
+    let mut len = HEADER_SIZE + frames * 8 + nfiles * RECORD_FILE_SIZE;
     if len > RECORD_CAPACITY {
         len = RECORD_CAPACITY;
     }
@@ -819,9 +1035,276 @@ fn ring_wakeup(threshold: u32) -> u64 {
 /// program; the agent starts a new generation of its mappings (and tables) from this point
 /// in the ring's order.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
-    process_event(FLAG_EVENT_EXEC);
+pub fn on_exec(ctx: RawTracePointContext) -> i32 {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The agent's entry describes the old program: until it has read the new one, the
+    // kernel's view (filled as the new program was mapped) walks it.
+    let _ = PROCS.remove(pid);
+    // sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+    let bprm: u64 = ctx.arg(2);
+    match offsets() {
+        Some(o) if bprm != 0 => {
+            // SAFETY: probe reads of the exec's binprm.
+            unsafe {
+                let file: u64 = kread(bprm, o.binprm_file);
+                let name: u64 = kread(bprm, o.binprm_filename);
+                let key = if file != 0 { file_key(o, file) } else { FileKey::default() };
+                // What execve mapped, before the program's first instruction: its text
+                // (`mm->start_code`) and the interpreter, where the task will start.
+                let mm = current_mm(o);
+                let text: u64 = kread(mm, o.mm_start_code);
+                if text != 0 {
+                    record_vma(o, text);
+                }
+                let task = bpf_get_current_task_btf();
+                if !task.is_null() {
+                    let regs = bpf_task_pt_regs(task) as *const pt_regs;
+                    if let Ok(r) = bpf_probe_read_kernel(regs) {
+                        if r.rip != 0 {
+                            record_vma(o, r.rip);
+                        }
+                    }
+                }
+                file_event(FLAG_EVENT_EXEC, 0, 0, 0, key, name);
+            }
+        }
+        _ => process_event(FLAG_EVENT_EXEC),
+    }
     0
+}
+
+/// Tracepoint `syscalls:sys_exit_mmap`: the mapping a successful `mmap` made (or the one
+/// it merged into) is recorded if executable.
+#[tracepoint(category = "syscalls", name = "sys_exit_mmap")]
+pub fn on_mmap(ctx: TracePointContext) -> u32 {
+    let Some(o) = offsets() else { return 0 };
+    // SAFETY: the tracepoint's record: `long ret` at 16 (its format file).
+    let Ok(ret) = (unsafe { ctx.read_at::<u64>(16) }) else { return 0 };
+    if ret > MAX_ERRNO_ADDRESS {
+        return 0;
+    }
+    // SAFETY: helpers on the current task, in process context.
+    unsafe { record_vma(o, ret) };
+    0
+}
+
+/// Where `bpf_find_vma`'s callback leaves what it read, per CPU.
+#[repr(C)]
+struct VmaInfo {
+    start: u64,
+    end: u64,
+    pgoff: u64,
+    flags: u64,
+    file: u64,
+}
+
+#[map]
+static VMA_SCRATCH: PerCpuArray<VmaInfo> = PerCpuArray::with_max_entries(1, 0);
+
+/// `bpf_find_vma`'s callback: reads the mapping's fields into `VMA_SCRATCH`.
+unsafe extern "C" fn vma_found(_task: *mut core::ffi::c_void, vma: *mut core::ffi::c_void, _ctx: *mut core::ffi::c_void) -> i64 {
+    let (Some(o), Some(v)) = (offsets(), VMA_SCRATCH.get_ptr_mut(0)) else { return 0 };
+    let base = vma as u64;
+    (*v).start = kread(base, o.vma_start);
+    (*v).end = kread(base, o.vma_end);
+    (*v).pgoff = kread(base, o.vma_pgoff);
+    (*v).flags = kread(base, o.vma_flags);
+    (*v).file = kread(base, o.vma_file);
+    0
+}
+
+/// Records the current process's mapping at `addr`, if executable (process context only:
+/// `bpf_find_vma` takes the mm's lock).
+#[inline(always)]
+unsafe fn record_vma(o: &KernelOffsets, addr: u64) {
+    let Some(v) = VMA_SCRATCH.get_ptr_mut(0) else { return };
+    (*v).end = 0;
+    (*v).flags = 0;
+    let task = bpf_get_current_task_btf();
+    if task.is_null() {
+        return;
+    }
+    aya_ebpf::helpers::generated::bpf_find_vma(
+        task as *mut _,
+        addr,
+        vma_found as *mut core::ffi::c_void,
+        core::ptr::null_mut(),
+        0,
+    );
+    let (start, end, pgoff, flags, file) = ((*v).start, (*v).end, (*v).pgoff, (*v).flags, (*v).file);
+    if end == 0 || flags & VM_EXEC == 0 {
+        return;
+    }
+    add_mapping(o, start, end, pgoff << PAGE_SHIFT_BITS, file);
+}
+
+/// Adds executable mapping `[start, end)` at file offset `offset` of `file` (0:
+/// anonymous) to the current process's `KPROCS` entry.
+#[inline(never)]
+unsafe fn add_mapping(o: &KernelOffsets, start: u64, end: u64, offset: u64, file: u64) {
+    {
+        let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let mm = current_mm(o);
+        if mm == 0 {
+            return;
+        }
+        let key = if file != 0 { file_key(o, file) } else { FileKey::default() };
+        let fresh = match KPROCS.get_ptr(pid) {
+            Some(kp) => (*kp).mm != mm,
+            None => true,
+        };
+        if fresh {
+            // A new process image (or the first mapping seen of this process).
+            let Some(scratch) = KSCRATCH.get_ptr_mut(0) else { return };
+            (*scratch).mm = mm;
+            (*scratch).created_ns = bpf_ktime_get_ns();
+            (*scratch).count = 0;
+            (*scratch).overflow = 0;
+            if KPROCS.insert(pid, &*scratch, 0).is_err() {
+                count(Counter::KernelProcsFull);
+                return;
+            }
+        }
+        let Some(kp) = KPROCS.get_ptr_mut(pid) else { return };
+        let kp = &mut *kp;
+        let used = if kp.count as usize > KERNEL_MAPPINGS { KERNEL_MAPPINGS } else { kp.count as usize };
+        // The slots it overlaps are emptied and the first empty one taken: in a `bpf_loop`
+        // (checked once; unrolled, the verifier walks every combination of the branches).
+        let Some(scan) = MMAP_SCAN.get_ptr_mut(0) else { return };
+        (*scan).pid = pid;
+        (*scan).start = start;
+        (*scan).end = end;
+        (*scan).used = used as u32;
+        (*scan).free = KERNEL_MAPPINGS as u32;
+        bpf_loop(KERNEL_MAPPINGS as u32, mmap_slot as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+        let mut free = (*scan).free as usize;
+        if free >= KERNEL_MAPPINGS {
+            if used >= KERNEL_MAPPINGS {
+                kp.overflow += 1;
+                count(Counter::KernelMapOverflow);
+                return;
+            }
+            free = used;
+            kp.count = used as u32 + 1;
+        }
+        let Some(m) = kp.slots.get_mut(free) else { return };
+        // `end` last: a sample reading the slot meanwhile sees it empty.
+        m.end = 0;
+        m.start = start;
+        m.offset = offset;
+        m.file = key;
+        m.flags = if file == 0 { KMAP_ANON } else { 0 };
+        m.pad = 0;
+        m.end = end;
+        if file != 0 && FILES.get(key).is_none() {
+            let now = bpf_ktime_get_ns();
+            let recent = ANNOUNCED.get(key).is_some_and(|&t| now.wrapping_sub(t) < ANNOUNCE_INTERVAL_NS);
+            if !recent {
+                let _ = ANNOUNCED.insert(key, now, 0);
+                count(Counter::FilesAnnounced);
+                let dentry: u64 = kread(file, o.file_dentry);
+                let name: u64 = kread(dentry, o.dentry_name);
+                file_event(FLAG_EVENT_FILE, start, end, offset, key, name);
+            }
+        }
+    }
+
+}
+
+/// `on_mmap`'s scan of a process's slots, per CPU.
+#[repr(C)]
+struct MmapScan {
+    pid: u32,
+    used: u32,
+    free: u32,
+    start: u64,
+    end: u64,
+}
+
+#[map]
+static MMAP_SCAN: PerCpuArray<MmapScan> = PerCpuArray::with_max_entries(1, 0);
+
+/// One slot of `on_mmap`'s scan, called by `bpf_loop`: emptied if the new mapping overlaps
+/// it; the first empty one noted. Returns 1 to stop.
+unsafe extern "C" fn mmap_slot(index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scan) = MMAP_SCAN.get_ptr_mut(0) else { return 1 };
+    let scan = &mut *scan;
+    if index >= u64::from(scan.used) {
+        return 1;
+    }
+    let Some(kp) = KPROCS.get_ptr_mut(scan.pid) else { return 1 };
+    let Some(m) = (*kp).slots.get_mut(index as usize) else { return 1 };
+    if m.end != 0 && m.start < scan.end && scan.start < m.end {
+        m.end = 0;
+        m.start = 0;
+    }
+    if m.end == 0 && scan.free == KERNEL_MAPPINGS as u32 {
+        scan.free = index as u32;
+    }
+    0
+}
+
+/// Raw tracepoint `sched_process_fork(struct task_struct *parent, struct task_struct
+/// *child)`: a new process (not a thread) starts with its parent's kernel view, moved to
+/// its own `mm`; a stale entry of a reused pid is dropped.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn on_fork(ctx: RawTracePointContext) -> i32 {
+    let Some(o) = offsets() else { return 0 };
+    let parent: u64 = ctx.arg(0);
+    let child: u64 = ctx.arg(1);
+    // SAFETY: probe reads of the two tasks.
+    unsafe {
+        let tgid: u32 = kread(child, o.task_tgid);
+        let tid: u32 = kread(child, o.task_pid);
+        if tgid != tid || tgid == 0 {
+            return 0; // a thread: it shares its process's entry
+        }
+        let child_mm: u64 = kread(child, o.task_mm);
+        let parent_tgid: u32 = kread(parent, o.task_tgid);
+        let parent_mm: u64 = kread(parent, o.task_mm);
+        let copied = match KPROCS.get_ptr(parent_tgid) {
+            Some(kp) if child_mm != 0 && (*kp).mm == parent_mm => KPROCS.insert(tgid, &*kp, 0).is_ok(),
+            _ => false,
+        };
+        if !copied {
+            let _ = KPROCS.remove(tgid);
+            return 0;
+        }
+        if let Some(kp) = KPROCS.get_ptr_mut(tgid) {
+            (*kp).mm = child_mm;
+        }
+    }
+    0
+}
+
+/// Writes a [`FileEvent`] record for the current process: the mapping `[start, end)` at
+/// file offset `offset` of `key`, and the kernel string at `name`.
+#[inline(always)]
+unsafe fn file_event(flag: u32, start: u64, end: u64, offset: u64, key: FileKey, name: u64) {
+    let id = bpf_get_current_pid_tgid();
+    let pid = (id >> 32) as u32;
+    let Some(config) = CONFIG.get(0) else { return };
+    if config.filter_pids != 0 && PIDS.get_ptr(pid).is_none() {
+        return;
+    }
+    let Some(r) = EVENT_SCRATCH.get_ptr_mut(0) else { return };
+    let r = &mut *r;
+    r.header.pid = pid;
+    r.header.tid = id as u32;
+    r.header.cpu = bpf_get_smp_processor_id();
+    r.header.flags = flag;
+    r.header.time_ns = bpf_ktime_get_ns();
+    r.header.kernel_len = 0;
+    r.header.user_len = 0;
+    r.header.walk_end = WALK_FRAME_POINTERS;
+    r.header.files = 0;
+    r.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    r.event.file = RecordFile { start, end, offset, file: key, flags: 0, pad: 0 };
+    r.event.name[0] = 0;
+    if name != 0 {
+        let _ = bpf_probe_read_kernel_str_bytes(name as *const u8, &mut r.event.name);
+    }
+    let _ = SAMPLES.output::<FileEventRecord>(r, ring_wakeup(config.ring_wakeup_bytes));
 }
 
 /// Raw tracepoint `sched_process_exit`: reported once per process, when its main thread
@@ -830,6 +1313,7 @@ pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
 pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
     if (id >> 32) as u32 == id as u32 {
+        let _ = KPROCS.remove((id >> 32) as u32);
         process_event(FLAG_EVENT_EXIT);
     }
     0
@@ -856,6 +1340,7 @@ fn process_event(flag: u32) {
         kernel_len: 0,
         user_len: 0,
         walk_end: WALK_FRAME_POINTERS,
+        files: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup(config.ring_wakeup_bytes));

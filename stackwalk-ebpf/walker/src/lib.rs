@@ -49,6 +49,7 @@
 //! `examples/top.rs` is a small "top functions" tool over this crate and the symbolizer.
 #![warn(missing_docs)]
 
+mod btf;
 mod error;
 pub mod sample_cost;
 mod tables;
@@ -63,20 +64,22 @@ use aya::maps::{Array, HashMap as BpfHashMap, PerCpuArray, ProgramArray, RingBuf
 use aya::programs::perf_event::{
     PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
 };
-use aya::programs::{PerfEvent, RawTracePoint};
+use aya::programs::{PerfEvent, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use error::Context as _;
 pub use error::{Error, Result};
+use std::sync::Arc;
 pub use tables::TableStats;
 use tables::{TableLoader, TablePlan};
 pub use unwound_stackwalk_abi::{Counter, SampleHeader, SampleRecord};
 use unwound_stackwalk_abi::{
-    Counters, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM, FLAG_EVENT_EXEC,
-    FLAG_EVENT_EXIT, FP_TAIL_PROGRAM, MAX_USER_FRAMES, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
+    Counters, KernelOffsets, RecordFile, WalkerConfig, CONFIG_MAP, COUNTERS_MAP, EXEC_PROGRAM, EXIT_PROGRAM,
+    FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_EVENT_FILE, FORK_PROGRAM, FP_TAIL_PROGRAM, KERNEL_OFFSETS_MAP,
+    MAX_USER_FRAMES, MMAP_PROGRAM, MMAP_TRACEPOINT, PIDS_MAP, SAMPLES_MAP, SAMPLE_PROGRAM,
     SAMPLE_TAIL_PROGRAM, TABLE_TAIL_PROGRAM, TAIL_SLOT_FP, TAIL_SLOT_TABLES, WALK_COMPLETE, WALK_PROGS_MAP,
     WALK_UNKNOWN_MAPPING,
 };
-use unwound_symbolize::ProcessMaps;
+use unwound_symbolize::{ObjectInfo, ProcessMaps};
 use unwound_unwind_tables::cache::TableCache;
 
 /// The walker's BPF object, built from `stackwalk-ebpf/program` by `scripts/build-bpf.sh`
@@ -224,6 +227,10 @@ pub enum Notice {
     /// The first table the kernel would not take; later ones are counted in
     /// [`TableStats::refused`].
     TableRefused(Error),
+    /// The kernel's own view of process mappings is off: processes are walked with tables
+    /// only once the walker has read their maps (a process that lives a few milliseconds
+    /// is walked by frame pointers).
+    NoKernelMappings(Error),
 }
 
 impl std::fmt::Display for Notice {
@@ -250,6 +257,11 @@ impl std::fmt::Display for Notice {
             Notice::TableRefused(e) => {
                 write!(f, "a table was left out (counted as refused from now on): {}", chain(e))
             }
+            Notice::NoKernelMappings(e) => write!(
+                f,
+                "short-lived processes are walked by frame pointers only (the kernel's view of their mappings is off): {}",
+                chain(e)
+            ),
         }
     }
 }
@@ -291,6 +303,22 @@ pub enum Event<'a> {
         /// The process.
         pid: u32,
     },
+    /// The walker read a process's mappings (to give it its per-process entry): its user
+    /// can place the process's frames with them after it is gone (with the files of
+    /// [`Event::File`]).
+    Maps {
+        /// The process.
+        pid: u32,
+        /// Its mappings, as read.
+        maps: Arc<ProcessMaps>,
+    },
+    /// A file the walker has identified (opened, and checked to be the file the kernel
+    /// names): frames the kernel found in it ([`SampleRecord::files`]) are named from it,
+    /// whether or not their process still lives. Each file once.
+    File {
+        /// The file, held open.
+        object: Arc<ObjectInfo>,
+    },
     /// A record that does not parse (counted in [`Walker::malformed`]).
     Malformed,
 }
@@ -305,6 +333,60 @@ pub struct Programs {
     pub events: Vec<(&'static str, Option<u32>)>,
 }
 
+/// Turns on the kernel's own view of process mappings: the offsets it needs from the
+/// kernel's BTF, the `mmap` exit tracepoint and the fork tracepoint.
+fn attach_kernel_view(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, Option<u32>)>> {
+    let raw = std::fs::read("/sys/kernel/btf/vmlinux").context("cannot read the kernel's BTF")?;
+    let offsets: KernelOffsets = btf::kernel_offsets(&raw)
+        .ok_or(Error::Object("task, mm, vma, file and inode members in the kernel's BTF"))?;
+    mount_tracefs();
+    let mut attached = Vec::new();
+    let p = <&mut TracePoint>::try_from(ebpf.program_mut(MMAP_PROGRAM).ok_or(Error::Object("mmap program"))?)
+        .context("not a tracepoint program")?;
+    p.load().map_err(|e| Error::Verifier { program: MMAP_PROGRAM, source: Box::new(e) })?;
+    p.attach(MMAP_TRACEPOINT.0, MMAP_TRACEPOINT.1).context("cannot attach to syscalls:sys_exit_mmap")?;
+    attached.push(("sys_exit_mmap", p.info().ok().and_then(|i| i.verified_instruction_count())));
+    let p =
+        <&mut RawTracePoint>::try_from(ebpf.program_mut(FORK_PROGRAM).ok_or(Error::Object("fork program"))?)
+            .context("not a raw tracepoint")?;
+    p.load().map_err(|e| Error::Verifier { program: FORK_PROGRAM, source: Box::new(e) })?;
+    p.attach("sched_process_fork").context("cannot attach to sched_process_fork")?;
+    attached.push(("sched_process_fork", p.info().ok().and_then(|i| i.verified_instruction_count())));
+    // Last: the programs stay idle until the offsets are in.
+    let mut map: Array<_, KernelOffsets> =
+        Array::try_from(ebpf.map_mut(KERNEL_OFFSETS_MAP).ok_or(Error::Object("KERNEL_OFFSETS map"))?)
+            .context("cannot open the kernel offsets")?;
+    map.set(0, offsets, 0).context("cannot set the kernel offsets")?;
+    Ok(attached)
+}
+
+/// Mounts tracefs at `/sys/kernel/tracing` where nothing is mounted there (the `mmap`
+/// tracepoint is found through it); failure is left to the attach to report.
+fn mount_tracefs() {
+    if Path::new("/sys/kernel/tracing/events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return;
+    }
+    // SAFETY: plain C strings; mount(2) has no other preconditions.
+    unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+    }
+}
+
+/// How long a process the kernel's view walks lives before the walker reads its maps for
+/// a per-process entry (faster per frame, and rules cached across samples).
+const PROMOTE_AFTER: Duration = Duration::from_secs(1);
+
+/// Most executable paths remembered (processes that exit forget theirs).
+const MAX_EXE_PATHS: usize = 1 << 16;
+
 /// The running walker. Dropping it detaches everything.
 pub struct Walker {
     ebpf: Ebpf,
@@ -313,6 +395,13 @@ pub struct Walker {
     known: HashMap<u32, String>,
     /// When each process was last re-read on demand.
     recent: HashMap<u32, Instant>,
+    /// When each process not yet read was first sampled: one the kernel's view walks is
+    /// read (for the faster per-process entry) only once it has lived a while.
+    first_seen: HashMap<u32, Instant>,
+    /// The path each process was last executed by (absolute), to find files it maps.
+    exe_paths: HashMap<u32, PathBuf>,
+    /// Mappings read since the last drain, handed out as [`Event::Maps`].
+    new_maps: Vec<(u32, Arc<ProcessMaps>)>,
     /// The pid filter's processes (empty and `filter` false: every process).
     selected: Vec<u32>,
     ring: RingBuf<aya::maps::MapData>,
@@ -408,6 +497,12 @@ impl Walker {
                 Err(error) => notices.push(Notice::NoProcessEvents { event, error }),
             }
         }
+        if tables.is_some() {
+            match attach_kernel_view(&mut ebpf) {
+                Ok(n) => events.extend(n),
+                Err(e) => notices.push(Notice::NoKernelMappings(e)),
+            }
+        }
         let program = <&mut PerfEvent>::try_from(
             ebpf.program_mut(sample_program).ok_or(Error::Object("sampling program"))?,
         )
@@ -429,6 +524,9 @@ impl Walker {
             tables,
             known,
             recent: HashMap::new(),
+            first_seen: HashMap::new(),
+            exe_paths: HashMap::new(),
+            new_maps: Vec::new(),
             selected: b.pids.clone(),
             ring,
             links,
@@ -527,13 +625,15 @@ impl Walker {
     /// Re-reads `pid`'s maps and gives its new mappings tables.
     fn refresh(&mut self, pid: u32) {
         let Some(tables) = self.tables.as_mut() else { return };
+        let read_ns = tables::monotonic_ns();
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
         if self.known.get(&pid) == Some(&text) && !tables.lost_tables(pid) {
             return;
         }
         let maps = ProcessMaps::parse(&text);
-        if tables.add_process(pid, &maps).is_ok() {
+        if tables.add_process(pid, &maps, read_ns).is_ok() {
             self.known.insert(pid, text);
+            self.new_maps.push((pid, Arc::new(maps)));
         }
     }
 
@@ -541,6 +641,9 @@ impl Walker {
     /// events cover most, this the rest). New processes and new mappings are picked up as
     /// their first samples arrive, so nothing here re-reads every process's maps.
     pub fn prune_exited(&mut self) {
+        let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
+        self.first_seen.retain(|p, _| alive(p));
+        self.exe_paths.retain(|p, _| alive(p));
         let Some(tables) = self.tables.as_mut() else { return };
         let gone: Vec<u32> =
             self.known.keys().copied().filter(|p| !Path::new(&format!("/proc/{p}")).exists()).collect();
@@ -569,6 +672,7 @@ impl Walker {
             }
         }
         let mut stale: Vec<u32> = Vec::new();
+        let mut announced: Vec<(u32, RecordFile, String)> = Vec::new();
         while let Some(item) = self.ring.next() {
             let Ok(record) = SampleRecord::parse(&item) else {
                 self.malformed += 1;
@@ -583,23 +687,54 @@ impl Walker {
                 }
                 self.known.remove(&pid);
                 self.recent.remove(&pid);
+                self.first_seen.remove(&pid);
+                self.exe_paths.remove(&pid);
                 stale.retain(|&p| p != pid);
                 f(Event::Exit { pid });
                 continue;
             }
+            if header.flags & FLAG_EVENT_FILE != 0 {
+                if let (Some(e), Some(tables)) = (record.file_event(), self.tables.as_ref()) {
+                    if !tables.is_listed(&e.file.file) {
+                        announced.push((pid, e.file, e.name().unwrap_or_default().to_string()));
+                    }
+                }
+                continue;
+            }
             if header.flags & FLAG_EVENT_EXEC != 0 {
-                // A new program: its mappings replace the old ones now, not at the next
-                // rate-limited refresh.
+                // A new program: the kernel dropped the process's entry (its mappings are
+                // the old program's); the kernel's view walks it until it is read again.
+                if let Some(tables) = self.tables.as_mut() {
+                    tables.remove_process(pid);
+                }
+                self.known.remove(&pid);
                 self.recent.remove(&pid);
-                if !stale.contains(&pid) {
-                    stale.push(pid);
+                self.first_seen.remove(&pid);
+                if let Some(e) = record.file_event() {
+                    let name = e.name().unwrap_or_default().to_string();
+                    if name.starts_with('/') {
+                        if self.exe_paths.len() >= MAX_EXE_PATHS {
+                            self.exe_paths.clear();
+                        }
+                        self.exe_paths.insert(pid, PathBuf::from(&name));
+                    }
+                    if self.tables.as_ref().is_some_and(|t| !t.is_listed(&e.file.file))
+                        && e.file.file.ino != 0
+                    {
+                        announced.push((pid, e.file, name));
+                    }
                 }
                 f(Event::Exec { pid, header });
                 continue;
             }
             if let Some(tables) = self.tables.as_mut() {
                 tables.sampled(pid);
-                let unknown = !self.known.contains_key(&pid) && header.user_len > 0;
+                let mut unknown = !self.known.contains_key(&pid) && header.user_len > 0;
+                if unknown && header.files > 0 && header.walk_end == WALK_COMPLETE {
+                    // Walked whole through the kernel's view: read it only if it lives on.
+                    let first = *self.first_seen.entry(pid).or_insert_with(Instant::now);
+                    unknown = first.elapsed() >= PROMOTE_AFTER;
+                }
                 // A walk that found no table where the process lost one to eviction.
                 let lost = header.walk_end != WALK_COMPLETE && tables.lost_tables(pid);
                 if (unknown || lost || header.walk_end == WALK_UNKNOWN_MAPPING) && !stale.contains(&pid) {
@@ -608,8 +743,22 @@ impl Walker {
             }
             f(Event::Sample(Sample { record }));
         }
+        if let Some(tables) = self.tables.as_mut() {
+            for (pid, file, name) in announced {
+                let exe = self.exe_paths.get(&pid).map(PathBuf::as_path);
+                tables.add_announced(pid, &file, &name, exe)?;
+            }
+        }
         for pid in stale {
             self.refresh_one(pid);
+        }
+        if let Some(tables) = self.tables.as_mut() {
+            for object in std::mem::take(&mut tables.new_files) {
+                f(Event::File { object });
+            }
+        }
+        for (pid, maps) in std::mem::take(&mut self.new_maps) {
+            f(Event::Maps { pid, maps });
         }
         Ok(())
     }

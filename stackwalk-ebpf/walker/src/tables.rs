@@ -11,12 +11,13 @@ use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, IterableMap as _, Map
 use aya::{Ebpf, EbpfLoader};
 use object::Object;
 use unwound_stackwalk_abi::{
-    MappingEntry, ProcMappings, RuleCacheSlot, TableInfo, CHUNKS_MAP, CHUNK_ENTRIES, CHUNK_SEGMENT,
-    MAPPING_PY_TRAMPOLINES, MAX_MAPPINGS, MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP,
-    PY_TRAMPOLINE_CODE, RULES_MAP, RULE_CACHE_SLOTS, RULE_SEGMENT, TABLES_MAP,
+    FileKey as KernelFileKey, FileTable, MappingEntry, ProcMappings, RecordFile, RuleCacheSlot, TableInfo,
+    CHUNKS_MAP, CHUNK_ENTRIES, CHUNK_SEGMENT, FILES_MAP, MAPPING_PY_TRAMPOLINES, MAX_FILES, MAX_MAPPINGS,
+    MAX_TABLES, NO_TABLE, PAGES_MAP, PAGE_SEGMENT, PROCS_MAP, PY_TRAMPOLINE_CODE, RULES_MAP,
+    RULE_CACHE_SLOTS, RULE_SEGMENT, TABLES_MAP,
 };
 use unwound_symbolize::{
-    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ProcessMaps,
+    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ObjectInfo, ProcessMaps,
 };
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
@@ -130,12 +131,26 @@ pub struct TableStats {
     pub segments_dropped: u64,
     /// Kernel memory of the walker's per-CPU rule cache (fixed: slots × CPUs).
     pub rule_cache_bytes: u64,
+    /// Files listed for the kernel's view of processes (identified, held open, with their
+    /// table if they have one).
+    pub files_listed: u64,
+    /// Files the kernel announced that were found and identified.
+    pub files_resolved: u64,
+    /// Files the kernel announced that could not be found by any path (the process gone
+    /// and the file not where its name says), or whose path held another file.
+    pub files_unresolved: u64,
+    /// Files not listed because the list was full.
+    pub files_full: u64,
 }
 
 impl TableStats {
     /// Every counter with its name in unwound's JSON summary, for tools that export them.
-    pub fn named(&self) -> [(&'static str, u64); 15] {
+    pub fn named(&self) -> [(&'static str, u64); 19] {
         [
+            ("files_listed", self.files_listed),
+            ("files_resolved", self.files_resolved),
+            ("files_unresolved", self.files_unresolved),
+            ("files_full", self.files_full),
             ("tables", self.tables),
             ("table_processes", self.processes),
             ("table_bytes", self.bytes),
@@ -185,7 +200,7 @@ pub(crate) struct TablePlan {
     files: HashMap<FileKey, Option<Arc<Compiled>>>,
     /// Each process's maps, parsed and as read (the agent compares the text to notice
     /// changes).
-    procs: Vec<(u32, ProcessMaps, String)>,
+    procs: Vec<(u32, ProcessMaps, String, u64)>,
     compiler: Compiler,
     pub stats: TableStats,
 }
@@ -230,6 +245,11 @@ impl Compiler {
 
     fn compile_mapping(&mut self, pid: u32, m: &Mapping, stats: &mut TableStats) -> Option<Arc<Compiled>> {
         let object = MappedObject::open(pid, m).ok()?;
+        self.compile_object(&object, stats)
+    }
+
+    /// The table of an opened object.
+    fn compile_object(&mut self, object: &MappedObject, stats: &mut TableStats) -> Option<Arc<Compiled>> {
         let data = object.bytes().ok()?;
         let file = object::File::parse(&*data).ok()?;
         let build_id = file.build_id().ok().flatten().map(build_id_hex);
@@ -266,6 +286,7 @@ impl TablePlan {
             stats: TableStats::default(),
         };
         for &pid in pids {
+            let read_ns = monotonic_ns();
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
             let maps = ProcessMaps::parse(&text);
             for m in maps.iter().filter(|m| m.executable) {
@@ -274,14 +295,14 @@ impl TablePlan {
                     v.insert(plan.compiler.compile(pid, m, &mut plan.stats));
                 }
             }
-            plan.procs.push((pid, maps, text));
+            plan.procs.push((pid, maps, text, read_ns));
         }
         plan
     }
 
     /// The maps text of every planned process, by pid.
     pub fn maps_texts(&self) -> HashMap<u32, String> {
-        self.procs.iter().map(|(pid, _, text)| (*pid, text.clone())).collect()
+        self.procs.iter().map(|(pid, _, text, _)| (*pid, text.clone())).collect()
     }
 
     /// Sizes the walker's segmented table arrays for a memory budget of `budget` bytes:
@@ -582,6 +603,8 @@ struct Resident {
     users: HashSet<u32>,
     /// Sample tick when it was last used by a process that has since gone.
     last: u64,
+    /// The files listed with it in the kernel's file list.
+    listed: HashSet<KernelFileKey>,
 }
 
 /// A process as the walker sees it.
@@ -589,6 +612,8 @@ struct Proc {
     entries: Vec<MappingEntry>,
     /// Some of its mappings lost their table to eviction.
     evicted: bool,
+    /// When its maps were read.
+    read_ns: u64,
 }
 
 /// Loaded tables and the maps they live in. Tables are shared by every process that maps
@@ -619,6 +644,97 @@ pub(crate) struct TableLoader {
     pub stats: TableStats,
     /// Told once, taken by the walker.
     pub(crate) notices: Vec<crate::Notice>,
+    /// The kernel's list of identified files ([`FILES_MAP`]).
+    files_map: BpfHashMap<MapData, KernelFileKey, FileTable>,
+    /// What is listed there: each file held open while listed, so that its inode number
+    /// cannot be given to another file meanwhile.
+    listed: HashMap<KernelFileKey, Listed>,
+    /// Files listed since the walker last took them (it hands them to its user, who names
+    /// frames in them).
+    pub(crate) new_files: Vec<Arc<ObjectInfo>>,
+}
+
+/// A file in the kernel's list.
+struct Listed {
+    /// Kept to hold the file open (and the inode number taken) while listed.
+    _object: Arc<ObjectInfo>,
+    table: u32,
+    /// Its [`FileTable::delta`].
+    delta: u64,
+}
+
+/// A mapping's file as the kernel names it (device `major:minor` as `/proc/PID/maps`
+/// prints it, in the kernel's `dev_t` encoding).
+pub(crate) fn kernel_file_key(m: &Mapping) -> Option<KernelFileKey> {
+    if m.inode == 0 || m.path.is_none() {
+        return None;
+    }
+    let (major, minor) = m.device.split_once(':')?;
+    let (major, minor) = (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+    Some(KernelFileKey { dev: (major << 20) | (minor & 0xf_ffff), pad: 0, ino: m.inode })
+}
+
+/// `CLOCK_MONOTONIC` now, in ns: the clock of `bpf_ktime_get_ns`.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
+/// The kernel's `dev_t` of a userspace `st_dev`.
+fn kernel_dev(st_dev: u64) -> u32 {
+    let (major, minor) = (libc::major(st_dev), libc::minor(st_dev));
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+/// Library directories searched for a file the kernel announced by name only, after the
+/// directory of the program that mapped it.
+const LIBRARY_DIRS: &[&str] = &[
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+];
+
+/// Opens the file the kernel announced (`f`, named `name`, mapped by `pid`, which ran
+/// `exe`): through the process's `map_files` while it lives, else by path, and only if the
+/// file opened is the one the kernel named (device and inode, checked on the open file).
+pub(crate) fn open_announced(
+    pid: u32,
+    f: &RecordFile,
+    name: &str,
+    exe: Option<&Path>,
+) -> Option<MappedObject> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if f.start != 0 {
+        candidates.push(format!("/proc/{pid}/map_files/{:x}-{:x}", f.start, f.end).into());
+    }
+    if name.starts_with('/') {
+        candidates.push(name.into());
+    } else if !name.is_empty() && !name.contains('/') {
+        if let Some(dir) = exe.and_then(Path::parent) {
+            candidates.push(dir.join(name));
+        }
+        candidates.extend(LIBRARY_DIRS.iter().map(|d| Path::new(d).join(name)));
+    } else if !name.is_empty() {
+        candidates.push(format!("/proc/{pid}/cwd/{name}").into());
+    }
+    for path in candidates {
+        let Ok(file) = std::fs::File::open(&path) else { continue };
+        let Ok(md) = file.metadata() else { continue };
+        if md.is_file() && md.ino() == f.file.ino && kernel_dev(md.dev()) == f.file.dev {
+            let identity =
+                FileIdentity::Inode { device: f.file.device_text().to_string(), inode: f.file.ino };
+            let shown = if path.starts_with("/proc") { Path::new(name).to_path_buf() } else { path };
+            return Some(MappedObject::from_file(file, shown, identity));
+        }
+    }
+    None
 }
 
 impl TableLoader {
@@ -631,6 +747,8 @@ impl TableLoader {
         let chunks = Segmented::new(take(ebpf, CHUNKS_MAP)?, CHUNK_SEGMENT, CHUNK_SEGMENT_BYTES)?;
         let rules = Segmented::new(take(ebpf, RULES_MAP)?, RULE_SEGMENT, RULE_SEGMENT_BYTES)?;
         let procs: BpfHashMap<MapData, u32, ProcMappings> = BpfHashMap::try_from(take(ebpf, PROCS_MAP)?)?;
+        let files_map: BpfHashMap<MapData, KernelFileKey, FileTable> =
+            BpfHashMap::try_from(take(ebpf, FILES_MAP)?)?;
         let mut loader = TableLoader {
             files: HashMap::new(),
             compiled: plan.files,
@@ -650,6 +768,9 @@ impl TableLoader {
             generation: 0,
             stats: plan.stats,
             notices: Vec::new(),
+            files_map,
+            listed: HashMap::new(),
+            new_files: Vec::new(),
         };
         loader.probe_segments()?;
         loader.count_map_bytes();
@@ -657,8 +778,8 @@ impl TableLoader {
         let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
         loader.stats.rule_cache_bytes =
             cpus * u64::from(RULE_CACHE_SLOTS) * std::mem::size_of::<RuleCacheSlot>() as u64;
-        for (pid, maps, _) in plan.procs {
-            loader.add_process(pid, &maps)?;
+        for (pid, maps, _, read_ns) in plan.procs {
+            loader.add_process(pid, &maps, read_ns)?;
         }
         Ok(loader)
     }
@@ -687,7 +808,7 @@ impl TableLoader {
     }
 
     /// Points `pid`'s mappings at their tables (compiling and uploading new ones).
-    pub fn add_process(&mut self, pid: u32, maps: &ProcessMaps) -> Result<()> {
+    pub fn add_process(&mut self, pid: u32, maps: &ProcessMaps, read_ns: u64) -> Result<()> {
         self.release(pid);
         // Its tables are the ones to keep while the process is being set up.
         self.sampled(pid);
@@ -702,11 +823,26 @@ impl TableLoader {
                 entries.push(MappingEntry { start: m.start, end: m.end, bias: 0, table: NO_TABLE, flags });
                 continue;
             };
+            // A file already identified and listed with its table (the process may be gone
+            // by now, and its file no longer openable through it).
+            let listed = kernel_file_key(m).and_then(|k| self.listed.get(&k)).filter(|l| l.table != NO_TABLE);
+            if let Some(l) = listed {
+                let (id, bias) = (l.table, m.start.wrapping_sub(m.offset).wrapping_add(l.delta));
+                if let Some(r) = self.resident.get_mut(&id) {
+                    r.users.insert(pid);
+                    entries.push(MappingEntry { start: m.start, end: m.end, bias, table: id, flags: 0 });
+                    continue;
+                }
+            }
             let compiled = match self.compiled.get(&key) {
                 Some(c) => c.clone(),
                 None => {
                     let c = self.compiler.compile(pid, m, &mut self.stats);
-                    self.compiled.insert(key.clone(), c.clone());
+                    // Not cached when the file could not be stamped (its process gone): the
+                    // next process that maps it gets it compiled.
+                    if c.is_some() || key.1.is_some() {
+                        self.compiled.insert(key.clone(), c.clone());
+                    }
                     c
                 }
             };
@@ -728,15 +864,106 @@ impl TableLoader {
                     (None, _) => evicted = true,
                     _ => {}
                 }
+                if let Some(k) = kernel_file_key(m) {
+                    let delta = c.segments.bias(0, 0, u64::MAX);
+                    self.list(k, id.zip(delta), || MappedObject::open(pid, m).ok());
+                }
             }
             entries.push(entry);
         }
         entries.sort_by_key(|e| e.start);
         entries.truncate(MAX_MAPPINGS);
-        self.write_process(pid, &entries)?;
-        self.walked.insert(pid, Proc { entries, evicted });
+        self.write_process(pid, &entries, read_ns)?;
+        self.walked.insert(pid, Proc { entries, evicted, read_ns });
         self.stats.processes += 1;
         Ok(())
+    }
+
+    /// Lists file `key` for the kernel's view of processes, with its table and delta
+    /// (`None`: identified, but no table), opening it with `open` if it is not listed yet.
+    fn list(
+        &mut self,
+        key: KernelFileKey,
+        table: Option<(u32, u64)>,
+        open: impl FnOnce() -> Option<MappedObject>,
+    ) {
+        let (id, delta) = table.unwrap_or((NO_TABLE, 0));
+        if self.listed.get(&key).is_some_and(|l| l.table == id) {
+            return;
+        }
+        if !self.listed.contains_key(&key) {
+            if self.listed.len() >= MAX_FILES as usize {
+                self.stats.files_full += 1;
+                return;
+            }
+            let Some(object) = open() else { return };
+            // Only the file the kernel names: a path may have been given to another since.
+            if object.identity()
+                != &(FileIdentity::Inode { device: key.device_text().to_string(), inode: key.ino })
+            {
+                return;
+            }
+            let object = Arc::new(ObjectInfo::new(object));
+            self.new_files.push(object.clone());
+            self.listed.insert(key, Listed { _object: object, table: NO_TABLE, delta: 0 });
+            self.stats.files_listed += 1;
+        }
+        if self.files_map.insert(key, FileTable { table: id, flags: 0, delta }, 0).is_err() {
+            return;
+        }
+        if let Some(l) = self.listed.get_mut(&key) {
+            l.table = id;
+            l.delta = delta;
+        }
+        if let Some(r) = self.resident.get_mut(&id) {
+            r.listed.insert(key);
+        }
+    }
+
+    /// Whether `key` is listed (identified) already.
+    pub fn is_listed(&self, key: &KernelFileKey) -> bool {
+        self.listed.contains_key(key)
+    }
+
+    /// A file the kernel announced: found, identified, its table compiled (or read from
+    /// the cache) and uploaded, and listed. False when it could not be found.
+    pub fn add_announced(
+        &mut self,
+        pid: u32,
+        f: &RecordFile,
+        name: &str,
+        exe: Option<&Path>,
+    ) -> Result<bool> {
+        if self.is_listed(&f.file) {
+            return Ok(true);
+        }
+        let Some(object) = open_announced(pid, f, name, exe) else {
+            self.stats.files_unresolved += 1;
+            return Ok(false);
+        };
+        self.stats.files_resolved += 1;
+        let key = (object.identity().clone(), object.stamp());
+        let compiled = match self.compiled.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.compiler.compile_object(&object, &mut self.stats);
+                if c.is_none() {
+                    self.stats.compile_failures += 1;
+                }
+                self.compiled.insert(key, c.clone());
+                c
+            }
+        };
+        let mut table = None;
+        if let Some(c) = compiled {
+            let id = match self.files.get(&c.key) {
+                Some(&id) => Some(id),
+                None => self.upload(&c.key, &c.table, 0)?,
+            };
+            table = id.zip(c.segments.bias(0, 0, u64::MAX));
+        }
+        self.list(f.file, table, || Some(object));
+        Ok(true)
     }
 
     /// A generation no process entry has had (the walker's cached rules of an entry are
@@ -746,10 +973,11 @@ impl TableLoader {
         self.generation
     }
 
-    fn write_process(&mut self, pid: u32, entries: &[MappingEntry]) -> Result<()> {
+    fn write_process(&mut self, pid: u32, entries: &[MappingEntry], read_ns: u64) -> Result<()> {
         let mut value = ProcMappings {
             count: entries.len() as u32,
             generation: self.next_generation(),
+            read_ns,
             mappings: [MappingEntry::default(); MAX_MAPPINGS],
         };
         value.mappings[..entries.len()].copy_from_slice(entries);
@@ -797,12 +1025,21 @@ impl TableLoader {
                     e.bias = 0;
                 }
                 p.evicted = true;
-                let entries = p.entries.clone();
-                if self.write_process(*pid, &entries).is_err() {
+                let (entries, read_ns) = (p.entries.clone(), p.read_ns);
+                if self.write_process(*pid, &entries, read_ns).is_err() {
                     // It must not point into room about to be reused: without its entry the
                     // walker falls back to frame pointers for it.
                     let _ = self.procs.remove(pid);
                 }
+            }
+        }
+        // Files listed with it stop pointing at it before its room is reused too.
+        for key in &r.listed {
+            if self.files_map.insert(*key, FileTable { table: NO_TABLE, flags: 0, delta: 0 }, 0).is_err() {
+                let _ = self.files_map.remove(key);
+                self.listed.remove(key);
+            } else if let Some(l) = self.listed.get_mut(key) {
+                l.table = NO_TABLE;
             }
         }
         self.files.remove(&r.key);
@@ -964,6 +1201,7 @@ impl TableLoader {
                 bytes,
                 users: HashSet::new(),
                 last: self.tick,
+                listed: HashSet::new(),
             },
         );
         self.files.insert(key.to_string(), id);

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::{Symbolizer, MAX_MINI_DEBUGINFO};
 use crate::cache::{self, DirEntry, Packed};
 use crate::debuginfo::{self, DebugSource, DebuginfodError};
+use crate::eh_frame::FunctionBounds;
 use crate::index::{self, Block, Lookup};
 use crate::{dwarf, DwarfError, ElfSymbols, Error, LoadSegments, MAX_ELF_SIZE};
 
@@ -48,11 +49,26 @@ pub(super) struct Binary {
     pub(super) cache_path: Option<PathBuf>,
     segments: LoadSegments,
     symbols: OnceLock<Option<ElfSymbols>>,
+    /// The functions `.eh_frame` delimits, read when no symbol covers an address.
+    bounds: OnceLock<FunctionBounds>,
 }
 
 impl Binary {
     pub(super) fn symbols(&self) -> Option<&ElfSymbols> {
         self.symbols.get_or_init(|| symbols_for(&self.elf_path, &self.debug)).as_ref()
+    }
+
+    /// The FDE ranges of the binary's `.eh_frame` (empty when it cannot be read).
+    pub(super) fn function_bounds(&self) -> &FunctionBounds {
+        self.bounds.get_or_init(|| {
+            let Ok(f) = File::open(&self.elf_path) else { return FunctionBounds::default() };
+            // SAFETY: read-only private map; see `ElfSymbols::open`.
+            let Ok(map) = (unsafe { memmap2::Mmap::map(&f) }) else { return FunctionBounds::default() };
+            match object::File::parse(&*map) {
+                Ok(obj) => FunctionBounds::of(&obj),
+                Err(_) => FunctionBounds::default(),
+            }
+        })
     }
 
     pub(super) fn block_of(&self, addr: u64) -> Option<usize> {
@@ -129,6 +145,7 @@ impl Symbolizer {
             cache_path: cache_path.clone(),
             segments,
             symbols: OnceLock::new(),
+            bounds: OnceLock::new(),
         };
         if let Some(cp) = &cache_path {
             if let Ok(f) = File::open(cp) {
@@ -148,7 +165,10 @@ impl Symbolizer {
             }
         }
         // Build from DWARF.
-        let (debug, blocks) = self.build(path, &obj, map.len())?;
+        let (debug, blocks, symbols) = self.build(path, &obj, map.len())?;
+        if let Some(symbols) = symbols {
+            let _ = bin.symbols.set(symbols);
+        }
         self.stats.lock().expect("stats lock").indexes_built += 1;
         let packed: Vec<Packed> = blocks.par_iter().map(cache::pack).collect();
         bin.debug = debug;
@@ -179,18 +199,15 @@ impl Symbolizer {
     }
 
     /// Finds the DWARF for `obj` and indexes it.
-    fn build(
-        &self,
-        path: &Path,
-        obj: &object::File<'_>,
-        len: usize,
-    ) -> Result<(DebugSource, Vec<Block>), Error> {
+    fn build(&self, path: &Path, obj: &object::File<'_>, len: usize) -> Result<Built, Error> {
         let text = dwarf::text_ranges(obj);
         let dwarf_err = |p: &Path, source: DwarfError| Error::Dwarf { path: p.to_path_buf(), source };
         if debuginfo::has_dwarf(obj) {
             let sections = dwarf::Sections::load(obj, dwarf::budget(len)).map_err(|e| dwarf_err(path, e))?;
-            let mut raw = dwarf::read(&sections, None, &text).map_err(|e| dwarf_err(path, e))?;
-            return Ok((DebugSource::Embedded, index::build_blocks(&mut raw)));
+            let symbols = symbols_for(path, &DebugSource::Embedded);
+            let mut raw =
+                dwarf::read(&sections, None, &text, symbols.as_ref()).map_err(|e| dwarf_err(path, e))?;
+            return Ok((DebugSource::Embedded, index::build_blocks(&mut raw), Some(symbols)));
         }
         let mut source = debuginfo::find_separate(obj, path, &self.options.debug_dirs);
         if source.is_none() {
@@ -211,7 +228,7 @@ impl Symbolizer {
                 }
             }
         }
-        let Some(source) = source else { return Ok((DebugSource::None, Vec::new())) };
+        let Some(source) = source else { return Ok((DebugSource::None, Vec::new(), None)) };
         let dpath = source.path().expect("separate sources have a path").to_path_buf();
         let io = |source| Error::Io { path: dpath.clone(), source };
         let dfile = File::open(&dpath).map_err(io)?;
@@ -235,11 +252,16 @@ impl Symbolizer {
             None => None,
         };
         let text = if text.is_empty() { dwarf::text_ranges(&dobj) } else { text };
-        let mut raw =
-            dwarf::read(&sections, sup_sections.as_ref(), &text).map_err(|e| dwarf_err(&dpath, e))?;
-        Ok((source, index::build_blocks(&mut raw)))
+        let symbols = symbols_for(path, &source);
+        let mut raw = dwarf::read(&sections, sup_sections.as_ref(), &text, symbols.as_ref())
+            .map_err(|e| dwarf_err(&dpath, e))?;
+        Ok((source, index::build_blocks(&mut raw), Some(symbols)))
     }
 }
+
+/// A built index: where the DWARF came from, its blocks, and the symbol tables read for it
+/// (`None` when none were read).
+type Built = (DebugSource, Vec<Block>, Option<Option<ElfSymbols>>);
 
 /// The symbols binutils would use: the separate debug file's full symbol table when there
 /// is one (it keeps the local symbols a stripped binary lost), else the binary's own.

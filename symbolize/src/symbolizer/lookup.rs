@@ -8,7 +8,7 @@ use super::binary::Binary;
 use super::Symbolizer;
 use crate::index::Lookup;
 use crate::name::Name;
-use crate::{Frame, Miss, Resolution, Symbolized};
+use crate::{Frame, Miss, NameSource, Resolution, Symbolized};
 
 impl Symbolizer {
     /// Looks up sorted, deduplicated addresses and hands the answers back in input order.
@@ -89,18 +89,37 @@ impl Symbolizer {
         }
         if !found_fn {
             // Not in a DWARF function: the symbol table names it (assembly, stripped DWARF).
-            let sym = bin.symbols().and_then(|s| s.lookup(addr));
-            let name = sym.as_ref().map(|s| Name::from(s.name));
-            let sym_file = sym.as_ref().and_then(|s| s.file).map(Name::from);
-            match (frames.first_mut(), name) {
-                (Some(f), name) if name.is_some() || f.file.is_some() => {
+            // A symbol without a size reaches up to the next symbol, which in a stripped
+            // binary may be far past static functions: the FDE of the function at `addr`
+            // says whether it is the symbol's own.
+            let mut fde = None;
+            let sym = bin.symbols().and_then(|s| s.lookup_sized(addr)).filter(|(s, size, _)| {
+                *size > 0 || {
+                    fde = bin.function_bounds().containing(addr);
+                    fde.is_none_or(|(start, _)| start <= s.address)
+                }
+            });
+            let source = match &sym {
+                Some((_, _, origin)) => Some(*origin),
+                None => {
+                    if fde.is_none() {
+                        fde = bin.function_bounds().containing(addr);
+                    }
+                    fde.map(|(start, _)| NameSource::EhFrame { start })
+                }
+            };
+            let name = sym.as_ref().map(|(s, _, _)| Name::from(s.name));
+            let sym_file = sym.as_ref().and_then(|(s, _, _)| s.file).map(Name::from);
+            match frames.first_mut() {
+                Some(f) if source.is_some() || f.file.is_some() => {
                     f.function = name;
+                    f.source = source;
                     if f.file.is_none() {
                         f.file = sym_file;
                     }
                 }
-                (None, Some(name)) => {
-                    frames.push(Frame { function: Some(name), file: sym_file, line: 0, discriminator: 0 })
+                None if source.is_some() => {
+                    frames.push(Frame { function: name, file: sym_file, line: 0, discriminator: 0, source })
                 }
                 _ => return Err(Miss::NoSymbol),
             }

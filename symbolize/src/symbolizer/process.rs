@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::Symbolizer;
 use crate::process::MappedObject;
-use crate::{Error, Frame, Mapping, Miss, PerfMap, ProcessMaps, Resolution, Symbolized};
+use crate::{Error, Frame, Mapping, Miss, NameSource, PerfMap, ProcessMaps, Resolution, Symbolized};
 
 impl Symbolizer {
     /// Symbolizes absolute addresses of process `pid`. Binaries are opened through
@@ -45,6 +45,7 @@ impl Symbolizer {
                             file: None,
                             line: 0,
                             discriminator: 0,
+                            source: Some(NameSource::PerfMap),
                         }],
                     }));
                 }
