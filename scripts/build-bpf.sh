@@ -22,8 +22,8 @@ tar -C "$root" --exclude=target -cf - stackwalk-ebpf/abi stackwalk-ebpf/program 
     | tar -C "$build/src" -xf -
 
 export CARGO_TARGET_DIR="$build/target"
-# --export keeps the global BPF function the walker calls (see unwound_lookup_rule).
-export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf -C link-arg=--export=unwound_lookup_rule \
+# --export keeps the global BPF functions the walker calls (see unwound_lookup_rule).
+export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf -C link-arg=--export=unwound_lookup_rule -C link-arg=--export=unwound_kernel_mapping \
  --remap-path-prefix=$build/src=/unwound \
  --remap-path-prefix=$cargo_home/registry/src=/cargo \
  --remap-path-prefix=$sysroot=/rust"
