@@ -8,6 +8,7 @@
 #        (default ~/.cache/unwound/kernel): the older-kernel test boots it under qemu
 #   rustup: nightly with rust-src (the BPF program is built with -Z build-std=core)
 #   cargo: bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz
+#   PyPI: opentelemetry-proto in a venv (~/.cache/unwound/otlp-venv) for the OTLP test double
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -67,5 +68,13 @@ if ! compgen -G "$kernel_dir/vmlinuz-6.1.*-cloud-amd64" >/dev/null; then
     mkdir -p "$kernel_dir"
     cp "$work"/x/boot/vmlinuz-* "$kernel_dir/"
     rm -rf "$work"
+fi
+# The OTLP test double (agent/export/tests/otlp_check.py) decodes with PyPI's official
+# opentelemetry-proto types, in a venv of its own.
+otlp_venv=${UNWOUND_OTLP_VENV:-$HOME/.cache/unwound/otlp-venv}
+if ! "$otlp_venv/bin/python" -c 'import opentelemetry.proto.profiles.v1development.profiles_pb2' 2>/dev/null; then
+    echo "setup: installing opentelemetry-proto into $otlp_venv"
+    python3 -m venv "$otlp_venv"
+    "$otlp_venv/bin/pip" install -q 'opentelemetry-proto==1.45.2'
 fi
 echo "setup: ready"

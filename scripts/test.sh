@@ -25,6 +25,6 @@ rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/unwound-*-0.* \
 CARGO_TARGET_DIR=target/publish-check CARGO_PROFILE_DEV_DEBUG=false \
     cargo publish --dry-run --allow-dirty --quiet --workspace --exclude unwound-agent
 RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --quiet -p unwound-stackwalk-abi \
-    -p unwound-unwind-tables -p unwound-symbolize -p unwound-stackwalk
+    -p unwound-unwind-tables -p unwound-symbolize -p unwound-stackwalk -p unwound-export
 cargo test --workspace --release
 scripts/fuzz-smoke.sh 15

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Profile the machine (or chosen processes) on CPU and write a profile.
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Compile an ELF file's unwind tables and summarize or dump them.
     Tables(tables::TablesArgs),
     /// Turn addresses of an ELF file or a process into functions, source lines and inlined
@@ -132,6 +132,8 @@ pub struct RecordArgs {
     /// the command's status.
     #[arg(last = true, value_name = "COMMAND", conflicts_with = "pids")]
     pub command: Vec<std::ffi::OsString>,
+    #[command(flatten, next_help_heading = "Labels and export")]
+    pub export: writer::ExportArgs,
 }
 
 fn main() -> ExitCode {

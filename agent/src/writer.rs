@@ -1,17 +1,126 @@
-//! Writing profiles: symbolize what the collector holds, write it atomically in the chosen
-//! format, name `--every` intervals, keep the newest `--keep`.
+//! Writing profiles: symbolize what the collector holds, label it, write it atomically in
+//! the chosen format, hand it to the exporters, name `--every` intervals, keep the newest
+//! `--keep`.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use unwound_export::{Auth, BaseUrl, Exporter, LabelResolver, RunLabels};
 use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
-use crate::profile::Collector;
+use crate::profile::{Collector, Stack};
 use crate::{Format, RecordArgs};
+
+/// `unwound record`'s labels and exports.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// A label for every sample, in pprof and every export (repeatable, at most 16).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = user_label)]
+    pub labels: Vec<(String, String)>,
+    /// The `service_name` of every sample. Default: the process's systemd service, else its
+    /// container (`container/ID12`), else its name.
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
+    /// Push each profile to Grafana Pyroscope (`push.v1.PusherService/Push`) at URL.
+    #[arg(long, value_name = "URL", value_parser = base_url)]
+    pub pyroscope: Option<BaseUrl>,
+    /// With `--pyroscope`: send `/ingest?format=pprof` requests instead of pushes (for
+    /// servers that only take those).
+    #[arg(long, requires = "pyroscope")]
+    pub pyroscope_ingest: bool,
+    /// Send each profile as OTLP profiles (`/v1development/profiles`, protobuf) to URL.
+    #[arg(long, value_name = "URL", value_parser = base_url)]
+    pub otlp: Option<BaseUrl>,
+    /// Trust the CA certificates in this PEM file instead of the system's.
+    #[arg(long, value_name = "PATH", value_parser = ca_file)]
+    pub ca_file: Option<unwound_export::CaCertificates>,
+    /// Send `Authorization: Bearer TOKEN` with the token in this file (or in
+    /// `$UNWOUND_AUTH_TOKEN`).
+    #[arg(long, value_name = "PATH", value_parser = bearer_file, conflicts_with = "basic_auth_file")]
+    pub auth_token_file: Option<Auth>,
+    /// Send basic credentials, `USER:PASSWORD` in this file (or in `$UNWOUND_BASIC_AUTH`).
+    #[arg(long, value_name = "PATH", value_parser = basic_file)]
+    pub basic_auth_file: Option<Auth>,
+    /// Pyroscope tenant (`X-Scope-OrgID`).
+    #[arg(long, value_name = "ID")]
+    pub tenant: Option<String>,
+    /// Keep profiles that could not be sent here (per backend, at most 64 MiB, 55 minutes)
+    /// and send them when the backend answers again, also after a restart.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Longest wait for one request, and for the last profiles at the end, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::positive_seconds)]
+    pub export_timeout: f64,
+}
+
+fn user_label(s: &str) -> Result<(String, String), String> {
+    unwound_export::parse_user_label(s).map_err(|e| e.to_string())
+}
+
+fn base_url(s: &str) -> Result<BaseUrl, String> {
+    BaseUrl::parse(s).map_err(|e| e.to_string())
+}
+
+fn ca_file(s: &str) -> Result<unwound_export::CaCertificates, String> {
+    unwound_export::read_ca_file(Path::new(s)).map_err(|e| e.to_string())
+}
+
+fn read_secret(s: &str) -> Result<String, String> {
+    std::fs::read_to_string(s).map_err(|e| format!("cannot read {s}: {e}"))
+}
+
+fn bearer_file(s: &str) -> Result<Auth, String> {
+    Auth::bearer(&read_secret(s)?, s).map_err(|e| e.to_string())
+}
+
+fn basic_file(s: &str) -> Result<Auth, String> {
+    Auth::basic(&read_secret(s)?, s).map_err(|e| e.to_string())
+}
+
+impl ExportArgs {
+    /// Starts the exporters asked for; a setting that cannot be used is one error line and
+    /// that part is left out.
+    fn start(&self, run: &RunLabels) -> Option<Exporter> {
+        use unwound_export::{Backend, ExportOptions, Protocol, SpoolOptions, TransportOptions};
+        // Credentials from the environment when no file is given.
+        let env_auth = || -> Option<Auth> {
+            let (var, text) = ["UNWOUND_AUTH_TOKEN", "UNWOUND_BASIC_AUTH"]
+                .into_iter()
+                .find_map(|v| Some((v, std::env::var(v).ok()?)))?;
+            let auth =
+                if var == "UNWOUND_AUTH_TOKEN" { Auth::bearer(&text, var) } else { Auth::basic(&text, var) };
+            auth.map_err(|e| eprintln!("error: {e}; sending without credentials")).ok()
+        };
+        let transport = TransportOptions {
+            ca_certificates: self.ca_file.clone(),
+            auth: self.auth_token_file.clone().or_else(|| self.basic_auth_file.clone()).or_else(env_auth),
+            tenant: self.tenant.clone(),
+            timeout: Duration::from_secs_f64(self.export_timeout),
+        };
+        let pyroscope =
+            if self.pyroscope_ingest { Protocol::PyroscopeIngest } else { Protocol::PyroscopePush };
+        let backends: Vec<Backend> = [(pyroscope, &self.pyroscope), (Protocol::Otlp, &self.otlp)]
+            .into_iter()
+            .filter_map(|(protocol, url)| {
+                Some(Backend { protocol, url: url.clone()?, transport: transport.clone() })
+            })
+            .collect();
+        if backends.is_empty() {
+            return None;
+        }
+        let options =
+            ExportOptions { spool: self.spool_dir.clone().map(SpoolOptions::new), ..Default::default() };
+        Exporter::start(backends, run.clone(), options)
+            .map_err(|e| eprintln!("error: {e}; profiles are not exported"))
+            .ok()
+    }
+}
 
 /// Symbolizes what a collector holds and writes it as one profile; the symbolizer (and
 /// its decompressed debuginfo) is kept from one profile to the next.
@@ -30,10 +139,21 @@ pub(crate) struct ProfileWriter {
     pub(crate) stacks: usize,
     pub(crate) symbolize_time: Duration,
     frequency: u64,
+    labels: RunLabels,
+    resolver: LabelResolver,
+    exporter: Option<Exporter>,
+    export_timeout: Duration,
+    /// Time spent labelling profiles and handing them to the exporters.
+    pub(crate) export_time: Duration,
 }
 
 impl ProfileWriter {
     pub(crate) fn new(args: &RecordArgs, format: Format) -> Self {
+        let labels = RunLabels::for_this_host(args.export.service_name.clone(), args.export.labels.clone())
+            .unwrap_or_else(|e| {
+                eprintln!("error: {e}; the run's labels are left out");
+                RunLabels::for_this_host(None, Vec::new()).unwrap_or_default()
+            });
         let options = crate::symbolize::options(
             args.symbol_cache_dir.clone(),
             args.no_symbol_cache,
@@ -51,6 +171,43 @@ impl ProfileWriter {
             stacks: 0,
             symbolize_time: Duration::ZERO,
             frequency: args.frequency,
+            exporter: args.export.start(&labels),
+            labels,
+            resolver: LabelResolver::new(),
+            export_timeout: Duration::from_secs_f64(args.export.export_timeout),
+            export_time: Duration::ZERO,
+        }
+    }
+
+    /// The labelled profile of `stacks`.
+    fn labelled(&mut self, stacks: &[Stack], meta: &ProfileMeta) -> unwound_export::Profile {
+        let mut labels: HashMap<(u32, &str), Arc<unwound_export::LabelSet>> = HashMap::new();
+        let samples = stacks
+            .iter()
+            .map(|s| {
+                let labels = labels.entry((s.pid, s.comm.as_str())).or_insert_with(|| {
+                    Arc::new(self.labels.sample_labels(&self.resolver.process(s.pid), &s.comm))
+                });
+                unwound_export::Sample {
+                    frames: s.frames.iter().map(export_frame).collect(),
+                    count: s.count,
+                    labels: Arc::clone(labels),
+                }
+            })
+            .collect();
+        self.resolver.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        unwound_export::Profile {
+            start_unix_ns: meta.start_unix_ns,
+            duration_ns: meta.duration_ns,
+            frequency_hz: meta.frequency,
+            samples,
+        }
+    }
+
+    /// Prints what the exporters have to say.
+    fn print_export_notices(&self) {
+        for n in self.exporter.iter().flat_map(Exporter::take_notices) {
+            eprintln!("warning: export to {n}");
         }
     }
 
@@ -100,10 +257,17 @@ impl ProfileWriter {
             duration_ns: length.as_nanos() as u64,
             start_unix_ns: start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64),
         };
+        let export_started = Instant::now();
+        let labelled = Arc::new(self.labelled(&stacks, &meta));
+        if let Some(exporter) = &self.exporter {
+            exporter.export(Arc::clone(&labelled));
+        }
+        self.export_time += export_started.elapsed();
+        self.print_export_notices();
         write_atomically(path, |out| match self.format {
             Format::Folded => output::write_folded(out, &stacks),
             Format::Svg => output::write_svg(out, &stacks, &meta),
-            Format::Pprof => output::write_pprof(out, &stacks, &meta),
+            Format::Pprof => output::write_pprof(out, &labelled),
         })?;
         self.stacks += stacks.len();
         self.written.push(path.to_path_buf());
@@ -119,6 +283,45 @@ impl ProfileWriter {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for ProfileWriter {
+    /// Sends what is still queued (at most `--export-timeout`) and says what each exporter
+    /// did: the run's last step, after its summary.
+    fn drop(&mut self) {
+        let Some(exporter) = self.exporter.take() else { return };
+        let wait = self.export_timeout + Duration::from_secs(1);
+        self.print_export_notices();
+        let (stats, notices) = exporter.finish(wait);
+        for n in notices {
+            eprintln!("warning: export to {n}");
+        }
+        for s in stats {
+            eprintln!("unwound: export to {s}");
+        }
+        eprintln!(
+            "unwound: labelling and queueing profiles for export took {:.1} ms",
+            self.export_time.as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn export_frame(f: &crate::profile::Frame) -> unwound_export::Frame {
+    unwound_export::Frame {
+        function: f.name.clone(),
+        module: f.module.clone(),
+        address: f.address,
+        kernel: f.kernel,
+        lines: f
+            .lines
+            .iter()
+            .map(|l| unwound_export::SourceLine {
+                function: l.function.clone(),
+                file: l.file.clone(),
+                line: l.line,
+            })
+            .collect(),
     }
 }
 
