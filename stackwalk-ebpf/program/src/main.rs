@@ -1338,7 +1338,11 @@ unsafe fn file_event(flag: u32, start: u64, end: u64, offset: u64, key: FileKey,
     if name != 0 {
         let _ = bpf_probe_read_kernel_str_bytes(name as *const u8, &mut r.event.name);
     }
-    let _ = SAMPLES.output::<FileEventRecord>(r, ring_wakeup(config.ring_wakeup_bytes));
+    // A file announcement wakes the agent now (at most once a second per file, see
+    // ANNOUNCED): until it has listed the file, every process mapping it falls back to
+    // frame pointers.
+    let wakeup = if flag == FLAG_EVENT_FILE { BPF_RB_FORCE_WAKEUP } else { ring_wakeup(config.ring_wakeup_bytes) };
+    let _ = SAMPLES.output::<FileEventRecord>(r, wakeup);
 }
 
 /// Raw tracepoint `sched_process_exit`: reported once per process, when its main thread
