@@ -8,7 +8,8 @@
 #        (default ~/.cache/unwound/kernel): the older-kernel test boots it under qemu
 #   rustup: nightly with rust-src (the BPF program is built with -Z build-std=core)
 #   cargo: bpf-linker 0.13.0 built against LLVM 22, cargo-fuzz
-#   PyPI: opentelemetry-proto in a venv (~/.cache/unwound/otlp-venv) for the OTLP test double
+#   PyPI: opentelemetry-proto in a venv (~/.cache/unwound/otlp-venv) for the OTLP test double,
+#         py-spy 0.4.3 in ~/.cache/unwound/venv for the Python frame tests
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 
@@ -76,5 +77,12 @@ if ! "$otlp_venv/bin/python" -c 'import opentelemetry.proto.profiles.v1developme
     echo "setup: installing opentelemetry-proto into $otlp_venv"
     python3 -m venv "$otlp_venv"
     "$otlp_venv/bin/pip" install -q 'opentelemetry-proto==1.45.2'
+fi
+# py-spy, the peer the Python frame tests compare with (symbolize/tests/python_frames.rs).
+py_venv=$HOME/.cache/unwound/venv
+if ! "$py_venv/bin/py-spy" --version 2>/dev/null | grep -q '^py-spy 0\.4\.'; then
+    echo "setup: installing py-spy into $py_venv"
+    python3 -m venv "$py_venv"
+    "$py_venv/bin/pip" install -q 'py-spy==0.4.3'
 fi
 echo "setup: ready"

@@ -82,6 +82,7 @@ mod maps;
 mod name;
 mod options;
 mod perf_map;
+pub mod python;
 pub mod process;
 mod resolution;
 mod symbolizer;
