@@ -18,8 +18,11 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use unwound_stackwalk::Event;
-use unwound_stackwalk_abi::{walk_end_name, RecordFile, KMAP_ANON, WALK_COMPLETE, WALK_FRAME_POINTERS};
+use unwound_stackwalk_abi::{
+    walk_end_name, PyFrameRecord, RecordFile, KMAP_ANON, PY_FRAME_ENTRY, WALK_COMPLETE, WALK_FRAME_POINTERS,
+};
 use unwound_symbolize::process::lookup_address;
+use unwound_symbolize::python::{CodeCache, CodeObject, PyProcInfo};
 use unwound_symbolize::{
     FileIdentity, KernelSymbols, ObjectInfo, Snapshot, Snapshots, Symbolized, Symbolizer,
 };
@@ -40,6 +43,8 @@ pub struct StackKey {
     pub walk_end: u16,
     /// The mappings the kernel found some user frames in.
     pub files: Box<[RecordFile]>,
+    /// The thread's Python frames, innermost first.
+    pub python: Box<[PyFrameRecord]>,
 }
 
 /// Where in the source a frame is: one per inlined function, innermost first.
@@ -105,12 +110,23 @@ pub struct Collector {
     /// Mappings the walker read, per (pid, generation): frames of a process that exited
     /// before its own snapshot was taken are placed with them.
     walker_maps: HashMap<(u32, u32), Arc<unwound_symbolize::ProcessMaps>>,
+    /// CPython processes, by pid: how to read their code objects.
+    python: HashMap<u32, PyProcInfo>,
+    /// Code objects read so far (as their samples arrive: the process may not outlive them).
+    code_cache: Option<CodeCache>,
+    /// The code object of each (pid, code, check value) sampled, `None` when unreadable.
+    code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
+    /// Python frames whose code object could not be read.
+    pub python_unnamed: u64,
     pub samples: u64,
     /// `execve` and exit events seen.
     pub execs: u64,
     pub exits: u64,
     pub malformed: u64,
 }
+
+/// Most code objects kept read (each a few hundred bytes).
+const MAX_CODE_OBJECTS: usize = 1 << 16;
 
 /// Root frame of a stack whose walk reached a return address outside executable memory.
 pub const INVALID_FRAME: &str = "[unwind: invalid frame]";
@@ -128,6 +144,7 @@ impl Collector {
             Event::Sample(s) => s.record,
             Event::Exec { pid, .. } => {
                 self.execs += 1;
+                self.python.remove(pid);
                 *self.generations.entry(*pid).or_default() += 1;
                 return;
             }
@@ -137,6 +154,10 @@ impl Collector {
             }
             Event::File { object } => {
                 self.objects.insert(object.object().identity().clone(), object.clone());
+                return;
+            }
+            Event::Python { pid, info } => {
+                self.python.insert(*pid, *info);
                 return;
             }
             Event::Maps { pid, maps } => {
@@ -160,17 +181,93 @@ impl Collector {
             user: record.user.iter().collect(),
             walk_end: record.header.walk_end,
             files: record.files.iter().collect(),
+            python: record.python.iter().collect(),
         };
         if let Some(count) = self.stacks.get_mut(&key) {
             *count += 1;
             return;
         }
+        self.read_code_objects(&key);
         // The process's maps are read only for frames the kernel did not place.
         let placed = |(i, &a): (usize, &u64)| record_file(&key.files, lookup_address(i, a)).is_some();
         if !key.user.iter().enumerate().all(placed) {
             self.snapshots.observe(key.pid, key.generation, &key.user);
         }
         self.stacks.insert(key, 1);
+    }
+
+    /// Reads the code objects of a new stack's Python frames now, while the process lives.
+    fn read_code_objects(&mut self, key: &StackKey) {
+        let Some(info) = self.python.get(&key.pid) else { return };
+        let cache = self.code_cache.get_or_insert_with(|| CodeCache::new(MAX_CODE_OBJECTS));
+        for f in key.python.iter() {
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                self.code_names.entry((key.pid, f.code, f.checksum))
+            {
+                let read = cache.get(key.pid, info, f.code, f.checksum).ok();
+                self.python_unnamed += u64::from(read.is_none());
+                v.insert(read);
+            }
+        }
+    }
+
+    /// The frame of Python frame `f` of process `pid`.
+    fn python_frame(&self, pid: u32, f: &PyFrameRecord) -> Frame {
+        let named = self.code_names.get(&(pid, f.code, f.checksum)).and_then(Option::as_ref);
+        let (Some(code), Some(info)) = (named, self.python.get(&pid)) else {
+            return Frame::plain(format!("[python {:#x}]", f.code), "[python]".into(), f.code, false);
+        };
+        let index = info.instruction_index(f.code, f.instr & !PY_FRAME_ENTRY).unwrap_or(-1);
+        let line = code.line(index).unwrap_or(0);
+        let mut frame =
+            Frame::plain(code.qualname.clone(), file_name(Path::new(&code.filename)), f.code, false);
+        frame.lines.push(SourceLine { function: code.qualname.clone(), file: code.filename.clone(), line });
+        frame
+    }
+
+    /// `native` (root first) with each `_PyEval_EvalFrameDefault` frame replaced by the
+    /// Python frames its activation ran: the groups of `python` (innermost first, each
+    /// ending at a frame marked as its activation's last), innermost group to the
+    /// innermost eval frame. Groups without an eval frame (the native walk stopped before
+    /// it) go above the outermost one placed, or on top when none is.
+    fn merge_python(&self, pid: u32, native: Vec<Frame>, python: &[PyFrameRecord]) -> Vec<Frame> {
+        let mut groups: Vec<Vec<Frame>> = vec![Vec::new()];
+        for f in python {
+            groups.last_mut().expect("one group").push(self.python_frame(pid, f));
+            if f.instr & PY_FRAME_ENTRY != 0 {
+                groups.push(Vec::new());
+            }
+        }
+        groups.retain(|g| !g.is_empty());
+        let evals: Vec<usize> = (0..native.len())
+            .rev()
+            .filter(|&i| native[i].name.starts_with("_PyEval_EvalFrameDefault"))
+            .collect();
+        let placed = evals.len().min(groups.len());
+        let mut out = Vec::with_capacity(native.len() + python.len());
+        let mut rest = groups.split_off(placed);
+        if placed == 0 {
+            out.extend(native);
+            for g in rest.into_iter() {
+                out.extend(g.into_iter().rev());
+            }
+            return out;
+        }
+        for (i, frame) in native.into_iter().enumerate() {
+            match evals[..placed].iter().position(|&e| e == i) {
+                Some(g) => {
+                    if g == placed - 1 {
+                        // The outermost placed group: the groups beyond it ran above it.
+                        for extra in rest.drain(..).rev() {
+                            out.extend(extra.into_iter().rev());
+                        }
+                    }
+                    out.extend(std::mem::take(&mut groups[g]).into_iter().rev());
+                }
+                None => out.push(frame),
+            }
+        }
+        out
     }
 
     /// Forgets the stacks counted so far (once they are written), and what only they
@@ -187,6 +284,8 @@ impl Collector {
         self.walker_maps.retain(|&(pid, generation), _| {
             generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
+        self.python.retain(|&pid, _| alive(pid));
+        self.code_names = HashMap::new();
     }
 
     /// Mapped files that could not be opened, or whose symbols, once needed, could not be
@@ -251,9 +350,16 @@ impl Collector {
             if valid < key.user.len() {
                 frames.push(Frame::plain(INVALID_FRAME.into(), "[unknown]".into(), 0, false));
             }
-            for (i, &addr) in key.user[..valid].iter().enumerate().rev() {
-                let lookup = lookup_address(i, addr);
-                frames.push(self.user_frame(key, process, lookup, &resolved));
+            let user: Vec<Frame> = key.user[..valid]
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, &addr)| self.user_frame(key, process, lookup_address(i, addr), &resolved))
+                .collect();
+            if key.python.is_empty() {
+                frames.extend(user);
+            } else {
+                frames.extend(self.merge_python(key.pid, user, &key.python));
             }
             for (i, &addr) in key.kernel.iter().enumerate().rev() {
                 let lookup = lookup_address(i, addr);

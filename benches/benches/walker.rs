@@ -643,6 +643,105 @@ fn memory() {
     println!("  BPF map KiB: the table segments held, the outer arrays and the table directory.");
 }
 
+/// Starts processes as fast as two threads can for `secs` (each `short_nofp`, spinning
+/// ~0.1 ms in a chain without frame pointers): the processes started.
+fn exec_storm(secs: f64) -> u64 {
+    let stop = std::time::Instant::now() + Duration::from_secs_f64(secs);
+    let bin = fixture("short_nofp");
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let bin = bin.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while std::time::Instant::now() < stop {
+                    let _ = Command::new(&bin).arg("100000").stdout(Stdio::null()).status();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// Agent CPU and BPF time per sample under an exec storm (two threads starting short
+/// no-frame-pointer processes back to back, over 1,000 a second here), whole machine at
+/// 499 Hz, beside `perf record -a --call-graph dwarf` on the same storm and the storm alone,
+/// in interleaved rounds.
+fn exec_cost() {
+    let rounds = 3;
+    let secs = 8.0;
+    println!("\n5. Exec storm: whole machine, 499 Hz, {secs} s, medians of {rounds} rounds");
+    let (mut alone, mut ours, mut perf) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        alone.push((exec_storm(secs) as f64 / secs, 0.0, 0.0, 0.0));
+        // unwound: its own CPU (user + system) and the kernel's BPF statistics.
+        let agent = Command::new(agent())
+            .args([
+                "record",
+                "-F",
+                "499",
+                "--bpf-stats",
+                "--json-summary",
+                "-o",
+                "/tmp/unwound-bench-exec.folded",
+            ])
+            .args(["--duration", &(secs + 1.0).to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(2500)); // start-up: tables, BPF load
+        let execs = exec_storm(secs - 1.5) as f64 / (secs - 1.5);
+        let pid = agent.id();
+        let out = agent.wait_with_output().unwrap();
+        let j = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let _ = pid;
+        let per_sample = field(&j, "bpf_run_time_ns") / field(&j, "bpf_runs");
+        let cpu = field(&j, "agent_cpu_seconds") - field(&j, "agent_startup_cpu_seconds");
+        ours.push((execs, cpu, per_sample, field(&j, "kernel_map_walks") / field(&j, "emitted")));
+        // perf: its own CPU recording, then `perf script` (its unwinding).
+        let rec = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf", "-a"])
+            .args(["-o", "/tmp/unwound-bench-perf.data", "--", "sleep", &(secs - 1.0).to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let execs = exec_storm(secs - 1.5) as f64 / (secs - 1.5);
+        let rec_cpu = child_cpu(rec);
+        let script = Command::new("perf")
+            .args(["script", "-i", "/tmp/unwound-bench-perf.data"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        perf.push((execs, rec_cpu, child_cpu(script), 0.0));
+    }
+    let m =
+        |v: &[(f64, f64, f64, f64)], i: usize| median(v.iter().map(|x| [x.0, x.1, x.2, x.3][i]).collect());
+    println!("{:>22} {:>10} {:>14} {:>16}", "", "execs/s", "profiler CPU s", "");
+    println!("{:>22} {:>10.0} {:>14} {:>16}", "storm alone", m(&alone, 0), "-", "");
+    println!(
+        "{:>22} {:>10.0} {:>14.3} {:>10.0} ns/sample BPF, {:.0}% of records walked through the kernel's view",
+        "unwound",
+        m(&ours, 0),
+        m(&ours, 1),
+        m(&ours, 2),
+        100.0 * m(&ours, 3)
+    );
+    println!(
+        "{:>22} {:>10.0} {:>14.3} {:>10.3} s more for perf script",
+        "perf --call-graph dwarf",
+        m(&perf, 0),
+        m(&perf, 1),
+        m(&perf, 2)
+    );
+    println!("  profiler CPU: unwound's process after start-up (sampling, following, symbolizing at");
+    println!("  the end); perf's `perf record` process (its stacks need `perf script` on top).");
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         println!("walker: bench");
@@ -670,5 +769,8 @@ fn main() {
     }
     if run("memory") {
         memory();
+    }
+    if run("exec") {
+        exec_cost();
     }
 }

@@ -151,7 +151,99 @@ pub struct SampleHeader {
     pub files: u16,
     /// The thread's command name, NUL-padded.
     pub comm: [u8; 16],
+    /// Number of [`PyFrameRecord`]s that follow the files: the thread's Python frames,
+    /// innermost first (see [`PY_PROCS_MAP`]).
+    pub py_len: u16,
+    /// How the Python walk went, a `PY_*` code (0: the process is not walked for Python).
+    pub py_status: u16,
+    /// Always 0.
+    pub pad: u32,
 }
+
+/// `SampleHeader::py_status`: the Python frames were walked to the end of the chain.
+pub const PY_COMPLETE: u16 = 1;
+/// The thread has no Python thread state (not a Python thread, or not yet).
+pub const PY_NO_THREAD_STATE: u16 = 2;
+/// A read of the interpreter's memory failed mid-chain (a frame being written, or paged
+/// out): the frames before it are kept.
+pub const PY_READ_FAILED: u16 = 3;
+/// More than [`MAX_PY_FRAMES`] frames: the outermost ones are missing.
+pub const PY_TRUNCATED: u16 = 4;
+
+/// Most Python frames one sample holds.
+pub const MAX_PY_FRAMES: usize = 256;
+/// Name of the hash map tgid → [`PyProcInfo`] of the CPython processes walked for Python
+/// frames (written by the agent once per process image; dropped by the kernel on exec and
+/// exit).
+pub const PY_PROCS_MAP: &str = "PY_PROCS";
+/// Capacity of [`PY_PROCS_MAP`].
+pub const MAX_PY_PROCS: u32 = 4096;
+/// Marks an offset that does not exist in an interpreter version.
+pub const PY_NO_OFFSET: u32 = u32::MAX;
+
+/// One Python frame of a record: its code object, instruction pointer and the code object's
+/// check value (`unwound_symbolize::python::code_checksum` of `co_firstlineno`,
+/// `co_filename` and `co_qualname` as read at the sample).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrameRecord {
+    /// `PyCodeObject *`.
+    pub code: u64,
+    /// The frame's instruction pointer, with bit 0 set ([`PY_FRAME_ENTRY`]) on the last
+    /// (outermost) frame that one `_PyEval_EvalFrameDefault` activation runs.
+    pub instr: u64,
+    /// The code object's check value.
+    pub checksum: u64,
+}
+
+/// Bit 0 of [`PyFrameRecord::instr`] (instruction pointers are 2-aligned).
+pub const PY_FRAME_ENTRY: u64 = 1;
+/// Size of a [`PyFrameRecord`].
+pub const PY_FRAME_SIZE: usize = core::mem::size_of::<PyFrameRecord>();
+
+/// What the kernel needs to walk one CPython process's frames: the same layout as
+/// `unwound_symbolize::python::PyProcInfo`, which documents each field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct PyProcInfo {
+    pub runtime: u64,
+    pub py_none: u64,
+    pub code_type: u64,
+    pub tss_slot: u64,
+    pub version: u32,
+    pub tss_key: u32,
+    pub runtime_tss_key: u32,
+    pub runtime_interpreters_head: u32,
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+    pub tstate_thread_id: u32,
+    pub tstate_native_thread_id: u32,
+    pub tstate_frame: u32,
+    pub cframe_current_frame: u32,
+    pub frame_code: u32,
+    pub frame_previous: u32,
+    pub frame_instr: u32,
+    pub frame_owner: u32,
+    pub frame_is_entry: u32,
+    pub owner_cstack: u32,
+    pub frame_read_size: u32,
+    pub object_type: u32,
+    pub code_firstlineno: u32,
+    pub code_filename: u32,
+    pub code_name: u32,
+    pub code_qualname: u32,
+    pub code_linetable: u32,
+    pub code_adaptive: u32,
+    pub unicode_length: u32,
+    pub unicode_state: u32,
+    pub unicode_ascii_data: u32,
+    pub unicode_compact_data: u32,
+    pub bytes_size: u32,
+    pub bytes_data: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PyProcInfo>() == 4 * 8 + 30 * 4);
 
 /// `SampleHeader::walk_end`: a frame-pointer walk (the process has no unwind tables loaded);
 /// its completeness is not known.
@@ -338,7 +430,7 @@ impl SampleHeader {
     }
 }
 
-const _: () = assert!(HEADER_SIZE == 48);
+const _: () = assert!(HEADER_SIZE == 56);
 
 /// Name of the hash map tgid → [`KernelMappings`]: each process's executable mappings as
 /// the kernel made them, recorded by [`MMAP_PROGRAM`] (so a process is walkable from its
@@ -502,6 +594,10 @@ pub struct KernelOffsets {
     pub task_tgid: u32,
     /// `task_struct.pid`.
     pub task_pid: u32,
+    /// `task_struct.thread.fsbase` (the user `%fs` base: glibc's thread pointer).
+    pub task_fsbase: u32,
+    /// Always 0.
+    pub pad: u32,
     /// `mm_struct.start_code` (the program's text, where `execve` mapped it).
     pub mm_start_code: u32,
     /// `vm_area_struct.vm_start`.
@@ -602,10 +698,17 @@ pub struct SampleBuffer {
     pub files: [RecordFile; MAX_RECORD_FILES],
     /// The walker's entry for each of `files`.
     pub file_entries: [MappingEntry; MAX_RECORD_FILES],
+    /// Python walk: the next frame's address (0: done).
+    pub py_frame: u64,
+    /// Python walk: index in `frames` of the first Python frame's first word.
+    pub py_base: u32,
+    /// Always 0.
+    pub py_pad: u32,
 }
 
 /// Words of [`SampleBuffer::frames`]: the frames, and room for the record's files.
-pub const FRAME_AREA_WORDS: usize = MAX_FRAMES + MAX_RECORD_FILES * RECORD_FILE_SIZE / 8;
+pub const FRAME_AREA_WORDS: usize =
+    MAX_FRAMES + MAX_RECORD_FILES * RECORD_FILE_SIZE / 8 + MAX_PY_FRAMES * PY_FRAME_SIZE / 8;
 
 /// Most bytes in the walker's stack window: one page, so a window that ends at a page
 /// boundary never crosses the end of a mapping (a read that did would fail whole).
@@ -799,9 +902,33 @@ pub struct SampleRecord<'a> {
     pub user: Frames<'a>,
     /// The mappings some user frames were found in (see [`SampleHeader::files`]).
     pub files: Files<'a>,
+    /// The thread's Python frames, innermost first (see [`SampleHeader::py_len`]).
+    pub python: PyFrames<'a>,
     /// What follows an event's header (a [`FileEvent`] for file and exec events); empty
     /// for samples.
     pub payload: &'a [u8],
+}
+
+/// The [`PyFrameRecord`]s of a record.
+#[derive(Clone, Copy, Debug)]
+pub struct PyFrames<'a>(&'a [u8]);
+
+impl<'a> PyFrames<'a> {
+    /// Number of frames.
+    pub fn len(&self) -> usize {
+        self.0.len() / PY_FRAME_SIZE
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// The frames, innermost first.
+    pub fn iter(&self) -> impl Iterator<Item = PyFrameRecord> + 'a {
+        self.0.chunks_exact(PY_FRAME_SIZE).map(|c| {
+            // SAFETY: PY_FRAME_SIZE bytes; PyFrameRecord is plain integers.
+            unsafe { core::ptr::read_unaligned(c.as_ptr() as *const PyFrameRecord) }
+        })
+    }
 }
 
 /// The [`RecordFile`]s of a record.
@@ -865,14 +992,29 @@ impl<'a> SampleRecord<'a> {
         let f = header.files as usize;
         let frames_end = HEADER_SIZE + (k + u) * 8;
         let files_end = frames_end + f * RECORD_FILE_SIZE;
-        if k > MAX_KERNEL_FRAMES || u > MAX_USER_FRAMES || f > MAX_RECORD_FILES || bytes.len() < files_end {
+        let py = header.py_len as usize;
+        let py_end = files_end + py * PY_FRAME_SIZE;
+        if k > MAX_KERNEL_FRAMES
+            || u > MAX_USER_FRAMES
+            || f > MAX_RECORD_FILES
+            || py > MAX_PY_FRAMES
+            || bytes.len() < py_end
+        {
             return Err(RecordError::BadLength);
         }
         let kernel = &bytes[HEADER_SIZE..HEADER_SIZE + k * 8];
         let user = &bytes[HEADER_SIZE + k * 8..frames_end];
         let files = &bytes[frames_end..files_end];
-        let payload = if header.flags & FLAG_EVENTS != 0 { &bytes[files_end..] } else { &[][..] };
-        Ok(SampleRecord { header, kernel: Frames(kernel), user: Frames(user), files: Files(files), payload })
+        let python = PyFrames(&bytes[files_end..py_end]);
+        let payload = if header.flags & FLAG_EVENTS != 0 { &bytes[py_end..] } else { &[][..] };
+        Ok(SampleRecord {
+            header,
+            kernel: Frames(kernel),
+            user: Frames(user),
+            files: Files(files),
+            python,
+            payload,
+        })
     }
 
     /// The [`FileEvent`] of a file or exec event, when the record carries one.
@@ -914,6 +1056,9 @@ unsafe impl aya::Pod for KernelOffsets {}
 #[cfg(feature = "user")]
 // SAFETY: repr(C) plain integers without padding.
 unsafe impl aya::Pod for KernelMappings {}
+#[cfg(feature = "user")]
+// SAFETY: repr(C) plain integers without padding.
+unsafe impl aya::Pod for PyProcInfo {}
 
 #[cfg(test)]
 mod tests {

@@ -22,33 +22,34 @@
 
 use aya_ebpf::{
     bindings::pt_regs,
+    btf_maps::{Array as BtfArray, ArrayOfMaps},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_smp_processor_id,
-        bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_kernel_str_bytes, bpf_task_pt_regs,
+        bpf_get_stack, bpf_ktime_get_ns, bpf_loop, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_task_pt_regs,
     },
-    btf_maps::{Array as BtfArray, ArrayOfMaps},
     macros::{btf_map, map, perf_event, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext, TracePointContext},
     EbpfContext,
 };
 use unwound_stackwalk_abi::{
-    rule_cache_slot, Counter, Counters, FileEvent, FileKey, FileTable, KernelMappings,
-    KernelOffsets, MappingEntry, RecordFile, FLAG_EVENT_FILE, FLAG_FILES_FULL, FRAME_AREA_WORDS, KERNEL_MAPPINGS,
-    KMAP_ANON, MAX_FILES, MAX_KPROCS, MAX_RECORD_FILES, RECORD_FILE_SIZE, ProcMappings, RuleCache, SampleBuffer, SampleHeader,
-    TableInfo, WalkerConfig, DEFAULT_RING_BYTES, CHUNK_ENTRIES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT, FLAG_IN_KERNEL,
-    FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER, FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, HEADER_SIZE,
-    MAPPING_PY_TRAMPOLINES, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_MAPPINGS, MAX_PIDS, MAX_PROCS, MAX_TABLES,
-    MAX_USER_FRAMES, NO_TABLE, PY_TRAMPOLINE_CODE,
-    CHUNK_SEGMENT, PAGE_SEGMENT, RULE_SEGMENT,
-    RULE_CACHE_SLOTS, STACK_WINDOW_BYTES, STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS,
-    WALK_BAD_CFA, WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED,
-    WALK_UNKNOWN_MAPPING, WALK_UNSUPPORTED,
+    rule_cache_slot, Counter, Counters, FileEvent, FileKey, FileTable, KernelMappings, KernelOffsets,
+    MappingEntry, ProcMappings, PyProcInfo, RecordFile, RuleCache, SampleBuffer, SampleHeader, TableInfo,
+    WalkerConfig, CHUNK_ENTRIES, CHUNK_SEGMENT, DEFAULT_RING_BYTES, FLAG_EVENT_EXEC, FLAG_EVENT_EXIT,
+    FLAG_EVENT_FILE, FLAG_FILES_FULL, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_FAILED, FLAG_NO_USER,
+    FLAG_USER_TRUNCATED, FLAG_USER_WALK_FAILED, FRAME_AREA_WORDS, HEADER_SIZE, KERNEL_MAPPINGS, KMAP_ANON,
+    MAPPING_PY_TRAMPOLINES, MAX_FILES, MAX_FRAMES, MAX_KERNEL_FRAMES, MAX_KPROCS, MAX_MAPPINGS, MAX_PIDS,
+    MAX_PROCS, MAX_PY_FRAMES, MAX_PY_PROCS, MAX_RECORD_FILES, MAX_TABLES, MAX_USER_FRAMES, NO_TABLE,
+    PAGE_SEGMENT, PY_COMPLETE, PY_FRAME_ENTRY, PY_FRAME_SIZE, PY_NO_OFFSET, PY_NO_THREAD_STATE,
+    PY_READ_FAILED, PY_TRAMPOLINE_CODE, PY_TRUNCATED, RECORD_FILE_SIZE, RULE_CACHE_SLOTS, RULE_SEGMENT,
+    STACK_WINDOW_BYTES, STACK_WINDOW_WORDS, TAIL_SLOT_FP, TAIL_SLOT_TABLES, TAIL_STEPS, WALK_BAD_CFA,
+    WALK_COMPLETE, WALK_FRAME_POINTERS, WALK_MEMORY, WALK_NO_TABLE, WALK_TRUNCATED, WALK_UNKNOWN_MAPPING,
+    WALK_UNSUPPORTED,
 };
 use unwound_unwind_tables::layout::{
-    step, CfaKind, DictEntry, Entry, Memory, PageEntry, RbpKind, Registers, Step, StepError, UnwindRule, PAGE_SHIFT,
-    PAGE_SIZE,
+    step, CfaKind, DictEntry, Entry, Memory, PageEntry, RbpKind, Registers, Step, StepError, UnwindRule,
+    PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// Sized by the agent at load to its CPUs and sampling rate (the size here is a default);
@@ -133,6 +134,10 @@ static KERNEL_OFFSETS: Array<KernelOffsets> = Array::with_max_entries(1, 0);
 /// Per-CPU room to build a new `KPROCS` value (too big for the BPF stack).
 #[map]
 static KSCRATCH: PerCpuArray<KernelMappings> = PerCpuArray::with_max_entries(1, 0);
+
+/// tgid → how to walk its Python frames (CPython processes only; written by the agent).
+#[map]
+static PY_PROCS: HashMap<u32, PyProcInfo> = HashMap::with_max_entries(MAX_PY_PROCS, BPF_F_NO_PREALLOC);
 
 /// An event record with a [`FileEvent`], built per CPU.
 #[repr(C)]
@@ -595,7 +600,8 @@ unsafe fn agent_mapping(buf: &mut SampleBuffer, pc: u64) -> bool {
         base += (i64::from(half) * le) as u32;
         n -= half;
     }
-    let found = procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
+    let found =
+        procs.mappings.get((base as usize) & (MAX_MAPPINGS - 1)).filter(|m| m.start <= pc && pc < m.end);
     let Some(m) = found else { return false };
     // Field by field: a whole-struct copy becomes a call to a memcpy subprogram, after
     // which LLVM may read a register the call clobbered (the verifier refuses it).
@@ -901,6 +907,9 @@ unsafe fn begin(ctx: &PerfEventContext) -> Option<(&'static mut SampleBuffer, Wa
     buf.header.user_len = 0;
     buf.header.walk_end = WALK_FRAME_POINTERS;
     buf.header.files = 0;
+    buf.header.py_len = 0;
+    buf.header.py_status = 0;
+    buf.header.pad = 0;
     buf.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     buf.table_walk = 0;
     buf.kernel_maps = 0;
@@ -1030,7 +1039,12 @@ unsafe fn finish(buf: &mut SampleBuffer) {
             buf.frames[at] = word;
         }
     }
-    let mut len = HEADER_SIZE + frames * 8 + nfiles * RECORD_FILE_SIZE;
+    // The thread's Python frames, after the files.
+    if buf.header.flags & FLAG_NO_USER == 0 {
+        python_walk(buf, (frames + nfiles * FILE_WORDS) as u32);
+    }
+    let npy = buf.header.py_len as usize;
+    let mut len = HEADER_SIZE + frames * 8 + nfiles * RECORD_FILE_SIZE + npy * PY_FRAME_SIZE;
     if len > RECORD_CAPACITY {
         len = RECORD_CAPACITY;
     }
@@ -1050,6 +1064,99 @@ unsafe fn finish(buf: &mut SampleBuffer) {
         Ok(()) => count(Counter::Emitted),
         Err(_) => count(Counter::DroppedRingFull),
     }
+}
+
+/// A `T` at user address `base + offset`, or `None` when it cannot be read.
+#[inline(always)]
+unsafe fn uread<T: Copy>(base: u64, offset: u32) -> Option<T> {
+    if base == 0 || offset == PY_NO_OFFSET {
+        return None;
+    }
+    bpf_probe_read_user((base + u64::from(offset)) as *const T).ok()
+}
+
+/// Walks the sampled thread's Python frames (a CPython process the agent described in
+/// `PY_PROCS`) into the record from word `base` of the frame area: the thread state from
+/// the thread's pthread key (`*(fsbase + tss_slot)`), then its frame chain, in a bounded
+/// `bpf_loop`.
+#[inline(always)]
+unsafe fn python_walk(buf: &mut SampleBuffer, base: u32) {
+    let Some(info) = PY_PROCS.get(buf.header.pid) else { return };
+    let Some(o) = offsets() else { return };
+    let fsbase: u64 = kread(aya_ebpf::helpers::generated::bpf_get_current_task(), o.task_fsbase);
+    let tstate: u64 = uread(fsbase, info.tss_slot as u32).unwrap_or(0);
+    if tstate == 0 {
+        buf.header.py_status = PY_NO_THREAD_STATE;
+        return;
+    }
+    let mut frame: u64 = uread(tstate, info.tstate_frame).unwrap_or(0);
+    if info.cframe_current_frame != PY_NO_OFFSET && frame != 0 {
+        frame = uread(frame, info.cframe_current_frame).unwrap_or(0);
+    }
+    buf.py_frame = frame;
+    buf.py_base = base;
+    buf.header.py_status = PY_COMPLETE;
+    bpf_loop(MAX_PY_FRAMES as u32 + 1, python_step as *mut core::ffi::c_void, core::ptr::null_mut(), 0);
+}
+
+/// One Python frame, called by `bpf_loop`: a C-stack entry frame (3.12+) marks the frame
+/// before it as its activation's last; a Python frame is written (code object, instruction
+/// pointer, check value). Returns 1 to stop.
+unsafe extern "C" fn python_step(_index: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    let buf = &mut *buf;
+    let frame = buf.py_frame;
+    if frame == 0 {
+        return 1;
+    }
+    let Some(info) = PY_PROCS.get(buf.header.pid) else { return 1 };
+    let n = buf.header.py_len as usize;
+    let (Some(code), Some(instr), Some(previous)) = (
+        uread::<u64>(frame, info.frame_code),
+        uread::<u64>(frame, info.frame_instr),
+        uread::<u64>(frame, info.frame_previous),
+    ) else {
+        buf.header.py_status = PY_READ_FAILED;
+        return 1;
+    };
+    buf.py_frame = previous;
+    if info.owner_cstack != PY_NO_OFFSET {
+        let owner: u8 = uread(frame, info.frame_owner).unwrap_or(0);
+        if u32::from(owner) == info.owner_cstack || code == info.py_none {
+            // The frames before it (inner) are its activation's: the last one is marked.
+            if n > 0 {
+                let at = buf.py_base as usize + (n - 1) * 3 + 1;
+                if let Some(w) = buf.frames.get_mut(at) {
+                    *w |= PY_FRAME_ENTRY;
+                }
+            }
+            return 0;
+        }
+    }
+    if n >= MAX_PY_FRAMES {
+        buf.header.py_status = PY_TRUNCATED;
+        return 1;
+    }
+    let entry = match info.frame_is_entry {
+        PY_NO_OFFSET => false,
+        at => uread::<u8>(frame, at).unwrap_or(0) != 0,
+    };
+    let firstlineno: u32 = uread(code, info.code_firstlineno).unwrap_or(0);
+    let filename: u64 = uread(code, info.code_filename).unwrap_or(0);
+    let qualname: u64 = uread(code, info.code_qualname).unwrap_or(0);
+    // unwound_symbolize::python::code_checksum
+    let checksum = (filename ^ qualname.rotate_left(32) ^ (u64::from(firstlineno) << 1))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let at = buf.py_base as usize + n * 3;
+    if at + 2 >= FRAME_AREA_WORDS {
+        buf.header.py_status = PY_TRUNCATED;
+        return 1;
+    }
+    buf.frames[at] = code;
+    buf.frames[at + 1] = (instr & !PY_FRAME_ENTRY) | if entry { PY_FRAME_ENTRY } else { 0 };
+    buf.frames[at + 2] = checksum;
+    buf.header.py_len += 1;
+    0
 }
 
 /// Wakes the agent only once the ring is a quarter full: the agent also drains it on a
@@ -1074,6 +1181,7 @@ pub fn on_exec(ctx: RawTracePointContext) -> i32 {
     // The agent's entry describes the old program: until it has read the new one, the
     // kernel's view (filled as the new program was mapped) walks it.
     let _ = PROCS.remove(pid);
+    let _ = PY_PROCS.remove(pid);
     // sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
     let bprm: u64 = ctx.arg(2);
     match offsets() {
@@ -1136,7 +1244,11 @@ struct VmaInfo {
 static VMA_SCRATCH: PerCpuArray<VmaInfo> = PerCpuArray::with_max_entries(1, 0);
 
 /// `bpf_find_vma`'s callback: reads the mapping's fields into `VMA_SCRATCH`.
-unsafe extern "C" fn vma_found(_task: *mut core::ffi::c_void, vma: *mut core::ffi::c_void, _ctx: *mut core::ffi::c_void) -> i64 {
+unsafe extern "C" fn vma_found(
+    _task: *mut core::ffi::c_void,
+    vma: *mut core::ffi::c_void,
+    _ctx: *mut core::ffi::c_void,
+) -> i64 {
     let (Some(o), Some(v)) = (offsets(), VMA_SCRATCH.get_ptr_mut(0)) else { return 0 };
     let base = vma as u64;
     (*v).start = kread(base, o.vma_start);
@@ -1242,7 +1354,6 @@ unsafe fn add_mapping(o: &KernelOffsets, start: u64, end: u64, offset: u64, file
             }
         }
     }
-
 }
 
 /// `on_mmap`'s scan of a process's slots, per CPU.
@@ -1332,6 +1443,9 @@ unsafe fn file_event(flag: u32, start: u64, end: u64, offset: u64, key: FileKey,
     r.header.user_len = 0;
     r.header.walk_end = WALK_FRAME_POINTERS;
     r.header.files = 0;
+    r.header.py_len = 0;
+    r.header.py_status = 0;
+    r.header.pad = 0;
     r.header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     r.event.file = RecordFile { start, end, offset, file: key, flags: 0, pad: 0 };
     r.event.name[0] = 0;
@@ -1341,7 +1455,8 @@ unsafe fn file_event(flag: u32, start: u64, end: u64, offset: u64, key: FileKey,
     // A file announcement wakes the agent now (at most once a second per file, see
     // ANNOUNCED): until it has listed the file, every process mapping it falls back to
     // frame pointers.
-    let wakeup = if flag == FLAG_EVENT_FILE { BPF_RB_FORCE_WAKEUP } else { ring_wakeup(config.ring_wakeup_bytes) };
+    let wakeup =
+        if flag == FLAG_EVENT_FILE { BPF_RB_FORCE_WAKEUP } else { ring_wakeup(config.ring_wakeup_bytes) };
     let _ = SAMPLES.output::<FileEventRecord>(r, wakeup);
 }
 
@@ -1352,6 +1467,7 @@ pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
     if (id >> 32) as u32 == id as u32 {
         let _ = KPROCS.remove((id >> 32) as u32);
+        let _ = PY_PROCS.remove((id >> 32) as u32);
         process_event(FLAG_EVENT_EXIT);
     }
     0
@@ -1380,6 +1496,9 @@ fn process_event(flag: u32) {
         walk_end: WALK_FRAME_POINTERS,
         files: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        py_len: 0,
+        py_status: 0,
+        pad: 0,
     };
     let _ = SAMPLES.output::<SampleHeader>(&header, ring_wakeup(config.ring_wakeup_bytes));
 }

@@ -148,6 +148,8 @@ pub(crate) fn kernel_offsets(btf: &[u8]) -> Option<KernelOffsets> {
         task_mm: b.offset("task_struct", &["mm"])?,
         task_tgid: b.offset("task_struct", &["tgid"])?,
         task_pid: b.offset("task_struct", &["pid"])?,
+        task_fsbase: b.offset("task_struct", &["thread", "fsbase"])?,
+        pad: 0,
         mm_start_code: b.offset("mm_struct", &["start_code"])?,
         vma_start: b.offset("vm_area_struct", &["vm_start"])?,
         vma_end: b.offset("vm_area_struct", &["vm_end"])?,

@@ -51,6 +51,7 @@
 
 mod btf;
 mod error;
+mod python;
 pub mod sample_cost;
 mod tables;
 pub mod usage;
@@ -68,6 +69,7 @@ use aya::programs::{PerfEvent, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use error::Context as _;
 pub use error::{Error, Result};
+pub use python::PythonStats;
 use std::sync::Arc;
 pub use tables::TableStats;
 use tables::{TableLoader, TablePlan};
@@ -227,6 +229,8 @@ pub enum Notice {
     /// The first table the kernel would not take; later ones are counted in
     /// [`TableStats::refused`].
     TableRefused(Error),
+    /// CPython processes are not walked for Python frames.
+    NoPython(Error),
     /// The kernel's own view of process mappings is off: processes are walked with tables
     /// only once the walker has read their maps (a process that lives a few milliseconds
     /// is walked by frame pointers).
@@ -257,6 +261,7 @@ impl std::fmt::Display for Notice {
             Notice::TableRefused(e) => {
                 write!(f, "a table was left out (counted as refused from now on): {}", chain(e))
             }
+            Notice::NoPython(e) => write!(f, "Python frames are off for this run: {}", chain(e)),
             Notice::NoKernelMappings(e) => write!(
                 f,
                 "short-lived processes are walked by frame pointers only (the kernel's view of their mappings is off): {}",
@@ -311,6 +316,15 @@ pub enum Event<'a> {
         pid: u32,
         /// Its mappings, as read.
         maps: Arc<ProcessMaps>,
+    },
+    /// A CPython process the walker walks for Python frames from now on
+    /// ([`SampleRecord::python`]): what its user needs to read the code objects the frames
+    /// name.
+    Python {
+        /// The process.
+        pid: u32,
+        /// Where its interpreter's structures are.
+        info: unwound_symbolize::python::PyProcInfo,
     },
     /// A file the walker has identified (opened, and checked to be the file the kernel
     /// names): frames the kernel found in it ([`SampleRecord::files`]) are named from it,
@@ -402,6 +416,8 @@ pub struct Walker {
     exe_paths: HashMap<u32, PathBuf>,
     /// Mappings read since the last drain, handed out as [`Event::Maps`].
     new_maps: Vec<(u32, Arc<ProcessMaps>)>,
+    /// CPython processes, walked for their Python frames.
+    python: Option<python::Python>,
     /// The pid filter's processes (empty and `filter` false: every process).
     selected: Vec<u32>,
     ring: RingBuf<aya::maps::MapData>,
@@ -474,6 +490,21 @@ impl Walker {
         for &pid in &b.pids {
             add_to_pid_filter(&mut ebpf, pid)?;
         }
+        let python = match python::Python::new(&mut ebpf) {
+            Ok(mut p) => {
+                // Processes read before loading: looked at on the first drain.
+                for (pid, text) in &known {
+                    if text.contains("python") {
+                        p.consider(*pid);
+                    }
+                }
+                Some(p)
+            }
+            Err(e) => {
+                notices.push(Notice::NoPython(e));
+                None
+            }
+        };
         let ring = RingBuf::try_from(ebpf.take_map(SAMPLES_MAP).ok_or(Error::Object("SAMPLES map"))?)
             .context("cannot open the sample ring")?;
         let (walker_programs, walk_programs) = load_walker(&mut ebpf, b.kind, &mut notices)?;
@@ -527,6 +558,7 @@ impl Walker {
             first_seen: HashMap::new(),
             exe_paths: HashMap::new(),
             new_maps: Vec::new(),
+            python,
             selected: b.pids.clone(),
             ring,
             links,
@@ -539,6 +571,11 @@ impl Walker {
             malformed: 0,
             table_setup,
         })
+    }
+
+    /// CPython processes found and walked for Python frames, and those left out by reason.
+    pub fn python_stats(&self) -> Option<&python::PythonStats> {
+        self.python.as_ref().map(|p| &p.stats)
     }
 
     /// Online CPUs sampled.
@@ -631,6 +668,11 @@ impl Walker {
             return;
         }
         let maps = ProcessMaps::parse(&text);
+        if let Some(py) = self.python.as_mut() {
+            if text.contains("python") {
+                py.consider(pid);
+            }
+        }
         if tables.add_process(pid, &maps, read_ns).is_ok() {
             self.known.insert(pid, text);
             self.new_maps.push((pid, Arc::new(maps)));
@@ -689,6 +731,9 @@ impl Walker {
                 self.recent.remove(&pid);
                 self.first_seen.remove(&pid);
                 self.exe_paths.remove(&pid);
+                if let Some(py) = self.python.as_mut() {
+                    py.forget(pid);
+                }
                 stale.retain(|&p| p != pid);
                 f(Event::Exit { pid });
                 continue;
@@ -710,6 +755,9 @@ impl Walker {
                 self.known.remove(&pid);
                 self.recent.remove(&pid);
                 self.first_seen.remove(&pid);
+                if let Some(py) = self.python.as_mut() {
+                    py.forget(pid);
+                }
                 if let Some(e) = record.file_event() {
                     let name = e.name().unwrap_or_default().to_string();
                     if name.starts_with('/') {
@@ -759,6 +807,11 @@ impl Walker {
         }
         for (pid, maps) in std::mem::take(&mut self.new_maps) {
             f(Event::Maps { pid, maps });
+        }
+        if let Some(py) = self.python.as_mut() {
+            for (pid, info) in py.detect_due() {
+                f(Event::Python { pid, info });
+            }
         }
         Ok(())
     }
