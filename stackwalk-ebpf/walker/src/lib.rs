@@ -498,6 +498,8 @@ impl Walker {
                         p.consider(*pid);
                     }
                 }
+                // Now, before sampling starts: the first samples carry Python frames too.
+                p.found = p.detect_due();
                 Some(p)
             }
             Err(e) => {

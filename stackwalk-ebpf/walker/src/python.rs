@@ -38,6 +38,8 @@ pub(crate) struct Python {
     /// Processes found not to be CPython or refused: not looked at again until they exec.
     settled: HashMap<u32, ()>,
     pub stats: PythonStats,
+    /// Found before the walker's first drain (at start), handed out then.
+    pub found: Vec<(u32, unwound_symbolize::python::PyProcInfo)>,
 }
 
 impl Python {
@@ -49,6 +51,7 @@ impl Python {
             due: HashMap::new(),
             settled: HashMap::new(),
             stats: PythonStats::default(),
+            found: Vec::new(),
         })
     }
 
@@ -73,7 +76,7 @@ impl Python {
     pub fn detect_due(&mut self) -> Vec<(u32, unwound_symbolize::python::PyProcInfo)> {
         let now = Instant::now();
         let due: Vec<u32> = self.due.iter().filter(|(_, (t, _))| *t <= now).map(|(p, _)| *p).collect();
-        let mut found = Vec::new();
+        let mut found = std::mem::take(&mut self.found);
         for pid in due {
             let Some((_, tries)) = self.due.remove(&pid) else { continue };
             match PythonProcess::detect(pid) {

@@ -1,0 +1,81 @@
+//! End to end, real BPF: CPython processes (Debian's stripped /usr/bin/python3.11, pyenv's
+//! 3.11, 3.12 and 3.13) show their Python frames in place of the interpreter's, with the
+//! native frames below (zlib's deflate) and above (Py_RunMain) kept. The expected stacks are
+//! written from `fixtures/python/spin_compress.py`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// The interpreters on this machine kind: Debian's, then pyenv's 3.11-3.13.
+fn interpreters() -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("/usr/bin/python3.11")];
+    let root = Command::new("pyenv")
+        .arg("root")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let versions = root.map(|r| PathBuf::from(r).join("versions"));
+    for minor in ["3.11", "3.12", "3.13"] {
+        let found = versions.as_ref().and_then(|d| std::fs::read_dir(d).ok()).and_then(|entries| {
+            entries.flatten().map(|e| e.path()).find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{minor}.")))
+            })
+        });
+        if let Some(dir) = found {
+            v.push(dir.join("bin/python3"));
+        }
+    }
+    v.retain(|p| p.exists());
+    v
+}
+
+#[test]
+fn python_frames_replace_the_interpreters_and_keep_native_frames_around_them() {
+    let Some((_guard, _)) =
+        bpf_fixture_test("python_frames_replace_the_interpreters_and_keep_native_frames_around_them")
+    else {
+        return;
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/python/spin_compress.py");
+    let interpreters = interpreters();
+    assert!(interpreters.len() >= 4, "expected Debian's and pyenv's 3.11-3.13: {interpreters:?}");
+    let mut failures = Vec::new();
+    for python in &interpreters {
+        let mut child =
+            Command::new(python).arg(&script).arg("6").stdout(Stdio::null()).spawn().expect("run python");
+        settle(700);
+        let tmp = tempfile::tempdir().unwrap();
+        let (stacks, run) = record_folded(&[child.id()], 3.0, 499, tmp.path());
+        let _ = child.kill();
+        let _ = child.wait();
+        let total: u64 = stacks.iter().map(|s| s.count).sum();
+        let has = |s: &FoldedStack, seq: &[&str]| s.user.windows(seq.len()).any(|w| w == seq);
+        let count =
+            |f: &dyn Fn(&FoldedStack) -> bool| stacks.iter().filter(|s| f(s)).map(|s| s.count).sum::<u64>();
+        let python_frames = count(&|s| has(s, &["<module>", "outer"]));
+        let spin = count(&|s| has(s, &["<module>", "outer", "middle", "leaf"]));
+        let deflate = count(&|s| has(s, &["<module>", "outer"]) && s.user.iter().any(|f| f == "deflate"));
+        let eval_left = count(&|s| s.user.iter().any(|f| f.starts_with("_PyEval_EvalFrameDefault")));
+        // Native frames above the Python ones: the interpreter's own start.
+        let rooted = count(&|s| has(s, &["Py_RunMain"]) && has(s, &["<module>", "outer"]));
+        let line = format!(
+            "{}: {total} samples; <module>;outer {python_frames}, …;middle;leaf {spin}, outer…deflate {deflate}, under Py_RunMain {rooted}, _PyEval_EvalFrameDefault left {eval_left}",
+            python.display()
+        );
+        eprintln!("{line}");
+        let ok = total >= 300
+            && python_frames as f64 >= 0.95 * total as f64
+            && spin >= total / 10
+            && deflate >= total / 20
+            && rooted as f64 >= 0.95 * python_frames as f64
+            && eval_left as f64 <= 0.02 * total as f64;
+        if !ok {
+            failures.push(format!("{line}\n{}", run.stderr));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
