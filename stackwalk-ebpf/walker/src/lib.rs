@@ -762,6 +762,10 @@ impl Walker {
                 }
                 if let Some(e) = record.file_event() {
                     let name = e.name().unwrap_or_default().to_string();
+                    // A Python program: looked at once its interpreter is up (retried).
+                    if let Some(py) = self.python.as_mut().filter(|_| name.contains("python")) {
+                        py.consider(pid);
+                    }
                     if name.starts_with('/') {
                         if self.exe_paths.len() >= MAX_EXE_PATHS {
                             self.exe_paths.clear();
