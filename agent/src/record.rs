@@ -99,6 +99,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         if let Some(e) = every.filter(|&e| Instant::now() >= interval.0 + e) {
             // Samples taken meanwhile wait in the ring buffer for the next profile.
             writer.write_interval(&collector, &args.output, e, interval.1);
+            print_interval(&session, &collector, &writer);
             collector.end_interval();
             interval = (interval.0 + e, interval.1 + e);
         }
@@ -152,6 +153,7 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         symbol_stats: writer.symbolizer.stats(),
         bpf_run,
         tables: session.table_stats().cloned(),
+        python: (session.python_stats().cloned(), collector.python_unnamed),
         tables_off: session.tables_refused_by_kernel(),
         kernel: unwound_stackwalk::kernel_release(),
     };
@@ -166,6 +168,33 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         eprintln!("unwound: the command (pid {}) is still running", c.id());
     }
     Ok(exit_status.map_or(0, exit_code))
+}
+
+/// One line per `--every` interval: the run's counters so far, so a service's log shows
+/// each interval's profile and every sample dropped, by reason, as it happens.
+fn print_interval(session: &Walker, collector: &Collector, writer: &ProfileWriter) {
+    let counters = match session.counters() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warning: cannot read the walker's counters: {e}");
+            return;
+        }
+    };
+    let mut dropped: Vec<String> = counters
+        .iter()
+        .filter(|(c, v)| c.is_drop() && *v > 0)
+        .map(|(c, v)| format!("{}={v}", c.name()))
+        .collect();
+    if collector.malformed > 0 {
+        dropped.push(format!("malformed_record={}", collector.malformed));
+    }
+    eprintln!(
+        "unwound: so far: profiles written {}, failed {}; samples received {}; dropped: {}",
+        writer.count,
+        writer.failed,
+        collector.samples,
+        if dropped.is_empty() { "none".to_string() } else { dropped.join(" ") }
+    );
 }
 
 /// A child's status as a shell reports it: its exit code, or 128 + the signal that ended it.

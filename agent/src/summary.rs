@@ -35,6 +35,9 @@ pub(crate) struct Summary {
     pub(crate) symbol_stats: unwound_symbolize::Stats,
     pub(crate) bpf_run: Option<(u64, u64)>,
     pub(crate) tables: Option<TableStats>,
+    /// CPython processes walked, left out by reason, and frames whose code object could
+    /// not be read.
+    pub(crate) python: (Option<unwound_stackwalk::PythonStats>, u64),
     /// Whether the table walker is off although tables were asked for (the kernel refused
     /// the segments probed at load).
     pub(crate) tables_off: bool,
@@ -133,6 +136,16 @@ impl Summary {
         if let Some(t) = &self.tables {
             eprintln!("unwound: unwind tables (in segments, admitted by kernel {}): {t}", self.kernel);
         }
+        if let (Some(py), unnamed) = &self.python {
+            if py.processes > 0 || !py.disabled.is_empty() {
+                let left: Vec<String> = py.disabled.iter().map(|(r, n)| format!("{n} {r}")).collect();
+                eprintln!(
+                    "unwound: Python: {} processes walked for Python frames; left out: {}; frames whose code object could not be read: {unnamed}",
+                    py.processes,
+                    if left.is_empty() { "none".to_string() } else { left.join(", ") }
+                );
+            }
+        }
         let (maps, pm) = self.perf_maps;
         if maps > 0 {
             eprintln!(
@@ -205,6 +218,10 @@ impl Summary {
             put(k, json!(v));
         }
         put("kernel", json!(self.kernel));
+        let (py, unnamed) = &self.python;
+        put("python_processes", json!(py.as_ref().map_or(0, |p| p.processes)));
+        put("python_disabled", json!(py.as_ref().map(|p| p.disabled.clone()).unwrap_or_default()));
+        put("python_frames_unnamed", json!(unnamed));
         let maps = match (&self.tables, self.tables_off) {
             (Some(_), _) => "segments",
             (None, true) => "refused by the kernel",
