@@ -269,7 +269,7 @@ fn a_file_replaced_under_the_same_path_keeps_its_own_names() {
 /// (samples, samples whose outermost frame is `_start`).
 fn perf_completeness(data: &Path) -> std::collections::BTreeMap<String, (u64, u64)> {
     let out = Command::new("perf")
-        .args(["script", "-F", "comm,ip,sym", "-i"])
+        .args(["script", "--no-inline", "-F", "comm,ip,sym", "-i"])
         .arg(data)
         .output()
         .expect("perf script");
