@@ -15,7 +15,8 @@ pub struct ProfileMeta {
 }
 
 /// One line per stack: `comm;root;...;leaf;kernel_root_[k];...;kernel_leaf_[k] count`.
-/// Functions inlined into a frame follow it with the `_[i]` suffix.
+/// Functions inlined into a frame follow it with the `_[i]` suffix, Python functions carry
+/// `_[py]`.
 pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
     let mut lines: Vec<String> = stacks
         .iter()
@@ -28,6 +29,8 @@ pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
                     line.push_str(&name.replace(';', ":"));
                     if f.kernel {
                         line.push_str("_[k]");
+                    } else if f.module == crate::profile::PYTHON_MODULE {
+                        line.push_str("_[py]");
                     } else if i > 0 {
                         // Inlined into the frame before it (flamegraph.pl's marker).
                         line.push_str("_[i]");

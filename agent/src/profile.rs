@@ -125,6 +125,9 @@ pub struct Collector {
     pub malformed: u64,
 }
 
+/// The module of Python frames (their files are in their source lines).
+pub const PYTHON_MODULE: &str = "[python]";
+
 /// Most code objects kept read (each a few hundred bytes).
 const MAX_CODE_OBJECTS: usize = 1 << 16;
 
@@ -215,7 +218,7 @@ impl Collector {
     fn python_frame(&self, pid: u32, f: &PyFrameRecord) -> Frame {
         let named = self.code_names.get(&(pid, f.code, f.checksum)).and_then(Option::as_ref);
         let (Some(code), Some(info)) = (named, self.python.get(&pid)) else {
-            return Frame::plain(format!("[python {:#x}]", f.code), "[python]".into(), f.code, false);
+            return Frame::plain(format!("[python {:#x}]", f.code), PYTHON_MODULE.into(), f.code, false);
         };
         let index = info.instruction_index(f.code, f.instr & !PY_FRAME_ENTRY).unwrap_or(-1);
         let line = code.line(index).unwrap_or(0);

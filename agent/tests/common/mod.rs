@@ -110,7 +110,8 @@ pub fn parse_folded(text: &str) -> Vec<FoldedStack> {
             let mut kernel = Vec::new();
             // Inlined functions (`_[i]`) are the symbolizer's business, not the walker's:
             // the chains below are matched on real frames.
-            for f in frames.filter(|f| !f.ends_with("_[i]")) {
+            // Python frames (`_[py]`) are matched by their function names.
+            for f in frames.filter(|f| !f.ends_with("_[i]")).map(|f| f.strip_suffix("_[py]").unwrap_or(f)) {
                 match f.strip_suffix("_[k]") {
                     Some(k) => kernel.push(k.to_string()),
                     None => {
