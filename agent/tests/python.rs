@@ -79,3 +79,57 @@ fn python_frames_replace_the_interpreters_and_keep_native_frames_around_them() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Whether `seq` appears in `frames` in order (not necessarily adjacent).
+fn in_order(frames: &[String], seq: &[&str]) -> bool {
+    let mut it = frames.iter();
+    seq.iter().all(|want| it.any(|f| f == want))
+}
+
+#[test]
+fn every_kind_of_python_thread_has_its_chain() {
+    let Some((_guard, _)) = bpf_fixture_test("every_kind_of_python_thread_has_its_chain") else { return };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/python/threads_spin.py");
+    // Thread (its name) → (chain in order, least share of its samples), from threads_spin.py.
+    let deep: Vec<&str> = std::iter::once("<lambda>").chain(std::iter::repeat_n("deep", 101)).collect();
+    let expected: Vec<(&str, Vec<&str>, f64)> = vec![
+        ("py_deep", deep, 0.90),
+        ("py_gen", vec!["gen_consumer", "gen"], 0.90),
+        ("py_sorted", vec!["run.<locals>.body", "sort_user"], 0.90),
+        ("py_sorted", vec!["sort_user", "key_fn"], 0.50),
+        ("py_unicode", vec!["run.<locals>.body", "grüße"], 0.90),
+        ("py_nogil", vec!["run.<locals>.body", "compress_loop"], 0.90),
+        ("py_nogil", vec!["compress_loop", "deflate"], 0.50),
+    ];
+    let mut failures = Vec::new();
+    for python in interpreters() {
+        let mut child =
+            Command::new(&python).arg(&script).arg("6").stdout(Stdio::null()).spawn().expect("run python");
+        settle(800);
+        let tmp = tempfile::tempdir().unwrap();
+        let (stacks, run) = record_folded(&[child.id()], 3.0, 499, tmp.path());
+        let _ = child.kill();
+        let _ = child.wait();
+        for (thread, chain, least) in &expected {
+            let of: Vec<&FoldedStack> = stacks.iter().filter(|s| s.process == *thread).collect();
+            let total: u64 = of.iter().map(|s| s.count).sum();
+            let good: u64 = of.iter().filter(|s| in_order(&s.user, chain)).map(|s| s.count).sum();
+            let share = good as f64 / total.max(1) as f64;
+            let shown =
+                if chain.len() > 4 { format!("<lambda>;deep×{}", chain.len() - 1) } else { chain.join(";") };
+            eprintln!(
+                "{}: {thread:10} {good:4}/{total:4} = {:5.1}%  {shown}",
+                python.display(),
+                100.0 * share
+            );
+            if total < 30 || share < *least {
+                failures.push(format!(
+                    "{} {thread}: {good}/{total} with {shown}\n{}",
+                    python.display(),
+                    run.stderr
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
