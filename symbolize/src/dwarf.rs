@@ -1,16 +1,20 @@
 //! Reads DWARF line tables and inlined-function trees into flat, sorted rows.
 //!
-//! Each compilation unit is read on its own (in parallel); names are resolved through
-//! `DW_AT_specification` / `DW_AT_abstract_origin` chains, also into other units and into a
-//! supplementary (dwz) file, and demangled once per DIE.
+//! Each compilation unit is read on its own (a few at a time, in parallel, merged in unit
+//! order as they finish, so that only a bounded number of units' rows are held apart);
+//! names are resolved through `DW_AT_specification` / `DW_AT_abstract_origin` chains, also
+//! into other units and into a supplementary (dwz) file, and demangled once per DIE.
+//!
+//! [`UnitMap`] says which units hold code at an address (`.debug_aranges`, else each
+//! unit's own ranges), so that the first addresses asked about can be answered from their
+//! units alone ([`read_for`]) while the whole file is read in the background.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use gimli::{AttributeValue, DebugInfoOffset, EndianSlice, LittleEndian};
 use object::{Object, ObjectSection, SectionFlags};
-use rayon::prelude::*;
 
 use crate::{demangle, DwarfError, ElfSymbols};
 
@@ -27,8 +31,10 @@ pub(crate) const MAX_RANGE: u64 = 1 << 30;
 /// Deepest inline nesting kept.
 pub(crate) const MAX_INLINE_DEPTH: usize = 64;
 
-/// One row of a line table.
+/// One row of a line table. Packed to 20 bytes: millions are held while a large file is
+/// read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, packed(4))]
 pub(crate) struct LineRow {
     pub addr: u64,
     /// String index of the file path, or [`END`].
@@ -52,10 +58,9 @@ pub(crate) struct FuncRow {
 }
 
 /// Everything read from one file's DWARF, addresses sorted.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct RawDebugInfo {
     pub strings: Vec<Arc<str>>,
-    interner: Option<HashMap<Arc<str>, u32>>,
     pub lines: Vec<LineRow>,
     pub funcs: Vec<FuncRow>,
 }
@@ -67,20 +72,38 @@ impl RawDebugInfo {
     }
 }
 
-/// Uncompressed DWARF sections of one file, kept alive while the DWARF is read.
-pub(crate) struct Sections<'d> {
-    data: HashMap<gimli::SectionId, Cow<'d, [u8]>>,
+/// The bytes of a file the DWARF is read from: a mapped file, or a copy in memory.
+pub(crate) type FileBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where one section's uncompressed bytes are.
+enum SectionBytes {
+    /// In the file itself (not compressed): a byte range of it.
+    InFile(std::ops::Range<usize>),
+    /// Inflated from a compressed section.
+    Inflated(Vec<u8>),
 }
 
-impl<'d> Sections<'d> {
-    /// Reads (and decompresses, zlib or zstd) every DWARF section of `file`, at most
-    /// `max_total` bytes uncompressed in all (a compression bomb is refused, not inflated).
-    pub fn load(file: &object::File<'d>, max_total: u64) -> Result<Self, DwarfError> {
+/// Uncompressed DWARF sections of one file. Sections stored uncompressed are read from the
+/// file's own bytes (pages the system can drop and read again); compressed ones are
+/// inflated once.
+pub(crate) struct Sections {
+    file: FileBytes,
+    data: HashMap<gimli::SectionId, SectionBytes>,
+}
+
+impl Sections {
+    /// Finds (and decompresses, zlib or zstd) every DWARF section of `obj`, which was parsed
+    /// from `file`'s bytes, at most `max_total` bytes uncompressed in all (a compression
+    /// bomb is refused, not inflated).
+    pub fn load(obj: &object::File<'_>, file: &FileBytes, max_total: u64) -> Result<Self, DwarfError> {
+        let bytes: &[u8] = (**file).as_ref();
+        let base = bytes.as_ptr() as usize;
         let mut data = HashMap::new();
         let mut total = 0u64;
         for id in [
             gimli::SectionId::DebugAbbrev,
             gimli::SectionId::DebugAddr,
+            gimli::SectionId::DebugAranges,
             gimli::SectionId::DebugInfo,
             gimli::SectionId::DebugLine,
             gimli::SectionId::DebugLineStr,
@@ -89,23 +112,45 @@ impl<'d> Sections<'d> {
             gimli::SectionId::DebugStr,
             gimli::SectionId::DebugStrOffsets,
         ] {
-            let Some(section) = file.section_by_name(id.name()) else { continue };
+            let Some(section) = obj.section_by_name(id.name()) else { continue };
             let compressed =
                 section.compressed_data().map_err(|source| DwarfError::Section { section: id, source })?;
             total = total.saturating_add(compressed.uncompressed_size);
             if total > max_total {
                 return Err(DwarfError::TooLarge { section: id, size: total, max: max_total });
             }
-            let bytes =
-                compressed.decompress().map_err(|source| DwarfError::Section { section: id, source })?;
-            data.insert(id, bytes);
+            let stored = compressed.data;
+            let start = (stored.as_ptr() as usize).wrapping_sub(base);
+            let in_file = compressed.format == object::CompressionFormat::None
+                && start.checked_add(stored.len()).is_some_and(|end| end <= bytes.len());
+            let section_bytes = if in_file {
+                SectionBytes::InFile(start..start + stored.len())
+            } else {
+                let inflated =
+                    compressed.decompress().map_err(|source| DwarfError::Section { section: id, source })?;
+                SectionBytes::Inflated(inflated.into_owned())
+            };
+            data.insert(id, section_bytes);
         }
-        Ok(Sections { data })
+        Ok(Sections { file: file.clone(), data })
+    }
+
+    fn bytes(&self, id: gimli::SectionId) -> &[u8] {
+        match self.data.get(&id) {
+            Some(SectionBytes::InFile(r)) => (*self.file).as_ref().get(r.clone()).unwrap_or(&[]),
+            Some(SectionBytes::Inflated(v)) => v,
+            None => &[],
+        }
+    }
+
+    /// Uncompressed size of a section (0 when absent).
+    pub fn len(&self, id: gimli::SectionId) -> usize {
+        self.bytes(id).len()
     }
 
     fn dwarf(&self) -> gimli::Dwarf<R<'_>> {
         let load = |id: gimli::SectionId| -> Result<R<'_>, ()> {
-            Ok(EndianSlice::new(self.data.get(&id).map(|c| &c[..]).unwrap_or(&[]), LittleEndian))
+            Ok(EndianSlice::new(self.bytes(id), LittleEndian))
         };
         gimli::Dwarf::load(load).expect("loading from memory cannot fail")
     }
@@ -142,19 +187,287 @@ fn in_text(text: &[(u64, u64)], addr: u64) -> bool {
 /// (empty: keep everything but address 0). `symbols` (the file's symbol table) names the
 /// out-of-line functions as binutils does: see [`outer_name`].
 pub(crate) fn read(
-    main: &Sections<'_>,
-    sup: Option<&Sections<'_>>,
+    main: &Sections,
+    sup: Option<&Sections>,
     text: &[(u64, u64)],
     symbols: Option<&ElfSymbols>,
 ) -> Result<RawDebugInfo, DwarfError> {
+    let never = AtomicBool::new(false);
+    let raw = read_bounded(main, sup, text, symbols, &Bounds::default(), &never, &mut || {})?;
+    Ok(raw.expect("never cancelled"))
+}
+
+/// How [`read_bounded`] spreads its work and its memory.
+pub(crate) struct Bounds {
+    /// Threads reading units.
+    pub threads: usize,
+    /// Units read ahead of the oldest one not yet merged (their rows are held apart until
+    /// it is).
+    pub ahead: usize,
+    /// `release` is called each time units of this many `.debug_info` bytes were merged.
+    pub release_every: usize,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+        Bounds { threads, ahead: threads, release_every: 8 << 20 }
+    }
+}
+
+/// [`read`] with bounded memory: units are read by `bounds.threads` threads at most
+/// `bounds.ahead` units ahead of the merge, and `release` is called every
+/// `bounds.release_every` bytes of units merged (to give back the file's pages read so
+/// far). `None` when `cancel` was set before the end.
+pub(crate) fn read_bounded(
+    main: &Sections,
+    sup: Option<&Sections>,
+    text: &[(u64, u64)],
+    symbols: Option<&ElfSymbols>,
+    bounds: &Bounds,
+    cancel: &AtomicBool,
+    release: &mut (dyn FnMut() + Send),
+) -> Result<Option<RawDebugInfo>, DwarfError> {
     let mut dwarf = main.dwarf();
     if let Some(sup) = sup {
         dwarf.set_sup(sup.dwarf());
     }
     let ctx = Ctx::new(&dwarf, symbols)?;
-    let parts: Vec<Result<UnitRows, DwarfError>> =
-        ctx.headers.par_iter().map(|h| read_unit(&ctx, *h, text)).collect();
-    merge(parts)
+    let n = ctx.headers.len();
+    struct Merge<'r> {
+        /// Units merged so far (the next to merge).
+        done: usize,
+        /// Units read, waiting for the ones before them.
+        waiting: BTreeMap<usize, UnitRows>,
+        acc: Accumulator,
+        error: Option<DwarfError>,
+        since_release: usize,
+        release: &'r mut (dyn FnMut() + Send),
+    }
+    let state = Mutex::new(Merge {
+        done: 0,
+        waiting: BTreeMap::new(),
+        acc: Accumulator::default(),
+        error: None,
+        since_release: 0,
+        release,
+    });
+    let merged = Condvar::new();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let ahead = bounds.ahead.max(1);
+    let worker = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            return;
+        }
+        {
+            let mut st = state.lock().expect("merge lock");
+            while i >= st.done + ahead && !stop.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+                st = merged.wait(st).expect("merge lock");
+            }
+        }
+        if stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        let rows = read_unit(&ctx, ctx.headers[i], text, None, cancel);
+        let mut st = state.lock().expect("merge lock");
+        match rows {
+            Ok(rows) => {
+                st.waiting.insert(i, rows);
+            }
+            Err(e) => {
+                st.error.get_or_insert(e);
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        while st.error.is_none() {
+            let done = st.done;
+            let Some(rows) = st.waiting.remove(&done) else { break };
+            if let Err(e) = st.acc.add(&rows) {
+                st.error = Some(e);
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
+            st.since_release += ctx.headers[done].length_including_self();
+            st.done += 1;
+            if st.since_release >= bounds.release_every {
+                st.since_release = 0;
+                (st.release)();
+            }
+        }
+        merged.notify_all();
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..bounds.threads.clamp(1, n.max(1)) {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+    let st = state.into_inner().expect("merge lock");
+    if let Some(e) = st.error {
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) || st.done < n {
+        return Ok(None);
+    }
+    (st.release)();
+    Ok(Some(st.acc.finish()))
+}
+
+/// Which compilation units hold code at which addresses: `.debug_aranges`, and for units
+/// it does not list, the unit's own `DW_AT_ranges` or `DW_AT_low_pc`/`DW_AT_high_pc`.
+pub(crate) struct UnitMap {
+    /// (start, end, unit number), sorted by start.
+    ranges: Vec<(u64, u64, usize)>,
+    /// Units with no known ranges: read for every address.
+    anywhere: Vec<usize>,
+    /// `.debug_info` bytes of each unit.
+    sizes: Vec<usize>,
+}
+
+/// Most units without known ranges for which [`UnitMap`] is still worth building.
+const MAX_UNITS_ANYWHERE: usize = 4;
+
+impl UnitMap {
+    /// The map of `main`'s units, or `None` when too many units have no known ranges.
+    pub fn new(main: &Sections) -> Result<Option<Self>, DwarfError> {
+        let dwarf = main.dwarf();
+        let mut offsets = Vec::new();
+        let mut sizes = Vec::new();
+        let mut units = dwarf.units();
+        while let Some(h) = units.next()? {
+            offsets.push(h.offset().0);
+            sizes.push(h.length_including_self());
+        }
+        let unit_at = |off: DebugInfoOffset<usize>| offsets.binary_search(&off.0).ok();
+        let mut ranges = Vec::new();
+        let mut listed = vec![false; offsets.len()];
+        let mut sets = dwarf.debug_aranges.headers();
+        while let Some(set) = sets.next()? {
+            let Some(u) = unit_at(set.debug_info_offset()) else { continue };
+            listed[u] = true;
+            let mut entries = set.entries();
+            while let Some(e) = entries.next()? {
+                let r = e.range();
+                if r.begin < r.end {
+                    ranges.push((r.begin, r.end, u));
+                }
+            }
+        }
+        let mut anywhere = Vec::new();
+        let mut units = dwarf.units();
+        let mut u = 0;
+        while let Some(h) = units.next()? {
+            if !listed[u] {
+                let unit = dwarf.unit(h)?;
+                let mut cursor = unit.entries();
+                let mut found = false;
+                if let Some(root) = cursor.next_dfs()? {
+                    for r in die_ranges(&dwarf, &unit, root)? {
+                        if r.begin < r.end {
+                            ranges.push((r.begin, r.end, u));
+                            found = true;
+                        }
+                    }
+                }
+                if !found {
+                    anywhere.push(u);
+                    if anywhere.len() > MAX_UNITS_ANYWHERE {
+                        return Ok(None);
+                    }
+                }
+            }
+            u += 1;
+        }
+        ranges.sort_unstable();
+        Ok(Some(UnitMap { ranges, anywhere, sizes }))
+    }
+
+    /// The units holding code somewhere in `[lo, hi]`, in unit order.
+    fn units_in(&self, lo: u64, hi: u64) -> impl Iterator<Item = usize> + '_ {
+        let upto = self.ranges.partition_point(|r| r.0 <= hi);
+        self.ranges[..upto].iter().filter(move |r| r.1 > lo).map(|r| r.2).chain(self.anywhere.iter().copied())
+    }
+
+    /// `.debug_info` bytes of unit `u`.
+    pub fn unit_size(&self, u: usize) -> usize {
+        self.sizes.get(u).copied().unwrap_or(0)
+    }
+}
+
+/// Most units [`read_for`] reads for one batch of addresses.
+pub(crate) const MAX_UNITS_FOR: usize = 8;
+
+/// What [`read`] would give for the addresses `addrs` (sorted, deduplicated), read from
+/// the units that hold code there only: every line row of those units, and the function
+/// ranges that contain one of `addrs`. A unit whose line table may end a sequence between
+/// an address and the row in force there is read too, so each address gets the same line
+/// row as from the whole file. `None` when more than [`MAX_UNITS_FOR`] units or `max_bytes`
+/// bytes of `.debug_info` would be read.
+pub(crate) fn read_for(
+    main: &Sections,
+    sup: Option<&Sections>,
+    map: &UnitMap,
+    text: &[(u64, u64)],
+    symbols: Option<&ElfSymbols>,
+    addrs: &[u64],
+    max_bytes: usize,
+) -> Result<Option<RawDebugInfo>, DwarfError> {
+    let mut dwarf = main.dwarf();
+    if let Some(sup) = sup {
+        dwarf.set_sup(sup.dwarf());
+    }
+    let ctx = Ctx::new(&dwarf, symbols)?;
+    let never = AtomicBool::new(false);
+    let mut wanted: BTreeSet<usize> = addrs.iter().flat_map(|&a| map.units_in(a, a)).collect();
+    let mut read: BTreeMap<usize, UnitRows> = BTreeMap::new();
+    loop {
+        let too_many = wanted.len() > MAX_UNITS_FOR
+            || wanted.iter().map(|&u| map.unit_size(u)).sum::<usize>() > max_bytes
+            || wanted.iter().any(|&u| u >= ctx.headers.len());
+        if too_many {
+            return Ok(None);
+        }
+        for &u in &wanted {
+            if let std::collections::btree_map::Entry::Vacant(e) = read.entry(u) {
+                e.insert(read_unit(&ctx, ctx.headers[u], text, Some(addrs), &never)?);
+            }
+        }
+        let mut acc = Accumulator::default();
+        for rows in read.values() {
+            acc.add(rows)?;
+        }
+        let raw = acc.finish();
+        // Another unit's sequence ending between the row in force and the address would
+        // end that row's reach: read every unit with code in between.
+        let mut more = false;
+        for &a in addrs {
+            let i = raw.lines.partition_point(|r| r.addr <= a);
+            let Some(from) = i.checked_sub(1).map(|i| raw.lines[i].addr) else { continue };
+            for u in map.units_in(from, a) {
+                more |= wanted.insert(u);
+            }
+        }
+        if !more {
+            // An address's answer needs only the row in force there, and rows up to it.
+            let mut raw = raw;
+            let mut keep = vec![false; raw.lines.len()];
+            for &a in addrs {
+                // The row in force, and the next row: the block cut from them reaches `a`.
+                let end = raw.lines.partition_point(|r| r.addr <= a);
+                let from = end.saturating_sub(1);
+                let to = (end + 1).min(raw.lines.len());
+                keep[from..to].iter_mut().for_each(|k| *k = true);
+            }
+            let mut i = 0;
+            raw.lines.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+            return Ok(Some(raw));
+        }
+    }
 }
 
 /// The name of an out-of-line function's range that starts at the symbol `symbol`
@@ -264,10 +577,18 @@ struct UnitReader<'c, 'a, 'd> {
     strings: Interner,
 }
 
+/// DIEs read between two looks at the cancel flag.
+const CANCEL_EVERY: usize = 4096;
+
+/// One unit's rows. With `want` (sorted addresses), only the function ranges that contain
+/// one of them are kept (and named). Set, `cancel` ends the reading early (the rows are then
+/// incomplete and the caller drops them).
 fn read_unit<'d>(
     ctx: &Ctx<'_, 'd>,
     header: gimli::UnitHeader<R<'d>>,
     text: &[(u64, u64)],
+    want: Option<&[u64]>,
+    cancel: &AtomicBool,
 ) -> Result<UnitRows, DwarfError> {
     let dwarf = ctx.dwarf;
     let unit = dwarf.unit(header)?;
@@ -324,7 +645,12 @@ fn read_unit<'d>(
     let mut stack: Vec<(isize, u32)> = Vec::new(); // (DIE depth, inline depth)
     let mut cursor = unit.entries();
     let mut language = None;
+    let mut seen = 0usize;
     while let Some(entry) = cursor.next_dfs()? {
+        seen += 1;
+        if seen.is_multiple_of(CANCEL_EVERY) && cancel.load(Ordering::Relaxed) {
+            break;
+        }
         let die_depth = entry.depth();
         if die_depth == 0 {
             if let Some(AttributeValue::Language(l)) = entry.attr_value(gimli::DW_AT_language) {
@@ -354,6 +680,12 @@ fn read_unit<'d>(
         for r in ranges {
             if r.begin >= r.end || r.end - r.begin > MAX_RANGE || !keep(r.begin) {
                 continue;
+            }
+            if let Some(w) = want {
+                let i = w.partition_point(|&a| a < r.begin);
+                if w.get(i).is_none_or(|&a| a >= r.end) {
+                    continue;
+                }
             }
             if first {
                 first = false;
@@ -577,39 +909,57 @@ impl<'c, 'a, 'd> UnitReader<'c, 'a, 'd> {
     }
 }
 
-fn merge(parts: Vec<Result<UnitRows, DwarfError>>) -> Result<RawDebugInfo, DwarfError> {
-    let mut out = RawDebugInfo::default();
-    let mut global = Interner::new();
-    let mut total = 0usize;
-    for part in parts {
-        let part = part?;
-        total += part.lines.len() + part.funcs.len();
-        if total > MAX_ROWS {
+/// Units' rows merged into one numbering of strings, in the order the units are added.
+#[derive(Default)]
+struct Accumulator {
+    strings: Option<Interner>,
+    lines: Vec<LineRow>,
+    funcs: Vec<FuncRow>,
+}
+
+impl Accumulator {
+    fn add(&mut self, part: &UnitRows) -> Result<(), DwarfError> {
+        if self.lines.len() + self.funcs.len() + part.lines.len() + part.funcs.len() > MAX_ROWS {
             return Err(DwarfError::TooManyRows { max: MAX_ROWS });
         }
+        let global = self.strings.get_or_insert_with(Interner::new);
         let remap: Vec<u32> = part.strings.iter().map(|s| global.intern(s)).collect();
         let m = |i: u32| if i == END { END } else { remap[i as usize] };
-        out.lines.extend(part.lines.iter().map(|r| LineRow { file: m(r.file), ..*r }));
-        out.funcs.extend(part.funcs.iter().map(|f| FuncRow {
+        self.lines.extend(part.lines.iter().map(|r| LineRow { file: m(r.file), ..*r }));
+        self.funcs.extend(part.funcs.iter().map(|f| FuncRow {
             name: m(f.name),
             call_file: m(f.call_file),
             ..*f
         }));
+        Ok(())
     }
-    out.strings = global.strings;
-    out.interner = Some(global.map);
-    // Sequence ends sort before rows that start at the same address; among rows at one
-    // address the last one read wins (the line tables' own order is kept by the stable sort).
-    out.lines.sort_by_key(|r| (r.addr, r.file != END));
-    let mut lines: Vec<LineRow> = Vec::with_capacity(out.lines.len());
-    for r in out.lines.drain(..) {
-        match lines.last_mut() {
-            Some(last) if last.addr == r.addr && last.file != END && r.file != END => *last = r,
-            Some(last) if last.addr == r.addr && last.file == END && r.file != END => lines.push(r),
-            Some(last) if last.addr == r.addr && r.file == END => {}
-            _ => lines.push(r),
+
+    fn finish(self) -> RawDebugInfo {
+        let mut lines = self.lines;
+        // Sequence ends sort before rows that start at the same address; among rows at one
+        // address the last one read wins (the line tables' own order is kept by the stable
+        // sort).
+        lines.sort_by_key(|r| (r.addr, r.file != END));
+        let mut kept = 0usize;
+        for i in 0..lines.len() {
+            let r = lines[i];
+            if let Some(last) = kept.checked_sub(1).map(|k| lines[k]).filter(|l| l.addr == r.addr) {
+                if r.file == END {
+                    continue;
+                }
+                if last.file != END {
+                    lines[kept - 1] = r;
+                    continue;
+                }
+            }
+            lines[kept] = r;
+            kept += 1;
         }
+        lines.truncate(kept);
+        lines.shrink_to_fit();
+        let mut funcs = self.funcs;
+        funcs.shrink_to_fit();
+        let strings = self.strings.map(|s| s.strings).unwrap_or_default();
+        RawDebugInfo { strings, lines, funcs }
     }
-    out.lines = lines;
-    Ok(out)
 }

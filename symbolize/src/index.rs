@@ -385,12 +385,20 @@ struct Draft {
 
 /// Cuts what was read from DWARF into blocks.
 pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    build_blocks_with(raw, &mut |b| blocks.push(b));
+    blocks
+}
+
+/// Cuts what was read from DWARF into blocks and hands each to `emit` as soon as it is
+/// cut, in address order: only one block is assembled at a time.
+pub(crate) fn build_blocks_with(raw: &mut RawDebugInfo, emit: &mut dyn FnMut(Block)) {
     raw.sort();
     let raw = &*raw;
     let lines = &raw.lines;
     let funcs = &raw.funcs;
     if lines.is_empty() && funcs.is_empty() {
-        return Vec::new();
+        return;
     }
     let lo =
         lines.first().map_or(u64::MAX, |l| l.addr).min(funcs.iter().map(|f| f.lo).min().unwrap_or(u64::MAX));
@@ -398,17 +406,119 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
         .last()
         .map_or(0, |l| l.addr.saturating_add(1))
         .max(funcs.iter().map(|f| f.hi).max().unwrap_or(0));
-    // Block starts: every BLOCK_LINES-th line row, and any row or range start more than
-    // 3 GiB past the current block's start, so every block spans at most 4 GiB (offsets
-    // are 32-bit) and no block covers a long empty stretch. Ranges are at most 1 GiB long
-    // (see `dwarf::MAX_RANGE`), so one starting in a block ends within its span.
+    let spans = block_spans(lines, funcs, lo, hi);
+
+    // Rows of each depth (a sorted run of `funcs`): the next one not yet reached, and
+    // those reached that may still reach into the block being cut (in row order).
+    let mut depth_runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut at = 0;
+    while at < funcs.len() {
+        let d = funcs[at].depth;
+        let end = at + funcs[at..].partition_point(|f| f.depth == d);
+        depth_runs.push(at..end);
+        at = end;
+    }
+    let mut next: Vec<usize> = depth_runs.iter().map(|r| r.start).collect();
+    let mut active: Vec<Vec<usize>> = vec![Vec::new(); depth_runs.len()];
+
+    for span in &spans {
+        let mut block = Draft { start: span.start, end: span.end, ..Draft::default() };
+        let mut local: std::collections::HashMap<u32, u32> = Default::default();
+        let mut intern = |block: &mut Draft, g: u32| -> u32 {
+            if g == END {
+                return END;
+            }
+            *local.entry(g).or_insert_with(|| {
+                block.strings.push(raw.strings[g as usize].clone());
+                (block.strings.len() - 1) as u32
+            })
+        };
+        let first = lines.partition_point(|l| l.addr < span.start);
+        let last = lines.partition_point(|l| l.addr < span.end);
+        // The row in force at the block's start.
+        if first > 0 && lines.get(first).is_none_or(|l| l.addr > span.start) {
+            let prev: LineRow = lines[first - 1];
+            if prev.file != END {
+                let file = intern(&mut block, prev.file);
+                block.lines.push(BLine { off: 0, file, line: prev.line, discriminator: prev.discriminator });
+            }
+        }
+        for l in &lines[first..last] {
+            let file = intern(&mut block, l.file);
+            block.lines.push(BLine {
+                off: (l.addr - span.start) as u32,
+                file,
+                line: l.line,
+                discriminator: l.discriminator,
+            });
+        }
+        for (k, run) in depth_runs.iter().enumerate() {
+            active[k].retain(|&j| funcs[j].hi > span.start);
+            while next[k] < run.end && funcs[next[k]].lo < span.end {
+                active[k].push(next[k]);
+                next[k] += 1;
+            }
+            for &j in &active[k] {
+                let f: &FuncRow = &funcs[j];
+                let lo = f.lo.max(span.start);
+                let hi = f.hi.min(span.end);
+                if lo >= hi {
+                    continue;
+                }
+                let name = intern(&mut block, f.name);
+                let call_file = intern(&mut block, f.call_file);
+                let depth = f.depth as usize;
+                if block.levels.len() <= depth {
+                    // A depth with no parent level in this block cannot be reached.
+                    if block.levels.len() < depth {
+                        continue;
+                    }
+                    block.levels.push(Vec::new());
+                }
+                let r = BFunc {
+                    lo: (lo - span.start) as u32,
+                    hi: (hi - span.start) as u32,
+                    name,
+                    call_file,
+                    call_line: f.call_line,
+                };
+                let level = &mut block.levels[depth];
+                match level.last_mut() {
+                    // The same range twice (several labels of one piece of assembly, folded
+                    // code): the last one read wins, as in binutils.
+                    Some(l) if l.lo == r.lo && l.hi == r.hi => *l = r,
+                    _ => level.push(r),
+                }
+            }
+        }
+        emit(Block::new(block.start, block.end, Arena::new(&block.strings), block.lines, block.levels));
+    }
+}
+
+/// Where the blocks start and end: a block starts at every `BLOCK_LINES`-th line row, and
+/// at any row or range start more than 3 GiB past the current block's start, so every
+/// block spans at most 4 GiB (offsets are 32-bit) and no block covers a long empty
+/// stretch. Ranges are at most 1 GiB long (see `dwarf::MAX_RANGE`), so one starting in a
+/// block ends within its span. Lines count before ranges that start at the same address.
+fn block_spans(lines: &[LineRow], funcs: &[FuncRow], lo: u64, hi: u64) -> Vec<BlockSpan> {
     const FAR: u64 = 3 << 30;
-    let mut points: Vec<(u64, bool)> = lines.iter().map(|l| (l.addr, true)).collect();
-    points.extend(funcs.iter().map(|f| (f.lo, false)));
-    points.sort_unstable_by_key(|p| p.0);
+    let mut func_starts: Vec<u64> = funcs.iter().map(|f| f.lo).collect();
+    func_starts.sort_unstable();
     let mut starts = vec![lo];
     let mut since = 0usize;
-    for &(addr, is_line) in &points {
+    let (mut li, mut fi) = (0, 0);
+    loop {
+        let (addr, is_line) = match (lines.get(li), func_starts.get(fi)) {
+            (Some(l), Some(&f)) if l.addr <= f => (l.addr, true),
+            (_, Some(&f)) => (f, false),
+            (Some(l), None) => (l.addr, true),
+            (None, None) => break,
+        };
+        if is_line {
+            li += 1;
+        } else {
+            fi += 1;
+        }
         let last = *starts.last().expect("non-empty");
         since += usize::from(is_line);
         if addr > last && ((is_line && since >= BLOCK_LINES) || addr - last >= FAR) {
@@ -420,100 +530,13 @@ pub(crate) fn build_blocks(raw: &mut RawDebugInfo) -> Vec<Block> {
         }
     }
     let span_max = u64::from(u32::MAX);
-    let spans: Vec<BlockSpan> = starts
+    starts
         .iter()
         .enumerate()
         .map(|(i, &s)| {
             let next = starts.get(i + 1).copied().unwrap_or(hi);
             BlockSpan { start: s, end: next.min(s.saturating_add(span_max)) }
         })
-        .collect();
-
-    let mut blocks: Vec<Draft> =
-        spans.iter().map(|s| Draft { start: s.start, end: s.end, ..Draft::default() }).collect();
-    // String remapping per block (global index → local index).
-    let mut local: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); blocks.len()];
-    let mut intern = |b: usize, blocks: &mut [Draft], g: u32| -> u32 {
-        if g == END {
-            return END;
-        }
-        let map = &mut local[b];
-        *map.entry(g).or_insert_with(|| {
-            let block = &mut blocks[b];
-            block.strings.push(raw.strings[g as usize].clone());
-            (block.strings.len() - 1) as u32
-        })
-    };
-
-    for (b, span) in spans.iter().enumerate() {
-        let first = lines.partition_point(|l| l.addr < span.start);
-        let last = lines.partition_point(|l| l.addr < span.end);
-        // The row in force at the block's start.
-        if first > 0 && lines.get(first).is_none_or(|l| l.addr > span.start) {
-            let prev: LineRow = lines[first - 1];
-            if prev.file != END {
-                let file = intern(b, &mut blocks, prev.file);
-                blocks[b].lines.push(BLine {
-                    off: 0,
-                    file,
-                    line: prev.line,
-                    discriminator: prev.discriminator,
-                });
-            }
-        }
-        for l in &lines[first..last] {
-            let file = intern(b, &mut blocks, l.file);
-            blocks[b].lines.push(BLine {
-                off: (l.addr - span.start) as u32,
-                file,
-                line: l.line,
-                discriminator: l.discriminator,
-            });
-        }
-    }
-
-    for f in funcs {
-        let f: &FuncRow = f;
-        let first = spans.partition_point(|s| s.end <= f.lo);
-        for (b, span) in spans.iter().enumerate().skip(first) {
-            if span.start >= f.hi {
-                break;
-            }
-            let lo = f.lo.max(span.start);
-            let hi = f.hi.min(span.end);
-            if lo >= hi {
-                continue;
-            }
-            let name = intern(b, &mut blocks, f.name);
-            let call_file = intern(b, &mut blocks, f.call_file);
-            let block = &mut blocks[b];
-            let depth = f.depth as usize;
-            if block.levels.len() <= depth {
-                // A depth with no parent level in this block cannot be reached.
-                if block.levels.len() < depth {
-                    continue;
-                }
-                block.levels.push(Vec::new());
-            }
-            let r = BFunc {
-                lo: (lo - span.start) as u32,
-                hi: (hi - span.start) as u32,
-                name,
-                call_file,
-                call_line: f.call_line,
-            };
-            let level = &mut block.levels[depth];
-            match level.last_mut() {
-                // The same range twice (several labels of one piece of assembly, folded
-                // code): the last one read wins, as in binutils.
-                Some(l) if l.lo == r.lo && l.hi == r.hi => *l = r,
-                _ => level.push(r),
-            }
-        }
-    }
-    blocks
-        .into_iter()
-        .map(|b| Block::new(b.start, b.end, Arena::new(&b.strings), b.lines, b.levels))
         .collect()
 }
 
@@ -522,6 +545,142 @@ mod tests {
     use super::*;
     use crate::dwarf::{FuncRow, LineRow, RawDebugInfo};
     use proptest::prelude::*;
+
+    /// The first, whole-index version of [`build_blocks`]: the oracle it is checked against.
+    fn build_blocks_reference(raw: &mut RawDebugInfo) -> Vec<Block> {
+        raw.sort();
+        let raw = &*raw;
+        let lines = &raw.lines;
+        let funcs = &raw.funcs;
+        if lines.is_empty() && funcs.is_empty() {
+            return Vec::new();
+        }
+        let lo = lines
+            .first()
+            .map_or(u64::MAX, |l| l.addr)
+            .min(funcs.iter().map(|f| f.lo).min().unwrap_or(u64::MAX));
+        let hi = lines
+            .last()
+            .map_or(0, |l| l.addr.saturating_add(1))
+            .max(funcs.iter().map(|f| f.hi).max().unwrap_or(0));
+        // Block starts: every BLOCK_LINES-th line row, and any row or range start more than
+        // 3 GiB past the current block's start, so every block spans at most 4 GiB (offsets
+        // are 32-bit) and no block covers a long empty stretch. Ranges are at most 1 GiB long
+        // (see `dwarf::MAX_RANGE`), so one starting in a block ends within its span.
+        const FAR: u64 = 3 << 30;
+        let mut points: Vec<(u64, bool)> = lines.iter().map(|l| (l.addr, true)).collect();
+        points.extend(funcs.iter().map(|f| (f.lo, false)));
+        points.sort_unstable_by_key(|p| p.0);
+        let mut starts = vec![lo];
+        let mut since = 0usize;
+        for &(addr, is_line) in &points {
+            let last = *starts.last().expect("non-empty");
+            since += usize::from(is_line);
+            if addr > last && ((is_line && since >= BLOCK_LINES) || addr - last >= FAR) {
+                if starts.len() >= MAX_BLOCKS {
+                    break;
+                }
+                starts.push(addr);
+                since = 0;
+            }
+        }
+        let span_max = u64::from(u32::MAX);
+        let spans: Vec<BlockSpan> = starts
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let next = starts.get(i + 1).copied().unwrap_or(hi);
+                BlockSpan { start: s, end: next.min(s.saturating_add(span_max)) }
+            })
+            .collect();
+
+        let mut blocks: Vec<Draft> =
+            spans.iter().map(|s| Draft { start: s.start, end: s.end, ..Draft::default() }).collect();
+        // String remapping per block (global index → local index).
+        let mut local: Vec<std::collections::HashMap<u32, u32>> = vec![Default::default(); blocks.len()];
+        let mut intern = |b: usize, blocks: &mut [Draft], g: u32| -> u32 {
+            if g == END {
+                return END;
+            }
+            let map = &mut local[b];
+            *map.entry(g).or_insert_with(|| {
+                let block = &mut blocks[b];
+                block.strings.push(raw.strings[g as usize].clone());
+                (block.strings.len() - 1) as u32
+            })
+        };
+
+        for (b, span) in spans.iter().enumerate() {
+            let first = lines.partition_point(|l| l.addr < span.start);
+            let last = lines.partition_point(|l| l.addr < span.end);
+            // The row in force at the block's start.
+            if first > 0 && lines.get(first).is_none_or(|l| l.addr > span.start) {
+                let prev: LineRow = lines[first - 1];
+                if prev.file != END {
+                    let file = intern(b, &mut blocks, prev.file);
+                    blocks[b].lines.push(BLine {
+                        off: 0,
+                        file,
+                        line: prev.line,
+                        discriminator: prev.discriminator,
+                    });
+                }
+            }
+            for l in &lines[first..last] {
+                let file = intern(b, &mut blocks, l.file);
+                blocks[b].lines.push(BLine {
+                    off: (l.addr - span.start) as u32,
+                    file,
+                    line: l.line,
+                    discriminator: l.discriminator,
+                });
+            }
+        }
+
+        for f in funcs {
+            let f: &FuncRow = f;
+            let first = spans.partition_point(|s| s.end <= f.lo);
+            for (b, span) in spans.iter().enumerate().skip(first) {
+                if span.start >= f.hi {
+                    break;
+                }
+                let lo = f.lo.max(span.start);
+                let hi = f.hi.min(span.end);
+                if lo >= hi {
+                    continue;
+                }
+                let name = intern(b, &mut blocks, f.name);
+                let call_file = intern(b, &mut blocks, f.call_file);
+                let block = &mut blocks[b];
+                let depth = f.depth as usize;
+                if block.levels.len() <= depth {
+                    // A depth with no parent level in this block cannot be reached.
+                    if block.levels.len() < depth {
+                        continue;
+                    }
+                    block.levels.push(Vec::new());
+                }
+                let r = BFunc {
+                    lo: (lo - span.start) as u32,
+                    hi: (hi - span.start) as u32,
+                    name,
+                    call_file,
+                    call_line: f.call_line,
+                };
+                let level = &mut block.levels[depth];
+                match level.last_mut() {
+                    // The same range twice (several labels of one piece of assembly, folded
+                    // code): the last one read wins, as in binutils.
+                    Some(l) if l.lo == r.lo && l.hi == r.hi => *l = r,
+                    _ => level.push(r),
+                }
+            }
+        }
+        blocks
+            .into_iter()
+            .map(|b| Block::new(b.start, b.end, Arena::new(&b.strings), b.lines, b.levels))
+            .collect()
+    }
 
     /// Naive answer: the last line row at or before `addr` (none after a sequence end), and
     /// the chain of ranges holding `addr`, each inside the previous one.
@@ -633,6 +792,12 @@ mod tests {
                     prop_assert_eq!(inner.line, line);
                 }
             }
+        }
+
+        #[test]
+        fn blocks_cut_one_at_a_time_are_the_whole_index_cut(raw in raw_strategy()) {
+            let (mut a, mut b) = (raw.clone(), raw);
+            prop_assert_eq!(build_blocks(&mut a), build_blocks_reference(&mut b));
         }
 
         #[test]

@@ -11,7 +11,9 @@
 //! debug file found by build-id or `.gnu_debuglink`, or a debuginfod download), compiled
 //! once per binary into block indexes that are cached zstd-compressed on disk per build-id
 //! and kept in memory under an LRU byte budget; where DWARF has no function, from the
-//! symbol tables.
+//! symbol tables. A file with much DWARF is indexed on a thread of its own, in bounded
+//! memory; until its index is ready, a small batch of addresses is answered from the
+//! compilation units that hold them (the same answers), and a larger one waits.
 //!
 //! ```
 //! use unwound_symbolize::{Options, Symbolizer};
@@ -82,8 +84,8 @@ mod maps;
 mod name;
 mod options;
 mod perf_map;
-pub mod python;
 pub mod process;
+pub mod python;
 mod resolution;
 mod symbolizer;
 
@@ -149,8 +151,10 @@ pub mod fuzzing {
     /// Arbitrary bytes as an ELF file with DWARF: index it, round-trip every block through
     /// its compressed encoding, look addresses up. Never panics.
     pub fn dwarf_index(data: &[u8]) {
-        let Ok(obj) = object::File::parse(data) else { return };
-        let Ok(sections) = crate::dwarf::Sections::load(&obj, 16 << 20) else { return };
+        let bytes: crate::dwarf::FileBytes = std::sync::Arc::new(data.to_vec());
+        // Parsed again from the copy: the sections are found by their place in it.
+        let Ok(obj) = object::File::parse((*bytes).as_ref()) else { return };
+        let Ok(sections) = crate::dwarf::Sections::load(&obj, &bytes, 16 << 20) else { return };
         let text = crate::dwarf::text_ranges(&obj);
         let Ok(mut raw) = crate::dwarf::read(&sections, None, &text, None) else { return };
         let blocks = crate::index::build_blocks(&mut raw);

@@ -82,6 +82,8 @@ pub struct Symbolizer {
     /// A debuginfod request failed: the servers are down or unreachable, and each further
     /// request would wait out the timeout again.
     debuginfod_down: std::sync::atomic::AtomicBool,
+    /// `.debug_info` bytes from which a file is indexed in the background (tests lower it).
+    lazy_dwarf: usize,
 }
 
 impl Symbolizer {
@@ -95,6 +97,7 @@ impl Symbolizer {
             next_id: AtomicU64::new(1),
             stats: Mutex::new(Stats::default()),
             debuginfod_down: std::sync::atomic::AtomicBool::new(false),
+            lazy_dwarf: binary::LAZY_DWARF,
         }
     }
 
@@ -114,6 +117,6 @@ impl Symbolizer {
     /// in input order. An error is returned only when the file itself cannot be used.
     pub fn symbolize_elf(&self, path: impl AsRef<Path>, addrs: &[u64]) -> Result<Vec<Resolution>, Error> {
         let bin = self.binary(path.as_ref())?;
-        Ok(self.run(&bin, addrs))
+        self.run(&bin, addrs)
     }
 }

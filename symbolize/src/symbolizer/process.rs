@@ -80,7 +80,13 @@ impl Symbolizer {
                 None => out.push((i, Err(Miss::OutsideSegments))),
             }
         }
-        out.extend(keep.into_iter().zip(self.run(&bin, &vaddrs)));
+        match self.run(&bin, &vaddrs) {
+            Ok(answers) => out.extend(keep.into_iter().zip(answers)),
+            Err(e) => {
+                let e = Arc::new(e);
+                out.extend(keep.into_iter().map(|i| (i, Err(Miss::Unreadable(e.clone())))));
+            }
+        }
         out
     }
 }
