@@ -1,7 +1,6 @@
 //! `unwound`: the reference agent. A thin binary over the workspace's crates.
 
 mod output;
-mod profile;
 mod record;
 mod sample_cost;
 mod summary;

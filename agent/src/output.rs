@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Context as _;
 
-use crate::profile::Stack;
+use unwound_stackwalk::profile::Stack;
 
 /// What the writers need beside the stacks.
 pub struct ProfileMeta {
@@ -29,7 +29,7 @@ pub fn folded_lines(stacks: &[Stack]) -> Vec<String> {
                     line.push_str(&name.replace(';', ":"));
                     if f.kernel {
                         line.push_str("_[k]");
-                    } else if f.module == crate::profile::PYTHON_MODULE {
+                    } else if f.module == unwound_stackwalk::profile::PYTHON_MODULE {
                         line.push_str("_[py]");
                     } else if i > 0 {
                         // Inlined into the frame before it (flamegraph.pl's marker).

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _};
 use unwound_stackwalk::{Notice, TableOptions, Walker, WalkerBuilder};
 use unwound_stackwalk_abi::{MAX_PIDS, MAX_USER_FRAMES};
 
-use crate::profile::Collector;
+use unwound_stackwalk::profile::Collector;
 use crate::summary::Summary;
 use crate::writer::{output_dir, ProfileWriter};
 use crate::WalkerKind;

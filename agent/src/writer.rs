@@ -14,7 +14,7 @@ use unwound_export::{Auth, BaseUrl, Exporter, LabelResolver, RunLabels};
 use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
-use crate::profile::{Collector, Stack};
+use unwound_stackwalk::profile::{Collector, Stack};
 use crate::{Format, RecordArgs};
 
 /// `unwound record`'s labels and exports.
@@ -250,6 +250,7 @@ impl ProfileWriter {
             KernelSymbols::default()
         };
         let symbolize_started = Instant::now();
+        eprintln!("unwound: symbolizing (debuginfo indexes are built once and cached)…");
         let stacks = collector.symbolize(&kernel, &self.symbolizer);
         self.symbolize_time += symbolize_started.elapsed();
         let meta = ProfileMeta {
@@ -307,7 +308,7 @@ impl Drop for ProfileWriter {
     }
 }
 
-fn export_frame(f: &crate::profile::Frame) -> unwound_export::Frame {
+fn export_frame(f: &unwound_stackwalk::profile::Frame) -> unwound_export::Frame {
     unwound_export::Frame {
         function: f.name.clone(),
         module: f.module.clone(),

@@ -51,6 +51,7 @@
 
 mod btf;
 mod error;
+pub mod profile;
 mod python;
 pub mod sample_cost;
 mod tables;

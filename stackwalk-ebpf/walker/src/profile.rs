@@ -1,4 +1,6 @@
-//! Aggregation of raw samples and their symbolization.
+//! Aggregation of the walker's samples and their symbolization: a [`Collector`] takes the
+//! [`Event`]s of [`Walker::drain`](crate::Walker::drain) and gives symbolized [`Stack`]s,
+//! whatever became of the processes sampled.
 //!
 //! Samples are counted by (process, thread name, raw kernel stack, raw user stack) while
 //! recording. Frames the kernel found in its own view of the process come with their
@@ -17,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use unwound_stackwalk::Event;
+use crate::Event;
 use unwound_stackwalk_abi::{
     walk_end_name, PyFrameRecord, RecordFile, KMAP_ANON, PY_FRAME_ENTRY, WALK_COMPLETE, WALK_FRAME_POINTERS,
 };
@@ -30,10 +32,12 @@ use unwound_symbolize::{
 /// Key of an aggregated stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
+    /// Process id.
     pub pid: u32,
     /// How many times the process had called `execve` when the sample was taken: each
     /// program image has its own mappings.
     pub generation: u32,
+    /// Thread name (`;` replaced by `:`).
     pub comm: String,
     /// Kernel frames, innermost first.
     pub kernel: Box<[u64]>,
@@ -50,6 +54,7 @@ pub struct StackKey {
 /// Where in the source a frame is: one per inlined function, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SourceLine {
+    /// The function (inlined or not) this line is in.
     pub function: String,
     /// Empty when unknown.
     pub file: String,
@@ -67,6 +72,7 @@ pub struct Frame {
     /// The address looked up: a file virtual address for user frames, the kernel address
     /// for kernel frames; 0 when nothing is known.
     pub address: u64,
+    /// A kernel frame.
     pub kernel: bool,
     /// Source lines from DWARF, innermost (inlined) first; empty without debuginfo. The
     /// last one's function is `name`.
@@ -89,10 +95,13 @@ impl Frame {
 /// A symbolized stack, root first.
 #[derive(Clone, Debug)]
 pub struct Stack {
+    /// Process id.
     pub pid: u32,
+    /// Thread name.
     pub comm: String,
     /// Root first: user frames outermost to innermost, then kernel frames likewise.
     pub frames: Vec<Frame>,
+    /// Samples with this stack.
     pub count: u64,
 }
 
@@ -118,10 +127,13 @@ pub struct Collector {
     code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
     /// Python frames whose code object could not be read.
     pub python_unnamed: u64,
+    /// Samples added.
     pub samples: u64,
     /// `execve` and exit events seen.
     pub execs: u64,
+    /// Exit events seen.
     pub exits: u64,
+    /// Records that were neither samples nor known events.
     pub malformed: u64,
 }
 
@@ -135,6 +147,7 @@ const MAX_CODE_OBJECTS: usize = 1 << 16;
 pub const INVALID_FRAME: &str = "[unwind: invalid frame]";
 
 impl Collector {
+    /// An empty collector.
     pub fn new() -> Self {
         Self::default()
     }
@@ -405,13 +418,6 @@ impl Collector {
                     wanted.entry(file_id(info)).or_insert_with(|| (info.clone(), Vec::new())).1.push(v);
                 }
             }
-        }
-        if !wanted.is_empty() {
-            let addrs: usize = wanted.values().map(|(_, v)| v.len()).sum();
-            eprintln!(
-                "unwound: symbolizing {addrs} addresses in {} files (debuginfo indexes are built once and cached)…",
-                wanted.len()
-            );
         }
         wanted
             .into_par_iter()
