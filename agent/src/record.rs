@@ -9,11 +9,11 @@ use anyhow::{bail, Context as _};
 use unwound_stackwalk::{Notice, TableOptions, Walker, WalkerBuilder};
 use unwound_stackwalk_abi::{MAX_PIDS, MAX_USER_FRAMES};
 
-use unwound_stackwalk::profile::Collector;
 use crate::summary::Summary;
 use crate::writer::{output_dir, ProfileWriter};
 use crate::WalkerKind;
 use crate::{Format, RecordArgs};
+use unwound_stackwalk::profile::Collector;
 
 const POLL_INTERVAL_MS: i32 = 100;
 

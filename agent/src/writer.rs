@@ -14,8 +14,8 @@ use unwound_export::{Auth, BaseUrl, Exporter, LabelResolver, RunLabels};
 use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
-use unwound_stackwalk::profile::{Collector, Stack};
 use crate::{Format, RecordArgs};
+use unwound_stackwalk::profile::{Collector, Stack};
 
 /// `unwound record`'s labels and exports.
 #[derive(clap::Args, Debug, Clone)]

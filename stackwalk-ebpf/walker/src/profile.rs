@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use crate::Event;
+use rayon::prelude::*;
 use unwound_stackwalk_abi::{
     walk_end_name, PyFrameRecord, RecordFile, KMAP_ANON, PY_FRAME_ENTRY, WALK_COMPLETE, WALK_FRAME_POINTERS,
 };
