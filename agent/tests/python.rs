@@ -46,12 +46,33 @@ fn python_frames_replace_the_interpreters_and_keep_native_frames_around_them() {
     let mut failures = Vec::new();
     for python in &interpreters {
         let mut child =
-            Command::new(python).arg(&script).arg("6").stdout(Stdio::null()).spawn().expect("run python");
+            Command::new(python).arg(&script).arg("60").stdout(Stdio::null()).spawn().expect("run python");
         settle(700);
         let tmp = tempfile::tempdir().unwrap();
         let (stacks, run) = record_folded(&[child.id()], 3.0, 499, tmp.path());
+        // The same process in pprof: Python frames carry their file and line (the lines of
+        // `leaf`'s loop in spin_compress.py, read from the script itself).
+        let pb = tmp.path().join("profile.pb.gz");
+        let pid = child.id().to_string();
+        let rec = unwound(&["record", "--pid", &pid, "--duration", "1", "--output", pb.to_str().unwrap()]);
+        let raw =
+            Command::new("go").args(["tool", "pprof", "-raw"]).arg(&pb).output().expect("go tool pprof");
+        let raw = String::from_utf8_lossy(&raw.stdout);
         let _ = child.kill();
         let _ = child.wait();
+        let source = std::fs::read_to_string(&script).unwrap();
+        let line_of = |text: &str| source.lines().position(|l| l.contains(text)).map(|i| i + 1).unwrap();
+        let leaf_lines = [line_of("for i in range(n):"), line_of("s += i * i")];
+        let located = leaf_lines.iter().any(|n| {
+            raw.lines().any(|l| l.contains(" leaf ") && l.contains(&format!("spin_compress.py:{n}")))
+        });
+        if !located {
+            failures.push(format!(
+                "{}: no location `leaf spin_compress.py:{leaf_lines:?}` in pprof\n{}\n{raw}",
+                python.display(),
+                rec.stderr
+            ));
+        }
         let total: u64 = stacks.iter().map(|s| s.count).sum();
         let has = |s: &FoldedStack, seq: &[&str]| s.user.windows(seq.len()).any(|w| w == seq);
         let count =
