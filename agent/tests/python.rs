@@ -92,7 +92,10 @@ fn python_frames_replace_the_interpreters_and_keep_native_frames_around_them() {
             && python_frames as f64 >= 0.95 * total as f64
             && spin >= total / 10
             && deflate >= total / 20
-            && rooted as f64 >= 0.95 * python_frames as f64
+            // Below Py_RunMain: all but the samples taken in glibc's `__tls_get_addr`, whose
+            // hand-written fast path has no CFI and keeps no frame pointer (3.12+ reach the
+            // thread state through it): their native walk stops there, marked.
+            && rooted as f64 >= 0.85 * python_frames as f64
             && eval_left as f64 <= 0.02 * total as f64;
         if !ok {
             failures.push(format!("{line}\n{}", run.stderr));
