@@ -167,7 +167,9 @@ fn children_forked_without_exec_inherit_their_parents_walkability() {
 /// Runs `binary` as process `pid` (through `ns_last_pid`); false when another process took
 /// the pid first.
 fn run_as_pid(binary: &Path, pid: u32) -> bool {
-    std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("write ns_last_pid");
+    if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
+        return false;
+    }
     let mut child = Command::new(binary).stdout(Stdio::null()).spawn().expect("run fixture");
     let got = child.id();
     child.wait().unwrap();
@@ -184,9 +186,10 @@ fn a_reused_pid_never_takes_the_previous_programs_names() {
     let r = record_while(|| {
         for i in 0..60u32 {
             // A pid well past the last one given, free now: two programs in turn under it.
-            let last: u32 =
-                std::fs::read_to_string("/proc/sys/kernel/ns_last_pid").unwrap().trim().parse().unwrap();
-            let pid = last + 100 + i;
+            let read = |f: &str| std::fs::read_to_string(f).unwrap().trim().parse::<u32>().unwrap();
+            let (last, max) = (read("/proc/sys/kernel/ns_last_pid"), read("/proc/sys/kernel/pid_max"));
+            // Past the last pid given, or low again when that is near pid_max (pids wrap).
+            let pid = if last + 300 < max { last + 100 + i } else { 1000 + 10 * i };
             if Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
