@@ -712,7 +712,7 @@ fn exec_cost() {
         let execs = exec_storm(secs - 1.5) as f64 / (secs - 1.5);
         let rec_cpu = child_cpu(rec);
         let script = Command::new("perf")
-            .args(["script", "-i", "/tmp/unwound-bench-perf.data"])
+            .args(["script", "--no-inline", "-i", "/tmp/unwound-bench-perf.data"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -739,7 +739,8 @@ fn exec_cost() {
         m(&perf, 2)
     );
     println!("  profiler CPU: unwound's process after start-up (sampling, following, symbolizing at");
-    println!("  the end); perf's `perf record` process (its stacks need `perf script` on top).");
+    println!("  the end); perf's `perf record` process (its stacks need `perf script` on top,");
+    println!("  here with --no-inline: inline expansion runs addr2line over every busy library)");
 }
 
 /// A Python program spinning `depth` frames deep (distinct functions f0 → f1 → …), or
