@@ -98,49 +98,7 @@ impl SampleCost {
 /// Byte offset of `member` in `struct strukt`, from raw BTF (`/sys/kernel/btf/vmlinux`).
 /// `None` when either is missing or the data is malformed; never panics.
 fn struct_member_offset(btf: &[u8], strukt: &str, member: &str) -> Option<u32> {
-    let u16_at = |p: usize| Some(u16::from_le_bytes(btf.get(p..p + 2)?.try_into().ok()?));
-    let u32_at = |p: usize| Some(u32::from_le_bytes(btf.get(p..p + 4)?.try_into().ok()?));
-    if u16_at(0)? != 0xeb9f {
-        return None; // not little-endian BTF
-    }
-    let hdr_len = u32_at(4)? as usize;
-    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
-    let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
-    let strings =
-        btf.get(hdr_len.checked_add(str_off)?..hdr_len.checked_add(str_off)?.checked_add(str_len)?)?;
-    let name = |off: u32| -> Option<&[u8]> {
-        let s = strings.get(off as usize..)?;
-        Some(&s[..s.iter().position(|&b| b == 0)?])
-    };
-    let mut pos = hdr_len.checked_add(type_off)?;
-    let end = pos.checked_add(type_len)?.min(btf.len());
-    while pos + 12 <= end {
-        let (name_off, info) = (u32_at(pos)?, u32_at(pos + 4)?);
-        let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31 == 1);
-        pos += 12;
-        // Bytes after the common header, by kind (include/uapi/linux/btf.h).
-        let extra = match kind {
-            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
-            3 => 12,                      // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
-            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
-            _ => return None,             // a kind this reader does not know
-        };
-        if kind == 4 && name(name_off)? == strukt.as_bytes() {
-            for m in 0..vlen {
-                let at = pos + 12 * m;
-                if name(u32_at(at)?)? == member.as_bytes() {
-                    let bits = u32_at(at + 8)?;
-                    // With kind_flag the low 24 bits are the bit offset (bitfield size above).
-                    let bits = if kind_flag { bits & 0xff_ffff } else { bits };
-                    return (bits % 8 == 0).then_some(bits / 8);
-                }
-            }
-        }
-        pos = pos.checked_add(extra)?;
-    }
-    None
+    crate::btf::Btf::parse(btf)?.offset(strukt, &[member])
 }
 
 #[cfg(test)]
