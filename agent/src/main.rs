@@ -1,6 +1,7 @@
 //! `unwound`: the reference agent. A thin binary over the workspace's crates.
 
 mod output;
+mod privileges;
 mod record;
 mod sample_cost;
 mod summary;

@@ -23,12 +23,16 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     check_args(args)?;
     // Before any progress line: a user without the privileges or the kernel gets one line.
     unwound_stackwalk::check_privileges()?;
+    for line in crate::privileges::missing() {
+        eprintln!("{line}");
+    }
     unwound_stackwalk::check_kernel(
         &unwound_stackwalk::kernel_release(),
         Path::new("/sys/kernel/btf/vmlinux").exists(),
     )?;
     let cpu_before = cpu_time();
     let stats_guard = if args.bpf_stats { Some(unwound_stackwalk::enable_bpf_stats()?) } else { None };
+    let caches_unwritable = check_cache_dirs(args);
     let mut session = start_walker(args)?;
     // The command starts once the walker is attached, so its first samples are taken.
     let mut command = match args.command.split_first() {
@@ -42,6 +46,15 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    // The programs are loaded and attached and the command started: from here on the agent
+    // needs only what it uses while sampling.
+    match crate::privileges::drop_all_but_kept() {
+        Ok(kept) => eprintln!(
+            "unwound: capabilities kept: {} (every other one dropped)",
+            crate::privileges::names(&kept)
+        ),
+        Err(e) => eprintln!("warning: {e}; running with the capabilities it was given"),
+    }
     let cpu_started = cpu_time();
     // The recording window starts once the walker is attached: compiling tables and
     // verifying the programs do not eat into --duration.
@@ -150,12 +163,13 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
         event_programs: session.programs().events.clone(),
         exits: collector.exits,
         symbolize_time: writer.symbolize_time,
-        symbol_stats: writer.symbolizer.stats(),
+        symbol_stats: writer.symbol_stats(),
         bpf_run,
         tables: session.table_stats().cloned(),
         python: (session.python_stats().cloned(), collector.python_unnamed),
         tables_off: session.tables_refused_by_kernel(),
         kernel: unwound_stackwalk::kernel_release(),
+        caches_unwritable,
     };
     summary.print(ended_early);
     if args.json_summary {
@@ -289,6 +303,41 @@ fn check_args(args: &RecordArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The directory compiled unwind tables are cached in, if any.
+fn table_cache_dir(args: &RecordArgs) -> Option<std::path::PathBuf> {
+    if args.no_table_cache || args.no_tables {
+        return None;
+    }
+    args.table_cache_dir.clone().or_else(|| unwound_symbolize::default_cache_dir().map(|d| d.join("tables")))
+}
+
+/// Says, one line each, which cache directories cannot be written (the run goes on without
+/// keeping what it compiles there); returns how many.
+fn check_cache_dirs(args: &RecordArgs) -> u64 {
+    let symbols = crate::symbolize::options(
+        args.symbol_cache_dir.clone(),
+        args.no_symbol_cache,
+        args.symbol_memory,
+        &args.debug_dirs,
+    )
+    .cache_dir;
+    let mut unwritable = 0;
+    for (what, dir) in [("unwind tables", table_cache_dir(args)), ("debuginfo indexes", symbols)] {
+        let Some(dir) = dir else { continue };
+        let probe = dir.join(format!(".unwound-probe-{}", std::process::id()));
+        let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b""));
+        let _ = std::fs::remove_file(&probe);
+        if let Err(e) = written {
+            eprintln!(
+                "warning: cannot write the {what} cache in {}: {e}; they are built afresh and not kept",
+                dir.display()
+            );
+            unwritable += 1;
+        }
+    }
+    unwritable
+}
+
 /// Compiles the start-up tables, loads and attaches the walker as `args` say, and prints
 /// what it chose.
 fn start_walker(args: &RecordArgs) -> anyhow::Result<Walker> {
@@ -302,13 +351,7 @@ fn start_walker(args: &RecordArgs) -> anyhow::Result<Walker> {
         })
         .tables((!args.no_tables).then(|| TableOptions {
             memory_bytes: (args.table_memory * (1u64 << 20) as f64) as u64,
-            cache_dir: if args.no_table_cache {
-                None
-            } else {
-                args.table_cache_dir
-                    .clone()
-                    .or_else(|| unwound_symbolize::default_cache_dir().map(|d| d.join("tables")))
-            },
+            cache_dir: table_cache_dir(args),
         }));
     for &pid in &args.pids {
         builder = builder.pid(pid);

@@ -43,6 +43,8 @@ pub(crate) struct Summary {
     pub(crate) tables_off: bool,
     /// The running kernel's release (`uname -r`).
     pub(crate) kernel: String,
+    /// Cache directories that could not be written.
+    pub(crate) caches_unwritable: u64,
 }
 
 impl Summary {
@@ -218,6 +220,7 @@ impl Summary {
             put(k, json!(v));
         }
         put("kernel", json!(self.kernel));
+        put("caches_unwritable", json!(self.caches_unwritable));
         let (py, unnamed) = &self.python;
         put("python_processes", json!(py.as_ref().map_or(0, |p| p.processes)));
         put("python_disabled", json!(py.as_ref().map(|p| p.disabled.clone()).unwrap_or_default()));

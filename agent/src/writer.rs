@@ -126,7 +126,7 @@ impl ExportArgs {
 /// its decompressed debuginfo) is kept from one profile to the next.
 pub(crate) struct ProfileWriter {
     pub(crate) format: Format,
-    pub(crate) symbolizer: unwound_symbolize::Symbolizer,
+    symbolizer: unwound_symbolize::Symbolizer,
     kernel_cache: Option<PathBuf>,
     keep: Option<usize>,
     /// Profiles written, oldest first (those deleted by `--keep` left out), and how many
@@ -160,6 +160,10 @@ impl ProfileWriter {
             args.symbol_memory,
             &args.debug_dirs,
         );
+        match remove_stale_temporaries(&args.output) {
+            0 => {}
+            n => eprintln!("unwound: removed {n} temporary files of earlier runs that ended mid-write"),
+        }
         ProfileWriter {
             format,
             kernel_cache: options.cache_dir.clone(),
@@ -287,6 +291,13 @@ impl ProfileWriter {
     }
 }
 
+impl ProfileWriter {
+    /// The symbolizer's counts over the run.
+    pub(crate) fn symbol_stats(&self) -> unwound_symbolize::Stats {
+        self.symbolizer.stats()
+    }
+}
+
 impl Drop for ProfileWriter {
     /// Sends what is still queued (at most `--export-timeout`) and says what each exporter
     /// did: the run's last step, after its summary.
@@ -361,6 +372,38 @@ pub(crate) fn output_dir(output: &Path) -> PathBuf {
     }
 }
 
+/// The temporary file [`write_atomically`] writes `name` to before renaming it into place.
+fn temporary_name(name: &str, pid: u32) -> String {
+    format!(".{name}.unwound-{pid}.tmp")
+}
+
+/// Removes the temporary files of earlier runs in `output`'s directory that ended
+/// mid-write (killed, or the machine lost power): those of processes no longer running.
+/// Returns how many were removed.
+pub(crate) fn remove_stale_temporaries(output: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(output_dir(output)) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once(".unwound-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Writes to a temporary file beside `path` and renames it into place, so a failure never
 /// leaves a half-written profile.
 fn write_atomically(
@@ -369,15 +412,16 @@ fn write_atomically(
 ) -> anyhow::Result<()> {
     let dir = output_dir(path);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.unwound-{}.tmp", std::process::id()));
+    let tmp = dir.join(temporary_name(&name, std::process::id()));
     let result = (|| {
         let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut out = BufWriter::new(file);
         write(&mut out)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-    })();
+        std::fs::rename(&tmp, path).map_err(anyhow::Error::from)
+    })()
+    .with_context(|| format!("cannot write {}", path.display()));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
