@@ -79,7 +79,35 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     );
     let stop = stop_on_signals()?;
     let mut collector = Collector::new();
-    let mut writer = ProfileWriter::new(args, format);
+    let writer = ProfileWriter::new(args, format);
+    // With --every, each interval is symbolized and written on a thread of its own while
+    // this one goes on draining the ring: a slow symbolization (a new binary's debuginfo
+    // indexed) does not leave samples to fill the ring and be dropped. Two intervals may
+    // wait; a third waits here.
+    let (to_writer, writer_thread) = match every {
+        Some(_) => {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<IntervalJob>(2);
+            let output = args.output.clone();
+            let mut writer = writer;
+            let thread = std::thread::Builder::new()
+                .name("unwound-writer".into())
+                .spawn(move || {
+                    for job in rx {
+                        writer.write_interval(&job.interval, &output, job.length, job.start);
+                        drop(job.interval);
+                        writer.after_interval();
+                        eprintln!(
+                            "unwound: so far: profiles written {}, failed {}; samples received {}; dropped: {}",
+                            writer.count, writer.failed, job.received, job.dropped
+                        );
+                    }
+                    writer
+                })
+                .context("cannot start the profile writer's thread")?;
+            (Some(tx), WriterHome::Thread(thread))
+        }
+        None => (None, WriterHome::Here(Box::new(writer))),
+    };
     let deadline = duration.map(|d| started + d);
     let mut ended_early = None;
     let mut exit_status = None;
@@ -109,11 +137,17 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
                 break;
             }
         }
-        if let Some(e) = every.filter(|&e| Instant::now() >= interval.0 + e) {
-            // Samples taken meanwhile wait in the ring buffer for the next profile.
-            writer.write_interval(&collector, &args.output, e, interval.1);
-            print_interval(&session, &collector, &writer);
-            collector.end_interval();
+        if let (Some(e), Some(tx)) = (every.filter(|&e| Instant::now() >= interval.0 + e), &to_writer) {
+            let job = IntervalJob {
+                interval: collector.take_interval(),
+                length: e,
+                start: interval.1,
+                received: collector.samples,
+                dropped: dropped_so_far(&session, &collector),
+            };
+            if tx.send(job).is_err() {
+                bail!("the profile writer's thread ended");
+            }
             interval = (interval.0 + e, interval.1 + e);
         }
     }
@@ -129,11 +163,17 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     let bpf_run = session.run_stats();
     drop(stats_guard);
 
+    drop(to_writer);
+    let mut writer = match writer_thread {
+        WriterHome::Here(w) => *w,
+        WriterHome::Thread(t) => t.join().map_err(|_| anyhow::anyhow!("the profile writer's thread panicked"))?,
+    };
+    let last = collector.take_interval();
     if every.is_some() {
         // Like every other interval's: the run's summary is printed even if it failed.
-        writer.write_interval(&collector, &args.output, ended - interval.0, interval.1);
+        writer.write_interval(&last, &args.output, ended - interval.0, interval.1);
     } else {
-        writer.write(&collector, &args.output, ended - interval.0, interval.1)?;
+        writer.write(&last, &args.output, ended - interval.0, interval.1)?;
     }
 
     let cpu_end = cpu_time();
@@ -184,15 +224,28 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     Ok(exit_status.map_or(0, exit_code))
 }
 
-/// One line per `--every` interval: the run's counters so far, so a service's log shows
-/// each interval's profile and every sample dropped, by reason, as it happens.
-fn print_interval(session: &Walker, collector: &Collector, writer: &ProfileWriter) {
+/// An interval handed to the writer's thread, with the run's counters when it ended.
+struct IntervalJob {
+    interval: unwound_stackwalk::profile::Interval,
+    length: Duration,
+    start: SystemTime,
+    received: u64,
+    dropped: String,
+}
+
+/// Where the profile writer lives: on this thread, or (with `--every`) on its own.
+enum WriterHome {
+    Here(Box<ProfileWriter>),
+    Thread(std::thread::JoinHandle<ProfileWriter>),
+}
+
+/// The samples dropped so far, by reason (`none` if none), for the line each `--every`
+/// interval prints once written: a service's log shows each interval's profile and every
+/// sample dropped, as it happens.
+fn dropped_so_far(session: &Walker, collector: &Collector) -> String {
     let counters = match session.counters() {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("warning: cannot read the walker's counters: {e}");
-            return;
-        }
+        Err(e) => return format!("unknown (cannot read the walker's counters: {e})"),
     };
     let mut dropped: Vec<String> = counters
         .iter()
@@ -202,13 +255,11 @@ fn print_interval(session: &Walker, collector: &Collector, writer: &ProfileWrite
     if collector.malformed > 0 {
         dropped.push(format!("malformed_record={}", collector.malformed));
     }
-    eprintln!(
-        "unwound: so far: profiles written {}, failed {}; samples received {}; dropped: {}",
-        writer.count,
-        writer.failed,
-        collector.samples,
-        if dropped.is_empty() { "none".to_string() } else { dropped.join(" ") }
-    );
+    if dropped.is_empty() {
+        "none".to_string()
+    } else {
+        dropped.join(" ")
+    }
 }
 
 /// A child's status as a shell reports it: its exit code, or 128 + the signal that ended it.

@@ -15,7 +15,7 @@ use unwound_symbolize::KernelSymbols;
 
 use crate::output::{self, ProfileMeta};
 use crate::{Format, RecordArgs};
-use unwound_stackwalk::profile::{Collector, Stack};
+use unwound_stackwalk::profile::{Interval, Stack};
 
 /// `unwound record`'s labels and exports.
 #[derive(clap::Args, Debug, Clone)]
@@ -219,7 +219,7 @@ impl ProfileWriter {
     /// cannot be written is reported and counted, and recording goes on.
     pub(crate) fn write_interval(
         &mut self,
-        collector: &Collector,
+        collector: &Interval,
         output: &Path,
         length: Duration,
         start: SystemTime,
@@ -234,7 +234,7 @@ impl ProfileWriter {
     /// Writes `collector`'s stacks to `path`: a profile of `length` from `start`.
     pub(crate) fn write(
         &mut self,
-        collector: &Collector,
+        collector: &Interval,
         path: &Path,
         length: Duration,
         start: SystemTime,
@@ -292,6 +292,18 @@ impl ProfileWriter {
 }
 
 impl ProfileWriter {
+    /// After each `--every` interval: binaries no longer sampled are closed, and memory
+    /// the symbolization freed is given back to the system, so that an agent running for
+    /// weeks stays the size of what the machine runs now.
+    pub(crate) fn after_interval(&mut self) {
+        self.symbolizer.release_unused();
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: glibc's malloc_trim only returns free heap pages to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
     /// The symbolizer's counts over the run.
     pub(crate) fn symbol_stats(&self) -> unwound_symbolize::Stats {
         self.symbolizer.stats()

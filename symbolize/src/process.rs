@@ -339,7 +339,7 @@ impl ObjectInfo {
 }
 
 /// A process's mappings when last read, and the object of each executable one.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// The mappings.
     pub maps: crate::ProcessMaps,

@@ -5,9 +5,9 @@
 //! - `lookup`: answering a batch of file addresses from a binary's index blocks;
 //! - `process`: addresses of a running process, through its mappings and perf map.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::debuginfo::DebugSource;
@@ -44,6 +44,10 @@ pub struct Stats {
     /// debuginfod requests that failed (connection, timeout, server error); after the first,
     /// this symbolizer asks the servers no more.
     pub debuginfod_errors: u64,
+    /// Binaries closed by [`Symbolizer::release_unused`].
+    pub binaries_released: u64,
+    /// Binaries open now (each with its file, index and symbols).
+    pub binaries_open: u64,
 }
 
 /// Decompressed blocks of every binary, by (binary, block), and their bytes in all.
@@ -78,6 +82,9 @@ pub struct Symbolizer {
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     lru: Mutex<Lru>,
     next_id: AtomicU64,
+    /// Calls of `release_unused` so far; a binary records it when a lookup takes it. Read
+    /// and changed under the `binaries` lock.
+    epoch: AtomicU64,
     stats: Mutex<Stats>,
     /// A debuginfod request failed: the servers are down or unreachable, and each further
     /// request would wait out the timeout again.
@@ -95,6 +102,7 @@ impl Symbolizer {
             building: Mutex::new(HashMap::new()),
             lru: Mutex::new(Lru { blocks: lru::LruCache::unbounded(), bytes: 0 }),
             next_id: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
             stats: Mutex::new(Stats::default()),
             debuginfod_down: std::sync::atomic::AtomicBool::new(false),
             lazy_dwarf: binary::LAZY_DWARF,
@@ -105,7 +113,51 @@ impl Symbolizer {
     pub fn stats(&self) -> Stats {
         let mut s = *self.stats.lock().expect("stats lock");
         s.resident_bytes = self.lru.lock().expect("lru lock").bytes as u64;
+        s.binaries_open = self.binaries.lock().expect("binaries lock").len() as u64;
         s
+    }
+
+    /// Closes every binary that no lookup used since the previous call (or since the
+    /// symbolizer was made, on the first call), and drops its decompressed blocks; returns
+    /// how many were closed. Call it now and then (say once a minute) in a long-running
+    /// process, or binaries that come and go (builds, upgrades) keep their files and memory
+    /// open forever.
+    ///
+    /// A binary a batch is using now, or whose index is being built in the background, is
+    /// kept. A released binary is opened again by its next lookup, from the on-disk cache
+    /// when there is one, with the same answers. Safe to call while other threads
+    /// symbolize.
+    pub fn release_unused(&self) -> usize {
+        let released: Vec<Arc<Binary>> = {
+            // Lock order: `binaries`, then `lru`; nothing takes them the other way round.
+            let mut binaries = self.binaries.lock().expect("binaries lock");
+            let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
+            let unused: Vec<FileId> = binaries
+                .iter()
+                .filter(|(_, b)| {
+                    b.last_used.load(Ordering::Relaxed) < epoch && Arc::strong_count(b) == 1 && !b.building()
+                })
+                .map(|(fid, _)| *fid)
+                .collect();
+            let released = unused.iter().filter_map(|fid| binaries.remove(fid)).collect();
+            // The blocks of every binary no longer open, those dropped earlier after an
+            // error included.
+            let open: HashSet<u64> = binaries.values().map(|b| b.id).collect();
+            let mut lru = self.lru.lock().expect("lru lock");
+            let stale: Vec<(u64, u32)> =
+                lru.blocks.iter().map(|(k, _)| *k).filter(|(id, _)| !open.contains(id)).collect();
+            for k in stale {
+                if let Some(b) = lru.blocks.pop(&k) {
+                    lru.bytes = lru.bytes.saturating_sub(b.heap_bytes());
+                }
+            }
+            released
+        };
+        // Build locks no open is waiting for.
+        self.building.lock().expect("building lock").retain(|_, l| Arc::strong_count(l) > 1);
+        self.stats.lock().expect("stats lock").binaries_released += released.len() as u64;
+        // Their files are closed here, outside the locks.
+        released.len()
     }
 
     /// Where the DWARF of the ELF file at `path` comes from (reads and indexes it if needed).

@@ -683,13 +683,16 @@ impl Walker {
     }
 
     /// Forgets processes that have exited (call it now and then, e.g. once a second: exit
-    /// events cover most, this the rest). New processes and new mappings are picked up as
+    /// events cover most, this the rest), and gives back what programs no longer running
+    /// held: files listed for the kernel's view of processes that no sample walked through
+    /// for a minute are closed, tables unused for a minute freed. New processes and new mappings are picked up as
     /// their first samples arrive, so nothing here re-reads every process's maps.
     pub fn prune_exited(&mut self) {
         let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
         self.first_seen.retain(|p, _| alive(p));
         self.exe_paths.retain(|p, _| alive(p));
         let Some(tables) = self.tables.as_mut() else { return };
+        tables.expire();
         let gone: Vec<u32> =
             self.known.keys().copied().filter(|p| !Path::new(&format!("/proc/{p}")).exists()).collect();
         for pid in gone {
@@ -784,6 +787,9 @@ impl Walker {
             }
             if let Some(tables) = self.tables.as_mut() {
                 tables.sampled(pid);
+                if header.files > 0 {
+                    tables.touch(record.files.iter());
+                }
                 let mut unknown = !self.known.contains_key(&pid) && header.user_len > 0;
                 if unknown && header.files > 0 && header.walk_end == WALK_COMPLETE {
                     // Walked whole through the kernel's view: read it only if it lives on.

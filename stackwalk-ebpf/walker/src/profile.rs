@@ -125,6 +125,8 @@ pub struct Collector {
     code_cache: Option<CodeCache>,
     /// The code object of each (pid, code, check value) sampled, `None` when unreadable.
     code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
+    /// Files in `objects` that only the collector held at the last interval's end.
+    orphaned: std::collections::HashSet<FileIdentity>,
     /// Python frames whose code object could not be read.
     pub python_unnamed: u64,
     /// Samples added.
@@ -227,6 +229,9 @@ impl Collector {
         }
     }
 
+}
+
+impl Interval {
     /// The frame of Python frame `f` of process `pid`.
     fn python_frame(&self, pid: u32, f: &PyFrameRecord) -> Frame {
         let named = self.code_names.get(&(pid, f.code, f.checksum)).and_then(Option::as_ref);
@@ -286,11 +291,53 @@ impl Collector {
         out
     }
 
-    /// Forgets the stacks counted so far (once they are written), and what only they
-    /// needed: the mappings of processes that have exited or exec'ed since, and mapped
-    /// files no process still known maps. Counters (`samples`, `execs`, …) keep running.
+}
+
+impl Collector {
+    /// Hands over the stacks counted so far, with what symbolizing them needs, as an
+    /// [`Interval`] (to symbolize on another thread while this collector goes on), and
+    /// forgets what only they needed: the mappings of processes that have exited or
+    /// exec'ed since, and files neither the walker nor a process still known holds.
+    /// Counters (`samples`, `execs`, …) keep running.
+    pub fn take_interval(&mut self) -> Interval {
+        let stacks = std::mem::take(&mut self.stacks);
+        let processes: std::collections::HashSet<(u32, u32)> =
+            stacks.keys().map(|k| (k.pid, k.generation)).collect();
+        let snapshots = processes
+            .iter()
+            .filter_map(|&(pid, generation)| Some(((pid, generation), self.snapshots.get(pid, generation)?.clone())))
+            .collect();
+        let walker_maps =
+            processes.iter().filter_map(|k| Some((*k, self.walker_maps.get(k)?.clone()))).collect();
+        let python = processes.iter().filter_map(|&(pid, _)| Some((pid, *self.python.get(&pid)?))).collect();
+        let interval = Interval {
+            stacks,
+            snapshots,
+            objects: self.objects.clone(),
+            walker_maps,
+            python,
+            code_names: std::mem::take(&mut self.code_names),
+        };
+        self.end_interval();
+        interval
+    }
+
+    /// Forgets the stacks counted so far, and what only they needed (see
+    /// [`Collector::take_interval`]).
     pub fn end_interval(&mut self) {
         self.stacks = HashMap::new();
+        // A file the walker no longer holds (it unlisted it), and no snapshot maps, is kept
+        // one more interval, for samples taken before it was unlisted and read after.
+        let orphaned = &mut self.orphaned;
+        self.objects.retain(|identity, o| {
+            if Arc::strong_count(o) > 1 {
+                orphaned.remove(identity);
+                true
+            } else {
+                orphaned.insert(identity.clone())
+            }
+        });
+        orphaned.retain(|identity| self.objects.contains_key(identity));
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
         self.generations.retain(|&pid, _| alive(pid));
         let generations = &self.generations;
@@ -313,6 +360,26 @@ impl Collector {
     /// Perf maps read for JIT names, and what their reading kept and left out.
     pub fn perf_maps(&self) -> (u64, unwound_symbolize::PerfMapStats) {
         self.snapshots.perf_maps()
+    }
+
+}
+
+/// One interval's stacks and what symbolizing them needs, taken from a [`Collector`] by
+/// [`Collector::take_interval`]: `Send`, so they can be symbolized and written on another
+/// thread while the collector goes on draining the walker.
+pub struct Interval {
+    stacks: HashMap<StackKey, u64>,
+    snapshots: HashMap<(u32, u32), Snapshot>,
+    objects: HashMap<FileIdentity, Arc<ObjectInfo>>,
+    walker_maps: HashMap<(u32, u32), Arc<unwound_symbolize::ProcessMaps>>,
+    python: HashMap<u32, PyProcInfo>,
+    code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
+}
+
+impl Interval {
+    /// Samples in the interval.
+    pub fn samples(&self) -> u64 {
+        self.stacks.values().sum()
     }
 
     /// Whether any stack has kernel frames (kernel symbols are read only then: reading
@@ -341,7 +408,7 @@ impl Collector {
         let resolved = self.resolve_user(symbolizer);
         let mut out: HashMap<(u32, String, Vec<Frame>), u64> = HashMap::new();
         for (key, &count) in &self.stacks {
-            let process = self.snapshots.get(key.pid, key.generation);
+            let process = self.snapshots.get(&(key.pid, key.generation));
             let mut frames = Vec::with_capacity(key.user.len() + key.kernel.len() + 1);
             // A return address outside executable memory means the walk went astray
             // (a frame without a frame pointer); it and everything above it are dropped
@@ -402,12 +469,12 @@ fn file_id(f: &Arc<ObjectInfo>) -> usize {
     Arc::as_ptr(f) as usize
 }
 
-impl Collector {
+impl Interval {
     /// Every user address of every stack, symbolized per file (files in parallel).
     fn resolve_user(&self, symbolizer: &Symbolizer) -> Resolved {
         let mut wanted: HashMap<usize, (Arc<ObjectInfo>, Vec<u64>)> = HashMap::new();
         for key in self.stacks.keys() {
-            let p = self.snapshots.get(key.pid, key.generation);
+            let p = self.snapshots.get(&(key.pid, key.generation));
             for (i, &addr) in key.user.iter().enumerate() {
                 let lookup = lookup_address(i, addr);
                 let Some((info, offset)) = self.place(key, p, &key.files, lookup) else { continue };
@@ -448,7 +515,7 @@ fn record_file(files: &[RecordFile], addr: u64) -> Option<&RecordFile> {
     files.iter().find(|f| f.start <= addr && addr < f.end)
 }
 
-impl Collector {
+impl Interval {
     /// The object and file offset of user address `addr`: from the record's files (the
     /// kernel's view), else the process's snapshot.
     fn place<'a>(

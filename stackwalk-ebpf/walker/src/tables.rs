@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Context as _, Error, Result};
 use aya::maps::{Array, ArrayOfMaps, HashMap as BpfHashMap, IterableMap as _, MapData};
@@ -17,7 +18,7 @@ use unwound_stackwalk_abi::{
     RULE_CACHE_SLOTS, RULE_SEGMENT, TABLES_MAP,
 };
 use unwound_symbolize::{
-    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ObjectInfo, ProcessMaps,
+    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ObjectBytes, ObjectInfo, ProcessMaps,
 };
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
@@ -81,13 +82,38 @@ fn write_array<V: aya::Pod>(map: &mut Array<MapData, V>, first: u32, values: &[V
     }
 }
 
-/// A compiled table and where its segments put file offsets.
+/// A compiled table and where its segments put file offsets. The table itself is kept
+/// only until it is uploaded (the kernel's copy is the one used; a userspace copy of every
+/// resident table would double their memory): uploading it again, after an eviction,
+/// reads it from the table cache or compiles it again.
 struct Compiled {
     /// What it is shared under: the file's build-id, else its identity.
     key: String,
-    table: UnwindTable,
+    table: std::sync::Mutex<Option<UnwindTable>>,
     segments: LoadSegments,
 }
+
+impl Compiled {
+    /// The table, if not handed out yet.
+    fn take_table(&self) -> Option<UnwindTable> {
+        self.table.lock().map_or(None, |mut t| t.take())
+    }
+}
+
+/// Files (identity and stamp) whose table description is remembered: beyond this many,
+/// those of tables not resident are forgotten (and read again if a process maps them).
+const MAX_REMEMBERED: usize = 4096;
+
+/// A listed file that no sample has walked through for this long, and that no process the
+/// walker knows maps, is unlisted (its descriptor closed); the kernel announces it again
+/// if a process maps it later.
+const FILE_IDLE: Duration = Duration::from_secs(60);
+/// A resident table that no process uses and no listed file points at is freed after
+/// this long: an agent on a machine that keeps starting new programs holds the tables of
+/// the ones still in use, not of every program ever run.
+const TABLE_IDLE: Duration = Duration::from_secs(60);
+/// How often [`TableLoader::expire`] looks.
+const EXPIRE_EVERY: Duration = Duration::from_secs(10);
 
 /// A mapped file as the table cache knows it: its identity and its stamp when the table
 /// was compiled, so that a file rewritten in place, or a new file given a freed inode
@@ -141,12 +167,22 @@ pub struct TableStats {
     pub files_unresolved: u64,
     /// Files not listed because the list was full.
     pub files_full: u64,
+    /// Files unlisted after going unused (see [`Walker::prune_exited`](crate::Walker::prune_exited)).
+    pub files_unlisted: u64,
+    /// Tables freed after no process had used them for a while (not for room: those are
+    /// `evicted`).
+    pub expired: u64,
+    /// Files listed now.
+    pub files_held: u64,
 }
 
 impl TableStats {
     /// Every counter with its name in unwound's JSON summary, for tools that export them.
-    pub fn named(&self) -> [(&'static str, u64); 19] {
+    pub fn named(&self) -> [(&'static str, u64); 22] {
         [
+            ("files_unlisted", self.files_unlisted),
+            ("files_held", self.files_held),
+            ("tables_expired", self.expired),
             ("files_listed", self.files_listed),
             ("files_resolved", self.files_resolved),
             ("files_unresolved", self.files_unresolved),
@@ -257,21 +293,50 @@ impl Compiler {
             stats.shared_by_build_id += 1;
             return Some(c.clone());
         }
-        let table = match &self.cache {
-            Some(c) => {
-                let (table, outcome) = c.get_or_compile_elf(&data).ok()?;
-                stats.cache_hits += u64::from(outcome == CacheOutcome::Hit);
-                table
-            }
-            None => compile_elf(&data).ok()?,
-        };
+        let table = self.table_of(&data, stats)?;
         let segments = LoadSegments::from_bytes(object.path(), &data).ok()?;
         let key = build_id.clone().unwrap_or_else(|| format!("{}@{:?}", object.identity(), object.stamp()));
-        let c = Arc::new(Compiled { key, table, segments });
+        let c = Arc::new(Compiled { key, table: std::sync::Mutex::new(Some(table)), segments });
         if let Some(id) = build_id {
             self.by_id.insert(id, c.clone());
         }
         Some(c)
+    }
+
+    /// The table of an ELF file's bytes: from the cache, else compiled (and stored).
+    fn table_of(&self, data: &[u8], stats: &mut TableStats) -> Option<UnwindTable> {
+        match &self.cache {
+            Some(c) => {
+                let (table, outcome) = c.get_or_compile_elf(data).ok()?;
+                stats.cache_hits += u64::from(outcome == CacheOutcome::Hit);
+                Some(table)
+            }
+            None => compile_elf(data).ok(),
+        }
+    }
+
+    /// `c`'s table once more, from `object` (the same file: `c` was found for its
+    /// identity and stamp, or for its build-id), when the first copy was uploaded and
+    /// then evicted or expired.
+    fn table_again(
+        &self,
+        c: &Compiled,
+        bytes: impl FnOnce() -> Option<ObjectBytes>,
+        stats: &mut TableStats,
+    ) -> Option<UnwindTable> {
+        if let Some(t) = c.take_table() {
+            return Some(t);
+        }
+        let data = bytes()?;
+        self.table_of(&data, stats)
+    }
+
+    /// Forgets the descriptions of files whose tables are not resident (`resident`) once
+    /// there are too many.
+    fn forget_some(&mut self, resident: &HashMap<String, u32>) {
+        if self.by_id.len() > MAX_REMEMBERED {
+            self.by_id.retain(|_, c| resident.contains_key(&c.key));
+        }
     }
 }
 
@@ -605,6 +670,8 @@ struct Resident {
     last: u64,
     /// The files listed with it in the kernel's file list.
     listed: HashSet<KernelFileKey>,
+    /// Since when no process has used it and no listed file pointed at it.
+    idle_since: Option<Instant>,
 }
 
 /// A process as the walker sees it.
@@ -652,6 +719,8 @@ pub(crate) struct TableLoader {
     /// Files listed since the walker last took them (it hands them to its user, who names
     /// frames in them).
     pub(crate) new_files: Vec<Arc<ObjectInfo>>,
+    /// When [`TableLoader::expire`] last looked.
+    last_expire: Instant,
 }
 
 /// A file in the kernel's list.
@@ -661,6 +730,8 @@ struct Listed {
     table: u32,
     /// Its [`FileTable::delta`].
     delta: u64,
+    /// When a sample was last walked through it, or a process mapping it was added.
+    used: Instant,
 }
 
 /// A mapping's file as the kernel names it (device `major:minor` as `/proc/PID/maps`
@@ -771,6 +842,7 @@ impl TableLoader {
             files_map,
             listed: HashMap::new(),
             new_files: Vec::new(),
+            last_expire: Instant::now(),
         };
         loader.probe_segments()?;
         loader.count_map_bytes();
@@ -825,8 +897,9 @@ impl TableLoader {
             };
             // A file already identified and listed with its table (the process may be gone
             // by now, and its file no longer openable through it).
-            let listed = kernel_file_key(m).and_then(|k| self.listed.get(&k)).filter(|l| l.table != NO_TABLE);
+            let listed = kernel_file_key(m).and_then(|k| self.listed.get_mut(&k)).filter(|l| l.table != NO_TABLE);
             if let Some(l) = listed {
+                l.used = Instant::now();
                 let (id, bias) = (l.table, m.start.wrapping_sub(m.offset).wrapping_add(l.delta));
                 if let Some(r) = self.resident.get_mut(&id) {
                     r.users.insert(pid);
@@ -850,7 +923,13 @@ impl TableLoader {
             if let Some(c) = compiled {
                 let id = match self.files.get(&c.key) {
                     Some(&id) => Some(id),
-                    None => self.upload(&c.key, &c.table, pid)?,
+                    None => {
+                        let again = || MappedObject::open(pid, m).ok()?.bytes().ok();
+                        match self.compiler.table_again(&c, again, &mut self.stats) {
+                            Some(t) => self.upload(&c.key, &t, pid)?,
+                            None => None,
+                        }
+                    }
                 };
                 let offset = if m.path.as_deref() == Some(Path::new("[vdso]")) { 0 } else { m.offset };
                 match (id, c.segments.bias(m.start, offset, m.end - m.start)) {
@@ -905,7 +984,7 @@ impl TableLoader {
             }
             let object = Arc::new(ObjectInfo::new(object));
             self.new_files.push(object.clone());
-            self.listed.insert(key, Listed { _object: object, table: NO_TABLE, delta: 0 });
+            self.listed.insert(key, Listed { _object: object, table: NO_TABLE, delta: 0, used: Instant::now() });
             self.stats.files_listed += 1;
         }
         if self.files_map.insert(key, FileTable { table: id, flags: 0, delta }, 0).is_err() {
@@ -958,7 +1037,10 @@ impl TableLoader {
         if let Some(c) = compiled {
             let id = match self.files.get(&c.key) {
                 Some(&id) => Some(id),
-                None => self.upload(&c.key, &c.table, 0)?,
+                None => match self.compiler.table_again(&c, || object.bytes().ok(), &mut self.stats) {
+                    Some(t) => self.upload(&c.key, &t, 0)?,
+                    None => None,
+                },
             };
             table = id.zip(c.segments.bias(0, 0, u64::MAX));
         }
@@ -1016,7 +1098,15 @@ impl TableLoader {
             .min_by_key(|(id, r)| (self.last_use(r), **id))
             .map(|(id, _)| *id);
         let Some(id) = victim else { return Ok(false) };
-        let r = self.resident.remove(&id).expect("resident");
+        self.drop_table(id);
+        self.stats.evicted += 1;
+        Ok(true)
+    }
+
+    /// Frees resident table `id`: the processes and files pointing at it stop doing so
+    /// first.
+    fn drop_table(&mut self, id: u32) {
+        let Some(r) = self.resident.remove(&id) else { return };
         // Processes stop pointing at it before its room is reused.
         for pid in &r.users {
             if let Some(p) = self.walked.get_mut(pid) {
@@ -1048,9 +1138,79 @@ impl TableLoader {
         self.rules.give_back(r.info.rule_start, r.rules);
         self.count_map_bytes();
         self.free_ids.push(id);
-        self.stats.evicted += 1;
         self.stats.bytes -= r.bytes;
-        Ok(true)
+    }
+
+    /// A record's files were walked through: they are in use.
+    pub fn touch(&mut self, files: impl Iterator<Item = RecordFile>) {
+        if self.listed.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for f in files {
+            if let Some(l) = self.listed.get_mut(&f.file) {
+                l.used = now;
+            }
+        }
+    }
+
+    /// Gives back what a machine's past programs held (call it now and then; it looks at
+    /// most every 10 s): files listed for the kernel's view that no sample walked through
+    /// for a minute and no known process maps are unlisted and closed; tables no process
+    /// has used, and no listed file pointed at, for a minute are freed; descriptions of
+    /// files without a resident table are forgotten once there are many.
+    pub fn expire(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_expire) < EXPIRE_EVERY {
+            return;
+        }
+        self.last_expire = now;
+        let in_use = |l: &Listed| self.resident.get(&l.table).is_some_and(|r| !r.users.is_empty());
+        let idle: Vec<KernelFileKey> = self
+            .listed
+            .iter()
+            .filter(|(_, l)| now.duration_since(l.used) >= FILE_IDLE && !in_use(l))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            self.unlist(key);
+        }
+        let mut expired = Vec::new();
+        for (&id, r) in self.resident.iter_mut() {
+            if !r.users.is_empty() || !r.listed.is_empty() {
+                r.idle_since = None;
+            } else if now.duration_since(*r.idle_since.get_or_insert(now)) >= TABLE_IDLE {
+                expired.push(id);
+            }
+        }
+        for id in expired {
+            self.drop_table(id);
+            self.stats.expired += 1;
+        }
+        if self.compiled.len() > MAX_REMEMBERED {
+            let files = &self.files;
+            self.compiled.retain(|_, c| c.as_ref().is_some_and(|c| files.contains_key(&c.key)));
+        }
+        self.compiler.forget_some(&self.files);
+        self.stats.files_held = self.listed.len() as u64;
+    }
+
+    /// Takes `key` out of the kernel's file list and closes it. Kept (and retried later)
+    /// if the kernel's entry cannot be removed: the file is held open while the kernel
+    /// names it, so that its inode number cannot pass to another file meanwhile.
+    fn unlist(&mut self, key: KernelFileKey) {
+        if let Err(e) = self.files_map.remove(&key) {
+            let absent = matches!(&e, aya::maps::MapError::KeyNotFound)
+                || matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT));
+            if !absent {
+                return;
+            }
+        }
+        let Some(l) = self.listed.remove(&key) else { return };
+        if let Some(r) = self.resident.get_mut(&l.table) {
+            r.listed.remove(&key);
+        }
+        self.stats.files_unlisted += 1;
     }
 
     /// Bytes of the segments held and the outer arrays: what the budget bounds.
@@ -1202,6 +1362,7 @@ impl TableLoader {
                 users: HashSet::new(),
                 last: self.tick,
                 listed: HashSet::new(),
+                idle_since: None,
             },
         );
         self.files.insert(key.to_string(), id);

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use object::Object;
@@ -215,6 +215,9 @@ fn store(cache_path: Option<&Path>, key: &str, debug: &DebugSource, packed: Vec<
 /// DWARF has no answer).
 pub(super) struct Binary {
     pub(super) id: u64,
+    /// The symbolizer's `epoch` when a lookup last took this binary (see
+    /// [`Symbolizer::release_unused`]).
+    pub(super) last_used: AtomicU64,
     /// `/proc/self/fd/N` of `_elf_file`: the file stays readable for lazy symbol loading
     /// even after the process it came from exited or the path was replaced.
     elf_path: PathBuf,
@@ -246,6 +249,11 @@ impl Binary {
     /// Whether the index is built (or was read from the cache).
     pub(super) fn has_index(&self) -> bool {
         self.index.index.get().is_some()
+    }
+
+    /// Whether the index is being built in the background now.
+    pub(super) fn building(&self) -> bool {
+        matches!(*self.index.state.lock().expect("index state lock"), BuildState::Running)
     }
 
     /// The DWARF to answer from while the index is being built.
@@ -368,11 +376,16 @@ impl Symbolizer {
             mtime: meta.mtime(),
             mtime_ns: meta.mtime_nsec(),
         };
+        // Marked used under the binaries lock, which `release_unused` holds.
+        let used = |b: &Arc<Binary>| {
+            b.last_used.store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+            b.clone()
+        };
         if let Some(b) = self.binaries.lock().expect("binaries lock").get(&fid) {
-            return Ok(b.clone());
+            return Ok(used(b));
         }
         let bin = Arc::new(self.open(path, &fid)?);
-        Ok(self.binaries.lock().expect("binaries lock").entry(fid).or_insert(bin).clone())
+        Ok(used(self.binaries.lock().expect("binaries lock").entry(fid).or_insert(bin)))
     }
 
     fn open(&self, path: &Path, fid: &FileId) -> Result<Binary, Error> {
@@ -403,6 +416,7 @@ impl Symbolizer {
         let elf_path = PathBuf::from(format!("/proc/self/fd/{}", kept.as_raw_fd()));
         let mut bin = Binary {
             id,
+            last_used: AtomicU64::new(0),
             elf_path,
             _elf_file: kept,
             failed: AtomicBool::new(false),
@@ -623,4 +637,39 @@ fn source_meta(s: &DebugSource) -> String {
 /// The FNV-1a hash of `values`' little-endian bytes.
 fn fnv(values: &[u64]) -> u64 {
     crate::fnv(values.iter().flat_map(|v| v.to_le_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::BuildState;
+    use crate::{Options, Symbolizer};
+
+    #[test]
+    fn binaries_in_use_or_being_indexed_are_not_released() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fixtures/cpp_chain_nofp");
+        assert!(path.exists(), "fixtures missing: run `make -C fixtures` (scripts/test.sh does)");
+        let mut s = Symbolizer::new(Options { cache_dir: None, debuginfod: None, ..Options::default() });
+        // Indexed in the background.
+        s.lazy_dwarf = 0;
+        let bin = s.binary(&path).unwrap();
+        assert!(!bin.has_index());
+        assert_eq!(s.release_unused(), 0);
+        // Held by a batch.
+        assert_eq!(s.release_unused(), 0);
+        let id = bin.id;
+        // Being indexed.
+        *bin.index.state.lock().unwrap() = BuildState::Running;
+        drop(bin);
+        assert_eq!(s.release_unused(), 0);
+        let bin = s.binaries.lock().unwrap().values().next().unwrap().clone();
+        *bin.index.state.lock().unwrap() = BuildState::NotStarted;
+        let slot = Arc::clone(&bin.index);
+        drop(bin);
+        assert_eq!(s.release_unused(), 1);
+        assert!(slot.cancel.load(std::sync::atomic::Ordering::Relaxed), "dropped, not cancelled");
+        assert_ne!(s.binary(&path).unwrap().id, id, "not opened again");
+    }
 }
