@@ -166,7 +166,9 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     drop(to_writer);
     let mut writer = match writer_thread {
         WriterHome::Here(w) => *w,
-        WriterHome::Thread(t) => t.join().map_err(|_| anyhow::anyhow!("the profile writer's thread panicked"))?,
+        WriterHome::Thread(t) => {
+            t.join().map_err(|_| anyhow::anyhow!("the profile writer's thread panicked"))?
+        }
     };
     let last = collector.take_interval();
     if every.is_some() {

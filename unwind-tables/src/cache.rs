@@ -105,9 +105,17 @@ impl TableCache {
     }
 
     fn read(&self, file: &Path) -> Option<UnwindTable> {
+        /// Most bytes a cache file may expand to.
+        const MAX_EXPANDED: u64 = 1 << 30;
         let compressed = std::fs::read(file).ok()?;
-        // 1 GiB cap on what a cache file may expand to.
-        let raw = zstd::bulk::decompress(&compressed, 1 << 30).ok()?;
+        // 1 GiB cap on what a cache file may expand to; the buffer grows with what is
+        // actually decompressed (a bulk decompression would reserve the whole cap).
+        let mut raw = Vec::new();
+        let decoder = zstd::stream::read::Decoder::new(&compressed[..]).ok()?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(decoder, MAX_EXPANDED + 1), &mut raw).ok()?;
+        if raw.len() as u64 > MAX_EXPANDED {
+            return None;
+        }
         let body = raw.strip_prefix(&CACHE_MAGIC[..])?;
         let (sum, table) = body.split_at_checked(8)?;
         if u64::from_le_bytes(sum.try_into().ok()?) != checksum(table) {

@@ -228,7 +228,6 @@ impl Collector {
             }
         }
     }
-
 }
 
 impl Interval {
@@ -290,7 +289,6 @@ impl Interval {
         }
         out
     }
-
 }
 
 impl Collector {
@@ -305,7 +303,9 @@ impl Collector {
             stacks.keys().map(|k| (k.pid, k.generation)).collect();
         let snapshots = processes
             .iter()
-            .filter_map(|&(pid, generation)| Some(((pid, generation), self.snapshots.get(pid, generation)?.clone())))
+            .filter_map(|&(pid, generation)| {
+                Some(((pid, generation), self.snapshots.get(pid, generation)?.clone()))
+            })
             .collect();
         let walker_maps =
             processes.iter().filter_map(|k| Some((*k, self.walker_maps.get(k)?.clone()))).collect();
@@ -361,7 +361,6 @@ impl Collector {
     pub fn perf_maps(&self) -> (u64, unwound_symbolize::PerfMapStats) {
         self.snapshots.perf_maps()
     }
-
 }
 
 /// One interval's stacks and what symbolizing them needs, taken from a [`Collector`] by

@@ -18,7 +18,8 @@ use unwound_stackwalk_abi::{
     RULE_CACHE_SLOTS, RULE_SEGMENT, TABLES_MAP,
 };
 use unwound_symbolize::{
-    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ObjectBytes, ObjectInfo, ProcessMaps,
+    build_id_hex, FileIdentity, FileStamp, LoadSegments, MappedObject, Mapping, ObjectBytes, ObjectInfo,
+    ProcessMaps,
 };
 use unwound_unwind_tables::cache::{CacheOutcome, TableCache};
 use unwound_unwind_tables::{compile_elf, UnwindTable};
@@ -897,7 +898,8 @@ impl TableLoader {
             };
             // A file already identified and listed with its table (the process may be gone
             // by now, and its file no longer openable through it).
-            let listed = kernel_file_key(m).and_then(|k| self.listed.get_mut(&k)).filter(|l| l.table != NO_TABLE);
+            let listed =
+                kernel_file_key(m).and_then(|k| self.listed.get_mut(&k)).filter(|l| l.table != NO_TABLE);
             if let Some(l) = listed {
                 l.used = Instant::now();
                 let (id, bias) = (l.table, m.start.wrapping_sub(m.offset).wrapping_add(l.delta));
@@ -984,7 +986,8 @@ impl TableLoader {
             }
             let object = Arc::new(ObjectInfo::new(object));
             self.new_files.push(object.clone());
-            self.listed.insert(key, Listed { _object: object, table: NO_TABLE, delta: 0, used: Instant::now() });
+            self.listed
+                .insert(key, Listed { _object: object, table: NO_TABLE, delta: 0, used: Instant::now() });
             self.stats.files_listed += 1;
         }
         if self.files_map.insert(key, FileTable { table: id, flags: 0, delta }, 0).is_err() {
