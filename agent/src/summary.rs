@@ -157,7 +157,7 @@ impl Summary {
         }
         let st = &self.symbol_stats;
         eprintln!(
-            "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident",
+            "unwound: symbolized in {:.3} s: debuginfo indexes built {}, from cache {}, damaged caches rebuilt {}; {} blocks loaded, {} evicted, {} KiB resident; binaries closed once unused {} ({} open)",
             self.symbolize_time.as_secs_f64(),
             st.indexes_built,
             st.cache_hits,
@@ -165,6 +165,8 @@ impl Summary {
             st.blocks_loaded,
             st.blocks_evicted,
             st.resident_bytes / 1024,
+            st.binaries_released,
+            st.binaries_open,
         );
         if st.debuginfod_errors > 0 {
             eprintln!(
@@ -215,6 +217,9 @@ impl Summary {
         put("symbol_cache_hits", json!(st.cache_hits));
         put("symbol_cache_rebuilt", json!(st.cache_rebuilt));
         put("symbol_blocks_evicted", json!(st.blocks_evicted));
+        put("symbol_resident_bytes", json!(st.resident_bytes));
+        put("symbol_binaries_released", json!(st.binaries_released));
+        put("symbol_binaries_open", json!(st.binaries_open));
         put("debuginfod_errors", json!(st.debuginfod_errors));
         for (k, v) in self.tables.iter().flat_map(TableStats::named) {
             put(k, json!(v));

@@ -324,6 +324,11 @@ fn unwritable_or_garbage_caches_are_worked_around() {
     assert!(whole * 10 >= all * 9 && all > 100, "damaged cache: {whole} of {all} whole\n{}", run.stderr);
     let summary: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
     assert_eq!(summary["table_cache_hits"].as_u64(), Some(0), "no damaged table is used: {summary}");
+    let tables_damaged = walk(&cache.join("unwound/tables")).len() as u64 - 1;
+    assert!(
+        summary["table_cache_rebuilt"].as_u64().is_some_and(|n| n >= 1 && n <= tables_damaged),
+        "the damaged table files rebuilt are counted (at most the {tables_damaged} damaged): {summary}"
+    );
     println!("damaged cache ({damaged} files): {whole}/{all} whole; {summary}");
 }
 

@@ -18,11 +18,15 @@ pub struct TableCache {
 
 /// Whether [`TableCache::get_or_compile`] found the table or compiled it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CacheOutcome {
     /// Read from the cache.
     Hit,
-    /// Compiled and stored (no cache file, or an unusable one).
+    /// Compiled and stored (no cache file of this format).
     Compiled,
+    /// Compiled and stored in place of a cache file that could not be used (truncated,
+    /// corrupt, or not a cache file): never trusted, and worth counting.
+    Rebuilt,
 }
 
 impl TableCache {
@@ -69,13 +73,14 @@ impl TableCache {
         if let Some(t) = self.read(&file) {
             return Ok((t, CacheOutcome::Hit));
         }
+        let damaged = file.exists();
         let table = crate::compile_elf(data)?;
         // A failed store costs only the next compile.
         if self.write(&file, &table).is_ok() {
             self.remove_other_versions(&key);
             self.remove_retired_keys(&key);
         }
-        Ok((table, CacheOutcome::Compiled))
+        Ok((table, if damaged { CacheOutcome::Rebuilt } else { CacheOutcome::Compiled }))
     }
 
     /// Deletes this key's files of older format versions: they are never read again. Newer

@@ -175,12 +175,15 @@ pub struct TableStats {
     pub expired: u64,
     /// Files listed now.
     pub files_held: u64,
+    /// Table cache files found damaged (truncated, corrupt, garbage) and rebuilt.
+    pub cache_rebuilt: u64,
 }
 
 impl TableStats {
     /// Every counter with its name in unwound's JSON summary, for tools that export them.
-    pub fn named(&self) -> [(&'static str, u64); 22] {
+    pub fn named(&self) -> [(&'static str, u64); 23] {
         [
+            ("table_cache_rebuilt", self.cache_rebuilt),
             ("files_unlisted", self.files_unlisted),
             ("files_held", self.files_held),
             ("tables_expired", self.expired),
@@ -212,10 +215,11 @@ impl std::fmt::Display for TableStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} uploaded for {} processes ({} from the cache, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}",
+            "{} uploaded for {} processes ({} from the cache, {} damaged cache files rebuilt, {} files shared by build-id), {} KiB resident (peak {} KiB) in {} KiB of BPF maps (peak {} KiB; segments created {}, dropped {}; + {} KiB of per-CPU rule cache); evicted {}, did not fit {}, refused by the kernel {}, could not compile {}; unused for a minute: {} tables freed, {} files closed ({} held)",
             self.tables,
             self.processes,
             self.cache_hits,
+            self.cache_rebuilt,
             self.shared_by_build_id,
             self.bytes / 1024,
             self.peak_bytes / 1024,
@@ -227,7 +231,10 @@ impl std::fmt::Display for TableStats {
             self.evicted,
             self.full,
             self.refused,
-            self.compile_failures
+            self.compile_failures,
+            self.expired,
+            self.files_unlisted,
+            self.files_held
         )
     }
 }
@@ -310,6 +317,7 @@ impl Compiler {
             Some(c) => {
                 let (table, outcome) = c.get_or_compile_elf(data).ok()?;
                 stats.cache_hits += u64::from(outcome == CacheOutcome::Hit);
+                stats.cache_rebuilt += u64::from(outcome == CacheOutcome::Rebuilt);
                 Some(table)
             }
             None => compile_elf(data).ok(),
