@@ -216,6 +216,106 @@ fn both_walkers_give_full_chains_on_debian_12s_6_1_kernel() {
     assert!(failures.is_empty(), "on kernel {release}:\n{}", failures.join("\n"));
 }
 
+/// Boots the 6.1 kernel with `script` as the guest's /run.sh and the agent and fixtures in
+/// its initramfs; the kernel release and the guest's output once it printed `=== end`.
+fn run_in_guest(kernel: &std::path::Path, script: &str) -> (String, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_sh = tmp.path().join("run.sh");
+    std::fs::write(&run_sh, script).unwrap();
+    let (out, console) = (tmp.path().join("out.txt"), tmp.path().join("console.txt"));
+    let started = std::time::Instant::now();
+    let status = Command::new(workspace_root().join("scripts/boot-kernel.sh"))
+        .arg(kernel)
+        .args([&run_sh, &out, &console])
+        .arg(env!("CARGO_BIN_EXE_unwound"))
+        .arg(build_fixtures())
+        .env("UNWOUND_QEMU_TIMEOUT", "300")
+        .status()
+        .expect("run scripts/boot-kernel.sh");
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    eprintln!("qemu ({}) finished in {:.1} s: {status}", kernel.display(), started.elapsed().as_secs_f64());
+    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
+    assert!(
+        status.success() && text.contains("=== end"),
+        "the guest did not finish its runs.\n--- its output:\n{text}\n--- its console (tail):\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+    let release = text.lines().next().unwrap_or("").trim().to_string();
+    assert!(release.starts_with("6.1."), "the guest runs kernel {release:?}, not 6.1");
+    (release, text)
+}
+
+/// The faults of `faults.rs` that touch the kernel, on 6.1: the agent stopped while the
+/// sample ring fills (the kernel counts the drops, the agent reports them and samples on
+/// once continued), and a table budget far too small (the segments the kernel would need
+/// are refused by the budget, counted, and the walk falls back to frame pointers).
+#[test]
+fn faults_that_touch_the_kernel_are_counted_on_debian_12s_6_1_kernel() {
+    let test = "faults_that_touch_the_kernel_are_counted_on_debian_12s_6_1_kernel";
+    let Some(kernel) = older_kernel_test(test) else { return };
+    let fixtures = build_fixtures();
+    let unwound = env!("CARGO_BIN_EXE_unwound");
+    let f = |name: &str| fixtures.join(name).display().to_string();
+    let script = format!(
+        "#!/bin/sh\nuname -r\ncd /tmp\n\
+         {deep} 500 >/dev/null 2>&1 &\np1=$!\n{deep} 500 >/dev/null 2>&1 &\np2=$!\n\
+         {chain} >/dev/null 2>&1 &\np3=$!\nsleep 0.5\nmkdir -p /tmp/stopped\n\
+         echo '=== walker stopped'\n\
+         {unwound} record --pid $p1 --pid $p2 --every 2 --duration 16 --frequency 499 --json-summary \
+         --no-table-cache --output /tmp/stopped/cpu.folded >/tmp/s.json 2>/tmp/s.err &\n\
+         a=$!\nsleep 5\nkill -STOP $a\nsleep 6\nkill -CONT $a\nwait $a\n\
+         echo \"=== status $?\"\necho '=== stderr'; cat /tmp/s.err\necho '=== json'; cat /tmp/s.json\n\
+         echo '=== folded'; cat $(ls /tmp/stopped/cpu-*.folded | tail -n 3)\n\
+         echo '=== walker budget'\n\
+         {unwound} record --pid $p3 --duration 4 --frequency 499 --table-memory 0.004 --no-table-cache \
+         --json-summary --output /tmp/b.folded >/tmp/b.json 2>/tmp/b.err\n\
+         echo \"=== status $?\"\necho '=== stderr'; cat /tmp/b.err\necho '=== json'; cat /tmp/b.json\n\
+         echo '=== folded'; cat /tmp/b.folded\necho '=== end'\n",
+        deep = f("recurse_fp"),
+        chain = f("chain_nofp"),
+    );
+    let (release, text) = run_in_guest(&kernel, &script);
+    let runs = parse_guest_output(&text);
+
+    let stopped = runs.get("stopped").unwrap_or_else(|| panic!("no stopped-agent run in:\n{text}"));
+    eprintln!("--- agent stopped 6 s on {release}:\n{}", stopped.stderr);
+    assert_eq!(stopped.status.trim(), "0", "the stopped agent failed on {release}:\n{}", stopped.stderr);
+    let json = json_value(&stopped.json);
+    let dropped = json["dropped_ring_full"].as_u64().unwrap_or(0);
+    assert!(dropped > 0, "a stopped agent's ring filled on {release}, yet no drop was counted: {json}");
+    assert!(
+        stopped.stderr.contains(&format!("dropped: dropped_ring_full={dropped}")),
+        "the drops are told on {release}:\n{}",
+        stopped.stderr
+    );
+    assert_eq!(json["profiles_failed"], 0, "{json}");
+    assert!(json["profiles"].as_u64().unwrap_or(0) >= 7, "2 s intervals over 16 s, none lost: {json}");
+    let last: u64 = parse_folded(&stopped.folded)
+        .iter()
+        .filter(|s| s.user.iter().any(|f| f == "c_recurse_leaf"))
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        last > 0,
+        "the agent samples again once continued, on {release}: last profiles\n{}",
+        stopped.folded
+    );
+
+    let budget = runs.get("budget").unwrap_or_else(|| panic!("no small-budget run in:\n{text}"));
+    eprintln!("--- table budget of 4 KiB on {release}:\n{}", budget.stderr);
+    assert_eq!(budget.status.trim(), "0", "the agent failed on {release}:\n{}", budget.stderr);
+    let json = json_value(&budget.json);
+    assert!(json["tables_full"].as_u64().unwrap_or(0) > 0, "tables that did not fit are counted: {json}");
+    assert_eq!(json["tables"], 0, "no table fits 4 KiB: {json}");
+    let chain: u64 =
+        parse_folded(&budget.folded).iter().filter(|s| s.process == "chain_nofp").map(|s| s.count).sum();
+    assert!(
+        chain > 100,
+        "the agent samples on by frame pointers on {release}: {chain} samples of chain_nofp"
+    );
+}
+
 #[test]
 fn guest_output_is_split_by_walker_and_part() {
     let text =
