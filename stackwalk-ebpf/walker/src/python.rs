@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::Ebpf;
 use unwound_stackwalk_abi::{PyProcInfo, PY_PROCS_MAP};
-use unwound_symbolize::python::{PythonError, PythonProcess};
+use unwound_symbolize::python::PythonError;
 
 use crate::error::{Error, Result};
 
@@ -40,6 +40,8 @@ pub(crate) struct Python {
     pub stats: PythonStats,
     /// Found before the walker's first drain (at start), handed out then.
     pub found: Vec<(u32, unwound_symbolize::python::PyProcInfo)>,
+    /// Interpreter binaries and C libraries read so far.
+    detector: unwound_symbolize::python::Detector,
 }
 
 impl Python {
@@ -50,6 +52,7 @@ impl Python {
             walked: HashMap::new(),
             due: HashMap::new(),
             settled: HashMap::new(),
+            detector: unwound_symbolize::python::Detector::new(),
             stats: PythonStats::default(),
             found: Vec::new(),
         })
@@ -79,7 +82,7 @@ impl Python {
         let mut found = std::mem::take(&mut self.found);
         for pid in due {
             let Some((_, tries)) = self.due.remove(&pid) else { continue };
-            match PythonProcess::detect(pid) {
+            match self.detector.detect(pid) {
                 Ok(Some(p)) => {
                     let info = *p.info();
                     if self.map.insert(pid, to_kernel(&info), 0).is_err() {

@@ -962,7 +962,12 @@ impl TableLoader {
         }
         entries.sort_by_key(|e| e.start);
         entries.truncate(MAX_MAPPINGS);
-        self.write_process(pid, &entries, read_ns)?;
+        if let Err(e) = self.write_process(pid, &entries, read_ns) {
+            // Not the walker's then: nothing may count it as a table's user.
+            self.release(pid);
+            self.walked.remove(&pid);
+            return Err(e);
+        }
         self.walked.insert(pid, Proc { entries, evicted, read_ns });
         self.stats.processes += 1;
         Ok(())
@@ -1079,9 +1084,13 @@ impl TableLoader {
 
     /// Forgets a process that exited; its tables stay until the room is needed.
     pub fn remove_process(&mut self, pid: u32) {
-        let _ = self.procs.remove(&pid);
-        self.release(pid);
-        self.walked.remove(&pid);
+        // Only processes the walker added have an entry and table users (most exits under
+        // churn are of processes it never read: no syscall, no scan for them).
+        if self.walked.contains_key(&pid) {
+            let _ = self.procs.remove(&pid);
+            self.release(pid);
+            self.walked.remove(&pid);
+        }
         self.sampled.remove(&pid);
     }
 

@@ -47,7 +47,7 @@ pub use binary::{PythonBinary, TsdLayout};
 pub use code::{CodeCache, CodeCacheStats, CodeObject, MAX_LINETABLE_BYTES, MAX_STRING_BYTES};
 pub use info::{code_checksum, FrameClass, PyProcInfo, NO_OFFSET};
 pub use linetable::line_for_instruction;
-pub use process::{PyFrame, PyThreadStack, PythonProcess, MAX_FRAMES, MAX_THREADS};
+pub use process::{Detector, PyFrame, PyThreadStack, PythonProcess, MAX_FRAMES, MAX_THREADS};
 
 /// A CPython version, from `Py_Version` (`PY_VERSION_HEX`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

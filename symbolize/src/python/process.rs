@@ -93,6 +93,48 @@ impl PythonProcess {
     /// executable; files are opened through `/proc/PID/map_files` (else
     /// `/proc/PID/root/PATH`), so a deleted or containerised interpreter is the one read.
     pub fn detect(pid: u32) -> Result<Option<Self>, PythonError> {
+        Detector::new().detect(pid)
+    }
+}
+
+/// Detects CPython processes like [`PythonProcess::detect`], remembering what it read of
+/// each interpreter binary and C library (by device, inode, size and modification time),
+/// so that a machine that starts Python processes many times a second has each file read
+/// once, not once per process.
+///
+/// ```no_run
+/// let mut detector = unwound_symbolize::python::Detector::new();
+/// if let Ok(Some(p)) = detector.detect(1234) {
+///     println!("CPython {:#x}", p.info().version);
+/// }
+/// ```
+#[derive(Debug, Default)]
+pub struct Detector {
+    /// Each file's runtime (`None`: it holds none).
+    binaries: std::collections::HashMap<FileKey, Option<PythonBinary>>,
+    tsd: std::collections::HashMap<FileKey, TsdLayout>,
+}
+
+/// A file as read: device, inode, size, modification time.
+type FileKey = (u64, u64, u64, i64, i64);
+
+/// Files remembered at most (each kind); beyond, the memory is started afresh.
+const MAX_REMEMBERED_FILES: usize = 256;
+
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt as _;
+    let md = std::fs::metadata(path).ok()?;
+    Some((md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec()))
+}
+
+impl Detector {
+    /// A detector that has read nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// [`PythonProcess::detect`], with the files already read taken from memory.
+    pub fn detect(&mut self, pid: u32) -> Result<Option<PythonProcess>, PythonError> {
         let maps = ProcessMaps::read(pid).map_err(|source| PythonError::Maps { pid, source })?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let mut candidates: Vec<&Mapping> = Vec::new();
@@ -105,13 +147,45 @@ impl PythonProcess {
         }
         for mapping in candidates {
             let path = open_path(pid, mapping);
-            if let Some(binary) = PythonBinary::open(&path)? {
-                return Self::attach(pid, &maps, mapping, binary).map(Some);
+            let key = file_key(&path);
+            let binary = match key.and_then(|k| self.binaries.get(&k)) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = PythonBinary::open(&path)?;
+                    if let Some(k) = key {
+                        if self.binaries.len() >= MAX_REMEMBERED_FILES {
+                            self.binaries.clear();
+                        }
+                        self.binaries.insert(k, b.clone());
+                    }
+                    b
+                }
+            };
+            if let Some(binary) = binary {
+                return PythonProcess::attach(pid, &maps, mapping, binary, self).map(Some);
             }
         }
         Ok(None)
     }
 
+    /// The TSD layout of the C library at `path`.
+    fn tsd_layout(&mut self, path: &Path) -> Result<TsdLayout, PythonError> {
+        let key = file_key(path);
+        if let Some(t) = key.and_then(|k| self.tsd.get(&k)) {
+            return Ok(*t);
+        }
+        let t = TsdLayout::of_glibc(path)?;
+        if let Some(k) = key {
+            if self.tsd.len() >= MAX_REMEMBERED_FILES {
+                self.tsd.clear();
+            }
+            self.tsd.insert(k, t);
+        }
+        Ok(t)
+    }
+}
+
+impl PythonProcess {
     /// Checks `binary` (mapped at `mapping`) against the live process and fills the
     /// process-specific parts of its [`PyProcInfo`].
     fn attach(
@@ -119,6 +193,7 @@ impl PythonProcess {
         maps: &ProcessMaps,
         mapping: &Mapping,
         binary: PythonBinary,
+        detector: &mut Detector,
     ) -> Result<Self, PythonError> {
         let mem = RemoteMemory { pid };
         let path = binary.path().to_path_buf();
@@ -162,7 +237,7 @@ impl PythonProcess {
                 name == "libc.so.6" || (name.starts_with("libc-2.") && name.ends_with(".so"))
             })
             .ok_or(disabled(DisableReason::NoGlibc))?;
-        let tsd = TsdLayout::of_glibc(open_path(pid, libc))?;
+        let tsd = detector.tsd_layout(&open_path(pid, libc))?;
         if info.tss_key >= tsd.max_key {
             return Err(disabled(DisableReason::TssKeyTooLarge { key: info.tss_key }));
         }
