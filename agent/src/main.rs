@@ -121,7 +121,7 @@ pub struct RecordArgs {
     #[arg(long, conflicts_with = "symbol_cache_dir")]
     pub no_symbol_cache: bool,
     /// Memory budget for decompressed debuginfo, in MiB.
-    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
     pub symbol_memory: u64,
     /// Extra directory searched for separate debug files (repeatable; /usr/lib/debug is
     /// always searched). debuginfod servers come from `DEBUGINFOD_URLS`.
