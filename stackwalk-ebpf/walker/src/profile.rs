@@ -318,19 +318,26 @@ impl Collector {
             python,
             code_names: std::mem::take(&mut self.code_names),
         };
-        self.end_interval();
+        // The interval's own reference to each file is not one that keeps it.
+        self.forget(1);
         interval
     }
 
     /// Forgets the stacks counted so far, and what only they needed (see
     /// [`Collector::take_interval`]).
     pub fn end_interval(&mut self) {
+        self.forget(0);
+    }
+
+    /// [`Collector::end_interval`], with `extra` references to each file held by an
+    /// interval just taken.
+    fn forget(&mut self, extra: usize) {
         self.stacks = HashMap::new();
         // A file the walker no longer holds (it unlisted it), and no snapshot maps, is kept
         // one more interval, for samples taken before it was unlisted and read after.
         let orphaned = &mut self.orphaned;
         self.objects.retain(|identity, o| {
-            if Arc::strong_count(o) > 1 {
+            if Arc::strong_count(o) > 1 + extra {
                 orphaned.remove(identity);
                 true
             } else {
@@ -636,5 +643,43 @@ fn kernel_frame(kernel: &KernelSymbols, addr: u64) -> Frame {
             true,
         ),
         None => Frame::plain("[unknown]".into(), "[kernel.kallsyms]".into(), addr, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unwound_symbolize::MappedObject;
+
+    /// A file the walker identified, as its [`Event::File`] hands it over.
+    fn identified(path: &str) -> Arc<ObjectInfo> {
+        use std::os::unix::fs::MetadataExt as _;
+        let file = std::fs::File::open(path).unwrap();
+        let md = file.metadata().unwrap();
+        let identity = FileIdentity::Inode { device: format!("{:x}", md.dev()), inode: md.ino() };
+        Arc::new(ObjectInfo::new(MappedObject::from_file(file, path.into(), identity)))
+    }
+
+    /// Files are kept while the walker holds them, one interval more once it lets go (for
+    /// samples taken before and read after), then closed.
+    #[test]
+    fn files_the_walker_let_go_are_kept_one_interval_then_closed() {
+        let mut c = Collector::new();
+        let (held, dropped) = (identified("/proc/self/exe"), identified("/bin/sh"));
+        c.add(&Event::File { object: held.clone() });
+        c.add(&Event::File { object: dropped.clone() });
+        let weak = Arc::downgrade(&dropped);
+        drop(dropped);
+        let interval = c.take_interval();
+        assert_eq!(interval.objects.len(), 2, "the interval names frames in both");
+        drop(interval);
+        assert_eq!(c.objects.len(), 2, "one interval's grace for the file let go");
+        c.end_interval();
+        assert_eq!(c.objects.len(), 1, "then it goes");
+        assert!(weak.upgrade().is_none(), "and is closed");
+        for _ in 0..3 {
+            c.end_interval();
+        }
+        assert!(c.objects.contains_key(held.object().identity()), "the file still held stays");
     }
 }

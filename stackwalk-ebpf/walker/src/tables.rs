@@ -1395,9 +1395,12 @@ impl TableLoader {
 
 #[cfg(test)]
 mod tests {
-    use super::{segment_parts, Extents, TableLoader, TablePlan};
+    use super::{monotonic_ns, segment_parts, Extents, TableLoader, TablePlan};
     use super::{CHUNK_ENTRIES, CHUNK_SEGMENT, MAX_TABLES, PAGE_SEGMENT, RULE_SEGMENT};
+    use super::{EXPIRE_EVERY, FILE_IDLE, TABLE_IDLE};
     use aya::maps::{Array, MapData};
+    use std::time::{Duration, Instant};
+    use unwound_symbolize::ProcessMaps;
     use unwound_unwind_tables::{compile_elf, UnwindTable};
 
     /// The walker's maps, loaded for a table budget (no programs), or `None` without
@@ -1490,6 +1493,59 @@ mod tests {
         assert_eq!(t.stats.segments_dropped, t.stats.segments_created);
         assert_eq!((t.held_bytes(), t.stats.map_bytes), (held0, map0));
         assert!(t.stats.peak_map_bytes > map0);
+    }
+
+    /// What an exited program held goes once unused for a minute (the clock set back
+    /// here): its files are unlisted from the kernel's list and closed, then its tables
+    /// freed with their segments; while a process uses them, nothing goes.
+    #[test]
+    fn files_and_tables_of_programs_gone_expire_and_those_in_use_stay() {
+        let Some((_ebpf, mut t)) = loaded(64 << 20) else { return };
+        let held0 = t.held_bytes();
+        let pid = std::process::id();
+        let maps = ProcessMaps::read(pid).unwrap();
+        t.add_process(pid, &maps, monotonic_ns()).unwrap();
+        // Handed to the walker's user at its next drain (who holds them as long as it needs).
+        t.new_files.clear();
+        let (tables, files) = (t.resident.len(), t.listed.len());
+        assert!(tables > 0 && files > 0, "this process's tables are up: {tables} tables, {files} files");
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let long_ago = |d: Duration| Instant::now().checked_sub(d).expect("uptime");
+        let age = |t: &mut TableLoader| {
+            for l in t.listed.values_mut() {
+                l.used = long_ago(FILE_IDLE * 2);
+            }
+            for r in t.resident.values_mut() {
+                r.idle_since = r.idle_since.map(|_| long_ago(TABLE_IDLE * 2));
+            }
+            t.last_expire = long_ago(EXPIRE_EVERY * 2);
+        };
+        // In use: idle for minutes, yet kept.
+        age(&mut t);
+        t.expire();
+        assert_eq!(
+            (t.resident.len(), t.listed.len()),
+            (tables, files),
+            "a live process's tables and files stay"
+        );
+        assert_eq!((t.stats.expired, t.stats.files_unlisted), (0, 0));
+
+        // Gone: the files are unlisted at once (idle already), the tables a minute after.
+        t.remove_process(pid);
+        let fds_before = fds();
+        age(&mut t);
+        t.expire();
+        assert!(t.listed.is_empty(), "{} files still listed", t.listed.len());
+        assert_eq!(t.stats.files_unlisted, files as u64);
+        assert_eq!(t.files_map.keys().count(), 0, "the kernel's file list is empty");
+        assert!(fds() < fds_before, "the unlisted files are closed: {} → {} descriptors", fds_before, fds());
+        assert_eq!(t.resident.len(), tables, "tables wait a minute of being unused");
+        age(&mut t);
+        t.expire();
+        assert!(t.resident.is_empty(), "{} tables still resident", t.resident.len());
+        assert_eq!(t.stats.expired, tables as u64);
+        assert_eq!(t.held_bytes(), held0, "their segments are dropped");
+        assert_eq!(t.stats.evicted, 0, "expiry is not eviction");
     }
 
     #[test]
