@@ -127,6 +127,8 @@ pub struct Collector {
     code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
     /// Files in `objects` that only the collector held at the last interval's end.
     orphaned: std::collections::HashSet<FileIdentity>,
+    /// Processes whose exit was seen this interval.
+    exited: std::collections::HashSet<u32>,
     /// Python frames whose code object could not be read.
     pub python_unnamed: u64,
     /// Samples added.
@@ -143,7 +145,7 @@ pub struct Collector {
 pub const PYTHON_MODULE: &str = "[python]";
 
 /// Most code objects kept read (each a few hundred bytes).
-const MAX_CODE_OBJECTS: usize = 1 << 16;
+const MAX_CODE_OBJECTS: usize = 1 << 13;
 
 /// Root frame of a stack whose walk reached a return address outside executable memory.
 pub const INVALID_FRAME: &str = "[unwind: invalid frame]";
@@ -166,8 +168,12 @@ impl Collector {
                 *self.generations.entry(*pid).or_default() += 1;
                 return;
             }
-            Event::Exit { .. } => {
+            Event::Exit { pid } => {
                 self.exits += 1;
+                // Its last samples came before this: a process given its pid next is another
+                // generation, with mappings of its own.
+                *self.generations.entry(*pid).or_default() += 1;
+                self.exited.insert(*pid);
                 return;
             }
             Event::File { object } => {
@@ -346,15 +352,25 @@ impl Collector {
         });
         orphaned.retain(|identity| self.objects.contains_key(identity));
         let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
-        self.generations.retain(|&pid, _| alive(pid));
+        // Processes whose exit was seen go without a look at /proc (under churn, tens of
+        // thousands an interval); the others (an exit missed while the ring was full) are
+        // looked up. A pid given to a new process since is snapshotted afresh.
+        let exited = std::mem::take(&mut self.exited);
+        self.generations.retain(|&pid, _| !exited.contains(&pid) && alive(pid));
         let generations = &self.generations;
         self.snapshots.retain(|pid, generation| {
-            generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
+            !exited.contains(&pid) && generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
         self.walker_maps.retain(|&(pid, generation), _| {
-            generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
+            !exited.contains(&pid) && generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
-        self.python.retain(|&pid, _| alive(pid));
+        let gone: Vec<u32> = self.python.keys().copied().filter(|&pid| !alive(pid)).collect();
+        for pid in &gone {
+            self.python.remove(pid);
+        }
+        if let Some(cache) = self.code_cache.as_mut().filter(|_| !gone.is_empty()) {
+            cache.forget_processes(|pid| gone.contains(&pid));
+        }
         self.code_names = HashMap::new();
     }
 

@@ -230,6 +230,17 @@ impl CodeCache {
         }
     }
 
+    /// Drops every entry of the processes `gone` names (they exited): one pass over the
+    /// cache for any number of them.
+    pub fn forget_processes(&mut self, gone: impl Fn(u32) -> bool) {
+        let keys: Vec<_> = self.entries.iter().filter(|((p, _), _)| gone(*p)).map(|(k, _)| *k).collect();
+        for k in keys {
+            if let Some(old) = self.entries.pop(&k) {
+                self.bytes -= old.weight();
+            }
+        }
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()
