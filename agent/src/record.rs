@@ -93,7 +93,15 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
                 .name("unwound-writer".into())
                 .spawn(move || {
                     for job in rx {
-                        writer.write_interval(&job.interval, &output, job.length, job.start);
+                        let write = std::panic::AssertUnwindSafe(|| {
+                            writer.write_interval(&job.interval, &output, job.length, job.start)
+                        });
+                        if std::panic::catch_unwind(write).is_err() {
+                            // A bug, not the input: counted like a profile that could not be
+                            // written, and the run goes on.
+                            eprintln!("error: the profile of an interval could not be written (the writer failed)");
+                            writer.failed += 1;
+                        }
                         drop(job.interval);
                         writer.after_interval();
                         eprintln!(
@@ -115,13 +123,19 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     // The current profile's start. With --every, profiles start on a fixed grid from the
     // recording's start, whatever each write took.
     let mut interval = (started, started_wall);
+    // An error ends the recording, but the intervals already handed to the writer are
+    // written (and counted) before it is reported.
+    let mut failure: Option<anyhow::Error> = None;
     while deadline.is_none_or(|d| Instant::now() < d) && !stop.load(Ordering::Relaxed) {
         // Woken at the next interval's end or the deadline, whichever is first.
         let wake = [deadline, every.map(|e| interval.0 + e)].into_iter().flatten().min();
         let wait = wake.map_or(POLL_INTERVAL_MS, |w| {
             w.saturating_duration_since(Instant::now()).as_millis().clamp(1, POLL_INTERVAL_MS as u128) as i32
         });
-        drain(&mut session, &mut collector, wait)?;
+        if let Err(e) = drain(&mut session, &mut collector, wait) {
+            failure = Some(e);
+            break;
+        }
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             session.prune_exited();
             last_refresh = Instant::now();
@@ -146,7 +160,8 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
                 dropped: dropped_so_far(&session, &collector),
             };
             if tx.send(job).is_err() {
-                bail!("the profile writer's thread ended");
+                failure = Some(anyhow::anyhow!("the profile writer's thread ended"));
+                break;
             }
             interval = (interval.0 + e, interval.1 + e);
         }
@@ -158,18 +173,22 @@ pub fn run(args: &RecordArgs) -> anyhow::Result<u8> {
     let recorded = ended - started;
     let cpu_recorded = cpu_time();
     session.detach();
-    drain(&mut session, &mut collector, 0)?;
+    if failure.is_none() {
+        failure = drain(&mut session, &mut collector, 0).err();
+    }
+    drop(to_writer);
+    let writer = match writer_thread {
+        WriterHome::Here(w) => Some(*w),
+        WriterHome::Thread(t) => t.join().ok(),
+    };
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut writer = writer.context("the profile writer's thread failed")?;
     let counters = session.counters()?;
     let bpf_run = session.run_stats();
     drop(stats_guard);
 
-    drop(to_writer);
-    let mut writer = match writer_thread {
-        WriterHome::Here(w) => *w,
-        WriterHome::Thread(t) => {
-            t.join().map_err(|_| anyhow::anyhow!("the profile writer's thread panicked"))?
-        }
-    };
     let last = collector.take_interval();
     if every.is_some() {
         // Like every other interval's: the run's summary is printed even if it failed.

@@ -177,15 +177,18 @@ fn under_churn_the_agent_does_not_grow() {
         maps.1 >> 10
     );
     assert!(execs > 10_000, "the churn ran: {execs} execs");
-    assert!(rss.1 <= rss.0 + rss.0 / 10 + 2048, "RSS grows after warm-up: {} → {} KiB", rss.0, rss.1);
+    // RSS saws with each 10 s interval (its stacks, then their symbolization) by a fifth or
+    // so, and 5 s samples catch its peaks at varying phase: a growth of tens of MiB a
+    // minute, as before the expiry, fails; the sawtooth does not.
+    assert!(rss.1 <= rss.0 + rss.0 / 5 + 4096, "RSS grows after warm-up: {} → {} KiB", rss.0, rss.1);
     assert!(fds.1 <= fds.0 + 4, "descriptors grow after warm-up: {} → {}", fds.0, fds.1);
     assert!(maps.1 <= maps.0 + maps.0 / 20, "BPF map memory grows after warm-up: {maps:?}");
     let get = |k: &str| summary[k].as_u64().unwrap_or(0);
     assert_eq!(get("profiles_failed"), 0, "{summary}");
     assert!(get("profiles") >= RUN.as_secs() / 10, "{summary}");
-    // Samples wait in the ring while a profile is symbolized and written, so on a busy
-    // machine some do not fit (the hour's soak measures against the 0.1% goal; here a
-    // bound that catches a drain that stalls). Each one is counted.
+    // Profiles are symbolized on the writer's thread while the ring is drained, yet on a
+    // busy 2-core machine the drain can fall behind (the hour's soak measures against the
+    // 0.1% goal; here a bound that catches a drain that stalls). Each one is counted.
     let dropped = get("dropped_ring_full") + get("dropped_no_scratch") + get("malformed_record");
     assert!(dropped * 10 <= get("received") + dropped, "dropped {dropped}: {summary}");
     let in_lines: u64 = stderr

@@ -679,14 +679,18 @@ impl Walker {
         if tables.add_process(pid, &maps, read_ns).is_ok() {
             self.known.insert(pid, text);
             self.new_maps.push((pid, Arc::new(maps)));
+        } else {
+            // Read again at its next sample.
+            self.known.remove(&pid);
         }
     }
 
     /// Forgets processes that have exited (call it now and then, e.g. once a second: exit
     /// events cover most, this the rest), and gives back what programs no longer running
     /// held: files listed for the kernel's view of processes that no sample walked through
-    /// for a minute are closed, tables unused for a minute freed. New processes and new mappings are picked up as
-    /// their first samples arrive, so nothing here re-reads every process's maps.
+    /// for a minute are closed, tables unused for a minute freed. New processes and new
+    /// mappings are picked up as their first samples arrive, so nothing here re-reads every
+    /// process's maps.
     pub fn prune_exited(&mut self) {
         let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
         self.first_seen.retain(|p, _| alive(p));

@@ -119,12 +119,13 @@ pub struct Collector {
     /// Mappings the walker read, per (pid, generation): frames of a process that exited
     /// before its own snapshot was taken are placed with them.
     walker_maps: HashMap<(u32, u32), Arc<unwound_symbolize::ProcessMaps>>,
-    /// CPython processes, by pid: how to read their code objects.
-    python: HashMap<u32, PyProcInfo>,
+    /// CPython processes, by (pid, generation): how to read their code objects.
+    python: HashMap<(u32, u32), PyProcInfo>,
     /// Code objects read so far (as their samples arrive: the process may not outlive them).
     code_cache: Option<CodeCache>,
-    /// The code object of each (pid, code, check value) sampled, `None` when unreadable.
-    code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
+    /// The code object of each (pid, generation, code, check value) sampled, `None` when
+    /// unreadable.
+    code_names: HashMap<(u32, u32, u64, u64), Option<Arc<CodeObject>>>,
     /// Files in `objects` that only the collector held at the last interval's end.
     orphaned: std::collections::HashSet<FileIdentity>,
     /// Processes whose exit was seen this interval.
@@ -164,8 +165,10 @@ impl Collector {
             Event::Sample(s) => s.record,
             Event::Exec { pid, .. } => {
                 self.execs += 1;
-                self.python.remove(pid);
                 *self.generations.entry(*pid).or_default() += 1;
+                // A thread other than the leader exec'ed: the leader's exit came first, yet
+                // the process lives on.
+                self.exited.remove(pid);
                 return;
             }
             Event::Exit { pid } => {
@@ -181,7 +184,8 @@ impl Collector {
                 return;
             }
             Event::Python { pid, info } => {
-                self.python.insert(*pid, *info);
+                let generation = self.generations.get(pid).copied().unwrap_or(0);
+                self.python.insert((*pid, generation), *info);
                 return;
             }
             Event::Maps { pid, maps } => {
@@ -222,11 +226,11 @@ impl Collector {
 
     /// Reads the code objects of a new stack's Python frames now, while the process lives.
     fn read_code_objects(&mut self, key: &StackKey) {
-        let Some(info) = self.python.get(&key.pid) else { return };
+        let Some(info) = self.python.get(&(key.pid, key.generation)) else { return };
         let cache = self.code_cache.get_or_insert_with(|| CodeCache::new(MAX_CODE_OBJECTS));
         for f in key.python.iter() {
             if let std::collections::hash_map::Entry::Vacant(v) =
-                self.code_names.entry((key.pid, f.code, f.checksum))
+                self.code_names.entry((key.pid, key.generation, f.code, f.checksum))
             {
                 let read = cache.get(key.pid, info, f.code, f.checksum).ok();
                 self.python_unnamed += u64::from(read.is_none());
@@ -237,10 +241,10 @@ impl Collector {
 }
 
 impl Interval {
-    /// The frame of Python frame `f` of process `pid`.
-    fn python_frame(&self, pid: u32, f: &PyFrameRecord) -> Frame {
-        let named = self.code_names.get(&(pid, f.code, f.checksum)).and_then(Option::as_ref);
-        let (Some(code), Some(info)) = (named, self.python.get(&pid)) else {
+    /// The frame of Python frame `f` of process `pid` in its program image `generation`.
+    fn python_frame(&self, (pid, generation): (u32, u32), f: &PyFrameRecord) -> Frame {
+        let named = self.code_names.get(&(pid, generation, f.code, f.checksum)).and_then(Option::as_ref);
+        let (Some(code), Some(info)) = (named, self.python.get(&(pid, generation))) else {
             return Frame::plain(format!("[python {:#x}]", f.code), PYTHON_MODULE.into(), f.code, false);
         };
         let index = info.instruction_index(f.code, f.instr & !PY_FRAME_ENTRY).unwrap_or(-1);
@@ -256,7 +260,7 @@ impl Interval {
     /// ending at a frame marked as its activation's last), innermost group to the
     /// innermost eval frame. Groups without an eval frame (the native walk stopped before
     /// it) go above the outermost one placed, or on top when none is.
-    fn merge_python(&self, pid: u32, native: Vec<Frame>, python: &[PyFrameRecord]) -> Vec<Frame> {
+    fn merge_python(&self, pid: (u32, u32), native: Vec<Frame>, python: &[PyFrameRecord]) -> Vec<Frame> {
         let mut groups: Vec<Vec<Frame>> = vec![Vec::new()];
         for f in python {
             groups.last_mut().expect("one group").push(self.python_frame(pid, f));
@@ -315,7 +319,7 @@ impl Collector {
             .collect();
         let walker_maps =
             processes.iter().filter_map(|k| Some((*k, self.walker_maps.get(k)?.clone()))).collect();
-        let python = processes.iter().filter_map(|&(pid, _)| Some((pid, *self.python.get(&pid)?))).collect();
+        let python = processes.iter().filter_map(|k| Some((*k, *self.python.get(k)?))).collect();
         let interval = Interval {
             stacks,
             snapshots,
@@ -364,10 +368,20 @@ impl Collector {
         self.walker_maps.retain(|&(pid, generation), _| {
             !exited.contains(&pid) && generations.get(&pid).copied().unwrap_or(0) == generation && alive(pid)
         });
-        let gone: Vec<u32> = self.python.keys().copied().filter(|&pid| !alive(pid)).collect();
-        for pid in &gone {
-            self.python.remove(pid);
+        let gone: Vec<(u32, u32)> = self
+            .python
+            .keys()
+            .copied()
+            .filter(|&(pid, generation)| {
+                exited.contains(&pid)
+                    || generations.get(&pid).copied().unwrap_or(0) != generation
+                    || !alive(pid)
+            })
+            .collect();
+        for k in &gone {
+            self.python.remove(k);
         }
+        let gone: std::collections::HashSet<u32> = gone.into_iter().map(|(pid, _)| pid).collect();
         if let Some(cache) = self.code_cache.as_mut().filter(|_| !gone.is_empty()) {
             cache.forget_processes(|pid| gone.contains(&pid));
         }
@@ -394,8 +408,8 @@ pub struct Interval {
     snapshots: HashMap<(u32, u32), Snapshot>,
     objects: HashMap<FileIdentity, Arc<ObjectInfo>>,
     walker_maps: HashMap<(u32, u32), Arc<unwound_symbolize::ProcessMaps>>,
-    python: HashMap<u32, PyProcInfo>,
-    code_names: HashMap<(u32, u64, u64), Option<Arc<CodeObject>>>,
+    python: HashMap<(u32, u32), PyProcInfo>,
+    code_names: HashMap<(u32, u32, u64, u64), Option<Arc<CodeObject>>>,
 }
 
 impl Interval {
@@ -464,7 +478,7 @@ impl Interval {
             if key.python.is_empty() {
                 frames.extend(user);
             } else {
-                frames.extend(self.merge_python(key.pid, user, &key.python));
+                frames.extend(self.merge_python((key.pid, key.generation), user, &key.python));
             }
             for (i, &addr) in key.kernel.iter().enumerate().rev() {
                 let lookup = lookup_address(i, addr);

@@ -99,14 +99,22 @@ impl Compiled {
     fn take_table(&self) -> Option<UnwindTable> {
         self.table.lock().map_or(None, |mut t| t.take())
     }
+
+    /// Keeps a table that could not be uploaded (no room) for the next try, rather than
+    /// reading it again for each process that maps the file.
+    fn put_back(&self, table: UnwindTable) {
+        if let Ok(mut t) = self.table.lock() {
+            *t = Some(table);
+        }
+    }
 }
 
 /// Files (identity and stamp) whose table description is remembered: beyond this many,
 /// those of tables not resident are forgotten (and read again if a process maps them).
 const MAX_REMEMBERED: usize = 4096;
 
-/// A listed file that no sample has walked through for this long, and that no process the
-/// walker knows maps, is unlisted (its descriptor closed); the kernel announces it again
+/// A listed file that no sample has walked through for this long, and whose table no
+/// process the walker has read uses, is unlisted (its descriptor closed); the kernel announces it again
 /// if a process maps it later.
 const FILE_IDLE: Duration = Duration::from_secs(60);
 /// A resident table that no process uses and no listed file points at is freed after
@@ -743,6 +751,12 @@ struct Listed {
     used: Instant,
 }
 
+/// Whether a map operation failed because the key was not there (it is gone, as wanted).
+fn is_absent(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::KeyNotFound)
+        || matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
 /// A mapping's file as the kernel names it (device `major:minor` as `/proc/PID/maps`
 /// prints it, in the kernel's `dev_t` encoding).
 pub(crate) fn kernel_file_key(m: &Mapping) -> Option<KernelFileKey> {
@@ -936,7 +950,18 @@ impl TableLoader {
                     None => {
                         let again = || MappedObject::open(pid, m).ok()?.bytes().ok();
                         match self.compiler.table_again(&c, again, &mut self.stats) {
-                            Some(t) => self.upload(&c.key, &t, pid)?,
+                            Some(t) => match self.upload(&c.key, &t, pid) {
+                                Ok(id) => {
+                                    if id.is_none() {
+                                        c.put_back(t);
+                                    }
+                                    id
+                                }
+                                Err(e) => {
+                                    self.forget_failed(pid);
+                                    return Err(e);
+                                }
+                            },
                             None => None,
                         }
                     }
@@ -963,9 +988,7 @@ impl TableLoader {
         entries.sort_by_key(|e| e.start);
         entries.truncate(MAX_MAPPINGS);
         if let Err(e) = self.write_process(pid, &entries, read_ns) {
-            // Not the walker's then: nothing may count it as a table's user.
-            self.release(pid);
-            self.walked.remove(&pid);
+            self.forget_failed(pid);
             return Err(e);
         }
         self.walked.insert(pid, Proc { entries, evicted, read_ns });
@@ -1002,6 +1025,7 @@ impl TableLoader {
             self.listed
                 .insert(key, Listed { _object: object, table: NO_TABLE, delta: 0, used: Instant::now() });
             self.stats.files_listed += 1;
+            self.stats.files_held = self.listed.len() as u64;
         }
         if self.files_map.insert(key, FileTable { table: id, flags: 0, delta }, 0).is_err() {
             return;
@@ -1054,7 +1078,13 @@ impl TableLoader {
             let id = match self.files.get(&c.key) {
                 Some(&id) => Some(id),
                 None => match self.compiler.table_again(&c, || object.bytes().ok(), &mut self.stats) {
-                    Some(t) => self.upload(&c.key, &t, 0)?,
+                    Some(t) => {
+                        let id = self.upload(&c.key, &t, 0)?;
+                        if id.is_none() {
+                            c.put_back(t);
+                        }
+                        id
+                    }
                     None => None,
                 },
             };
@@ -1082,7 +1112,25 @@ impl TableLoader {
         self.procs.insert(pid, value, 0).context("cannot add a process to the walker")
     }
 
-    /// Forgets a process that exited; its tables stay until the room is needed.
+    /// A process whose entry could not be written is not the walker's: no table counts it
+    /// as a user, and no earlier entry of it is left for the kernel (its table ids could be
+    /// freed and given to other files). Kept in `walked` (with no tables) if that entry
+    /// cannot be removed, so that its exit removes it.
+    fn forget_failed(&mut self, pid: u32) {
+        self.release(pid);
+        let gone = match self.procs.remove(&pid) {
+            Ok(()) => true,
+            Err(e) => is_absent(&e),
+        };
+        if gone {
+            self.walked.remove(&pid);
+        } else {
+            self.walked.insert(pid, Proc { entries: Vec::new(), evicted: true, read_ns: 0 });
+        }
+    }
+
+    /// Forgets a process that exited; its tables stay until no process has used them for
+    /// a minute (see [`TableLoader::expire`]), or until their room is needed.
     pub fn remove_process(&mut self, pid: u32) {
         // Only processes the walker added have an entry and table users (most exits under
         // churn are of processes it never read: no syscall, no scan for them).
@@ -1118,15 +1166,19 @@ impl TableLoader {
             .min_by_key(|(id, r)| (self.last_use(r), **id))
             .map(|(id, _)| *id);
         let Some(id) = victim else { return Ok(false) };
-        self.drop_table(id);
+        if !self.drop_table(id) {
+            return Ok(false);
+        }
         self.stats.evicted += 1;
         Ok(true)
     }
 
     /// Frees resident table `id`: the processes and files pointing at it stop doing so
-    /// first.
-    fn drop_table(&mut self, id: u32) {
-        let Some(r) = self.resident.remove(&id) else { return };
+    /// first. False (and the table kept) when the kernel would still name it: an entry
+    /// that can be neither rewritten nor removed.
+    fn drop_table(&mut self, id: u32) -> bool {
+        let Some(r) = self.resident.remove(&id) else { return false };
+        let mut stuck = false;
         // Processes stop pointing at it before its room is reused.
         for pid in &r.users {
             if let Some(p) = self.walked.get_mut(pid) {
@@ -1139,18 +1191,27 @@ impl TableLoader {
                 if self.write_process(*pid, &entries, read_ns).is_err() {
                     // It must not point into room about to be reused: without its entry the
                     // walker falls back to frame pointers for it.
-                    let _ = self.procs.remove(pid);
+                    stuck |= self.procs.remove(pid).is_err_and(|e| !is_absent(&e));
                 }
             }
         }
         // Files listed with it stop pointing at it before its room is reused too.
         for key in &r.listed {
             if self.files_map.insert(*key, FileTable { table: NO_TABLE, flags: 0, delta: 0 }, 0).is_err() {
-                let _ = self.files_map.remove(key);
-                self.listed.remove(key);
+                match self.files_map.remove(key) {
+                    Err(e) if !is_absent(&e) => stuck = true,
+                    _ => {
+                        self.listed.remove(key);
+                    }
+                }
             } else if let Some(l) = self.listed.get_mut(key) {
                 l.table = NO_TABLE;
             }
+        }
+        if stuck {
+            // The kernel may still name it: its room and id stay taken (tried again later).
+            self.resident.insert(id, r);
+            return false;
         }
         self.files.remove(&r.key);
         self.pages.give_back(r.info.page_start, r.info.pages);
@@ -1159,6 +1220,7 @@ impl TableLoader {
         self.count_map_bytes();
         self.free_ids.push(id);
         self.stats.bytes -= r.bytes;
+        true
     }
 
     /// A record's files were walked through: they are in use.
@@ -1176,7 +1238,8 @@ impl TableLoader {
 
     /// Gives back what a machine's past programs held (call it now and then; it looks at
     /// most every 10 s): files listed for the kernel's view that no sample walked through
-    /// for a minute and no known process maps are unlisted and closed; tables no process
+    /// for a minute, and whose table no process the walker has read uses, are unlisted and
+    /// closed; tables no process
     /// has used, and no listed file pointed at, for a minute are freed; descriptions of
     /// files without a resident table are forgotten once there are many.
     pub fn expire(&mut self) {
@@ -1204,8 +1267,9 @@ impl TableLoader {
             }
         }
         for id in expired {
-            self.drop_table(id);
-            self.stats.expired += 1;
+            if self.drop_table(id) {
+                self.stats.expired += 1;
+            }
         }
         if self.compiled.len() > MAX_REMEMBERED {
             let files = &self.files;
@@ -1220,9 +1284,7 @@ impl TableLoader {
     /// names it, so that its inode number cannot pass to another file meanwhile.
     fn unlist(&mut self, key: KernelFileKey) {
         if let Err(e) = self.files_map.remove(&key) {
-            let absent = matches!(&e, aya::maps::MapError::KeyNotFound)
-                || matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT));
-            if !absent {
+            if !is_absent(&e) {
                 return;
             }
         }
@@ -1231,6 +1293,7 @@ impl TableLoader {
             r.listed.remove(&key);
         }
         self.stats.files_unlisted += 1;
+        self.stats.files_held = self.listed.len() as u64;
     }
 
     /// Bytes of the segments held and the outer arrays: what the budget bounds.

@@ -98,7 +98,8 @@ impl PythonProcess {
 }
 
 /// Detects CPython processes like [`PythonProcess::detect`], remembering what it read of
-/// each interpreter binary and C library (by device, inode, size and modification time),
+/// each interpreter binary and C library (by device, inode, size, and modification and
+/// change times: a file replaced under a reused inode number differs in its change time),
 /// so that a machine that starts Python processes many times a second has each file read
 /// once, not once per process.
 ///
@@ -115,8 +116,8 @@ pub struct Detector {
     tsd: std::collections::HashMap<FileKey, TsdLayout>,
 }
 
-/// A file as read: device, inode, size, modification time.
-type FileKey = (u64, u64, u64, i64, i64);
+/// A file as read: device, inode, size, modification and change times (ns).
+type FileKey = (u64, u64, u64, i64, i64, i64, i64);
 
 /// Files remembered at most (each kind); beyond, the memory is started afresh.
 const MAX_REMEMBERED_FILES: usize = 256;
@@ -124,7 +125,7 @@ const MAX_REMEMBERED_FILES: usize = 256;
 fn file_key(path: &Path) -> Option<FileKey> {
     use std::os::unix::fs::MetadataExt as _;
     let md = std::fs::metadata(path).ok()?;
-    Some((md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec()))
+    Some((md.dev(), md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec()))
 }
 
 impl Detector {
