@@ -107,7 +107,6 @@ fn both_walkers_give_full_chains_on_debian_12s_6_1_kernel() {
     let Some(kernel) = older_kernel_test(test) else { return };
     let fixtures = build_fixtures();
     let manifest = manifest();
-    let root = workspace_root();
 
     // The guest starts every fixture, lets the slow starters settle (dlopen loads its
     // library 1.5 s in), then records them with each walker in turn.
@@ -141,37 +140,8 @@ fn both_walkers_give_full_chains_on_debian_12s_6_1_kernel() {
     }
     script.push_str("echo '=== end'\n");
 
-    let tmp = tempfile::tempdir().unwrap();
-    let run_sh = tmp.path().join("run.sh");
-    std::fs::write(&run_sh, script).unwrap();
-    let (out, console) = (tmp.path().join("out.txt"), tmp.path().join("console.txt"));
-    let started = std::time::Instant::now();
-    let status = Command::new(root.join("scripts/boot-kernel.sh"))
-        .arg(&kernel)
-        .args([&run_sh, &out, &console])
-        .arg(unwound)
-        .arg(&fixtures)
-        .env("UNWOUND_QEMU_TIMEOUT", "300")
-        .status()
-        .expect("run scripts/boot-kernel.sh");
-    let text = std::fs::read_to_string(&out).unwrap_or_default();
-    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-    eprintln!("qemu ({}) finished in {:.1} s: {status}", kernel.display(), started.elapsed().as_secs_f64());
-    assert!(
-        status.success() && text.contains("=== end"),
-        "the guest did not finish its runs.\n--- its output:\n{text}\n--- its console (tail):\n{}",
-        console_text
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let release = text.lines().next().unwrap_or("").trim();
-    assert!(release.starts_with("6.1."), "the guest runs kernel {release:?}, not 6.1");
+    let (release, text) = run_in_guest(&kernel, &script);
+    let release = release.as_str();
 
     let runs = parse_guest_output(&text);
     let mut failures = Vec::new();
